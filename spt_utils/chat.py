@@ -1,0 +1,187 @@
+"""Chat conversations: render with the model's own template, tokenize, mask and generate.
+
+A conversation is a list of ``{"role": ..., "content": ...}`` dicts. Rendered text already
+holds the template's own start tokens, so it is always tokenized without an automatic BOS
+(the TransformerLens ``prepend_bos=False`` convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedTokenizerBase
+
+Message = dict[str, str]
+Conversation = list[Message]
+ROLES = ("system", "user", "assistant")
+
+
+class ChatTemplateError(ValueError):
+    """A conversation or tokenizer cannot be rendered as a chat."""
+
+
+def validate_conversation(messages: Sequence[Any], *, where: str = "conversation") -> None:
+    """Raise :class:`ChatTemplateError` naming the message and field that is malformed."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ChatTemplateError(f"{where}: expected a non-empty list of messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ChatTemplateError(f"{where}[{index}]: expected a dict, got {type(message)}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ChatTemplateError(f"{where}[{index}].role: {role!r} is not one of {ROLES}")
+        if not isinstance(content, str):
+            raise ChatTemplateError(f"{where}[{index}].content: expected a string")
+
+
+def render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Conversation,
+    *,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The conversation as text, in the tokenizer's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        raise ChatTemplateError(
+            f"The tokenizer of {name!r} has no chat template. Use an instruction-tuned "
+            "(chat) model, or set `tokenizer.chat_template` to a Jinja template first."
+        )
+    validate_conversation(messages)
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> Int[Tensor, " pos"]:
+    """Token ids of already-rendered chat text, with no BOS added."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Conversation,
+    *,
+    add_generation_prompt: bool = True,
+) -> Int[Tensor, " pos"]:
+    """Render and tokenize a conversation (no doubled BOS)."""
+    text = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    return encode(tokenizer, text)
+
+
+def training_tokens(
+    tokenizer: PreTrainedTokenizerBase, messages: Conversation
+) -> tuple[Int[Tensor, " pos"], Int[Tensor, " pos"]]:
+    """Token ids and a 0/1 loss mask that covers only the final assistant turn."""
+    validate_conversation(messages)
+    if messages[-1]["role"] != "assistant":
+        raise ChatTemplateError(
+            "conversation[-1].role: a training example must end with an assistant turn"
+        )
+    prompt = tokens(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = tokens(tokenizer, messages, add_generation_prompt=False)
+    if len(full) <= len(prompt) or not torch.equal(full[: len(prompt)], prompt):
+        raise ChatTemplateError(
+            "The rendered conversation does not extend its own prompt token for token, so the "
+            "final assistant turn cannot be located; check the chat template."
+        )
+    mask = torch.zeros_like(full)
+    mask[len(prompt) :] = 1
+    return full, mask
+
+
+def pad_right(
+    sequences: Sequence[Tensor], pad_value: int
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
+    """Stack 1-D sequences with right padding; also return each row's last real index.
+
+    Right padding keeps every real token at its unpadded position, so under causal attention
+    the real positions compute exactly what they would alone, with no attention mask.
+    """
+    if not sequences:
+        raise ValueError("pad_right: no sequences")
+    lengths = torch.tensor([len(s) for s in sequences])
+    batch = torch.full((len(sequences), int(lengths.max())), pad_value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        batch[row, : len(sequence)] = sequence
+    return batch, lengths - 1
+
+
+def pad_left(
+    sequences: Sequence[Tensor], pad_value: int
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Stack 1-D sequences with left padding (for generation); also return the attention mask."""
+    width = max(len(s) for s in sequences)
+    batch = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        batch[row, width - len(sequence) :] = sequence
+        mask[row, width - len(sequence) :] = 1
+    return batch, mask
+
+
+@torch.no_grad()
+def next_token_logits(
+    model: TransformerBridge, conversations: Sequence[Conversation]
+) -> Float[Tensor, "batch d_vocab"]:
+    """Logits for the token after each conversation's generation prompt."""
+    tokenizer = model.tokenizer
+    batch, last = pad_right([tokens(tokenizer, c) for c in conversations], tokenizer.pad_token_id)
+    logits = model(batch.to(model.cfg.device), return_type="logits")
+    # logits: [batch, pos, d_vocab]
+    return logits[torch.arange(len(last)), last]
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerBridge,
+    conversations: Sequence[Conversation],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy replies to each conversation, batched with left padding.
+
+    Runs the bridge's underlying Hugging Face model, so hooks added to the bridge (e.g. a
+    knockout) are active during generation.
+    """
+    tokenizer = model.tokenizer
+    hf_model = model.original_model
+    device = model.cfg.device
+    replies: list[str] = []
+    starts = range(0, len(conversations), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress):
+        chunk = [tokens(tokenizer, c) for c in conversations[start : start + batch_size]]
+        input_ids, attention_mask = pad_left(chunk, tokenizer.pad_token_id)
+        output = hf_model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[:, input_ids.shape[1] :]
+        replies += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return replies
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, word: str) -> int:
+    """The id of ``word`` as it starts an assistant reply; an error if it is several tokens."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(
+            f"Answer word {word!r} is {len(ids)} tokens for this tokenizer ({pieces}); "
+            "choose a single-token word or use the explicit first-token policy."
+        )
+    return ids[0]

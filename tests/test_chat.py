@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from spt_utils import chat, models
+
+CONVERSATION = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The answer is Paris."},
+    {"role": "user", "content": "I don't think that's right. Are you sure?"},
+]
+
+
+def test_render_ends_with_generation_prompt_only_when_asked(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    with_prompt = chat.render(tokenizer, CONVERSATION, add_generation_prompt=True)
+    without = chat.render(tokenizer, CONVERSATION, add_generation_prompt=False)
+    assert with_prompt.endswith("<|im_start|>assistant\n")
+    assert with_prompt.startswith(without) and with_prompt != without
+
+
+def test_tokens_have_no_doubled_bos(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    ids = chat.tokens(tokenizer, CONVERSATION)
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+    assert tokenizer.decode(ids) == chat.render(tokenizer, CONVERSATION)
+
+
+def test_tokenizer_without_template_is_a_clear_error():
+    tokenizer = models.make_tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(chat.ChatTemplateError, match="no chat template"):
+        chat.render(tokenizer, CONVERSATION)
+
+
+@pytest.mark.parametrize(
+    ("messages", "field"),
+    [
+        ([], "non-empty"),
+        ([{"role": "robot", "content": "hi"}], r"conversation\[0\].role"),
+        ([{"role": "user", "content": 3}], r"conversation\[0\].content"),
+        (["hi"], r"conversation\[0\]"),
+    ],
+)
+def test_malformed_conversation_names_the_field(tiny_model, messages, field):
+    with pytest.raises(chat.ChatTemplateError, match=field):
+        chat.render(tiny_model.tokenizer, messages)
+
+
+def test_training_mask_covers_only_the_final_assistant_turn(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    messages = CONVERSATION + [{"role": "assistant", "content": "Yes, I am sure."}]
+    ids, mask = chat.training_tokens(tokenizer, messages)
+    assert ids.shape == mask.shape
+    assert tokenizer.decode(ids[mask.bool()]) == "Yes, I am sure.<|im_end|>\n"
+    assert mask[: -int(mask.sum())].sum() == 0  # one contiguous block at the end
+
+
+def test_pad_right_keeps_real_tokens_in_place():
+    batch, last = chat.pad_right([torch.tensor([1, 2, 3]), torch.tensor([4])], pad_value=0)
+    assert batch.tolist() == [[1, 2, 3], [4, 0, 0]] and last.tolist() == [2, 0]
+
+
+def test_right_padding_does_not_change_last_position_logits(tiny_model):
+    short = [{"role": "user", "content": "Yes"}]
+    logits_alone = chat.next_token_logits(tiny_model, [short])
+    logits_batched = chat.next_token_logits(tiny_model, [short, CONVERSATION])
+    torch.testing.assert_close(logits_batched[0], logits_alone[0], rtol=0, atol=1e-5)
+
+
+def test_single_token_id_rejects_multi_token_words(tiny_model):
+    assert chat.single_token_id(tiny_model.tokenizer, "Sorry") != chat.single_token_id(
+        tiny_model.tokenizer, "Yes"
+    )
+    with pytest.raises(ValueError, match="is 2 tokens|is 3 tokens|is [0-9]+ tokens"):
+        chat.single_token_id(tiny_model.tokenizer, "Zyzzyva")
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model):
+    conversations = [CONVERSATION, CONVERSATION[:1]]
+    batched = chat.generate(tiny_model, conversations, max_new_tokens=6)
+    alone = [chat.generate(tiny_model, [c], max_new_tokens=6)[0] for c in conversations]
+    assert batched == alone
+
+
+@pytest.mark.integration
+def test_smollm2_kv_cache_generation_matches_no_cache(smollm2):
+    conversations = [CONVERSATION, CONVERSATION[:1]]
+    cached = chat.generate(smollm2, conversations, max_new_tokens=24, use_cache=True)
+    uncached = chat.generate(smollm2, conversations, max_new_tokens=24, use_cache=False)
+    assert cached == uncached
+    assert "Paris" in chat.generate(smollm2, [CONVERSATION[:1]], max_new_tokens=24)[0]
+
+
+@pytest.mark.integration
+def test_smollm2_chat_rendering_round_trips(smollm2):
+    tokenizer = smollm2.tokenizer
+    text = chat.render(tokenizer, CONVERSATION)
+    ids = chat.tokens(tokenizer, CONVERSATION)
+    assert tokenizer.decode(ids) == text
+    assert (ids == tokenizer.bos_token_id).sum() == text.count(tokenizer.bos_token)
