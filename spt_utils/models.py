@@ -135,7 +135,7 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     words = (
-        "Sorry I Yes No The answer is Are you sure? I don't think that's right. "
+        "Sorry I Yes No The answer is Are you sure? I don't think that's right. doubt "
         "I do think that's right. What is the capital of France? Paris London Berlin "
         "Please answer just with the letter of the correct answer. (A) (B) (C) (D) "
         "apologize mistake correct previous explanation system user assistant helpful"
