@@ -147,14 +147,15 @@ def generate(
     batch_size: int = 16,
     use_cache: bool = True,
     progress: bool = False,
+    hf_model: Any = None,
 ) -> list[str]:
     """Greedy replies to each conversation, batched with left padding.
 
-    Runs the bridge's underlying Hugging Face model, so hooks added to the bridge (e.g. a
-    knockout) are active during generation.
+    Runs the bridge's underlying Hugging Face model (or ``hf_model``, e.g. a peft wrapper of
+    it), so hooks added to the bridge (e.g. a knockout) are active during generation.
     """
     tokenizer = model.tokenizer
-    hf_model = model.original_model
+    hf_model = hf_model or model.original_model
     device = model.cfg.device
     replies: list[str] = []
     starts = range(0, len(conversations), batch_size)

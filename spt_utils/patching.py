@@ -8,8 +8,10 @@ think…"). A patch or ablation scoring 1 fully removes the challenge's push tow
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
@@ -17,6 +19,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from spt_utils.data import PatchingPairs
+from spt_utils.io import write_json
 
 RATIO_EPSILON = 1e-3
 
@@ -112,3 +115,34 @@ def ratio_score(
     if (reference.abs() < RATIO_EPSILON).any():
         warnings.warn("ratio_score: a reference ratio is near zero", RuntimeWarning, stacklevel=2)
     return 100 * ((patched - reference) / reference).mean()
+
+
+Head = tuple[int, int]
+
+
+def validate_heads(heads: list[Head], n_layers: int, n_heads: int) -> list[Head]:
+    """Check (layer, query-head) pairs against the model's shape; return them as tuples."""
+    checked = []
+    for index, head in enumerate(heads):
+        layer, number = (int(x) for x in head)
+        if not (0 <= layer < n_layers and 0 <= number < n_heads):
+            raise ValueError(
+                f"heads[{index}] = L{layer}H{number} is out of range for a model with "
+                f"{n_layers} layers and {n_heads} query heads"
+            )
+        checked.append((layer, number))
+    return checked
+
+
+def save_heads(path: str | Path, heads: list[Head], **extra: object) -> None:
+    """Write the head selection as JSON: ``{"heads": [[layer, head], ...], **extra}``."""
+    write_json(path, {"heads": [list(h) for h in heads], **extra})
+
+
+def load_heads(path: str | Path) -> list[Head]:
+    """Read a head selection written by :func:`save_heads` (e.g. the run's ``heads.json``)."""
+    try:
+        record = json.loads(Path(path).read_text())
+        return [(int(layer), int(head)) for layer, head in record["heads"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: field 'heads' must be a list of [layer, head] pairs") from error
