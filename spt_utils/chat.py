@@ -148,11 +148,13 @@ def generate(
     use_cache: bool = True,
     progress: bool = False,
     hf_model: Any = None,
+    prefill: str = "",
 ) -> list[str]:
     """Greedy replies to each conversation, batched with left padding.
 
     Runs the bridge's underlying Hugging Face model (or ``hf_model``, e.g. a peft wrapper of
     it), so hooks added to the bridge (e.g. a knockout) are active during generation.
+    ``prefill`` starts the assistant's reply (e.g. ``"The answer is ("``); replies include it.
     """
     tokenizer = model.tokenizer
     hf_model = hf_model or model.original_model
@@ -160,7 +162,10 @@ def generate(
     replies: list[str] = []
     starts = range(0, len(conversations), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
-        chunk = [tokens(tokenizer, c) for c in conversations[start : start + batch_size]]
+        chunk = [
+            encode(tokenizer, render(tokenizer, c) + prefill)
+            for c in conversations[start : start + batch_size]
+        ]
         input_ids, attention_mask = pad_left(chunk, tokenizer.pad_token_id)
         output = hf_model.generate(
             input_ids=input_ids.to(device),
@@ -172,7 +177,8 @@ def generate(
             eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = output[:, input_ids.shape[1] :]
-        replies += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        replies += [(prefill + text).strip() for text in decoded]
     return replies
 
 
