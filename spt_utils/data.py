@@ -623,7 +623,8 @@ def split_questions(
 
     ``sizes`` maps split names (:data:`SPLITS`) to counts; a count of -1 takes every
     question left. The patching set is drawn first, from ``patching_pool`` (e.g. the ids the
-    model answers correctly) when given; the other sets from the questions left.
+    model answers correctly) when given, topped up from the other questions if the pool is
+    too small; the other sets come from the questions left.
     """
     unknown = set(sizes) - set(SPLITS)
     if unknown:
@@ -649,8 +650,6 @@ def split_questions(
                 f"sizes[{name!r}] = {sizes[name]}: only {len(order) - taken} of "
                 f"{len(order)} questions are left after {taken} for earlier splits"
             )
-        if name == "patching" and patching_pool is not None and want > len(pool):
-            raise DataError(f"sizes['patching'] = {want}: the patching pool has {len(pool)} ids")
         splits[name] = questions.select(order[taken : taken + want])
         taken += want
     return splits
@@ -986,3 +985,69 @@ def differing_token_spans(
         for tag, i1, i2, j1, j2 in matcher.get_opcodes()
         if tag != "equal"
     ]
+
+
+# --- Everything notebook 01 writes -----------------------------------------------------------
+
+DATA_FILES = {
+    "patching": "patching_questions.jsonl",
+    "train": "train_questions.jsonl",
+    "eval": "eval_questions.jsonl",
+    "general": "general_questions.jsonl",
+}
+
+
+@dataclass
+class SynthesizedData:
+    """The question splits, patching pairs, training conversations and opinion prompts."""
+
+    splits: dict[str, datasets.Dataset]
+    pairs: PatchingPairs
+    training: list[dict]
+    opinion: list[dict]
+
+    def save(self, data_dir: str | Path) -> dict[str, Path]:
+        """Write every file of the run-directory contract under ``data_dir`` (atomically)."""
+        data_dir = Path(data_dir)
+        paths = {name: data_dir / DATA_FILES[name] for name in SPLITS}
+        for name in SPLITS:
+            save_questions(paths[name], self.splits[name])
+        paths |= {
+            "pairs": data_dir / "pairs.pt",
+            "training": data_dir / "train.jsonl",
+            "opinion": data_dir / "opinion_eval.jsonl",
+        }
+        self.pairs.save(paths["pairs"])
+        write_jsonl(paths["training"], self.training)
+        write_jsonl(paths["opinion"], self.opinion)
+        return paths
+
+
+def synthesize(
+    questions: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    sizes: dict[str, int],
+    n_train: int,
+    seed: int,
+    patching_pool: Collection[str] | None = None,
+    opinion_sentences: Sequence[dict] | None = None,
+    n_arithmetic: int = 50,
+    wording: str = "paper",
+    explain: Callable[[dict], str] | None = None,
+    progress: bool = False,
+) -> SynthesizedData:
+    """Split ``questions`` and build every dataset from the splits, deterministically."""
+    missing = set(SPLITS) - set(sizes)
+    if missing:
+        raise DataError(f"sizes: missing split(s) {sorted(missing)}")
+    splits = split_questions(questions, sizes, seed=seed, patching_pool=patching_pool)
+    sentences = opinion_sentences if opinion_sentences is not None else load_opinion_sentences()
+    return SynthesizedData(
+        splits=splits,
+        pairs=build_patching_pairs(splits["patching"], tokenizer, wording=wording),
+        training=build_training_data(
+            splits["train"], n_train, seed=seed, explain=explain, progress=progress
+        ),
+        opinion=opinion_prompts(sentences, seed=seed) + arithmetic_claims(n_arithmetic, seed=seed),
+    )

@@ -250,8 +250,16 @@ def test_splits_that_do_not_fit_are_errors():
         data.split_questions(starter, {"train": 10, "eval": 15}, seed=0)
     with pytest.raises(data.DataError, match="unknown split"):
         data.split_questions(starter, {"test": 1}, seed=0)
-    with pytest.raises(data.DataError, match="patching pool has 2 ids"):
-        data.split_questions(starter, {"patching": 3}, seed=0, patching_pool=["a", "b"])
+    with pytest.raises(data.DataError, match="only one split may take the rest"):
+        data.split_questions(starter, {"train": -1, "eval": -1}, seed=0)
+
+
+def test_a_small_patching_pool_comes_first_then_is_topped_up():
+    starter = data.load_starter().select(range(20))
+    pool = starter["id"][5:7]
+    splits = data.split_questions(starter, {"patching": 5}, seed=0, patching_pool=pool)
+    assert sorted(splits["patching"]["id"][:2]) == sorted(pool)
+    assert len(set(splits["patching"]["id"])) == 5
 
 
 def test_questions_round_trip_through_jsonl(tmp_path):
@@ -448,3 +456,52 @@ def test_first_turn_correct_reads_the_generated_letter(tiny_model, monkeypatch):
     records = data.first_turn_correct(tiny_model, questions)
     assert [r["correct"] for r in records] == [True, False]
     assert records[1]["predicted"] == ""
+
+
+# --- the whole synthesis ---------------------------------------------------------------------
+
+SIZES = {"patching": 4, "train": 10, "eval": 5, "general": 5}
+
+
+def synthesize_into(folder: Path, tokenizer, seed: int) -> dict[str, Path]:
+    questions = data.load_starter().select(range(40))
+    synthesized = data.synthesize(
+        questions, tokenizer, sizes=SIZES, n_train=12, seed=seed,
+        patching_pool=questions["id"][::3], n_arithmetic=4,
+    )
+    return synthesized.save(folder)
+
+
+def test_same_seed_gives_byte_identical_files(tiny_model, tmp_path):
+    first = synthesize_into(tmp_path / "a", tiny_model.tokenizer, seed=5)
+    again = synthesize_into(tmp_path / "b", tiny_model.tokenizer, seed=5)
+    other = synthesize_into(tmp_path / "c", tiny_model.tokenizer, seed=6)
+    assert {p.name for p in first.values()} == {
+        "patching_questions.jsonl", "train_questions.jsonl", "eval_questions.jsonl",
+        "general_questions.jsonl", "pairs.pt", "train.jsonl", "opinion_eval.jsonl",
+    }
+    for name, path in first.items():
+        assert path.read_bytes() == again[name].read_bytes(), name
+    assert first["training"].read_bytes() != other["training"].read_bytes()
+    assert first["train"].read_bytes() != other["train"].read_bytes()
+
+
+def test_saved_files_follow_the_run_directory_contract(tiny_model, tmp_path):
+    paths = synthesize_into(tmp_path, tiny_model.tokenizer, seed=0)
+    ids = {name: set(data.load_questions(paths[name])["id"]) for name in data.SPLITS}
+    assert {name: len(v) for name, v in ids.items()} == SIZES
+    assert sum(len(v) for v in ids.values()) == len(set().union(*ids.values()))
+    pairs = data.PatchingPairs.load(paths["pairs"])
+    assert set(pairs.question_ids) == ids["patching"]
+    training = data.read_jsonl(paths["training"], ("id", "kind", "source", "messages"))
+    assert len(training) == 12 and {r["question_id"] for r in training} <= ids["train"]
+    opinion = data.read_jsonl(paths["opinion"], ("id", "kind", "messages", "correct_letter"))
+    assert len(opinion) == 80 + 2 * 4
+
+
+def test_synthesize_needs_every_split(tiny_model):
+    with pytest.raises(data.DataError, match=r"missing split\(s\) \['general'\]"):
+        data.synthesize(
+            data.load_starter(), tiny_model.tokenizer,
+            sizes={"patching": 1, "train": 1, "eval": 1}, n_train=1, seed=0,
+        )
