@@ -987,6 +987,36 @@ def differing_token_spans(
     ]
 
 
+def aligned_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    reference: Sequence[int] | Tensor,
+    counterfactual: Sequence[int] | Tensor,
+    *,
+    context: int = 4,
+) -> list[dict]:
+    """Both sides token by token, aligned on their common stretches, from ``context`` tokens
+    before the first difference to the end. Rows: ``{"reference_pos", "counterfactual_pos",
+    "reference", "counterfactual", "differs"}`` (positions count from the end, -1 = last;
+    None where one side has no token)."""
+    ref, cf = [int(t) for t in reference], [int(t) for t in counterfactual]
+    ref_pieces = tokenizer.convert_ids_to_tokens(ref)
+    cf_pieces = tokenizer.convert_ids_to_tokens(cf)
+    rows = []
+    matcher = difflib.SequenceMatcher(a=ref, b=cf, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        for offset in range(max(i2 - i1, j2 - j1)):
+            i, j = i1 + offset, j1 + offset
+            rows.append({
+                "reference_pos": i - len(ref) if i < i2 else None,
+                "counterfactual_pos": j - len(cf) if j < j2 else None,
+                "reference": ref_pieces[i] if i < i2 else "",
+                "counterfactual": cf_pieces[j] if j < j2 else "",
+                "differs": tag != "equal",
+            })
+    first = next((index for index, row in enumerate(rows) if row["differs"]), len(rows))
+    return rows[max(first - context, 0) :]
+
+
 # --- Everything notebook 01 writes -----------------------------------------------------------
 
 DATA_FILES = {

@@ -380,6 +380,11 @@ def test_differing_token_spans_on_the_tiny_tokenizer(tiny_model):
     changed = reference[:2] + [reference[2] + 1] + reference[3:]
     spans = data.differing_token_spans(tokenizer, reference, torch.tensor(changed))
     assert [(s.reference_start, s.reference_end) for s in spans] == [(2, 3)]
+    shorter = reference[:2] + reference[3:]
+    rows = data.aligned_tokens(tokenizer, reference, shorter, context=1)
+    assert [r["differs"] for r in rows] == [False, True] + [False] * (len(reference) - 3)
+    assert rows[1]["counterfactual"] == "" and rows[1]["counterfactual_pos"] is None
+    assert rows[-1]["reference_pos"] == rows[-1]["counterfactual_pos"] == -1
 
 
 # --- opinion sycophancy ----------------------------------------------------------------------
