@@ -55,8 +55,10 @@ def test_mmlu_mapping_uses_the_answer_index():
     mapped = data.map_rows(fixture_dataset(HUB_FIXTURES["mmlu"]), data.mmlu_row, "mmlu")
     assert mapped[0]["correct_letter"] == "B" and mapped[0]["correct_answer"] == "Carbon dioxide"
     assert mapped[1]["incorrect_answer"] == "2 m/s"  # the next choice, cyclically
-    nested = data.mmlu_row({"train": {"question": "q", "choices": ["x", "y"], "answer": 0}}, 7)
-    assert nested["id"] == "mmlu-000007" and nested["correct_answer"] == "x"
+    # the fixture nests rows under `train` like the hub's auxiliary_train config; the "all"
+    # config's auxiliary_train split is flat
+    flat = data.mmlu_row({"question": "q", "choices": ["x", "y"], "answer": 0}, 7)
+    assert flat["id"] == "mmlu-000007" and flat["correct_answer"] == "x"
 
 
 def test_aqua_mapping_strips_option_letters_and_keeps_the_rationale():
