@@ -512,3 +512,20 @@ def test_synthesize_needs_every_split(tiny_model):
             data.load_starter(), tiny_model.tokenizer,
             sizes={"patching": 1, "train": 1, "eval": 1}, n_train=1, seed=0,
         )
+
+
+def test_llm_explainer_asks_the_model_with_the_papers_prompt(tiny_model, monkeypatch):
+    asked = []
+
+    def fake_generate(model, conversations, **kwargs):
+        asked.extend(conversations)
+        return ["Because it is."]
+
+    monkeypatch.setattr(data.chat, "generate", fake_generate)
+    row = data.load_starter()[0]
+    assert data.llm_explainer(tiny_model)(row) == "Because it is."
+    prompt = asked[0][0]["content"]
+    assert prompt.startswith("Please generate a concise explanation for the given answer")
+    assert row["question"] in prompt and row["correct_answer"] in prompt
+    monkeypatch.undo()
+    assert isinstance(data.llm_explainer(tiny_model, max_new_tokens=2)(row), str)
