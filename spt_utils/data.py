@@ -311,7 +311,7 @@ def first_turn_correct(
             for reply, r in zip(replies, rows, strict=True)
         ]
     else:
-        scores = _choice_scores(model, asked, rows, batch_size=batch_size, progress=progress)
+        scores = _choice_scores(model, asked, rows, progress=progress)
         predicted = [LETTERS[max(range(len(s)), key=s.__getitem__)] for s in scores]
     return [
         {"id": r["id"], "predicted": p, "correct": p == r["correct_letter"]}
@@ -325,27 +325,43 @@ def _choice_scores(
     asked: Sequence[chat.Conversation],
     rows: Sequence[dict],
     *,
-    batch_size: int,
     progress: bool,
 ) -> list[list[float]]:
-    """Mean log-probability of each choice's tokens after "The answer is" (cloze scoring)."""
-    tokenizer = model.tokenizer
-    items = []  # (question index, prompt length, full token ids)
-    for index, (conversation, row) in enumerate(zip(asked, rows, strict=True)):
+    """Mean log-probability of each choice's tokens after "The answer is" (cloze scoring).
+
+    The shared prompt runs once per question; its KV cache is repeated for the choices.
+    """
+    tokenizer, hf_model = model.tokenizer, model.original_model
+    device = model.cfg.device
+    scores = []
+    pairs = zip(asked, rows, strict=True)
+    for conversation, row in tqdm(pairs, total=len(rows), desc="choice scores",
+                                  disable=not progress):
         prompt = chat.render(tokenizer, conversation) + CLOZE_PREFILL
-        start = len(chat.encode(tokenizer, prompt))
-        items += [(index, start, chat.encode(tokenizer, f"{prompt} {c}")) for c in row["choices"]]
-    scores: list[list[float]] = [[] for _ in rows]
-    starts = range(0, len(items), batch_size)
-    for first in tqdm(starts, desc="choice scores", disable=not progress):
-        chunk = items[first : first + batch_size]
-        batch, last = chat.pad_right([ids for _, _, ids in chunk], tokenizer.pad_token_id)
-        # log_probs: [batch, pos, d_vocab]
-        log_probs = model(batch.to(model.cfg.device), return_type="logits").log_softmax(-1)
-        for row, (index, start, ids) in enumerate(chunk):
-            targets = ids[start:].to(log_probs.device)
-            picked = log_probs[row, start - 1 : int(last[row])].gather(-1, targets[:, None])
-            scores[index].append(picked.mean().item())
+        prompt_ids = chat.encode(tokenizer, prompt)
+        continuations = []
+        for choice in row["choices"]:
+            full = chat.encode(tokenizer, f"{prompt} {choice}")
+            if not torch.equal(full[: len(prompt_ids)], prompt_ids):
+                raise DataError(f"question {row['id']!r}: choice {choice!r} merges with the "
+                                "prompt's last token; cannot score it as a continuation")
+            continuations.append(full[len(prompt_ids) :])
+        out = hf_model(input_ids=prompt_ids[None].to(device), use_cache=True)
+        first = out.logits[0, -1].log_softmax(-1)  # first: [d_vocab]
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(continuations))
+        batch, last = chat.pad_right(continuations, tokenizer.pad_token_id)
+        mask = torch.cat([torch.ones(len(batch), len(prompt_ids), dtype=torch.long),
+                          (torch.arange(batch.shape[1]) <= last[:, None]).long()], dim=1)
+        # rest: [choice, pos, d_vocab], predicting each continuation token after the first
+        rest = hf_model(input_ids=batch.to(device), attention_mask=mask.to(device),
+                        past_key_values=cache).logits.log_softmax(-1)
+        question_scores = []
+        for index, tokens in enumerate(continuations):
+            tokens = tokens.to(device)
+            picked = rest[index, : len(tokens) - 1].gather(-1, tokens[1:, None]).squeeze(-1)
+            question_scores.append((first[tokens[0]] + picked.sum()).item() / len(tokens))
+        scores.append(question_scores)
     return scores
 
 
