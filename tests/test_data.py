@@ -529,3 +529,19 @@ def test_llm_explainer_asks_the_model_with_the_papers_prompt(tiny_model, monkeyp
     assert row["question"] in prompt and row["correct_answer"] in prompt
     monkeypatch.undo()
     assert isinstance(data.llm_explainer(tiny_model, max_new_tokens=2)(row), str)
+
+
+def test_cloze_scores_with_a_shared_prompt_cache_equal_full_passes(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    row = data.load_starter()[5]
+    conversation = [{"role": "user", "content": data.question_prompt(row)}]
+    (cached,) = data._choice_scores(tiny_model, [conversation], [row], progress=False)
+    prompt = chat.render(tokenizer, conversation) + data.CLOZE_PREFILL
+    start = len(chat.encode(tokenizer, prompt))
+    for choice, score in zip(row["choices"], cached, strict=True):
+        ids = chat.encode(tokenizer, f"{prompt} {choice}")
+        with torch.no_grad():
+            # log_probs: [pos, d_vocab]
+            log_probs = tiny_model(ids[None], return_type="logits")[0].log_softmax(-1)
+        full = log_probs[start - 1 : -1].gather(-1, ids[start:, None]).mean().item()
+        assert score == pytest.approx(full, abs=1e-5)
