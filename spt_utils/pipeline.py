@@ -34,7 +34,10 @@ PACKAGES = ("torch", "transformer-lens", "transformers", "peft", "datasets", "sp
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {},
     "paper": {
-        "01": {"n_pairs": 100, "n_train": 3840, "n_eval": 400},
+        "01": {
+            "source": "mmlu", "n_source": 20000, "n_pairs": 100, "n_train": 3840,
+            "n_eval": 400, "n_general": 500, "check_accuracy": 1000,
+        },
         "02": {"top_k": 32},
         "03": {"max_k": 32, "n_random": 50, "n_generate": 200},
         "04": {
@@ -45,7 +48,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "test": {
         "00": {"max_new_tokens": 8},
-        "01": {"n_pairs": 4, "n_train": 8, "n_eval": 4, "check_accuracy": 8},
+        "01": {
+            "n_pairs": 4, "n_train": 8, "n_eval": 4, "n_general": 4, "n_arithmetic": 4,
+            "check_accuracy": 4,
+        },
         "02": {"top_k": 3, "n_oracle_layers": 1},
         "03": {"max_k": 2, "n_random": 2, "n_generate": 2},
         "04": {"spt_steps": 2, "sft_steps": 2, "batch_size": 2, "micro_batch_size": 2},
