@@ -35,7 +35,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {},
     "paper": {
         "01": {"n_pairs": 100, "n_train": 3840, "n_eval": 400},
-        "02": {"top_k": 32},
+        "02": {"top_k": 32, "n_oracle_layers": 6, "n_check_pairs": 16, "n_pattern_heads": 8},
         "03": {"max_k": 32, "n_random": 50, "n_generate": 200},
         "04": {
             "spt_steps": 240, "sft_steps": 120, "batch_size": 32, "micro_batch_size": 8,
@@ -46,7 +46,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "test": {
         "00": {"max_new_tokens": 8},
         "01": {"n_pairs": 4, "n_train": 8, "n_eval": 4, "check_accuracy": 8},
-        "02": {"top_k": 3, "n_oracle_layers": 1},
+        "02": {"top_k": 3, "n_oracle_layers": 1, "n_check_pairs": 2, "n_pattern_heads": 2},
         "03": {"max_k": 2, "n_random": 2, "n_generate": 2},
         "04": {"spt_steps": 2, "sft_steps": 2, "batch_size": 2, "micro_batch_size": 2},
         "05": {"n_eval": 2, "n_general": 4, "n_kl_docs": 2, "max_new_tokens": 8},
