@@ -271,15 +271,30 @@ def _patched_logit_diffs(
     return torch.stack(values)
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing after it is needed)."""
+
+
+def _stop_hook(activation: Tensor, hook: HookPoint) -> None:
+    raise _StopForward
+
+
 def _cache_last(
     model: TransformerBridge, tokens: Tensor, last: Tensor, names: list[str]
 ) -> dict[str, Tensor]:
-    """One forward pass keeping only the last-position values of the named hooks."""
+    """One forward pass keeping only the last-position values of the named hooks; it stops
+    at the final norm, so the full-vocabulary unembedding is never computed."""
     store: dict[str, Tensor] = {}
     last = last.to(model.cfg.device)
     hooks = [(name, partial(_store_last_hook, store=store, key=name, last=last)) for name in names]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(tokens.to(model.cfg.device), return_type=None)
+    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, ("ln_final.hook_in", _stop_hook)]):
+        try:
+            model(tokens.to(model.cfg.device), return_type=None)
+        except _StopForward:
+            pass
+    missing = sorted(set(names) - set(store))
+    if missing:
+        raise RuntimeError(f"_cache_last: hooks {missing} did not fire before the final norm")
     return store
 
 
