@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from spt_utils.data import PatchingPairs
-from spt_utils.io import write_json
+from spt_utils.io import atomic_write, write_json
 
 RATIO_EPSILON = 1e-3
 
@@ -146,3 +150,447 @@ def load_heads(path: str | Path) -> list[Head]:
         return [(int(layer), int(head)) for layer, head in record["heads"]]
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: field 'heads' must be a list of [layer, head] pairs") from error
+
+
+# ----------------------------------------------------------------------------------------
+# Path and activation patching of attention heads (issue 4)
+# ----------------------------------------------------------------------------------------
+
+SIGNS = ("positive", "negative", "both")
+
+
+def _z_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def _attn_out_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def _resid_mid_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_mid"
+
+
+def check_pairs(model: TransformerBridge, pairs: PatchingPairs, method: str) -> None:
+    """Raise a clear error for an empty pair set or answer ids outside the model's vocabulary."""
+    if len(pairs) == 0:
+        raise ValueError(f"{method}: the pair set is empty")
+    for name in ("apology_ids", "confirm_ids"):
+        ids = getattr(pairs, name)
+        if not ids:
+            raise ValueError(f"{method}: pairs.{name} is empty")
+        outside = [i for i in ids if not 0 <= int(i) < model.cfg.d_vocab]
+        if outside:
+            raise ValueError(
+                f"{method}: pairs.{name} holds token ids {outside} outside the model's "
+                f"vocabulary of {model.cfg.d_vocab} tokens (pairs built with another tokenizer?)"
+            )
+
+
+def answer_unembed(
+    model: TransformerBridge, resid: Float[Tensor, "... d_model"], pairs: PatchingPairs
+) -> Float[Tensor, " ..."]:
+    """The logit difference from final residual-stream vectors, unembedding only the answer
+    columns (``ln_final``, then the rows of ``W_U`` for the apology and confirm tokens)."""
+    unembed = model.unembed.original_component  # nn.Linear(d_model, d_vocab)
+    ids = torch.tensor(pairs.apology_ids + pairs.confirm_ids, device=resid.device)
+    bias = None if unembed.bias is None else unembed.bias[ids]
+    logits = torch.nn.functional.linear(model.ln_final(resid), unembed.weight[ids], bias)
+    n_apology = len(pairs.apology_ids)
+    return logits[..., :n_apology].mean(-1) - logits[..., n_apology:].mean(-1)
+
+
+# --- pure hook functions (bound with functools.partial) ---------------------------------
+
+
+def _store_last_hook(
+    activation: Float[Tensor, "batch pos ..."],
+    hook: HookPoint,
+    store: dict,
+    key: str,
+    last: Tensor,
+) -> None:
+    """Keep each row's activation at its last real position as ``store[key]``."""
+    store[key] = gather_last(activation, last).detach()
+
+
+def _set_head_last_hook(
+    z: Float[Tensor, "batch pos head d_head"],
+    hook: HookPoint,
+    head: int,
+    value: Float[Tensor, "batch d_head"],
+    last: Tensor,
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Overwrite one head's z at each row's last position."""
+    z = z.clone()
+    z[torch.arange(len(last), device=z.device), last.to(z.device), head] = value
+    return z
+
+
+def _set_head_all_hook(
+    z: Float[Tensor, "batch pos head d_head"],
+    hook: HookPoint,
+    head: int,
+    value: Float[Tensor, "batch pos d_head"],
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Overwrite one head's z at every position."""
+    z = z.clone()
+    z[:, :, head] = value
+    return z
+
+
+def _replace_hook(activation: Tensor, hook: HookPoint, value: Tensor) -> Tensor:
+    """Replace a whole activation (e.g. freeze ``hook_attn_out`` to the reference run)."""
+    return value
+
+
+# --- one generic patching loop ------------------------------------------------------------
+
+Hooks = list[tuple[str, Callable]]
+
+
+def _patched_logit_diffs(
+    model: TransformerBridge,
+    pairs: PatchingPairs,
+    patches: Sequence[Hooks],
+    metric: Callable[[Tensor], Tensor] | None = None,
+    *,
+    desc: str = "patching",
+) -> Float[Tensor, "n_patches batch"]:
+    """Run the reference batch once per patch (a list of forward hooks); return the metric of
+    each row's last-position logits (default: the answer logit difference)."""
+    metric = metric or partial(
+        answer_logit_diff, apology_ids=pairs.apology_ids, confirm_ids=pairs.confirm_ids
+    )
+    tokens = pairs.reference.to(model.cfg.device)
+    values = []
+    for fwd_hooks in tqdm(patches, desc=desc, leave=False):
+        with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):  # removed even on error
+            logits = model(tokens, return_type="logits")  # [batch, pos, d_vocab]
+            values.append(metric(gather_last(logits, pairs.reference_last)).detach().cpu())
+    return torch.stack(values)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing after it is needed)."""
+
+
+def _stop_hook(activation: Tensor, hook: HookPoint) -> None:
+    raise _StopForward
+
+
+def _cache_last(
+    model: TransformerBridge, tokens: Tensor, last: Tensor, names: list[str]
+) -> dict[str, Tensor]:
+    """One forward pass keeping only the last-position values of the named hooks; it stops
+    at the final norm, so the full-vocabulary unembedding is never computed."""
+    store: dict[str, Tensor] = {}
+    last = last.to(model.cfg.device)
+    hooks = [(name, partial(_store_last_hook, store=store, key=name, last=last)) for name in names]
+    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, ("ln_final.hook_in", _stop_hook)]):
+        try:
+            model(tokens.to(model.cfg.device), return_type=None)
+        except _StopForward:
+            pass
+    missing = sorted(set(names) - set(store))
+    if missing:
+        raise RuntimeError(f"_cache_last: hooks {missing} did not fire before the final norm")
+    return store
+
+
+@dataclass
+class HeadScores:
+    """Per-head patching results. ``score`` is calibrated (reference 0, counterfactual 1): a
+    positive score means patching that head's counterfactual value moves the answer toward
+    the counterfactual run, i.e. the head carries part of the challenge's effect."""
+
+    method: str
+    logit_diff: Float[Tensor, "layer head"]  # mean patched logit difference
+    score: Float[Tensor, "layer head"]
+    calibration: Calibration
+    per_pair: Float[Tensor, "layer head batch"] | None = None
+
+    def top_heads(self, k: int, sign: str = "positive") -> list[Head]:
+        """The ``k`` heads with the largest |score| among those of the chosen sign:
+        ``"positive"`` (score > 0), ``"negative"`` (score < 0) or ``"both"``."""
+        return top_heads(self.score, k, sign)
+
+    def save(self, path: str | Path) -> None:
+        record = {**self.__dict__, "calibration": self.calibration.__dict__}
+        with atomic_write(path, "wb") as handle:
+            torch.save(record, handle)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadScores:
+        record = torch.load(path, weights_only=True)
+        return cls(**{**record, "calibration": Calibration(**record["calibration"])})
+
+
+def top_heads(score: Float[Tensor, "layer head"], k: int, sign: str = "positive") -> list[Head]:
+    """Heads ranked by |score| after the sign filter (see :meth:`HeadScores.top_heads`)."""
+    if sign not in SIGNS:
+        raise ValueError(f"sign: {sign!r} is not one of {SIGNS}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    flat = score.flatten()
+    keep = {"positive": flat > 0, "negative": flat < 0, "both": torch.ones_like(flat, dtype=bool)}
+    order = [int(i) for i in torch.argsort(flat.abs(), descending=True) if keep[sign][i]]
+    n_heads = score.shape[1]
+    return [(i // n_heads, i % n_heads) for i in order[:k]]
+
+
+def _scores(
+    method: str, per_pair: Tensor, calibration: Calibration, keep_per_pair: bool = True
+) -> HeadScores:
+    logit_diff = per_pair.mean(-1)
+    return HeadScores(
+        method=method,
+        logit_diff=logit_diff,
+        score=calibration.normalise(logit_diff),
+        calibration=calibration,
+        per_pair=per_pair if keep_per_pair else None,
+    )
+
+
+@torch.no_grad()
+def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScores:
+    """Exact path patching of every head to the logits, in about three forward passes.
+
+    Sender (l, h): head h's z at each row's last position, from the counterfactual run; the
+    attention output of every later layer frozen to the reference run; MLPs and norms live;
+    the answer logit difference read at the last position. With later attention frozen and
+    only the last position patched, nothing crosses positions after the patch, so the
+    sender's effect flows only through the last position's residual stream: resid_mid[l]
+    moves by ``(z_cf − z_ref) @ W_O[h]`` (any o_proj bias cancels), then every later layer
+    adds its frozen reference attention output and a live MLP. All senders travel together
+    as one growing ``[senders, batch, d_model]`` stack through the model's own modules.
+    """
+    check_pairs(model, pairs, "path_patch_heads")
+    n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    z_names = [_z_name(layer) for layer in range(n_layers)]
+    reference = _cache_last(
+        model,
+        pairs.reference,
+        pairs.reference_last,
+        z_names
+        + [_resid_mid_name(layer) for layer in range(n_layers)]
+        + [_attn_out_name(layer) for layer in range(n_layers)]
+        + [f"blocks.{n_layers - 1}.hook_resid_post"],
+    )
+    counterfactual = _cache_last(
+        model,
+        pairs.counterfactual,
+        pairs.counterfactual_last,
+        z_names + [f"blocks.{n_layers - 1}.hook_resid_post"],
+    )
+    final = f"blocks.{n_layers - 1}.hook_resid_post"
+    calibration = Calibration(
+        reference=answer_unembed(model, reference[final], pairs).mean().item(),
+        counterfactual=answer_unembed(model, counterfactual[final], pairs).mean().item(),
+    )
+    stack = None  # [senders, batch, d_model], senders ordered (layer, head)
+    for layer in range(n_layers):
+        block = model.blocks[layer]
+        if stack is not None:
+            stack = stack + reference[_attn_out_name(layer)]  # frozen later attention
+        # z: [batch, head, d_head]; o_proj weight: [d_model, head·d_head]
+        dz = counterfactual[_z_name(layer)] - reference[_z_name(layer)]
+        w_o = block.attn.o.original_component.weight.view(-1, n_heads, d_head)
+        delta = torch.einsum("bhe,dhe->hbd", dz, w_o)  # [head, batch, d_model]
+        senders = reference[_resid_mid_name(layer)] + delta
+        stack = senders if stack is None else torch.cat([stack, senders])
+        stack = stack + block.mlp(block.ln2(stack))
+    per_pair = answer_unembed(model, stack, pairs).view(n_layers, n_heads, -1).cpu()
+    return _scores("path", per_pair, calibration)
+
+
+def _calibration_from_logits(
+    pairs: PatchingPairs,
+    reference_logits: Float[Tensor, "batch pos d_vocab"],
+    counterfactual_logits: Float[Tensor, "batch pos d_vocab"],
+) -> Calibration:
+    """The clean runs' mean logit differences (as :func:`calibrate`), from logits at hand."""
+    diffs = [
+        answer_logit_diff(gather_last(logits, last), pairs.apology_ids, pairs.confirm_ids)
+        for logits, last in (
+            (reference_logits, pairs.reference_last),
+            (counterfactual_logits, pairs.counterfactual_last),
+        )
+    ]
+    calibration = Calibration(diffs[0].mean().item(), diffs[1].mean().item())
+    calibration.check()
+    return calibration
+
+
+def _reference_and_counterfactual_cache(
+    model: TransformerBridge, pairs: PatchingPairs, reference_names: list[str]
+) -> tuple[dict, dict, Calibration]:
+    """The clean runs' caches (reference: ``reference_names``; counterfactual: every z)."""
+    z_names = [_z_name(layer) for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        reference_logits, reference = model.run_with_cache(
+            pairs.reference.to(model.cfg.device), names_filter=reference_names
+        )
+        counterfactual_logits, counterfactual = model.run_with_cache(
+            pairs.counterfactual.to(model.cfg.device), names_filter=z_names
+        )
+    calibration = _calibration_from_logits(pairs, reference_logits, counterfactual_logits)
+    return reference, counterfactual, calibration
+
+
+def _layers(model: TransformerBridge, layers: Sequence[int] | None) -> list[int]:
+    """``layers`` checked against the model (default: all layers)."""
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    for index, layer in enumerate(layers):
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layers[{index}] = {layer} is out of range for {n_layers} layers")
+    return layers
+
+
+def path_patch_heads_oracle(
+    model: TransformerBridge,
+    pairs: PatchingPairs,
+    heads: Sequence[Head] | None = None,
+    metric: Callable[[Tensor], Tensor] | None = None,
+) -> HeadScores:
+    """The per-sender reference implementation of :func:`path_patch_heads`: one hooked
+    forward pass per head. Heads not in ``heads`` (default: all) are NaN."""
+    check_pairs(model, pairs, "path_patch_heads_oracle")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    every_head = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    heads = validate_heads(every_head if heads is None else list(heads), n_layers, n_heads)
+    attn_names = [_attn_out_name(layer) for layer in range(n_layers)]
+    reference, counterfactual, calibration = _reference_and_counterfactual_cache(
+        model, pairs, attn_names
+    )
+    patches = []
+    for layer, head in heads:
+        # z: [batch, pos, head, d_head] → the sender's counterfactual value at the last position
+        z_cf = gather_last(counterfactual[_z_name(layer)], pairs.counterfactual_last)[:, head]
+        sender = partial(_set_head_last_hook, head=head, value=z_cf, last=pairs.reference_last)
+        frozen = [
+            (_attn_out_name(later), partial(_replace_hook, value=reference[_attn_out_name(later)]))
+            for later in range(layer + 1, n_layers)
+        ]
+        patches.append([(_z_name(layer), sender), *frozen])
+    values = _patched_logit_diffs(model, pairs, patches, metric, desc="path patching (oracle)")
+    return _scores("path_oracle", _scatter(values, heads, n_layers, n_heads), calibration)
+
+
+def _scatter(
+    values: Float[Tensor, "n batch"], heads: list[Head], n_layers: int, n_heads: int
+) -> Float[Tensor, "layer head batch"]:
+    grid = torch.full((n_layers, n_heads, values.shape[-1]), float("nan"))
+    for (layer, head), value in zip(heads, values, strict=True):
+        grid[layer, head] = value
+    return grid
+
+
+def activation_patch_heads(
+    model: TransformerBridge,
+    pairs: PatchingPairs,
+    *,
+    position: str = "last",
+    layers: Sequence[int] | None = None,
+    metric: Callable[[Tensor], Tensor] | None = None,
+) -> HeadScores:
+    """Activation patching of head outputs (z) from the counterfactual into the reference run,
+    one forward pass per head, everything downstream live. ``position="last"`` patches each
+    row's last position (any pairs); ``"all"`` every position (needs equal-length pairs,
+    e.g. ``build_patching_pairs(..., wording="matched")``). Layers not in ``layers`` are NaN."""
+    if position not in ("last", "all"):
+        raise ValueError(f"position: {position!r} is not 'last' or 'all'")
+    method = f"activation_patch_heads(position={position!r})"
+    check_pairs(model, pairs, method)
+    if position == "all":
+        pairs.require_equal_lengths(method)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    heads = [(layer, head) for layer in _layers(model, layers) for head in range(n_heads)]
+    _, counterfactual, calibration = _reference_and_counterfactual_cache(model, pairs, [])
+    patches = []
+    for layer, head in heads:
+        z_cf = counterfactual[_z_name(layer)]  # [batch, pos, head, d_head]
+        if position == "last":
+            setter = partial(
+                _set_head_last_hook,
+                head=head,
+                value=gather_last(z_cf, pairs.counterfactual_last)[:, head],
+                last=pairs.reference_last,
+            )
+        else:
+            width = pairs.reference.shape[1]
+            setter = partial(_set_head_all_hook, head=head, value=z_cf[:, :width, head])
+        patches.append([(_z_name(layer), setter)])
+    values = _patched_logit_diffs(model, pairs, patches, metric, desc=f"activation ({position})")
+    grid = _scatter(values, heads, n_layers, n_heads)
+    return _scores(f"activation_{position}", grid, calibration)
+
+
+def attribution_patch_heads(
+    model: TransformerBridge, pairs: PatchingPairs, *, position: str = "last"
+) -> HeadScores:
+    """Attribution patching: the first-order estimate of :func:`activation_patch_heads`,
+    ``(z_cf − z_ref) · ∂LD/∂z_ref``, from a reference forward + backward and a counterfactual
+    forward. ``position="all"`` sums over positions (equal-length pairs only)."""
+    if position not in ("last", "all"):
+        raise ValueError(f"position: {position!r} is not 'last' or 'all'")
+    method = f"attribution_patch_heads(position={position!r})"
+    check_pairs(model, pairs, method)
+    if position == "all":
+        pairs.require_equal_lengths(method)
+    n_layers = model.cfg.n_layers
+    z_names = [_z_name(layer) for layer in range(n_layers)]
+    device = model.cfg.device
+    with torch.no_grad():
+        counterfactual_logits, counterfactual = model.run_with_cache(
+            pairs.counterfactual.to(device), names_filter=z_names
+        )
+    store: dict[str, Tensor] = {}
+    hooks = [(name, partial(_keep_hook, store=store, key=name)) for name in z_names]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(pairs.reference.to(device), return_type="logits")  # [batch, pos, vocab]
+        per_row = answer_logit_diff(
+            gather_last(logits, pairs.reference_last), pairs.apology_ids, pairs.confirm_ids
+        )
+        grads = torch.autograd.grad(per_row.sum(), [store[name] for name in z_names])
+    reference_diff = per_row.detach().cpu()
+    rows = []
+    for name, grad in zip(z_names, grads, strict=True):
+        z_ref = store[name].detach()  # [batch, pos, head, d_head]
+        if position == "last":
+            dz = gather_last(counterfactual[name], pairs.counterfactual_last) - gather_last(
+                z_ref, pairs.reference_last
+            )
+            rows.append((dz * gather_last(grad, pairs.reference_last)).sum(-1))  # [batch, head]
+        else:
+            width = z_ref.shape[1]
+            rows.append(((counterfactual[name][:, :width] - z_ref) * grad).sum((1, 3)))
+    estimate = torch.stack(rows).transpose(1, 2).cpu()  # [layer, head, batch]
+    calibration = _calibration_from_logits(pairs, logits.detach(), counterfactual_logits)
+    return _scores(f"attribution_{position}", reference_diff + estimate, calibration)
+
+
+def _keep_hook(activation: Tensor, hook: HookPoint, store: dict, key: str) -> Tensor:
+    """Keep the activation (with its autograd graph) for a backward pass; returning it makes
+    it the tensor the rest of the forward pass uses."""
+    store[key] = activation
+    return activation
+
+
+def first_pairs(pairs: PatchingPairs, n: int) -> PatchingPairs:
+    """The first ``n`` pairs (e.g. a quick subset for the per-head oracle)."""
+    if n < 1:
+        raise ValueError(f"first_pairs: n must be >= 1, got {n}")
+    rows = slice(0, n)
+    return PatchingPairs(
+        reference=pairs.reference[rows],
+        counterfactual=pairs.counterfactual[rows],
+        reference_last=pairs.reference_last[rows],
+        counterfactual_last=pairs.counterfactual_last[rows],
+        apology_ids=pairs.apology_ids,
+        confirm_ids=pairs.confirm_ids,
+        question_ids=pairs.question_ids[rows],
+        reference_text=pairs.reference_text[rows],
+        counterfactual_text=pairs.counterfactual_text[rows],
+    )

@@ -38,7 +38,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "source": "mmlu", "n_source": 20000, "n_pairs": 100, "n_train": 3840,
             "n_eval": 400, "n_general": 500, "check_accuracy": 1000,
         },
-        "02": {"top_k": 32},
+        "02": {"top_k": 32, "n_oracle_layers": 6, "n_check_pairs": 16, "n_pattern_heads": 8},
         "03": {"max_k": 32, "n_random": 50, "n_generate": 200},
         "04": {
             "spt_steps": 240, "sft_steps": 120, "batch_size": 32, "micro_batch_size": 8,
@@ -52,7 +52,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "n_pairs": 4, "n_train": 8, "n_eval": 4, "n_general": 4, "n_arithmetic": 4,
             "check_accuracy": 4,
         },
-        "02": {"top_k": 3, "n_oracle_layers": 1},
+        "02": {"top_k": 3, "n_oracle_layers": 1, "n_check_pairs": 2, "n_pattern_heads": 2},
         "03": {"max_k": 2, "n_random": 2, "n_generate": 2},
         "04": {"spt_steps": 2, "sft_steps": 2, "batch_size": 2, "micro_batch_size": 2},
         "05": {"n_eval": 2, "n_general": 4, "n_kl_docs": 2, "max_new_tokens": 8},

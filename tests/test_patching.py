@@ -1,4 +1,9 @@
+import dataclasses
+
 import pytest
+import torch
+import transformer_lens.patching as tl_patching
+from transformer_lens.tools.analysis.attribution_patching import attribution_patch
 
 from spt_utils import data, patching
 
@@ -22,8 +27,6 @@ def test_calibrate_on_the_tiny_model(tiny_model):
 
 
 def test_ratio_metric_warns_near_zero_denominator():
-    import torch
-
     logits = torch.tensor([[1.0, -1.0 + 1e-5]])
     with pytest.warns(RuntimeWarning, match="denominator"):
         patching.apology_ratio(logits, [0], [1])
@@ -39,3 +42,184 @@ def test_heads_round_trip_and_range_check(tmp_path):
     path.write_text('{"heads": [[1]]}')
     with pytest.raises(ValueError, match="field 'heads'"):
         patching.load_heads(path)
+
+
+# --- path, activation and attribution patching (issue 4) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tiny_model):
+    return data.build_patching_pairs(data.load_starter().select(range(3)), tiny_model.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_matched_pairs(tiny_model):
+    questions = data.load_starter().select(range(2))
+    return data.build_patching_pairs(questions, tiny_model.tokenizer, wording="matched")
+
+
+def n_hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_fast_path_patching_equals_the_oracle_on_every_head(tiny_model, tiny_pairs):
+    fast = patching.path_patch_heads(tiny_model, tiny_pairs)
+    oracle = patching.path_patch_heads_oracle(tiny_model, tiny_pairs)
+    assert fast.score.shape == (2, 4) and fast.per_pair.shape == (2, 4, 3)
+    torch.testing.assert_close(fast.per_pair, oracle.per_pair, atol=1e-4, rtol=0)
+    calibration = patching.calibrate(tiny_model, tiny_pairs)
+    assert fast.calibration.reference == pytest.approx(calibration.reference, abs=1e-5)
+    assert fast.calibration.counterfactual == pytest.approx(calibration.counterfactual, abs=1e-5)
+    # the patches move the answer: not every head scores the reference value
+    assert (fast.per_pair - calibration.reference).abs().max() > 1e-4
+
+
+def test_last_layer_path_patching_equals_activation_patching(tiny_model, tiny_pairs):
+    """With no later layer to freeze, both methods patch the same thing."""
+    path = patching.path_patch_heads(tiny_model, tiny_pairs)
+    activation = patching.activation_patch_heads(tiny_model, tiny_pairs, layers=[1])
+    assert activation.score[0].isnan().all()
+    torch.testing.assert_close(path.per_pair[1], activation.per_pair[1], atol=1e-4, rtol=0)
+
+
+def test_all_position_activation_patching_matches_transformer_lens(
+    tiny_model, tiny_matched_pairs
+):
+    pairs = tiny_matched_pairs
+    ours = patching.activation_patch_heads(tiny_model, pairs, position="all")
+    _, counterfactual_cache = tiny_model.run_with_cache(
+        pairs.counterfactual, names_filter=lambda name: name.endswith("hook_z")
+    )
+
+    def metric(logits):
+        last = patching.gather_last(logits, pairs.reference_last)
+        return patching.answer_logit_diff(last, pairs.apology_ids, pairs.confirm_ids).mean()
+
+    theirs = tl_patching.get_act_patch_attn_head_out_all_pos(
+        tiny_model, pairs.reference, counterfactual_cache, metric
+    )
+    torch.testing.assert_close(ours.logit_diff, theirs.cpu(), atol=1e-4, rtol=0)
+
+
+def test_attribution_matches_transformer_lens_attribution_patch(tiny_model, tiny_matched_pairs):
+    """TL's denoising estimate with clean = counterfactual and corrupt = reference is ours."""
+    pairs = tiny_matched_pairs
+    ours = patching.attribution_patch_heads(tiny_model, pairs, position="all")
+    reference_diff = patching.answer_logit_diff(
+        patching.last_position_logits(tiny_model, pairs.reference, pairs.reference_last),
+        pairs.apology_ids,
+        pairs.confirm_ids,
+    )
+    estimate = ours.per_pair - reference_diff  # [layer, head, batch]
+    for row in range(len(pairs)):
+        last = int(pairs.reference_last[row])
+
+        def metric(logits, last=last):
+            return patching.answer_logit_diff(logits[:, last], pairs.apology_ids, pairs.confirm_ids)
+
+        result = attribution_patch(
+            tiny_model,
+            pairs.counterfactual[row : row + 1],
+            pairs.reference[row : row + 1],
+            lambda logits, metric=metric: metric(logits).sum(),
+        )
+        for layer in range(2):
+            for head in range(4):
+                theirs = sum(
+                    score
+                    for node, score in result.node_scores.items()
+                    if node.kind == "attn_head_out" and (node.layer, node.head) == (layer, head)
+                    and node.position <= last
+                )
+                assert estimate[layer, head, row].item() == pytest.approx(theirs, abs=1e-4)
+
+
+def test_last_position_attribution_approximates_activation_patching(tiny_model, tiny_pairs):
+    attribution = patching.attribution_patch_heads(tiny_model, tiny_pairs)
+    activation = patching.activation_patch_heads(tiny_model, tiny_pairs)
+    correlation = torch.corrcoef(torch.stack([attribution.score.flatten(),
+                                              activation.score.flatten()]))[0, 1]
+    assert correlation > 0.9
+
+
+def test_top_heads_sign_filter_and_round_trip(tmp_path, tiny_model, tiny_pairs):
+    score = torch.tensor([[0.5, -0.9], [0.1, 0.0]])
+    assert patching.top_heads(score, 2, "positive") == [(0, 0), (1, 0)]
+    assert patching.top_heads(score, 5, "negative") == [(0, 1)]
+    assert patching.top_heads(score, 2, "both") == [(0, 1), (0, 0)]
+    with pytest.raises(ValueError, match="sign"):
+        patching.top_heads(score, 2, "up")
+    scores = patching.path_patch_heads(tiny_model, tiny_pairs)
+    scores.save(tmp_path / "patching.pt")
+    loaded = patching.HeadScores.load(tmp_path / "patching.pt")
+    assert loaded.calibration == scores.calibration
+    torch.testing.assert_close(loaded.per_pair, scores.per_pair)
+
+
+def test_empty_pair_set_is_an_error(tiny_model, tiny_pairs):
+    empty = dataclasses.replace(
+        tiny_pairs,
+        reference=tiny_pairs.reference[:0],
+        counterfactual=tiny_pairs.counterfactual[:0],
+        reference_last=tiny_pairs.reference_last[:0],
+        counterfactual_last=tiny_pairs.counterfactual_last[:0],
+        question_ids=[],
+    )
+    for method in (patching.path_patch_heads, patching.path_patch_heads_oracle,
+                   patching.activation_patch_heads, patching.attribution_patch_heads):
+        with pytest.raises(ValueError, match="pair set is empty"):
+            method(tiny_model, empty)
+
+
+def test_position_wise_methods_need_equal_lengths(tiny_model, tiny_pairs):
+    with pytest.raises(data.DataError, match=r"equal-length pairs, but pair 0"):
+        patching.activation_patch_heads(tiny_model, tiny_pairs, position="all")
+    with pytest.raises(data.DataError, match=r"equal-length pairs"):
+        patching.attribution_patch_heads(tiny_model, tiny_pairs, position="all")
+
+
+def test_answer_tokens_outside_the_vocabulary(tiny_model, tiny_pairs):
+    bad = dataclasses.replace(tiny_pairs, confirm_ids=[tiny_model.cfg.d_vocab + 5])
+    with pytest.raises(ValueError, match=r"pairs.confirm_ids holds token ids \[412\] outside"):
+        patching.path_patch_heads(tiny_model, bad)
+
+
+def test_heads_and_layers_out_of_range(tiny_model, tiny_pairs):
+    with pytest.raises(ValueError, match=r"L0H4 is out of range"):
+        patching.path_patch_heads_oracle(tiny_model, tiny_pairs, heads=[(0, 4)])
+    with pytest.raises(ValueError, match=r"layers\[1\] = 2 is out of range"):
+        patching.activation_patch_heads(tiny_model, tiny_pairs, layers=[0, 2])
+
+
+def test_hooks_are_removed_when_the_metric_raises(tiny_model, tiny_pairs):
+    before = n_hooks(tiny_model)
+
+    def broken_metric(logits):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        patching.path_patch_heads_oracle(tiny_model, tiny_pairs, heads=[(0, 1)],
+                                         metric=broken_metric)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        patching.activation_patch_heads(tiny_model, tiny_pairs, metric=broken_metric)
+    assert n_hooks(tiny_model) == before
+    assert all(not hook._forward_hooks for hook in tiny_model.hook_dict.values())
+
+
+@pytest.mark.integration
+def test_fast_equals_oracle_on_smollm2(smollm2):
+    pairs = data.build_patching_pairs(data.load_starter().select(range(2)), smollm2.tokenizer)
+    fast = patching.path_patch_heads(smollm2, pairs)
+    layers = [3, 17, 28]
+    heads = [(layer, head) for layer in layers for head in range(smollm2.cfg.n_heads)]
+    oracle = patching.path_patch_heads_oracle(smollm2, pairs, heads=heads)
+    torch.testing.assert_close(fast.per_pair[layers], oracle.per_pair[layers], atol=1e-4, rtol=0)
+    assert fast.calibration.reference > fast.calibration.counterfactual  # "Sorry" less likely
+
+
+def test_first_pairs(tiny_pairs):
+    two = patching.first_pairs(tiny_pairs, 2)
+    assert len(two) == 2 and two.question_ids == tiny_pairs.question_ids[:2]
+    assert torch.equal(two.reference_last, tiny_pairs.reference_last[:2])
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        patching.first_pairs(tiny_pairs, 0)

@@ -1,0 +1,270 @@
+"""Figures and widgets: the interactive head heatmap, publication export, attention patterns.
+
+* :class:`HeadSelector` — a layer×head heatmap (plotly ``FigureWidget``) whose selection
+  (clicks, a top-k slider and a sign filter) is saved to ``heads.json`` on every change.
+* :func:`export_figure` — consistent publication styling, written as PDF, SVG, PNG and HTML.
+* :func:`attention_patterns` — circuitsvis attention patterns of chosen heads, rendered
+  offline (the JavaScript bundled with circuitsvis is inlined; no CDN).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import circuitsvis.attention
+import ipywidgets
+import plotly.graph_objects as go
+import torch
+from IPython.display import HTML
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from spt_utils.io import atomic_write
+from spt_utils.patching import SIGNS, Head, save_heads, top_heads, validate_heads
+
+FONT = {"family": "DejaVu Sans, Arial, sans-serif", "size": 13, "color": "black"}
+STATIC_FORMATS = ("pdf", "svg", "png")
+SELECTOR_CLASS = "spt-head-selector"  # CSS class of the widget's outer box (browser tests)
+SELECTION_CLASS = "spt-head-selection"  # CSS class of the label listing the selected heads
+_static_export_warned = False
+
+
+def head_name(head: Head) -> str:
+    return f"L{head[0]}H{head[1]}"
+
+
+def style_figure(fig: go.Figure, *, colorbar_title: str | None = None) -> go.Figure:
+    """Publication styling: one font, white background, axis titles "head" (x) / "layer" (y)."""
+    fig.update_layout(
+        template="simple_white",
+        font=FONT,
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+        xaxis_title="head",
+        yaxis_title="layer",
+    )
+    if colorbar_title is not None:
+        fig.update_traces(colorbar_title_text=colorbar_title, selector={"type": "heatmap"})
+    return fig
+
+
+def head_heatmap(
+    score: Float[Tensor, "layer head"],
+    *,
+    metric_name: str,
+    title: str = "",
+    selected: Sequence[Head] = (),
+) -> go.Figure:
+    """A layer×head heatmap, diverging colours centred on 0, hover with head/score/rank;
+    ``selected`` heads are marked with open squares."""
+    values = score.detach().float().cpu()
+    n_layers, n_heads = values.shape
+    ranks = torch.empty(values.numel(), dtype=torch.long)
+    ranks[torch.argsort(values.flatten().nan_to_num(float("-inf")), descending=True)] = (
+        torch.arange(values.numel()) + 1
+    )
+    heatmap = go.Heatmap(
+        z=values.tolist(),
+        x=list(range(n_heads)),
+        y=list(range(n_layers)),
+        colorscale="RdBu_r",
+        zmid=0,
+        customdata=ranks.view(n_layers, n_heads).tolist(),
+        hovertemplate=f"L%{{y}}H%{{x}}<br>{metric_name} %{{z:.3f}}<br>rank %{{customdata}}"
+        "<extra></extra>",
+        colorbar={"title": {"text": metric_name}},
+        name="scores",
+    )
+    markers = go.Scatter(
+        x=[h for _, h in selected],
+        y=[layer for layer, _ in selected],
+        mode="markers",
+        marker={"symbol": "square-open", "size": 14, "color": "black", "line": {"width": 2}},
+        hoverinfo="skip",
+        name="selected",
+        showlegend=False,
+    )
+    fig = go.Figure([heatmap, markers])
+    fig.update_layout(title=title, width=520, height=max(360, 18 * n_layers + 120))
+    fig.update_xaxes(dtick=1, range=[-0.5, n_heads - 0.5])
+    fig.update_yaxes(range=[-0.5, n_layers - 0.5])
+    return style_figure(fig, colorbar_title=metric_name)
+
+
+def export_figure(
+    fig: go.Figure, figures_dir: str | Path, name: str, *, scale: float = 2.0
+) -> list[Path]:
+    """Write ``name`` as PDF, SVG, PNG (kaleido + chromium) and HTML under ``figures_dir``.
+
+    When static export fails (no browser), only HTML is written, with one warning per
+    session. Every file is written atomically. Returns the written paths.
+    """
+    global _static_export_warned
+    figures_dir = Path(figures_dir)
+    html_path = figures_dir / f"{name}.html"
+    with atomic_write(html_path) as handle:
+        handle.write(fig.to_html(include_plotlyjs=True, full_html=True))
+    written = [html_path]
+    try:
+        images = {fmt: fig.to_image(format=fmt, scale=scale) for fmt in STATIC_FORMATS}
+    except Exception as error:  # kaleido raises several types when no browser is found
+        if not _static_export_warned:
+            warnings.warn(
+                f"Static figure export failed ({type(error).__name__}: {error}); writing HTML "
+                "only. Install chromium (kaleido 1.x needs it) for PDF, SVG and PNG.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _static_export_warned = True
+        return written
+    for fmt, image in images.items():
+        path = figures_dir / f"{name}.{fmt}"
+        with atomic_write(path, "wb") as handle:
+            handle.write(image)
+        written.append(path)
+    return written
+
+
+class HeadSelector:
+    """Interactive head selection on a layer×head heatmap, saved to ``heads_path``.
+
+    A click on a cell toggles that head; the top-k slider and the sign filter
+    (``"positive"``: score > 0, heads that carry the challenge's effect; ``"negative"``:
+    score < 0; ``"both"``: by |score|) replace the selection with the top-k heads of that
+    sign. Every change redraws the markers and rewrites ``heads_path`` atomically. Without a
+    front end (papermill) the constructor applies the defaults through the same code path.
+
+    For browser tests: the outer widget box carries the CSS class ``spt-head-selector`` and
+    the label listing the selection ``spt-head-selection``; the heatmap is the box's plotly
+    graph (``.spt-head-selector .js-plotly-plot``), layer on the y axis, head on the x axis.
+    """
+
+    def __init__(
+        self,
+        score: Float[Tensor, "layer head"],
+        heads_path: str | Path,
+        *,
+        top_k: int = 8,
+        sign: str = "positive",
+        metric_name: str = "calibrated score",
+        title: str = "",
+        extra: dict | None = None,
+    ) -> None:
+        if sign not in SIGNS:
+            raise ValueError(f"sign: {sign!r} is not one of {SIGNS}")
+        self.score = score.detach().float().cpu()
+        self.heads_path = Path(heads_path)
+        self.extra = extra or {}
+        self.metric_name = metric_name
+        n_layers, n_heads = self.score.shape
+        self.figure = go.FigureWidget(
+            head_heatmap(self.score, metric_name=metric_name, title=title)
+        )
+        self.figure.add_class(f"{SELECTOR_CLASS}-figure")
+        for trace in self.figure.data:
+            trace.on_click(self.on_click)
+        self.top_k_slider = ipywidgets.IntSlider(
+            value=top_k, min=0, max=n_layers * n_heads, description="top k"
+        )
+        self.sign_filter = ipywidgets.ToggleButtons(
+            options=list(SIGNS), value=sign, description="sign"
+        )
+        self.label = ipywidgets.HTML()
+        self.label.add_class(SELECTION_CLASS)
+        self.top_k_slider.observe(self._on_filter_change, names="value")
+        self.sign_filter.observe(self._on_filter_change, names="value")
+        self.selection: list[Head] = []
+        self.select_top(top_k, sign)
+
+    # --- selection logic (testable without a browser) -----------------------------------
+
+    def select_top(self, k: int, sign: str) -> None:
+        """Replace the selection with the top-``k`` heads of ``sign``."""
+        self._set_selection(top_heads(self.score, k, sign))
+
+    def toggle(self, layer: int, head: int) -> None:
+        """Add the head if unselected, remove it otherwise."""
+        n_layers, n_heads = self.score.shape
+        chosen = validate_heads([(layer, head)], n_layers, n_heads)[0]
+        if chosen in self.selection:
+            self._set_selection([h for h in self.selection if h != chosen])
+        else:
+            self._set_selection([*self.selection, chosen])
+
+    def on_click(self, trace: go.BaseTraceType, points, state) -> None:
+        """plotly ``on_click`` callback: toggle each clicked cell (x = head, y = layer)."""
+        for head, layer in zip(points.xs, points.ys, strict=True):
+            self.toggle(int(layer), int(head))
+
+    def _on_filter_change(self, change: dict) -> None:
+        self.select_top(self.top_k_slider.value, self.sign_filter.value)
+
+    def _set_selection(self, heads: list[Head]) -> None:
+        self.selection = list(heads)
+        with self.figure.batch_update():
+            markers = self.figure.data[1]
+            markers.x = [h for _, h in self.selection]
+            markers.y = [layer for layer, _ in self.selection]
+        names = ", ".join(head_name(h) for h in self.selection) or "none"
+        self.label.value = f"<b>{len(self.selection)} selected:</b> {names}"
+        self.save()
+
+    def save(self) -> None:
+        """Write the selection to ``heads_path`` (atomic)."""
+        save_heads(
+            self.heads_path,
+            self.selection,
+            metric=self.metric_name,
+            scores=[round(float(self.score[h]), 6) for h in self.selection],
+            **self.extra,
+        )
+
+    def widget(self) -> ipywidgets.VBox:
+        """The slider, the sign filter, the selection label and the heatmap in one box."""
+        box = ipywidgets.VBox(
+            [ipywidgets.HBox([self.top_k_slider, self.sign_filter]), self.label, self.figure]
+        )
+        box.add_class(SELECTOR_CLASS)
+        return box
+
+    def static_figure(self, title: str = "") -> go.Figure:
+        """A plain (non-widget) copy of the heatmap with the current selection, for export."""
+        return head_heatmap(
+            self.score, metric_name=self.metric_name, title=title, selected=self.selection
+        )
+
+
+@torch.no_grad()
+def attention_patterns(
+    model: TransformerBridge,
+    tokens: Int[Tensor, " pos"],
+    heads: Sequence[Head],
+    *,
+    html_path: str | Path | None = None,
+) -> HTML:
+    """circuitsvis attention patterns of ``heads`` on one prompt, rendered offline.
+
+    The circuitsvis bundle is inlined in the HTML (its ``local_src``), so the output works
+    without internet; ``html_path`` also writes it as a standalone page.
+    """
+    heads = validate_heads(list(heads), model.cfg.n_layers, model.cfg.n_heads)
+    if not heads:
+        raise ValueError("attention_patterns: no heads chosen")
+    names = sorted({f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads})
+    _, cache = model.run_with_cache(tokens[None].to(model.cfg.device), names_filter=names)
+    # pattern: [batch, head, query_pos, key_pos]
+    patterns = torch.stack(
+        [cache[f"blocks.{layer}.attn.hook_pattern"][0, head] for layer, head in heads]
+    ).cpu()
+    rendered = circuitsvis.attention.attention_heads(
+        attention=patterns,
+        tokens=model.tokenizer.convert_ids_to_tokens(tokens.tolist()),
+        attention_head_names=[head_name(h) for h in heads],
+    )
+    html = rendered.local_src  # inline JavaScript bundle, not the CDN import
+    if html_path is not None:
+        with atomic_write(html_path) as handle:
+            handle.write(f"<!DOCTYPE html><html><body>{html}</body></html>")
+    return HTML(html)

@@ -1,0 +1,107 @@
+import json
+import types
+import warnings
+
+import pytest
+import torch
+
+from spt_utils import data, patching, viz
+
+SCORE = torch.tensor([[0.5, -0.9, 0.0], [0.1, 0.3, -0.2]])
+
+
+def click(selector, layer, head, trace=0):
+    """What plotly's front end sends for a click on a heatmap cell (x = head, y = layer)."""
+    points = types.SimpleNamespace(xs=[head], ys=[layer], point_inds=[[layer, head]])
+    selector.on_click(selector.figure.data[trace], points, None)
+
+
+def markers(selector):
+    data_ = selector.figure.data[1]
+    return sorted(zip(data_.y, data_.x, strict=True))
+
+
+def test_selector_saves_the_top_k_default_without_a_front_end(tmp_path):
+    path = tmp_path / "heads.json"
+    selector = viz.HeadSelector(SCORE, path, top_k=2, sign="positive", extra={"method": "path"})
+    assert selector.selection == [(0, 0), (1, 1)]
+    record = json.loads(path.read_text())
+    assert record["heads"] == [[0, 0], [1, 1]] and record["method"] == "path"
+    assert record["scores"] == [0.5, 0.3]
+    assert patching.load_heads(path) == [(0, 0), (1, 1)]
+    assert markers(selector) == [(0, 0), (1, 1)]
+
+
+def test_click_toggles_a_head_and_saves(tmp_path):
+    path = tmp_path / "heads.json"
+    selector = viz.HeadSelector(SCORE, path, top_k=1)
+    click(selector, 1, 2)
+    assert selector.selection == [(0, 0), (1, 2)]
+    assert markers(selector) == [(0, 0), (1, 2)]
+    assert patching.load_heads(path) == [(0, 0), (1, 2)]
+    click(selector, 0, 0, trace=1)  # a click on the marker itself
+    assert patching.load_heads(path) == [(1, 2)]
+    assert "L1H2" in selector.label.value
+    with pytest.raises(ValueError, match="out of range"):
+        selector.toggle(2, 0)
+
+
+def test_slider_and_sign_filter_preselect(tmp_path):
+    selector = viz.HeadSelector(SCORE, tmp_path / "heads.json", top_k=1)
+    selector.sign_filter.value = "negative"
+    assert selector.selection == [(0, 1)]
+    selector.top_k_slider.value = 3
+    assert selector.selection == [(0, 1), (1, 2)]  # only two negative heads
+    selector.sign_filter.value = "both"
+    assert selector.selection == [(0, 1), (0, 0), (1, 1)]
+    assert patching.load_heads(tmp_path / "heads.json") == selector.selection
+    with pytest.raises(ValueError, match="sign"):
+        viz.HeadSelector(SCORE, tmp_path / "x.json", sign="up")
+
+
+def test_heatmap_is_centred_with_hover_and_ranks(tmp_path):
+    fig = viz.head_heatmap(SCORE, metric_name="calibrated score", selected=[(1, 1)])
+    heatmap = fig.data[0]
+    assert heatmap.zmid == 0 and "rank" in heatmap.hovertemplate
+    assert heatmap.customdata[0][0] == 1 and heatmap.customdata[0][1] == 6
+    assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
+    assert heatmap.colorbar.title.text == "calibrated score"
+    widget = viz.HeadSelector(SCORE, tmp_path / "h.json").widget()
+    assert viz.SELECTOR_CLASS in widget._dom_classes
+
+
+def test_export_writes_html_only_with_one_warning_when_static_export_fails(
+    tmp_path, monkeypatch
+):
+    fig = viz.head_heatmap(SCORE, metric_name="score")
+
+    def no_browser(*args, **kwargs):
+        raise RuntimeError("no chromium")
+
+    monkeypatch.setattr(type(fig), "to_image", no_browser)
+    monkeypatch.setattr(viz, "_static_export_warned", False)
+    with pytest.warns(RuntimeWarning, match="HTML only"):
+        written = viz.export_figure(fig, tmp_path, "heatmap")
+    assert [p.name for p in written] == ["heatmap.html"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        viz.export_figure(fig, tmp_path, "again")  # no second warning
+    assert (tmp_path / "again.html").exists()
+
+
+def test_export_writes_all_formats(tmp_path):
+    written = viz.export_figure(viz.head_heatmap(SCORE, metric_name="score"), tmp_path, "h")
+    assert sorted(p.suffix for p in written) == [".html", ".pdf", ".png", ".svg"]
+    assert (tmp_path / "h.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_attention_patterns_render_offline(tmp_path, tiny_model):
+    pairs = data.build_patching_pairs(data.load_starter().select(range(1)), tiny_model.tokenizer)
+    tokens = pairs.reference[0, : int(pairs.reference_last[0]) + 1]
+    html = viz.attention_patterns(tiny_model, tokens, [(1, 3), (0, 0)],
+                                  html_path=tmp_path / "attn.html")
+    assert "unpkg.com" not in html.data and "CircuitsVis.render" in html.data
+    assert "L1H3" in html.data
+    assert (tmp_path / "attn.html").read_text().startswith("<!DOCTYPE html>")
+    with pytest.raises(ValueError, match="out of range"):
+        viz.attention_patterns(tiny_model, tokens, [(0, 9)])
