@@ -428,7 +428,8 @@ class TrainResult:
     losses: list[float]
     evals: list[dict]
     step: int
-    seconds: float
+    seconds: float  # wall time of this call's steps
+    optimizer_state_bytes: int
 
 
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -450,30 +451,59 @@ def _distributed() -> tuple[int, int]:
 
 
 def masked_loss_sum(
-    logits: Float[Tensor, "batch pos d_vocab"], ids: Int[Tensor, "batch pos"],
-    mask: Int[Tensor, "batch pos"],
+    logits: Float[Tensor, "batch pos d_vocab"], targets: Int[Tensor, "batch pos"],
+    target_mask: Int[Tensor, "batch pos"],
 ) -> Float[Tensor, ""]:
-    """Summed next-token cross-entropy over the masked (final assistant turn) targets."""
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    """Summed cross-entropy of ``logits[:, i]`` against ``targets[:, i]`` where the mask is 1."""
+    targets = targets.masked_fill(target_mask == 0, -100)
     return F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-        reduction="sum",
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
     )
 
 
-def _micro_batch_loss(setup: TuningSetup, examples: list[Example], scale: float, autocast):
-    pad = 0
-    ids, last = chat.pad_right([e[0] for e in examples], pad)
+def _loss_sum(setup: TuningSetup, examples: list[Example], autocast) -> Float[Tensor, ""]:
+    """Forward one right-padded micro-batch; its summed final-assistant-turn loss."""
+    ids, last = chat.pad_right([e[0] for e in examples], 0)
     mask, _ = chat.pad_right([e[1] for e in examples], 0)
     attention = (torch.arange(ids.shape[1])[None] <= last[:, None]).long()
     device = next(iter(setup.params.values())).device
     ids, mask, attention = ids.to(device), mask.to(device), attention.to(device)
+    # Unembed only the positions that predict a final-assistant-turn token (the unembedding
+    # is the largest matrix product of a small model); a soft prompt shifts positions, so
+    # prompt tuning unembeds everything.
+    keep = torch.nonzero(mask[:, 1:].any(0)).flatten()
     with autocast:
-        logits = setup.model(input_ids=ids, attention_mask=attention).logits
-    # logits: [batch, virtual + pos, d_vocab]
-    loss = masked_loss_sum(logits[:, setup.logit_offset :], ids, mask)
-    (loss * scale).backward()
-    return loss.detach()
+        if setup.logit_offset:
+            logits = setup.model(input_ids=ids, attention_mask=attention).logits
+            # logits: [batch, virtual + pos, d_vocab]
+            logits = logits[:, setup.logit_offset :][:, keep]
+        else:
+            logits = setup.model(input_ids=ids, attention_mask=attention,
+                                 logits_to_keep=keep).logits  # [batch, len(keep), d_vocab]
+    return masked_loss_sum(logits, ids[:, keep + 1], mask[:, keep + 1])
+
+
+def _autocast(setup: TuningSetup, dtype: str):
+    """bf16 (or ``dtype``) autocast on CUDA; nothing on CPU."""
+    if next(iter(setup.params.values())).is_cuda:
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    setup: TuningSetup, examples: Sequence[Example], *, micro_batch_size: int = 4,
+    dtype: str = "bfloat16",
+) -> float:
+    """Mean per-token final-assistant-turn loss on ``examples`` (e.g. a held-out split)."""
+    was_training = setup.model.training
+    setup.model.eval()
+    total = sum(
+        _loss_sum(setup, list(examples[i : i + micro_batch_size]), _autocast(setup, dtype)).item()
+        for i in range(0, len(examples), micro_batch_size)
+    )
+    setup.model.train(was_training)
+    return total / max(sum(int(e[1][1:].sum()) for e in examples), 1)
 
 
 def _optimizer(setup: TuningSetup, config: TrainConfig) -> torch.optim.AdamW:
@@ -522,10 +552,6 @@ def train(
         state = load_checkpoint(latest_checkpoint(checkpoint_dir), setup, optimizer, scheduler,
                                 meta)
         step, losses, evals = state["step"], state["losses"], state["evals"]
-    on_cuda = next(iter(params.values())).is_cuda
-    autocast = torch.autocast(
-        "cuda", dtype=getattr(torch, config.autocast_dtype), enabled=on_cuda
-    ) if on_cuda else contextlib.nullcontext()
     setup.model.train()
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc=setup.method, disable=not progress or rank)
@@ -536,7 +562,9 @@ def train(
         loss_sum = torch.zeros(())
         for start in range(0, len(shard), config.micro_batch_size):
             micro = shard[start : start + config.micro_batch_size]
-            loss_sum += _micro_batch_loss(setup, micro, 1.0 / max(n_tokens, 1), autocast).cpu()
+            loss = _loss_sum(setup, micro, _autocast(setup, config.autocast_dtype))
+            (loss / max(n_tokens, 1)).backward()
+            loss_sum += loss.detach().cpu()
         if world > 1:
             _all_reduce_grads(list(params.values()))
             dist.all_reduce(loss_sum)
@@ -561,7 +589,9 @@ def train(
                 dist.barrier()
     bar.close()
     setup.model.eval()
-    return TrainResult(losses, evals, step, time.perf_counter() - started)
+    state_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                      for t in state.values() if torch.is_tensor(t))
+    return TrainResult(losses, evals, step, time.perf_counter() - started, state_bytes)
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:
@@ -829,3 +859,55 @@ def apply_head_deltas(hf_model: PreTrainedModel, path: str | Path) -> dict[str, 
 def save_index(tuned_dir: str | Path, entries: dict[str, dict[str, Any]]) -> None:
     """Write ``tuned_dir/index.json``: per method its folder, losses and settings."""
     write_json(Path(tuned_dir) / "index.json", {"methods": entries})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train one method from a run directory; data-parallel under ``torchrun``."""
+    import argparse
+
+    from spt_utils.patching import load_heads
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--method", choices=METHODS, default="spt")
+    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--include-kv", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = models.default_device()
+    if distributed:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    try:
+        bridge = models.load_model(args.model, device=device)
+        heads = load_heads(args.run_dir / "heads.json") if args.method in (
+            "spt", "lora_heads") else []
+        setup = prepare(args.method, bridge, heads, include_kv=args.include_kv, seed=args.seed)
+        records = load_training_conversations(args.run_dir / "data" / "train.jsonl")
+        examples = prepare_examples(bridge.tokenizer, [r["messages"] for r in records])
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                             micro_batch_size=args.micro_batch_size, lr=args.lr,
+                             weight_decay=args.weight_decay, seed=args.seed,
+                             checkpoint_every=args.checkpoint_every)
+        tuned = args.run_dir / "tuned"
+        train(setup, examples, config, checkpoint_dir=tuned / "checkpoints" / args.method,
+              resume=True, meta={"model": args.model, "heads": [list(h) for h in heads]})
+        if _distributed()[0] == 0:
+            export_hf(setup, bridge.tokenizer, tuned / args.method, base_model=args.model,
+                      seed=args.seed)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -107,11 +107,18 @@ def test_spt_bit_identity_on_smollm2():
 
 def test_loss_counts_only_the_final_assistant_turn(tiny_examples):
     ids, mask = tiny_examples[0]
-    logits = torch.randn(1, len(ids), 404)
+    logits = torch.randn(1, len(ids) - 1, 407)
     expected = torch.nn.functional.cross_entropy(
-        logits[0, :-1][mask[1:] == 1], ids[1:][mask[1:] == 1], reduction="sum")
-    assert torch.allclose(tuning.masked_loss_sum(logits, ids[None], mask[None]), expected)
+        logits[0][mask[1:] == 1], ids[1:][mask[1:] == 1], reduction="sum")
+    got = tuning.masked_loss_sum(logits, ids[None, 1:], mask[None, 1:])
+    assert torch.allclose(got, expected)
     assert 0 < mask.sum() < len(mask) and mask[-1] == 1
+    # Through the model: only the unembedded positions that predict masked tokens count.
+    setup = tuning.prepare("sft", fresh_tiny())
+    full = setup.model(input_ids=ids[None]).logits[:, :-1]
+    loss = tuning.evaluate_loss(setup, [tiny_examples[0]])
+    expected = tuning.masked_loss_sum(full, ids[None, 1:], mask[None, 1:]) / mask[1:].sum()
+    assert abs(loss - expected.item()) < 1e-5
 
 
 def test_padding_does_not_change_the_gradient(tiny_examples):
@@ -120,8 +127,9 @@ def test_padding_does_not_change_the_gradient(tiny_examples):
     for micro in (4, 1):
         setup = tuning.prepare("spt", fresh_tiny(), [(1, 3)])
         for index in range(0, 4, micro):
-            tuning._micro_batch_loss(setup, tiny_examples[index : index + micro], 1.0,
-                                     torch.autocast("cpu", enabled=False))
+            loss = tuning._loss_sum(setup, tiny_examples[index : index + micro],
+                                    torch.autocast("cpu", enabled=False))
+            loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in setup.params.values()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -320,3 +328,19 @@ def test_training_file_errors_name_the_record(tmp_path):
                     '"content": "hi"}]}\n')
     with pytest.raises(ValueError, match="train.jsonl: record 1"):
         tuning.load_training_conversations(path)
+
+
+def test_command_line_trains_from_a_run_directory(tmp_path):
+    from spt_utils import io, patching
+
+    patching.save_heads(tmp_path / "heads.json", [(1, 1)])
+    records = [{"id": str(i), "kind": "insist", "source": "test", "messages": c}
+               for i, c in enumerate(worker.conversations(3))]
+    io.write_jsonl(tmp_path / "data" / "train.jsonl", records)
+    tuning.main(["--model", models.TINY_MODEL, "--run-dir", str(tmp_path), "--steps", "2",
+                 "--batch-size", "2", "--micro-batch-size", "1", "--checkpoint-every", "1",
+                 "--lr", "1e-2"])
+    assert tuning.latest_checkpoint(tmp_path / "tuned" / "checkpoints" / "spt").name == \
+        "step-000002"
+    bridge, _ = tuning.load_tuned(tmp_path / "tuned" / "spt")
+    assert bridge.cfg.n_layers == 2
