@@ -52,7 +52,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "03": {"max_k": 2, "n_random": 2, "n_generate": 2},
         "04": {
             "spt_steps": 2, "sft_steps": 2, "baseline_steps": 1, "batch_size": 2,
-            "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 1, "few_shot_k": 2,
+            "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 2, "few_shot_k": 2,
         },
         "05": {"n_eval": 2, "n_general": 4, "n_kl_docs": 2, "max_new_tokens": 8},
     },
