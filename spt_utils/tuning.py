@@ -62,7 +62,6 @@ from transformers import (
     AutoModelForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    get_cosine_schedule_with_warmup,
 )
 
 from spt_utils import chat, data, models
@@ -541,8 +540,8 @@ def train(
     rank, world = _distributed()
     params = setup.params
     optimizer = _optimizer(setup, config)
-    warmup = math.ceil(config.warmup_ratio * config.steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
+    scheduler = cosine_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps),
+                                   config.steps)
     meta = {"method": setup.method, **(meta or {}),
             "shapes": {n: list(p.shape) for n, p in params.items()}}
     losses: list[float] = []
@@ -592,6 +591,23 @@ def train(
     state_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
                       for t in state.values() if torch.is_tensor(t))
     return TrainResult(losses, evals, step, time.perf_counter() - started, state_bytes)
+
+
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup: int, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak lr, then cosine decay towards 0 at ``steps``.
+
+    Unlike ``transformers.get_cosine_schedule_with_warmup``, the first step does not have
+    lr 0 (step ``s < warmup`` uses ``(s + 1) / (warmup + 1)``), so even a 1-step run trains."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:

@@ -344,3 +344,16 @@ def test_command_line_trains_from_a_run_directory(tmp_path):
         "step-000002"
     bridge, _ = tuning.load_tuned(tmp_path / "tuned" / "spt")
     assert bridge.cfg.n_layers == 2
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = tuning.cosine_with_warmup(optimizer, warmup=2, steps=6)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert rates[2] > rates[3] > rates[4] > rates[5] > 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
