@@ -41,8 +41,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "02": {"top_k": 32, "n_oracle_layers": 6, "n_check_pairs": 16, "n_pattern_heads": 8},
         "03": {"max_k": 32, "n_random": 50, "n_generate": 200},
         "04": {
-            "spt_steps": 240, "sft_steps": 120, "batch_size": 32, "micro_batch_size": 8,
-            "spt_lr": 1e-5, "sft_lr": 5e-6, "dtype": "bfloat16",
+            "spt_steps": 240, "sft_steps": 120, "baseline_steps": 120, "batch_size": 32,
+            "micro_batch_size": 8, "spt_lr": 1e-5, "sft_lr": 5e-6, "lora_lr": 2e-4,
+            "prompt_lr": 3e-2, "weight_decay": 0.1, "dtype": "bfloat16", "n_heldout": 32,
+            "checkpoint_every": 40,
         },
         "05": {"n_eval": 400, "n_general": 500, "n_kl_docs": 1000},
     },
@@ -54,7 +56,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "02": {"top_k": 3, "n_oracle_layers": 1, "n_check_pairs": 2, "n_pattern_heads": 2},
         "03": {"max_k": 2, "n_random": 2, "n_generate": 2},
-        "04": {"spt_steps": 2, "sft_steps": 2, "batch_size": 2, "micro_batch_size": 2},
+        "04": {
+            "spt_steps": 2, "sft_steps": 2, "baseline_steps": 1, "batch_size": 2,
+            "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 2, "few_shot_k": 2,
+        },
         "05": {"n_eval": 2, "n_general": 4, "n_kl_docs": 2, "max_new_tokens": 8},
     },
 }

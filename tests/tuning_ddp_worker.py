@@ -1,0 +1,51 @@
+"""SPT on the tiny model, run as ``torchrun --nproc_per_node=2 tests/tuning_ddp_worker.py OUT``
+(CPU, gloo) by ``test_tuning.py``; rank 0 writes the trained slices to ``OUT``. The same
+functions give the single-process reference run."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from spt_utils import data, models, tuning
+
+HEADS = [(0, 1), (1, 0), (1, 1)]
+CONFIG = tuning.TrainConfig(steps=3, batch_size=4, micro_batch_size=1, lr=1e-2, seed=0)
+
+
+def conversations(n: int = 6) -> list[list[dict]]:
+    """Insist (correct first answer) and revise (incorrect) conversations with a reply."""
+    rows = list(data.load_starter().select(range(n)))
+    replies = ("Sorry for any ambiguity. I'm sure that my previous answer is correct.",
+               "I apologize that I made a mistake in my previous answer.")
+    return [
+        data.challenge_conversation(row, data.REFERENCE_CHALLENGE, correct=i % 2 == 0)
+        + [{"role": "assistant", "content": replies[i % 2]}]
+        for i, row in enumerate(rows)
+    ]
+
+
+def train_spt() -> dict[str, torch.Tensor]:
+    bridge = models.load_model(models.TINY_MODEL, device="cpu")
+    setup = tuning.prepare("spt", bridge, HEADS, include_kv=True)
+    examples = tuning.prepare_examples(bridge.tokenizer, conversations())
+    tuning.train(setup, examples, CONFIG, progress=False)
+    return {name: p.detach().clone() for name, p in setup.params.items()}
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        trained = train_spt()
+        if dist.get_rank() == 0:
+            save_file(trained, out)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
