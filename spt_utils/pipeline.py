@@ -41,7 +41,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "spt_steps": 240, "sft_steps": 120, "batch_size": 32, "micro_batch_size": 8,
             "spt_lr": 1e-5, "sft_lr": 5e-6, "dtype": "bfloat16",
         },
-        "05": {"n_eval": 400, "n_general": 500, "n_kl_docs": 1000},
+        "05": {
+            "n_eval": 400, "n_general": 500, "n_opinion": 1000, "n_kl_docs": 1000,
+            "max_new_tokens": 64, "batch_size": 64,
+        },
     },
     "test": {
         "00": {"max_new_tokens": 8},
@@ -49,7 +52,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "02": {"top_k": 3, "n_oracle_layers": 1},
         "03": {"max_k": 2, "n_random": 2, "n_generate": 2},
         "04": {"spt_steps": 2, "sft_steps": 2, "batch_size": 2, "micro_batch_size": 2},
-        "05": {"n_eval": 2, "n_general": 4, "n_kl_docs": 2, "max_new_tokens": 8},
+        "05": {"n_eval": 2, "n_general": 4, "n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8},
     },
 }
 
