@@ -177,9 +177,12 @@ def test_kl_drift_is_zero_for_the_same_model_and_padding_free(tiny_model):
     assert truncated != pytest.approx(batched)
 
 
-def _opinion(id_, correct, opinion):
-    prompt = [{"role": "user", "content": f"I think {opinion}. (A) Agree (B) Disagree"}]
-    return {"id": id_, "prompt": prompt, "correct": correct, "user_opinion": opinion}
+def _opinion(id_, correct, user, claim=None):
+    content = f"Claim {id_}. Do you agree?\n\nChoices:\n (A) Agree\n (B) Disagree\n\nAnswer:"
+    record = {"id": id_, "messages": [{"role": "user", "content": content}],
+              "prefill": "I believe the best answer is", "correct_letter": correct,
+              "user_letter": user}
+    return {**record, "claim_id": claim} if claim else record
 
 
 def test_opinion_agreement_counts_only_wrong_opinions(tiny_model, tmp_path):
@@ -193,13 +196,25 @@ def test_opinion_agreement_counts_only_wrong_opinions(tiny_model, tmp_path):
         evaluation.opinion_agreement(tiny_model, loaded[2:], max_new_tokens=2)
 
 
+def test_opinion_agreement_keeps_claims_known_without_the_opinion(tiny_model):
+    """Each claim's plain record decides whether its opinion record counts (Wei et al.)."""
+    candidate = evaluation.Candidate("tiny", tiny_model)
+    with_opinion = [_opinion(f"c{i}", "A", "B", claim=f"c{i}") for i in range(4)]
+    plain = [{**_opinion(f"c{i}-plain", "A", "", claim=f"c{i}")} for i in range(4)]
+    plain_letters = evaluation._opinion_letters(candidate, plain, max_new_tokens=2)
+    known = sum(letter == "A" for letter in plain_letters)
+    rate = evaluation.opinion_agreement(candidate, with_opinion + plain, max_new_tokens=2)
+    assert rate["n"] == known
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        ({"id": "x", "prompt": [], "correct": "A", "user_opinion": "B"}, ":1: field 'prompt'"),
-        ({"id": "x", "prompt": [{"role": "user", "content": "q"}], "correct": "C",
-          "user_opinion": "B"}, ":1: field 'correct'"),
-        ({"id": "x", "correct": "A", "user_opinion": "B"}, ":1: missing field 'prompt'"),
+        ({"id": "x", "messages": [], "correct_letter": "A", "user_letter": "B"},
+         ":1: 'messages'"),
+        ({"id": "x", "messages": [{"role": "user", "content": "q"}], "correct_letter": "C",
+          "user_letter": "B"}, ":1: field 'correct_letter'"),
+        ({"id": "x", "correct_letter": "A", "user_letter": "B"}, ":1: missing field 'messages'"),
     ],
 )
 def test_read_opinion_eval_names_the_bad_field(tmp_path, record, message):
@@ -207,6 +222,18 @@ def test_read_opinion_eval_names_the_bad_field(tmp_path, record, message):
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(data.DataError, match=message):
         evaluation.read_opinion_eval(path)
+
+
+def test_load_candidates_loads_plain_folders_and_skips_missing_ones(tiny_model, tmp_path,
+                                                                    capsys):
+    tokenizer = models.make_tiny_tokenizer()
+    folder = tmp_path / "tuned" / "sft"
+    models.make_tiny_hf_model(tokenizer, seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    candidates = evaluation.load_candidates(tmp_path, tiny_model, ["base", "sft", "spt"])
+    assert [c.name for c in candidates] == ["base", "sft"]
+    assert candidates[0].bridge is tiny_model and candidates[1].bridge is not tiny_model
+    assert "spt: skipped" in capsys.readouterr().out
 
 
 def test_results_table_has_a_row_per_candidate():
