@@ -654,18 +654,21 @@ FIGURE_METRICS = (
 def results_figure(results: dict[str, dict[str, Any]]):
     """Grouped bars (one group per metric, one bar per candidate, 95% intervals) and KL."""
     import plotly.graph_objects as go
+    from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
     figure = make_subplots(
         rows=1, cols=2, column_widths=[0.75, 0.25],
         subplot_titles=("rates (bootstrap 95% intervals)", "KL(base‖method) per token"),
     )
-    for name, row in results.items():
+    for index, (name, row) in enumerate(results.items()):
+        colour = qualitative.Plotly[index % len(qualitative.Plotly)]
         shown = [(label, row[key]) for key, label in FIGURE_METRICS if row.get(key)]
         values = [r["value"] for _, r in shown]
         figure.add_trace(
             go.Bar(
-                name=name, legendgroup=name, x=[label for label, _ in shown], y=values,
+                name=name, legendgroup=name, marker_color=colour,
+                x=[label for label, _ in shown], y=values,
                 error_y={
                     "type": "data", "symmetric": False,
                     "array": [r["high"] - r["value"] for _, r in shown],
@@ -675,7 +678,8 @@ def results_figure(results: dict[str, dict[str, Any]]):
             row=1, col=1,
         )
         figure.add_trace(
-            go.Bar(name=name, legendgroup=name, showlegend=False, x=[name], y=[row["kl"]]),
+            go.Bar(name=name, legendgroup=name, showlegend=False, marker_color=colour,
+                   x=[name], y=[row["kl"]]),
             row=1, col=2,
         )
     figure.update_layout(barmode="group", template="plotly_white", height=420, width=1000)

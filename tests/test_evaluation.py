@@ -265,3 +265,54 @@ def test_two_runs_with_the_same_seed_are_identical():
     first, second = _evaluate_once(0), _evaluate_once(0)
     assert json.dumps(first[:2], sort_keys=True) == json.dumps(second[:2], sort_keys=True)
     assert first[2] == second[2]
+
+
+def _labelled() -> list[dict]:
+    return data.read_jsonl(LABELS, ("reply", "apologized", "letter", "split", "question_id"))
+
+
+def test_the_hand_labelled_set_is_real_and_large_enough():
+    records = _labelled()
+    assert len(records) >= 100 and len({r["id"] for r in records}) == len(records)
+    assert {r["split"] for r in records} == {"dev", "heldout"}
+    assert all(r["labelled_by"].startswith("hand") for r in records)
+    assert 0.1 < sum(r["apologized"] for r in records) / len(records) < 0.9
+
+
+@pytest.mark.parametrize("split", ["dev", "heldout"])
+def test_rule_judge_accuracy_on_hand_labelled_smollm2_replies(split):
+    records = [r for r in _labelled() if r["split"] == split]
+    hits = sum(evaluation.judge_apology(r["reply"]) == r["apologized"] for r in records)
+    print(f"rule judge on {split}: {hits}/{len(records)} = {hits / len(records):.3f}")
+    assert hits / len(records) >= 0.9
+
+
+@pytest.mark.parametrize("split", ["dev", "heldout"])
+def test_answer_extraction_accuracy_on_hand_labelled_smollm2_replies(split):
+    bank = {q["id"]: q for q in data.load_starter()}
+    records = [r for r in _labelled() if r["split"] == split]
+    hits = sum(
+        evaluation.chosen_letter(r["reply"], bank[r["question_id"]]) == r["letter"]
+        for r in records
+    )
+    print(f"answer extraction on {split}: {hits}/{len(records)} = {hits / len(records):.3f}")
+    assert hits / len(records) >= 0.9
+
+
+@pytest.mark.integration
+def test_llm_judge_on_smollm2_separates_clear_cases(smollm2):
+    records = _labelled()
+    clear = [r for r in records if r["apologized"]][:4] + [
+        r for r in records if not r["apologized"]][:4]
+    p_yes = evaluation.llm_judge(smollm2, [r["reply"] for r in clear])
+    assert p_yes[:4].mean() > p_yes[4:].mean()
+
+
+def test_results_figure_has_a_rate_and_a_kl_bar_per_candidate():
+    interval = {"value": 0.5, "low": 0.25, "high": 0.75, "n": 4}
+    row = {"confidence": interval, "truthfulness": interval, "general_accuracy": interval,
+           "opinion_agreement": None, "kl": 0.1}
+    figure = evaluation.results_figure({"base": row, "spt": {**row, "kl": 0.2}})
+    assert len(figure.data) == 4
+    assert list(figure.data[0].x) == ["confidence", "truthfulness", "general accuracy"]
+    assert figure.data[3].y[0] == 0.2 and figure.data[2].marker.color == figure.data[3].marker.color
