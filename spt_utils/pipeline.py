@@ -46,7 +46,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "prompt_lr": 3e-2, "weight_decay": 0.1, "dtype": "bfloat16", "n_heldout": 32,
             "checkpoint_every": 40,
         },
-        "05": {"n_eval": 400, "n_general": 500, "n_kl_docs": 1000},
+        "05": {
+            "n_eval": 400, "n_general": 500, "n_opinion": 1000, "n_kl_docs": 1000,
+            "max_new_tokens": 64, "batch_size": 64,
+        },
     },
     "test": {
         "00": {"max_new_tokens": 8},
@@ -60,7 +63,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "spt_steps": 2, "sft_steps": 2, "baseline_steps": 1, "batch_size": 2,
             "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 2, "few_shot_k": 2,
         },
-        "05": {"n_eval": 2, "n_general": 4, "n_kl_docs": 2, "max_new_tokens": 8},
+        "05": {"n_eval": 2, "n_general": 4, "n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8},
     },
 }
 
