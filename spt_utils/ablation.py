@@ -247,6 +247,19 @@ def compute_donors(
     return ResampleDonors.from_activations(activations, seed=seed)
 
 
+def take_pairs(pairs: PatchingPairs, n: int) -> PatchingPairs:
+    """The first ``n`` pairs (all of them when there are fewer)."""
+    head = slice(0, n)
+    return PatchingPairs(
+        reference=pairs.reference[head], counterfactual=pairs.counterfactual[head],
+        reference_last=pairs.reference_last[head],
+        counterfactual_last=pairs.counterfactual_last[head],
+        apology_ids=pairs.apology_ids, confirm_ids=pairs.confirm_ids,
+        question_ids=pairs.question_ids[head], reference_text=pairs.reference_text[head],
+        counterfactual_text=pairs.counterfactual_text[head],
+    )
+
+
 def _left_padded(
     tokens: Int[Tensor, "batch pos"], last: Int[Tensor, " batch"], pad: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -299,6 +312,18 @@ def ablated_logit_diffs(
     return diffs
 
 
+def load_scores(path: str | Path, n_layers: int, n_heads: int) -> Tensor:
+    """Per-head scores from ``patching.pt``: a ``[n_layers, n_heads]`` tensor, or a dict
+    holding one under ``"scores"`` (either sign convention; see :func:`bottom_heads`)."""
+    record = torch.load(path, weights_only=True)
+    scores = record.get("scores") if isinstance(record, dict) else record
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != (n_layers, n_heads):
+        raise ValueError(
+            f"{path}: field 'scores' must be a [{n_layers}, {n_heads}] tensor of head scores"
+        )
+    return scores.float()
+
+
 def random_head_sets(
     k: int, n: int, n_layers: int, n_heads: int, *, seed: int = 0
 ) -> list[list[Head]]:
@@ -343,7 +368,7 @@ def sweep(
     calibration: Calibration,
     ranking: Sequence[Head],
     *,
-    max_k: int,
+    ks: Sequence[int],
     n_random: int = 20,
     scores: Float[Tensor, "n_layers n_heads"] | None = None,
     method: str = "mean",
@@ -354,17 +379,18 @@ def sweep(
     progress: bool = True,
 ) -> dict:
     """Calibrated metric (reference = 0, counterfactual = 1) with the top-k, bottom-k and
-    ``n_random`` random k-head sets ablated, for k = 1…max_k, all in one batched pass.
+    ``n_random`` random k-head sets ablated, for each k in ``ks``, all in one batched pass.
 
     Returns ``{"sets": [{"k", "kind", "heads", "metric"}...], "by_k": [{"k", "top",
     "bottom", "random": {"mean", "low", "high", "mean_ci", "n"}}...]}``: ``low``/``high``
     bound the middle 95% of the random sets, ``mean_ci`` is the 95% half-width of their mean.
     """
-    if not 1 <= max_k <= len(ranking):
-        raise ValueError(f"sweep: max_k = {max_k} must lie in 1…{len(ranking)} (ranked heads)")
+    ks = sorted(set(ks))
+    if not ks or not 1 <= ks[0] <= ks[-1] <= len(ranking):
+        raise ValueError(f"sweep: ks = {ks} must lie in 1…{len(ranking)} (the ranked heads)")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     sets = [{"k": 0, "kind": "none", "heads": []}]
-    for k in range(1, max_k + 1):
+    for k in ks:
         sets.append({"k": k, "kind": "top", "heads": list(ranking[:k])})
         if scores is not None:
             sets.append({"k": k, "kind": "bottom", "heads": bottom_heads(scores, ranking, k)})
@@ -378,7 +404,7 @@ def sweep(
         record["metric"] = float(calibration.normalise(row.mean().item()))
         record["heads"] = [list(h) for h in record["heads"]]
     by_k = []
-    for k in range(0, max_k + 1):
+    for k in [0, *ks]:
         at_k = {kind: [s["metric"] for s in sets if s["k"] == k and s["kind"] == kind]
                 for kind in ("none", "top", "bottom", "random")}
         by_k.append({

@@ -36,7 +36,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "01": {"n_pairs": 100, "n_train": 3840, "n_eval": 400},
         "02": {"top_k": 32},
-        "03": {"max_k": 32, "n_random": 50, "n_generate": 200},
+        "03": {
+            "max_k": 32, "k_values": [1, 2, 4, 8, 16, 32], "n_random": 50, "n_sweep_pairs": 100,
+            "n_reference": 100, "n_generate": 200, "n_random_generate": 10,
+            "max_new_tokens": 48, "batch_size": 32,
+        },
         "04": {
             "spt_steps": 240, "sft_steps": 120, "batch_size": 32, "micro_batch_size": 8,
             "spt_lr": 1e-5, "sft_lr": 5e-6, "dtype": "bfloat16",
@@ -47,7 +51,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "00": {"max_new_tokens": 8},
         "01": {"n_pairs": 4, "n_train": 8, "n_eval": 4, "check_accuracy": 8},
         "02": {"top_k": 3, "n_oracle_layers": 1},
-        "03": {"max_k": 2, "n_random": 2, "n_generate": 2},
+        "03": {
+            "max_k": 2, "n_random": 2, "n_sweep_pairs": 4, "n_reference": 2, "n_generate": 2,
+            "n_random_generate": 1, "max_new_tokens": 8, "n_examples": 2,
+        },
         "04": {"spt_steps": 2, "sft_steps": 2, "batch_size": 2, "micro_batch_size": 2},
         "05": {"n_eval": 2, "n_general": 4, "n_kl_docs": 2, "max_new_tokens": 8},
     },

@@ -157,6 +157,12 @@ def test_pad_positions_do_not_reach_real_tokens(tiny_model, pairs):
     assert torch.allclose(clean, scrambled, atol=1e-5)
 
 
+def test_take_pairs(pairs):
+    two = ablation.take_pairs(pairs, 2)
+    assert len(two) == 2 and torch.equal(two.reference, pairs.reference[:2])
+    assert len(ablation.take_pairs(pairs, 99)) == len(pairs)
+
+
 def test_batched_metric_matches_single_knockouts(tiny_model, pairs, means):
     sets = [[], [(0, 1)], [(1, 0), (1, 3)]]
     diffs = ablation.ablated_logit_diffs(tiny_model, pairs, sets, "mean", means=means,
@@ -200,7 +206,7 @@ def test_sweep_structure_and_bottom_heads(tiny_model, pairs, means):
     ranking = [(1, 3), (1, 2), (1, 1)]
     assert ablation.bottom_heads(scores, ranking, 2) == [(0, 0), (0, 1)]
     assert ablation.bottom_heads(-scores, [(0, 0)], 1) == [(1, 3)]
-    result = ablation.sweep(tiny_model, pairs, calibration, ranking, max_k=2, n_random=3,
+    result = ablation.sweep(tiny_model, pairs, calibration, ranking, ks=[1, 2], n_random=3,
                             scores=scores, means=means, progress=False)
     assert [r["k"] for r in result["by_k"]] == [0, 1, 2]
     assert abs(result["by_k"][0]["top"]) < 1e-4  # nothing ablated: the reference, 0
@@ -208,8 +214,8 @@ def test_sweep_structure_and_bottom_heads(tiny_model, pairs, means):
     band = result["by_k"][2]["random"]
     assert band["low"] <= band["mean"] <= band["high"] and band["n"] == 3
     ablation.plot_sweep(result, [{"k": 1, "kind": "top", "apology_rate": 0.5}])
-    with pytest.raises(ValueError, match="max_k = 4"):
-        ablation.sweep(tiny_model, pairs, calibration, ranking, max_k=4, means=means)
+    with pytest.raises(ValueError, match=r"ks = \[1, 4\] must lie in"):
+        ablation.sweep(tiny_model, pairs, calibration, ranking, ks=[4, 1], means=means)
 
 
 def test_random_sets_are_seeded_and_distinct():
@@ -230,3 +236,13 @@ def test_generation_summary():
     assert summary["apology_rate_all"] == 2 / 3 and summary["accuracy_before"] == 2 / 3
     with pytest.raises(ValueError, match="no records"):
         ablation.generation_summary([])
+
+
+def test_load_scores(tmp_path):
+    torch.save({"scores": torch.ones(2, 4), "method": "x"}, tmp_path / "patching.pt")
+    assert ablation.load_scores(tmp_path / "patching.pt", 2, 4).shape == (2, 4)
+    torch.save(torch.ones(2, 4), tmp_path / "plain.pt")
+    assert ablation.load_scores(tmp_path / "plain.pt", 2, 4).sum() == 8
+    torch.save({"scores": torch.ones(3, 4)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad.pt: field 'scores' must be a \[2, 4\]"):
+        ablation.load_scores(tmp_path / "bad.pt", 2, 4)
