@@ -39,6 +39,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "03": {
             "max_k": 32, "k_values": [1, 2, 4, 8, 16, 32], "n_random": 50, "n_sweep_pairs": 100,
             "n_reference": 100, "n_generate": 200, "n_random_generate": 10,
+            "generate_ks": [1, 2, 4, 8, 16, 32],
             "max_new_tokens": 48, "batch_size": 32,
         },
         "04": {
