@@ -463,7 +463,7 @@ def plot_sweep(result: dict, apology: Sequence[dict] = ()) -> go.Figure:
     by_k = result["by_k"]
     ks = [r["k"] for r in by_k]
     low, high = [r["random"]["low"] for r in by_k], [r["random"]["high"] for r in by_k]
-    band = dict(fill="toself", fillcolor="rgba(120,120,120,0.25)", line=dict(width=0))
+    band = dict(fill="toself", fillcolor="rgba(120,120,120,0.25)", line=dict(width=0), mode="lines")
     figure.add_scatter(x=ks + ks[::-1], y=high + low[::-1], name="random 95% band", **band)
     figure.add_scatter(x=ks, y=[r["random"]["mean"] for r in by_k], name="random mean",
                        line=dict(color="grey", dash="dash"))
