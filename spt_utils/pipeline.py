@@ -39,7 +39,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "n_eval": 400, "n_general": 500, "check_accuracy": 1000,
         },
         "02": {"top_k": 32, "n_oracle_layers": 6, "n_check_pairs": 16, "n_pattern_heads": 8},
-        "03": {"max_k": 32, "n_random": 50, "n_generate": 200},
+        "03": {
+            "max_k": 32, "k_values": [1, 2, 4, 8, 16, 32], "n_random": 50, "n_sweep_pairs": 100,
+            "n_reference": 100, "n_generate": 200, "n_random_generate": 10,
+            "generate_ks": [1, 2, 4, 8, 16, 32],
+            "max_new_tokens": 48, "batch_size": 32,
+        },
         "04": {
             "spt_steps": 240, "sft_steps": 120, "baseline_steps": 120, "batch_size": 32,
             "micro_batch_size": 8, "spt_lr": 1e-5, "sft_lr": 5e-6, "lora_lr": 2e-4,
@@ -58,7 +63,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "check_accuracy": 4,
         },
         "02": {"top_k": 3, "n_oracle_layers": 1, "n_check_pairs": 2, "n_pattern_heads": 2},
-        "03": {"max_k": 2, "n_random": 2, "n_generate": 2},
+        "03": {
+            "max_k": 2, "n_random": 2, "n_sweep_pairs": 4, "n_reference": 2, "n_generate": 2,
+            "n_random_generate": 1, "max_new_tokens": 8, "n_examples": 2,
+        },
         "04": {
             "spt_steps": 2, "sft_steps": 2, "baseline_steps": 1, "batch_size": 2,
             "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 2, "few_shot_k": 2,
