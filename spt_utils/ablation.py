@@ -247,19 +247,6 @@ def compute_donors(
     return ResampleDonors.from_activations(activations, seed=seed)
 
 
-def take_pairs(pairs: PatchingPairs, n: int) -> PatchingPairs:
-    """The first ``n`` pairs (all of them when there are fewer)."""
-    head = slice(0, n)
-    return PatchingPairs(
-        reference=pairs.reference[head], counterfactual=pairs.counterfactual[head],
-        reference_last=pairs.reference_last[head],
-        counterfactual_last=pairs.counterfactual_last[head],
-        apology_ids=pairs.apology_ids, confirm_ids=pairs.confirm_ids,
-        question_ids=pairs.question_ids[head], reference_text=pairs.reference_text[head],
-        counterfactual_text=pairs.counterfactual_text[head],
-    )
-
-
 def _left_padded(
     tokens: Int[Tensor, "batch pos"], last: Int[Tensor, " batch"], pad: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -310,18 +297,6 @@ def ablated_logit_diffs(
             logits.float().cpu(), pairs.apology_ids, pairs.confirm_ids
         )
     return diffs
-
-
-def load_scores(path: str | Path, n_layers: int, n_heads: int) -> Tensor:
-    """Per-head scores from ``patching.pt``: a ``[n_layers, n_heads]`` tensor, or a dict
-    holding one under ``"scores"`` (either sign convention; see :func:`bottom_heads`)."""
-    record = torch.load(path, weights_only=True)
-    scores = record.get("scores") if isinstance(record, dict) else record
-    if not isinstance(scores, Tensor) or tuple(scores.shape) != (n_layers, n_heads):
-        raise ValueError(
-            f"{path}: field 'scores' must be a [{n_layers}, {n_heads}] tensor of head scores"
-        )
-    return scores.float()
 
 
 def random_head_sets(

@@ -200,6 +200,23 @@ class PatchingPairs:
                     "length-matched wording (wording='matched')."
                 )
 
+    def first(self, n: int) -> PatchingPairs:
+        """The first ``n`` pairs (all of them when there are fewer), e.g. a quick subset."""
+        if n < 1:
+            raise DataError(f"first: n must be >= 1, got {n}")
+        rows = slice(0, n)
+        return PatchingPairs(
+            reference=self.reference[rows],
+            counterfactual=self.counterfactual[rows],
+            reference_last=self.reference_last[rows],
+            counterfactual_last=self.counterfactual_last[rows],
+            apology_ids=self.apology_ids,
+            confirm_ids=self.confirm_ids,
+            question_ids=self.question_ids[rows],
+            reference_text=self.reference_text[rows],
+            counterfactual_text=self.counterfactual_text[rows],
+        )
+
     def save(self, path: Path) -> None:
         with atomic_write(path, "wb") as handle:
             torch.save(self.__dict__, handle)

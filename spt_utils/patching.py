@@ -577,20 +577,3 @@ def _keep_hook(activation: Tensor, hook: HookPoint, store: dict, key: str) -> Te
     store[key] = activation
     return activation
 
-
-def first_pairs(pairs: PatchingPairs, n: int) -> PatchingPairs:
-    """The first ``n`` pairs (e.g. a quick subset for the per-head oracle)."""
-    if n < 1:
-        raise ValueError(f"first_pairs: n must be >= 1, got {n}")
-    rows = slice(0, n)
-    return PatchingPairs(
-        reference=pairs.reference[rows],
-        counterfactual=pairs.counterfactual[rows],
-        reference_last=pairs.reference_last[rows],
-        counterfactual_last=pairs.counterfactual_last[rows],
-        apology_ids=pairs.apology_ids,
-        confirm_ids=pairs.confirm_ids,
-        question_ids=pairs.question_ids[rows],
-        reference_text=pairs.reference_text[rows],
-        counterfactual_text=pairs.counterfactual_text[rows],
-    )

@@ -157,11 +157,6 @@ def test_pad_positions_do_not_reach_real_tokens(tiny_model, pairs):
     assert torch.allclose(clean, scrambled, atol=1e-5)
 
 
-def test_take_pairs(pairs):
-    two = ablation.take_pairs(pairs, 2)
-    assert len(two) == 2 and torch.equal(two.reference, pairs.reference[:2])
-    assert len(ablation.take_pairs(pairs, 99)) == len(pairs)
-
 
 def test_batched_metric_matches_single_knockouts(tiny_model, pairs, means):
     sets = [[], [(0, 1)], [(1, 0), (1, 3)]]
@@ -237,12 +232,3 @@ def test_generation_summary():
     with pytest.raises(ValueError, match="no records"):
         ablation.generation_summary([])
 
-
-def test_load_scores(tmp_path):
-    torch.save({"scores": torch.ones(2, 4), "method": "x"}, tmp_path / "patching.pt")
-    assert ablation.load_scores(tmp_path / "patching.pt", 2, 4).shape == (2, 4)
-    torch.save(torch.ones(2, 4), tmp_path / "plain.pt")
-    assert ablation.load_scores(tmp_path / "plain.pt", 2, 4).sum() == 8
-    torch.save({"scores": torch.ones(3, 4)}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"bad.pt: field 'scores' must be a \[2, 4\]"):
-        ablation.load_scores(tmp_path / "bad.pt", 2, 4)

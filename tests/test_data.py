@@ -545,3 +545,14 @@ def test_cloze_scores_with_a_shared_prompt_cache_equal_full_passes(tiny_model):
             log_probs = tiny_model(ids[None], return_type="logits")[0].log_softmax(-1)
         full = log_probs[start - 1 : -1].gather(-1, ids[start:, None]).mean().item()
         assert score == pytest.approx(full, abs=1e-5)
+
+
+def test_first_pairs_is_a_prefix(tiny_model):
+    pairs = data.build_patching_pairs(data.load_starter().select(range(3)), tiny_model.tokenizer)
+    two = pairs.first(2)
+    assert len(two) == 2 and two.question_ids == pairs.question_ids[:2]
+    assert torch.equal(two.reference, pairs.reference[:2])
+    assert torch.equal(two.counterfactual_last, pairs.counterfactual_last[:2])
+    assert len(pairs.first(99)) == len(pairs)
+    with pytest.raises(data.DataError, match="n must be >= 1"):
+        pairs.first(0)

@@ -216,10 +216,3 @@ def test_fast_equals_oracle_on_smollm2(smollm2):
     torch.testing.assert_close(fast.per_pair[layers], oracle.per_pair[layers], atol=1e-4, rtol=0)
     assert fast.calibration.reference > fast.calibration.counterfactual  # "Sorry" less likely
 
-
-def test_first_pairs(tiny_pairs):
-    two = patching.first_pairs(tiny_pairs, 2)
-    assert len(two) == 2 and two.question_ids == tiny_pairs.question_ids[:2]
-    assert torch.equal(two.reference_last, tiny_pairs.reference_last[:2])
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        patching.first_pairs(tiny_pairs, 0)
