@@ -89,7 +89,7 @@ def head_heatmap(
     fig = go.Figure([heatmap, markers])
     fig.update_layout(title=title, width=520, height=max(360, 18 * n_layers + 120))
     fig.update_xaxes(dtick=1, range=[-0.5, n_heads - 0.5])
-    fig.update_yaxes(range=[-0.5, n_layers - 0.5])
+    fig.update_yaxes(dtick=1, range=[-0.5, n_layers - 0.5])
     return style_figure(fig, colorbar_title=metric_name)
 
 
