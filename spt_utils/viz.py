@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import circuitsvis.attention
 import ipywidgets
@@ -125,6 +126,22 @@ def export_figure(
             handle.write(image)
         written.append(path)
     return written
+
+
+def loss_curves(methods: dict[str, dict[str, Any]]) -> go.Figure:
+    """Training loss per step for each method of a tuning index (``{"losses": [...]}``);
+    methods without losses (few-shot prompting trains nothing) are left out."""
+    fig = go.Figure()
+    for method, entry in methods.items():
+        losses = entry.get("losses") or []
+        if losses:
+            steps = list(range(1, len(losses) + 1))
+            fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines+markers", name=method))
+    style_figure(fig).update_layout(
+        title="Training loss per method", xaxis_title="step",
+        yaxis_title="loss (final assistant turn)", width=640, height=400,
+    )
+    return fig
 
 
 class HeadSelector:

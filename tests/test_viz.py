@@ -105,3 +105,15 @@ def test_attention_patterns_render_offline(tmp_path, tiny_model):
     assert (tmp_path / "attn.html").read_text().startswith("<!DOCTYPE html>")
     with pytest.raises(ValueError, match="out of range"):
         viz.attention_patterns(tiny_model, tokens, [(0, 9)])
+
+
+def test_loss_curves_plot_every_trained_method_and_skip_few_shot():
+    index = {
+        "spt": {"kind": "spt", "losses": [2.0, 1.5, 1.2]},
+        "sft": {"kind": "sft", "losses": [2.0, 1.0]},
+        "few_shot": {"kind": "few_shot", "k": 4},
+    }
+    fig = viz.loss_curves(index)
+    assert [trace.name for trace in fig.data] == ["spt", "sft"]
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [2.0, 1.5, 1.2]
+    assert fig.layout.xaxis.title.text == "step"
