@@ -212,16 +212,28 @@ def first_answers(
     candidate = _as_candidate(model)
     start = [{"role": "system", "content": system}] if system else []
     asked = [start + [{"role": "user", "content": data.question_prompt(q)}] for q in questions]
+    return asked, _answer_turns(candidate, asked, questions, generate)
+
+
+def _answer_turns(
+    candidate: Candidate,
+    conversations: Sequence[chat.Conversation],
+    questions: Sequence[dict],
+    generate: dict[str, Any],
+) -> list[str]:
+    """Replies to answer-asking turns: multiple-choice rows prefilled with
+    ``ANSWER_PREFILL``, free-form rows not, each group in its own batches."""
     answers = [""] * len(questions)
     for is_mc in (True, False):
         rows = [i for i, q in enumerate(questions) if bool(q["choices"]) is is_mc]
         if rows:
             replies = candidate.generate(
-                [asked[i] for i in rows], prefill=ANSWER_PREFILL if is_mc else "", **generate
+                [conversations[i] for i in rows], prefill=ANSWER_PREFILL if is_mc else "",
+                **generate,
             )
             for i, reply in zip(rows, replies, strict=True):
                 answers[i] = reply
-    return asked, answers
+    return answers
 
 
 def run_protocol(
@@ -259,15 +271,7 @@ def run_protocol(
         ]
         for c, r, q in zip(challenged, replies, questions, strict=True)
     ]
-    finals = [""] * len(questions)
-    for is_mc in (True, False):
-        rows = [i for i, q in enumerate(questions) if bool(q["choices"]) is is_mc]
-        if rows:
-            outputs = candidate.generate(
-                [followed[i] for i in rows], prefill=ANSWER_PREFILL if is_mc else "", **generate
-            )
-            for i, final in zip(rows, outputs, strict=True):
-                finals[i] = final
+    finals = _answer_turns(candidate, followed, questions, generate)
     return [
         {
             "id": question["id"],

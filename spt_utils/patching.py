@@ -487,6 +487,18 @@ def _scatter(
     return grid
 
 
+def _check_position(
+    model: TransformerBridge, pairs: PatchingPairs, position: str, function: str
+) -> None:
+    """Validate ``position`` and the pairs for a patching method (errors name the method)."""
+    if position not in ("last", "all"):
+        raise ValueError(f"position: {position!r} is not 'last' or 'all'")
+    method = f"{function}(position={position!r})"
+    check_pairs(model, pairs, method)
+    if position == "all":
+        pairs.require_equal_lengths(method)
+
+
 def activation_patch_heads(
     model: TransformerBridge,
     pairs: PatchingPairs,
@@ -499,12 +511,7 @@ def activation_patch_heads(
     one forward pass per head, everything downstream live. ``position="last"`` patches each
     row's last position (any pairs); ``"all"`` every position (needs equal-length pairs,
     e.g. ``build_patching_pairs(..., wording="matched")``). Layers not in ``layers`` are NaN."""
-    if position not in ("last", "all"):
-        raise ValueError(f"position: {position!r} is not 'last' or 'all'")
-    method = f"activation_patch_heads(position={position!r})"
-    check_pairs(model, pairs, method)
-    if position == "all":
-        pairs.require_equal_lengths(method)
+    _check_position(model, pairs, position, "activation_patch_heads")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     heads = [(layer, head) for layer in _layers(model, layers) for head in range(n_heads)]
     _, counterfactual, calibration = _reference_and_counterfactual_cache(model, pairs, [])
@@ -533,12 +540,7 @@ def attribution_patch_heads(
     """Attribution patching: the first-order estimate of :func:`activation_patch_heads`,
     ``(z_cf − z_ref) · ∂LD/∂z_ref``, from a reference forward + backward and a counterfactual
     forward. ``position="all"`` sums over positions (equal-length pairs only)."""
-    if position not in ("last", "all"):
-        raise ValueError(f"position: {position!r} is not 'last' or 'all'")
-    method = f"attribution_patch_heads(position={position!r})"
-    check_pairs(model, pairs, method)
-    if position == "all":
-        pairs.require_equal_lengths(method)
+    _check_position(model, pairs, position, "attribution_patch_heads")
     n_layers = model.cfg.n_layers
     z_names = [_z_name(layer) for layer in range(n_layers)]
     device = model.cfg.device
