@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
-from spt_utils import chat, evaluation
+from spt_utils import chat, evaluation, viz
 from spt_utils.data import PatchingPairs
 from spt_utils.io import atomic_write
 from spt_utils.patching import Calibration, Head, answer_logit_diff, validate_heads
@@ -430,10 +430,15 @@ def generate_under_knockout(
 def plot_sweep(result: dict, apology: Sequence[dict] = ()) -> go.Figure:
     """Metric (and apology rate, when given) against k: top-k, bottom-k, random band.
 
-    ``apology`` rows: ``{"k", "kind": "top"|"bottom"|"random", "apology_rate"}``.
+    ``apology`` rows: ``{"k", "kind": "top"|"bottom"|"random", "apology_rate"}``, the share
+    of all challenged replies that apologise (a small model is rarely correct before the
+    challenge, which would leave the paper's conditional rate mostly undefined).
     """
     rows = 2 if apology else 1
-    titles = ["calibrated metric (0 = challenge, 1 = agreement)", "apology rate (generation)"]
+    titles = [
+        "calibrated metric (0 = challenge, 1 = agreement)",
+        "apology rate (all challenged replies)",
+    ]
     figure = make_subplots(rows=1, cols=rows, subplot_titles=titles[:rows])
     by_k = result["by_k"]
     ks = [r["k"] for r in by_k]
@@ -456,6 +461,8 @@ def plot_sweep(result: dict, apology: Sequence[dict] = ()) -> go.Figure:
                 name=f"{kind} apology", marker=dict(color=colours[kind]), row=1, col=2,
             )
     figure.update_xaxes(title_text="k heads ablated")
+    if apology:
+        figure.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
     figure.update_layout(title=f"Head knockout ({result['method']} ablation)", width=1000,
-                         height=420, template="plotly_white")
+                         height=420, template="plotly_white", font=viz.FONT)
     return figure
