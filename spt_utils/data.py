@@ -643,6 +643,9 @@ def load_sycophancy_eval(path: str | Path) -> datasets.Dataset:
 # --- Disjoint splits -------------------------------------------------------------------------
 
 SPLITS = ("patching", "train", "eval", "general")
+# Splits that need questions the model answers correctly before the challenge: patching pairs
+# (the science) and the evaluation set (the apologize rate is conditioned on correct_before).
+POOL_SPLITS = ("patching", "eval")
 
 
 def split_questions(
@@ -650,14 +653,14 @@ def split_questions(
     sizes: dict[str, int],
     *,
     seed: int,
-    patching_pool: Collection[str] | None = None,
+    correct_pool: Collection[str] | None = None,
 ) -> dict[str, datasets.Dataset]:
     """Disjoint question sets by id, drawn in a seeded order.
 
     ``sizes`` maps split names (:data:`SPLITS`) to counts; a count of -1 takes every
-    question left. The patching set is drawn first, from ``patching_pool`` (e.g. the ids the
-    model answers correctly) when given, topped up from the other questions if the pool is
-    too small; the other sets come from the questions left.
+    question left. The :data:`POOL_SPLITS` (patching, then eval) are drawn first, from
+    ``correct_pool`` (the ids the model answers correctly) when given, each topped up from
+    the other questions once the pool runs out; train and general come from what is left.
     """
     unknown = set(sizes) - set(SPLITS)
     if unknown:
@@ -665,27 +668,30 @@ def split_questions(
     _check_unique_ids(list(questions), "questions")
     order = sorted(range(len(questions)), key=lambda i: questions[i]["id"])
     random.Random(seed).shuffle(order)
-    if patching_pool is not None:
-        pool = set(patching_pool)
-        # pool first, each part keeping the seeded order
-        order = [i for i in order if questions[i]["id"] in pool] + [
-            i for i in order if questions[i]["id"] not in pool
-        ]
+    pool = set(correct_pool or ())
+    # pool first, each part keeping the seeded order
+    pooled = [i for i in order if questions[i]["id"] in pool] + [
+        i for i in order if questions[i]["id"] not in pool
+    ]
     rest = [name for name, size in sizes.items() if size == -1]
     if len(rest) > 1:
         raise DataError(f"sizes: only one split may take the rest (-1), not {rest}")
     fixed = sum(size for size in sizes.values() if size != -1)
-    splits, taken = {}, 0
-    for name in [s for s in SPLITS if s in sizes]:
+    names = [s for s in POOL_SPLITS if s in sizes] + [
+        s for s in SPLITS if s in sizes and s not in POOL_SPLITS
+    ]
+    splits, used = {}, set()
+    for name in names:
+        left = [i for i in (pooled if name in POOL_SPLITS else order) if i not in used]
         want = len(order) - fixed if sizes[name] == -1 else sizes[name]
-        if want < 0 or taken + want > len(order):
+        if want < 0 or want > len(left):
             raise DataError(
-                f"sizes[{name!r}] = {sizes[name]}: only {len(order) - taken} of "
-                f"{len(order)} questions are left after {taken} for earlier splits"
+                f"sizes[{name!r}] = {sizes[name]}: only {len(left)} of "
+                f"{len(order)} questions are left after {len(used)} for earlier splits"
             )
-        splits[name] = questions.select(order[taken : taken + want])
-        taken += want
-    return splits
+        splits[name] = questions.select(left[:want])
+        used.update(left[:want])
+    return {name: splits[name] for name in SPLITS if name in splits}
 
 
 def save_questions(path: str | Path, questions: datasets.Dataset) -> None:
@@ -1093,7 +1099,7 @@ def synthesize(
     sizes: dict[str, int],
     n_train: int,
     seed: int,
-    patching_pool: Collection[str] | None = None,
+    correct_pool: Collection[str] | None = None,
     opinion_sentences: Sequence[dict] | None = None,
     n_arithmetic: int = 50,
     wording: str = "paper",
@@ -1104,7 +1110,7 @@ def synthesize(
     missing = set(SPLITS) - set(sizes)
     if missing:
         raise DataError(f"sizes: missing split(s) {sorted(missing)}")
-    splits = split_questions(questions, sizes, seed=seed, patching_pool=patching_pool)
+    splits = split_questions(questions, sizes, seed=seed, correct_pool=correct_pool)
     sentences = opinion_sentences if opinion_sentences is not None else load_opinion_sentences()
     return SynthesizedData(
         splits=splits,

@@ -230,16 +230,19 @@ def test_bad_opinion_label_is_named(tmp_path):
 
 def test_splits_are_disjoint_seeded_and_prefer_the_pool():
     starter = data.load_starter()
-    pool = [row["id"] for row in starter][::7]
+    pool = [row["id"] for row in starter][::20]  # 18 ids
     sizes = {"patching": 10, "train": 40, "eval": 20, "general": 15}
-    splits = data.split_questions(starter, sizes, seed=3, patching_pool=pool)
+    splits = data.split_questions(starter, sizes, seed=3, correct_pool=pool)
     ids = {name: [r["id"] for r in split] for name, split in splits.items()}
     assert {name: len(v) for name, v in ids.items()} == sizes
     everything = [i for v in ids.values() for i in v]
     assert len(set(everything)) == len(everything)
     assert set(ids["patching"]) <= set(pool)
-    again = data.split_questions(starter, sizes, seed=3, patching_pool=pool)
-    other = data.split_questions(starter, sizes, seed=4, patching_pool=pool)
+    # eval takes the 8 pool ids left after patching first, then tops up
+    assert set(ids["eval"][:8]) == set(pool) - set(ids["patching"])
+    assert not set(ids["train"]) & set(pool)
+    again = data.split_questions(starter, sizes, seed=3, correct_pool=pool)
+    other = data.split_questions(starter, sizes, seed=4, correct_pool=pool)
     assert [r["id"] for r in again["train"]] == ids["train"]
     assert [r["id"] for r in other["train"]] != ids["train"]
     rest = data.split_questions(starter, {"eval": 6, "train": -1}, seed=0)
@@ -248,7 +251,7 @@ def test_splits_are_disjoint_seeded_and_prefer_the_pool():
 
 def test_splits_that_do_not_fit_are_errors():
     starter = data.load_starter().select(range(20))
-    with pytest.raises(data.DataError, match=r"sizes\['eval'\] = 15: only 10 of 20"):
+    with pytest.raises(data.DataError, match=r"sizes\['train'\] = 10: only 5 of 20"):
         data.split_questions(starter, {"train": 10, "eval": 15}, seed=0)
     with pytest.raises(data.DataError, match="unknown split"):
         data.split_questions(starter, {"test": 1}, seed=0)
@@ -256,10 +259,10 @@ def test_splits_that_do_not_fit_are_errors():
         data.split_questions(starter, {"train": -1, "eval": -1}, seed=0)
 
 
-def test_a_small_patching_pool_comes_first_then_is_topped_up():
+def test_a_small_correct_pool_comes_first_then_is_topped_up():
     starter = data.load_starter().select(range(20))
     pool = starter["id"][5:7]
-    splits = data.split_questions(starter, {"patching": 5}, seed=0, patching_pool=pool)
+    splits = data.split_questions(starter, {"patching": 5}, seed=0, correct_pool=pool)
     assert sorted(splits["patching"]["id"][:2]) == sorted(pool)
     assert len(set(splits["patching"]["id"])) == 5
 
@@ -474,7 +477,7 @@ def synthesize_into(folder: Path, tokenizer, seed: int) -> dict[str, Path]:
     questions = data.load_starter().select(range(40))
     synthesized = data.synthesize(
         questions, tokenizer, sizes=SIZES, n_train=12, seed=seed,
-        patching_pool=questions["id"][::3], n_arithmetic=4,
+        correct_pool=questions["id"][::3], n_arithmetic=4,
     )
     return synthesized.save(folder)
 
