@@ -333,7 +333,7 @@ def top_heads(score: Float[Tensor, "layer head"], k: int, sign: str = "positive"
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     flat = score.flatten()
-    keep = {"positive": flat > 0, "negative": flat < 0, "both": torch.ones_like(flat, dtype=bool)}
+    keep = {"positive": flat > 0, "negative": flat < 0, "both": ~flat.isnan()}  # NaN: unscored
     order = [int(i) for i in torch.argsort(flat.abs(), descending=True) if keep[sign][i]]
     n_heads = score.shape[1]
     return [(i // n_heads, i % n_heads) for i in order[:k]]
@@ -476,6 +476,50 @@ def path_patch_heads_oracle(
         patches.append([(_z_name(layer), sender), *frozen])
     values = _patched_logit_diffs(model, pairs, patches, metric, desc="path patching (oracle)")
     return _scores("path_oracle", _scatter(values, heads, n_layers, n_heads), calibration)
+
+
+def path_patch_receivers(
+    model: TransformerBridge, pairs: PatchingPairs, sender: Head, *, component: str = "q"
+) -> HeadScores:
+    """Path patching from one sender head into every later head's ``component`` input
+    (``"q"``; ``"k"``/``"v"`` only without grouped-query attention): the sender's
+    counterfactual-minus-reference write reaches only that receiver's q/k/v input, at every
+    position, while every other reader sees the reference run (the direct edge of Wang et
+    al., through TransformerLens ``get_act_patch_direct_path``, one forward pass per
+    receiver). Needs equal-length pairs. ``score[l, h]`` is calibrated; layers up to the
+    sender's are NaN (no path)."""
+    from transformer_lens.patching import get_act_patch_direct_path
+
+    method = f"path_patch_receivers(component={component!r})"
+    check_pairs(model, pairs, method)
+    pairs.require_equal_lengths(method)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    layer, head = validate_heads([sender], n_layers, n_heads)[0]
+    z_names = [_z_name(layer)]
+    reference, counterfactual, calibration = _reference_and_counterfactual_cache(
+        model, pairs, z_names
+    )
+    mean_logit_diff = partial(_mean_last_logit_diff, pairs=pairs)
+    with torch.no_grad():
+        logit_diff = get_act_patch_direct_path(
+            model, pairs.reference.to(model.cfg.device), counterfactual, reference,
+            mean_logit_diff, layer, head, component=component, verbose=False,
+        ).cpu()
+    logit_diff[: layer + 1] = float("nan")  # TransformerLens leaves 0.0 placeholders there
+    return HeadScores(
+        method=f"path_receivers_{component}",
+        logit_diff=logit_diff,
+        score=calibration.normalise(logit_diff),
+        calibration=calibration,
+    )
+
+
+def _mean_last_logit_diff(
+    logits: Float[Tensor, "batch pos d_vocab"], pairs: PatchingPairs
+) -> Float[Tensor, ""]:
+    """The answer logit difference at each reference row's last position, averaged."""
+    last = gather_last(logits, pairs.reference_last)
+    return answer_logit_diff(last, pairs.apology_ids, pairs.confirm_ids).mean()
 
 
 def _scatter(

@@ -38,7 +38,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "source": "mmlu", "n_source": 20000, "n_pairs": 100, "n_train": 3840,
             "n_eval": 400, "n_general": 500, "check_accuracy": 1000,
         },
-        "02": {"top_k": 32, "n_oracle_layers": 6, "n_check_pairs": 16, "n_pattern_heads": 8},
+        "02": {
+            "top_k": 32, "n_oracle_layers": 6, "n_check_pairs": 16, "n_receiver_pairs": 16,
+            "n_pattern_heads": 8,
+        },
         "03": {
             "max_k": 32, "k_values": [1, 2, 4, 8, 16, 32], "n_random": 50, "n_sweep_pairs": 100,
             "n_reference": 100, "n_generate": 200, "n_random_generate": 10,
@@ -62,7 +65,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "n_pairs": 4, "n_train": 8, "n_eval": 4, "n_general": 4, "n_arithmetic": 4,
             "check_accuracy": 4,
         },
-        "02": {"top_k": 3, "n_oracle_layers": 1, "n_check_pairs": 2, "n_pattern_heads": 2},
+        "02": {
+            "top_k": 3, "n_oracle_layers": 1, "n_check_pairs": 2, "n_receiver_pairs": 1,
+            "n_pattern_heads": 2,
+        },
         "03": {
             "max_k": 2, "n_random": 2, "n_sweep_pairs": 4, "n_reference": 2, "n_generate": 2,
             "n_random_generate": 1, "max_new_tokens": 8, "n_examples": 2,

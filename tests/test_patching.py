@@ -147,6 +147,8 @@ def test_top_heads_sign_filter_and_round_trip(tmp_path, tiny_model, tiny_pairs):
     assert patching.top_heads(score, 2, "positive") == [(0, 0), (1, 0)]
     assert patching.top_heads(score, 5, "negative") == [(0, 1)]
     assert patching.top_heads(score, 2, "both") == [(0, 1), (0, 0)]
+    unscored = torch.tensor([[float("nan"), float("nan")], [0.1, -0.2]])  # a receiver map
+    assert patching.top_heads(unscored, 4, "both") == [(1, 1), (1, 0)]
     with pytest.raises(ValueError, match="sign"):
         patching.top_heads(score, 2, "up")
     scores = patching.path_patch_heads(tiny_model, tiny_pairs)
@@ -216,3 +218,72 @@ def test_fast_equals_oracle_on_smollm2(smollm2):
     torch.testing.assert_close(fast.per_pair[layers], oracle.per_pair[layers], atol=1e-4, rtol=0)
     assert fast.calibration.reference > fast.calibration.counterfactual  # "Sorry" less likely
 
+
+
+
+def _receiver_q_oracle(model, pairs, sender, receiver) -> float:
+    """Independent of TransformerLens: on the Hugging Face modules, recompute the receiver
+    head's query columns from ``ln1(resid_pre + sender's write)`` and keep every other
+    column (and every other reader) on the reference run."""
+    hf = model.original_model
+    (s_layer, s_head), (r_layer, r_head) = sender, receiver
+    d_head, z_name = model.cfg.d_head, f"blocks.{s_layer}.attn.hook_z"
+    with torch.no_grad():
+        # z: [batch, pos, head, d_head]
+        z_cf = model.run_with_cache(pairs.counterfactual, names_filter=z_name)[1][z_name]
+        z_ref = model.run_with_cache(pairs.reference, names_filter=z_name)[1][z_name]
+        o_proj = hf.model.layers[s_layer].self_attn.o_proj.weight  # [d_model, head·d_head]
+        w_o = o_proj[:, s_head * d_head : (s_head + 1) * d_head]
+        write = (z_cf[:, :, s_head] - z_ref[:, :, s_head]) @ w_o.T  # [batch, pos, d_model]
+        block = hf.model.layers[r_layer]
+        seen = {}
+
+        def keep_resid(_module, args, kwargs):
+            seen["resid"] = args[0] if args else kwargs["hidden_states"]
+
+        def patch_q(module, _args, output):
+            ln = block.input_layernorm(seen["resid"] + write)
+            columns = slice(r_head * d_head, (r_head + 1) * d_head)
+            output = output.clone()
+            output[..., columns] = torch.nn.functional.linear(
+                ln, module.weight[columns], None if module.bias is None else module.bias[columns]
+            )
+            return output
+
+        handles = [
+            block.register_forward_pre_hook(keep_resid, with_kwargs=True),
+            block.self_attn.q_proj.register_forward_hook(patch_q),
+        ]
+        try:
+            logits = hf(pairs.reference).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+    last = patching.gather_last(logits, pairs.reference_last)
+    return patching.answer_logit_diff(last, pairs.apology_ids, pairs.confirm_ids).mean().item()
+
+
+def test_receiver_path_patching_matches_an_independent_hf_implementation(tiny_model):
+    # one pair: no padding, so the bare Hugging Face forward sees what the bridge sees
+    questions = data.load_starter().select(range(1))
+    pairs = data.build_patching_pairs(questions, tiny_model.tokenizer, wording="matched")
+    sender = (0, 1)
+    result = patching.path_patch_receivers(tiny_model, pairs, sender, component="q")
+    assert result.score.shape == (2, 4) and result.logit_diff[0].isnan().all()
+    reference = result.calibration.reference
+    for receiver in [(1, 0), (1, 3)]:
+        # the random tiny model's q edges move the logit difference by only ~1e-6, so compare
+        # the effects (patched − reference) with a relative tolerance
+        expected = _receiver_q_oracle(tiny_model, pairs, sender, receiver) - reference
+        effect = result.logit_diff[receiver].item() - reference
+        assert abs(expected) > 1e-6
+        assert abs(effect - expected) <= 0.05 * abs(expected) + 5e-8
+
+
+def test_receiver_path_patching_needs_equal_lengths_and_a_valid_sender(tiny_model, tiny_pairs):
+    with pytest.raises(ValueError, match="path_patch_receivers"):
+        patching.path_patch_receivers(tiny_model, tiny_pairs, (0, 0))
+    questions = data.load_starter().select(range(1))
+    matched = data.build_patching_pairs(questions, tiny_model.tokenizer, wording="matched")
+    with pytest.raises(ValueError, match="out of range"):
+        patching.path_patch_receivers(tiny_model, matched, (5, 0))

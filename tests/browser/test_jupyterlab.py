@@ -23,7 +23,7 @@ PLOT = f"{SELECTOR} .js-plotly-plot"
 # The tiny random model keeps the kernel's work to seconds.
 TEST_PARAMETERS = {
     "model_name": "tiny-random-llama", "n_pairs": 4, "top_k": 2, "n_oracle_layers": 1,
-    "n_check_pairs": 2, "n_pattern_heads": 2,
+    "n_check_pairs": 2, "n_receiver_pairs": 1, "n_pattern_heads": 2,
 }
 
 
