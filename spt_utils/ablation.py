@@ -29,7 +29,6 @@ Hooks added on the bridge also fire when its Hugging Face model runs, so
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -48,13 +47,9 @@ from transformer_lens.model_bridge import TransformerBridge
 from spt_utils import chat, evaluation, viz
 from spt_utils.data import PatchingPairs
 from spt_utils.io import atomic_write
-from spt_utils.patching import Calibration, Head, answer_logit_diff, validate_heads
+from spt_utils.patching import Calibration, Head, answer_logit_diff, validate_heads, z_name
 
 METHODS = ("zero", "mean", "resample")
-
-
-def z_hook_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
 
 
 @torch.no_grad()
@@ -64,7 +59,7 @@ def collect_z(
     """Every head's ``z`` at every real position of each token sequence (right-padded runs)."""
     if not sequences:
         raise ValueError("collect_z: no sequences")
-    names = [z_hook_name(layer) for layer in range(model.cfg.n_layers)]
+    names = [z_name(layer) for layer in range(model.cfg.n_layers)]
     collected = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -104,7 +99,7 @@ class HeadMeans:
         except (TypeError, KeyError) as error:
             raise ValueError(f"{path}: not a HeadMeans file ({error})") from error
 
-    def values(self, layer: int, z: Tensor) -> Tensor:
+    def values(self, layer: int, z: Tensor, rows: Tensor) -> Tensor:
         return self.z[layer].to(z)[None, None]  # [1, 1, head, d_head]
 
 
@@ -125,24 +120,25 @@ class ResampleDonors:
         padded = [torch.cat([a[:1].expand(width - len(a), *a.shape[1:]), a]) for a in activations]
         return cls(torch.stack(padded), seed=seed)
 
-    def donor_indices(self, batch: int) -> Int[Tensor, " batch"]:
-        """Seeded donors per row: distinct while the pool allows; the same for every call."""
+    def __post_init__(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        n_donors = len(self.z)
-        if batch <= n_donors:
-            return torch.randperm(n_donors, generator=generator)[:batch]
-        return torch.randint(n_donors, (batch,), generator=generator)
+        self._order = torch.randperm(len(self.z), generator=generator)
 
-    def values(self, layer: int, z: Tensor) -> Tensor:
-        batch, pos = z.shape[:2]
-        donors = self.z[self.donor_indices(batch), :, layer]  # [batch, donor_pos, head, d_head]
+    def donor_of(self, rows: Int[Tensor, " batch"]) -> Int[Tensor, " batch"]:
+        """Each prompt's donor, from a seeded permutation of the pool indexed by the prompt's
+        number: a prompt keeps its donor however it is batched (distinct within the pool)."""
+        return self._order[rows.cpu() % len(self.z)]
+
+    def values(self, layer: int, z: Tensor, rows: Tensor) -> Tensor:
+        pos = z.shape[1]
+        donors = self.z[self.donor_of(rows), -pos:, layer]  # [batch, ≤ pos, head, d_head]
         if pos > donors.shape[1]:
             donors = torch.cat([donors[:, :1].expand(-1, pos - donors.shape[1], -1, -1), donors], 1)
-        return donors[:, -pos:].to(z)
+        return donors.to(z)
 
 
 class _Zero:
-    def values(self, layer: int, z: Tensor) -> Tensor:
+    def values(self, layer: int, z: Tensor, rows: Tensor) -> Tensor:
         return z.new_zeros(())
 
 
@@ -153,7 +149,7 @@ def _source(
         return _Zero()
     if method == "mean":
         if means is None:
-            raise ValueError("knockout(method='mean') needs means=HeadMeans (compute_means)")
+            raise ValueError("knockout(method='mean') needs means=HeadMeans")
         return means
     if method == "resample":
         if donors is None:
@@ -169,9 +165,12 @@ def _ablate_z(
     layer: int,
     mask: Bool[Tensor, "batch_or_1 head"],
     source: _Zero | HeadMeans | ResampleDonors,
+    rows: Int[Tensor, " batch"] | None,
 ) -> Float[Tensor, "batch pos head d_head"]:
-    """Replace the masked heads' ``z`` with the source's values."""
-    return torch.where(mask.to(z.device)[:, None, :, None], source.values(layer, z), z)
+    """Replace the masked heads' ``z`` with the source's values; ``rows`` numbers each batch
+    row's prompt (default: its place in the batch), which picks its resample donor."""
+    rows = torch.arange(len(z)) if rows is None else rows
+    return torch.where(mask.to(z.device)[:, None, :, None], source.values(layer, z, rows), z)
 
 
 def head_mask(
@@ -196,10 +195,14 @@ def _masked_knockout(
     model: TransformerBridge,
     mask: Bool[Tensor, "batch_or_1 n_layers n_heads"],
     source: _Zero | HeadMeans | ResampleDonors,
+    rows: Int[Tensor, " batch"] | None = None,
 ) -> Iterator[None]:
     _check_shape(model, source)
     hooks = [
-        (z_hook_name(layer), partial(_ablate_z, layer=layer, mask=mask[:, layer], source=source))
+        (
+            z_name(layer),
+            partial(_ablate_z, layer=layer, mask=mask[:, layer], source=source, rows=rows),
+        )
         for layer in range(model.cfg.n_layers)
         if mask[:, layer].any()
     ]
@@ -230,21 +233,6 @@ def knockout(
 
 def challenge_tokens(model: TransformerBridge, conversations: Sequence[list]) -> list[Tensor]:
     return [chat.tokens(model.tokenizer, c) for c in conversations]
-
-
-def compute_means(
-    model: TransformerBridge, sequences: Sequence[Tensor], *, batch_size: int = 8
-) -> HeadMeans:
-    """:class:`HeadMeans` over the real positions of ``sequences`` (e.g. challenge prompts)."""
-    return HeadMeans.from_activations(collect_z(model, sequences, batch_size=batch_size))
-
-
-def compute_donors(
-    model: TransformerBridge, sequences: Sequence[Tensor], *, seed: int = 0, batch_size: int = 8
-) -> ResampleDonors:
-    """:class:`ResampleDonors` from ``sequences`` (prompts other than the ablated ones)."""
-    activations = collect_z(model, sequences, batch_size=batch_size)
-    return ResampleDonors.from_activations(activations, seed=seed)
 
 
 def _left_padded(
@@ -287,7 +275,7 @@ def ablated_logit_diffs(
         chunk = rows[start : start + batch_size]
         sets = torch.tensor([s for s, _ in chunk])
         prompts = torch.tensor([p for _, p in chunk])
-        with _masked_knockout(model, masks[sets], source):
+        with _masked_knockout(model, masks[sets], source, rows=prompts):
             logits = model.original_model(
                 input_ids=ids[prompts].to(device),
                 attention_mask=attention[prompts].to(device),
@@ -326,14 +314,11 @@ def bottom_heads(
 
 def _interval(values: Sequence[float]) -> dict[str, float]:
     tensor = torch.tensor(list(values), dtype=torch.float64)
-    n = len(tensor)
-    std = tensor.std().item() if n > 1 else 0.0
     return {
         "mean": tensor.mean().item(),
         "low": torch.quantile(tensor, 0.025).item(),
         "high": torch.quantile(tensor, 0.975).item(),
-        "mean_ci": 1.96 * std / math.sqrt(n),
-        "n": n,
+        "n": len(tensor),
     }
 
 
@@ -357,8 +342,8 @@ def sweep(
     ``n_random`` random k-head sets ablated, for each k in ``ks``, all in one batched pass.
 
     Returns ``{"sets": [{"k", "kind", "heads", "metric"}...], "by_k": [{"k", "top",
-    "bottom", "random": {"mean", "low", "high", "mean_ci", "n"}}...]}``: ``low``/``high``
-    bound the middle 95% of the random sets, ``mean_ci`` is the 95% half-width of their mean.
+    "bottom", "random": {"mean", "low", "high", "n"}}...]}``: ``low``/``high`` bound the
+    middle 95% of the random sets.
     """
     ks = sorted(set(ks))
     if not ks or not 1 <= ks[0] <= ks[-1] <= len(ranking):

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.patching import get_act_patch_direct_path
 
 from spt_utils.data import PatchingPairs
 from spt_utils.io import atomic_write, write_json
@@ -80,16 +81,33 @@ def calibrate(model: TransformerBridge, pairs: PatchingPairs) -> Calibration:
     """The clean reference and counterfactual mean logit differences, checked."""
     if len(pairs) == 0:
         raise ValueError("calibrate: the pair set is empty")
-    reference = last_position_logits(model, pairs.reference, pairs.reference_last)
-    counterfactual = last_position_logits(model, pairs.counterfactual, pairs.counterfactual_last)
-    calibration = Calibration(
-        reference=answer_logit_diff(reference, pairs.apology_ids, pairs.confirm_ids).mean().item(),
-        counterfactual=answer_logit_diff(
-            counterfactual, pairs.apology_ids, pairs.confirm_ids
-        ).mean().item(),
+    return _checked_calibration(
+        *(
+            answer_logit_diff(
+                last_position_logits(model, tokens, last), pairs.apology_ids, pairs.confirm_ids
+            )
+            for tokens, last in (
+                (pairs.reference, pairs.reference_last),
+                (pairs.counterfactual, pairs.counterfactual_last),
+            )
+        )
     )
+
+
+def _checked_calibration(
+    reference_diff: Float[Tensor, " batch"], counterfactual_diff: Float[Tensor, " batch"]
+) -> Calibration:
+    """The calibration of the clean runs' per-row logit differences, its convention asserted."""
+    calibration = Calibration(reference_diff.mean().item(), counterfactual_diff.mean().item())
     calibration.check()
     return calibration
+
+
+def _last_logit_diff(
+    logits: Float[Tensor, "batch pos d_vocab"], last: Tensor, pairs: PatchingPairs
+) -> Float[Tensor, " batch"]:
+    """The answer logit difference at each row's last real position."""
+    return answer_logit_diff(gather_last(logits, last), pairs.apology_ids, pairs.confirm_ids)
 
 
 def apology_ratio(
@@ -159,7 +177,8 @@ def load_heads(path: str | Path) -> list[Head]:
 SIGNS = ("positive", "negative", "both")
 
 
-def _z_name(layer: int) -> str:
+def z_name(layer: int) -> str:
+    """The hook of every head's output ``z``: [batch, pos, head, d_head]."""
     return f"blocks.{layer}.attn.hook_z"
 
 
@@ -367,7 +386,7 @@ def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScor
     """
     check_pairs(model, pairs, "path_patch_heads")
     n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
-    z_names = [_z_name(layer) for layer in range(n_layers)]
+    z_names = [z_name(layer) for layer in range(n_layers)]
     reference = _cache_last(
         model,
         pairs.reference,
@@ -394,7 +413,7 @@ def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScor
         if stack is not None:
             stack = stack + reference[_attn_out_name(layer)]  # frozen later attention
         # z: [batch, head, d_head]; o_proj weight: [d_model, head·d_head]
-        dz = counterfactual[_z_name(layer)] - reference[_z_name(layer)]
+        dz = counterfactual[z_name(layer)] - reference[z_name(layer)]
         w_o = block.attn.o.original_component.weight.view(-1, n_heads, d_head)
         delta = torch.einsum("bhe,dhe->hbd", dz, w_o)  # [head, batch, d_model]
         senders = reference[_resid_mid_name(layer)] + delta
@@ -404,29 +423,11 @@ def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScor
     return _scores("path", per_pair, calibration)
 
 
-def _calibration_from_logits(
-    pairs: PatchingPairs,
-    reference_logits: Float[Tensor, "batch pos d_vocab"],
-    counterfactual_logits: Float[Tensor, "batch pos d_vocab"],
-) -> Calibration:
-    """The clean runs' mean logit differences (as :func:`calibrate`), from logits at hand."""
-    diffs = [
-        answer_logit_diff(gather_last(logits, last), pairs.apology_ids, pairs.confirm_ids)
-        for logits, last in (
-            (reference_logits, pairs.reference_last),
-            (counterfactual_logits, pairs.counterfactual_last),
-        )
-    ]
-    calibration = Calibration(diffs[0].mean().item(), diffs[1].mean().item())
-    calibration.check()
-    return calibration
-
-
 def _reference_and_counterfactual_cache(
     model: TransformerBridge, pairs: PatchingPairs, reference_names: list[str]
 ) -> tuple[dict, dict, Calibration]:
     """The clean runs' caches (reference: ``reference_names``; counterfactual: every z)."""
-    z_names = [_z_name(layer) for layer in range(model.cfg.n_layers)]
+    z_names = [z_name(layer) for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
         reference_logits, reference = model.run_with_cache(
             pairs.reference.to(model.cfg.device), names_filter=reference_names
@@ -434,7 +435,10 @@ def _reference_and_counterfactual_cache(
         counterfactual_logits, counterfactual = model.run_with_cache(
             pairs.counterfactual.to(model.cfg.device), names_filter=z_names
         )
-    calibration = _calibration_from_logits(pairs, reference_logits, counterfactual_logits)
+    calibration = _checked_calibration(
+        _last_logit_diff(reference_logits, pairs.reference_last, pairs),
+        _last_logit_diff(counterfactual_logits, pairs.counterfactual_last, pairs),
+    )
     return reference, counterfactual, calibration
 
 
@@ -467,13 +471,13 @@ def path_patch_heads_oracle(
     patches = []
     for layer, head in heads:
         # z: [batch, pos, head, d_head] → the sender's counterfactual value at the last position
-        z_cf = gather_last(counterfactual[_z_name(layer)], pairs.counterfactual_last)[:, head]
+        z_cf = gather_last(counterfactual[z_name(layer)], pairs.counterfactual_last)[:, head]
         sender = partial(_set_head_last_hook, head=head, value=z_cf, last=pairs.reference_last)
         frozen = [
             (_attn_out_name(later), partial(_replace_hook, value=reference[_attn_out_name(later)]))
             for later in range(layer + 1, n_layers)
         ]
-        patches.append([(_z_name(layer), sender), *frozen])
+        patches.append([(z_name(layer), sender), *frozen])
     values = _patched_logit_diffs(model, pairs, patches, metric, desc="path patching (oracle)")
     return _scores("path_oracle", _scatter(values, heads, n_layers, n_heads), calibration)
 
@@ -488,18 +492,19 @@ def path_patch_receivers(
     al., through TransformerLens ``get_act_patch_direct_path``, one forward pass per
     receiver). Needs equal-length pairs. ``score[l, h]`` is calibrated; layers up to the
     sender's are NaN (no path)."""
-    from transformer_lens.patching import get_act_patch_direct_path
-
     method = f"path_patch_receivers(component={component!r})"
     check_pairs(model, pairs, method)
     pairs.require_equal_lengths(method)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     layer, head = validate_heads([sender], n_layers, n_heads)[0]
-    z_names = [_z_name(layer)]
+    z_names = [z_name(layer)]
     reference, counterfactual, calibration = _reference_and_counterfactual_cache(
         model, pairs, z_names
     )
-    mean_logit_diff = partial(_mean_last_logit_diff, pairs=pairs)
+
+    def mean_logit_diff(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
+        return _last_logit_diff(logits, pairs.reference_last, pairs).mean()
+
     with torch.no_grad():
         logit_diff = get_act_patch_direct_path(
             model, pairs.reference.to(model.cfg.device), counterfactual, reference,
@@ -512,14 +517,6 @@ def path_patch_receivers(
         score=calibration.normalise(logit_diff),
         calibration=calibration,
     )
-
-
-def _mean_last_logit_diff(
-    logits: Float[Tensor, "batch pos d_vocab"], pairs: PatchingPairs
-) -> Float[Tensor, ""]:
-    """The answer logit difference at each reference row's last position, averaged."""
-    last = gather_last(logits, pairs.reference_last)
-    return answer_logit_diff(last, pairs.apology_ids, pairs.confirm_ids).mean()
 
 
 def _scatter(
@@ -561,7 +558,7 @@ def activation_patch_heads(
     _, counterfactual, calibration = _reference_and_counterfactual_cache(model, pairs, [])
     patches = []
     for layer, head in heads:
-        z_cf = counterfactual[_z_name(layer)]  # [batch, pos, head, d_head]
+        z_cf = counterfactual[z_name(layer)]  # [batch, pos, head, d_head]
         if position == "last":
             setter = partial(
                 _set_head_last_hook,
@@ -572,7 +569,7 @@ def activation_patch_heads(
         else:
             width = pairs.reference.shape[1]
             setter = partial(_set_head_all_hook, head=head, value=z_cf[:, :width, head])
-        patches.append([(_z_name(layer), setter)])
+        patches.append([(z_name(layer), setter)])
     values = _patched_logit_diffs(model, pairs, patches, metric, desc=f"activation ({position})")
     grid = _scatter(values, heads, n_layers, n_heads)
     return _scores(f"activation_{position}", grid, calibration)
@@ -586,7 +583,7 @@ def attribution_patch_heads(
     forward. ``position="all"`` sums over positions (equal-length pairs only)."""
     _check_position(model, pairs, position, "attribution_patch_heads")
     n_layers = model.cfg.n_layers
-    z_names = [_z_name(layer) for layer in range(n_layers)]
+    z_names = [z_name(layer) for layer in range(n_layers)]
     device = model.cfg.device
     with torch.no_grad():
         counterfactual_logits, counterfactual = model.run_with_cache(
@@ -596,9 +593,7 @@ def attribution_patch_heads(
     hooks = [(name, partial(_keep_hook, store=store, key=name)) for name in z_names]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(pairs.reference.to(device), return_type="logits")  # [batch, pos, vocab]
-        per_row = answer_logit_diff(
-            gather_last(logits, pairs.reference_last), pairs.apology_ids, pairs.confirm_ids
-        )
+        per_row = _last_logit_diff(logits, pairs.reference_last, pairs)
         grads = torch.autograd.grad(per_row.sum(), [store[name] for name in z_names])
     reference_diff = per_row.detach().cpu()
     rows = []
@@ -613,7 +608,9 @@ def attribution_patch_heads(
             width = z_ref.shape[1]
             rows.append(((counterfactual[name][:, :width] - z_ref) * grad).sum((1, 3)))
     estimate = torch.stack(rows).transpose(1, 2).cpu()  # [layer, head, batch]
-    calibration = _calibration_from_logits(pairs, logits.detach(), counterfactual_logits)
+    calibration = _checked_calibration(
+        reference_diff, _last_logit_diff(counterfactual_logits, pairs.counterfactual_last, pairs)
+    )
     return _scores(f"attribution_{position}", reference_diff + estimate, calibration)
 
 

@@ -17,13 +17,18 @@ def prompts(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def means(tiny_model, prompts):
-    return ablation.compute_means(tiny_model, prompts)
+def activations(tiny_model, prompts):
+    return ablation.collect_z(tiny_model, prompts)
 
 
 @pytest.fixture(scope="module")
-def donors(tiny_model, prompts):
-    return ablation.compute_donors(tiny_model, prompts, seed=1)
+def means(activations):
+    return ablation.HeadMeans.from_activations(activations)
+
+
+@pytest.fixture(scope="module")
+def donors(activations):
+    return ablation.ResampleDonors.from_activations(activations, seed=1)
 
 
 def _logits(model, batch):
@@ -66,7 +71,7 @@ def test_hooks_are_removed_after_an_exception(tiny_model, pairs):
 
 def test_only_the_chosen_query_head_changes(tiny_model, pairs):
     """GQA: ablating query head 1 leaves head 0 (same kv group) untouched in that layer."""
-    name = ablation.z_hook_name(0)
+    name = patching.z_name(0)
     _, clean = tiny_model.run_with_cache(pairs.reference, names_filter=[name])
     with ablation.knockout(tiny_model, [(0, 1)], "zero"):
         # the cache hook runs after the knockout's, so it records the ablated z
@@ -77,7 +82,7 @@ def test_only_the_chosen_query_head_changes(tiny_model, pairs):
 
 
 def test_mean_ablation_writes_the_stored_means(tiny_model, pairs, means):
-    name = ablation.z_hook_name(1)
+    name = patching.z_name(1)
     seen = {}
     hooks = [(name, lambda z, hook: seen.setdefault("z", z.clone()))]
     with ablation.knockout(tiny_model, [(1, 3)], "mean", means=means):
@@ -103,16 +108,18 @@ def test_means_are_over_real_positions_and_round_trip(tiny_model, prompts, means
 
 def test_resample_aligns_donors_from_the_end(donors):
     z = torch.zeros(3, 5, 4, 16)
-    values = donors.values(0, z)
-    chosen = donors.donor_indices(3)
+    rows = torch.arange(3)
+    values = donors.values(0, z, rows)
+    chosen = donors.donor_of(rows)
     assert len(set(chosen.tolist())) == 3
     assert torch.equal(values[:, -1], donors.z[chosen, -1, 0])
     # a longer input than any donor: the early positions repeat each donor's first position
     long = torch.zeros(3, donors.z.shape[1] + 4, 4, 16)
-    values = donors.values(0, long)
+    values = donors.values(0, long, rows)
     assert torch.equal(values[:, 0], donors.z[chosen, 0, 0])
     assert torch.equal(values[:, -1], donors.z[chosen, -1, 0])
-    assert torch.equal(donors.donor_indices(3), chosen)
+    assert torch.equal(donors.donor_of(rows), chosen)
+    assert torch.equal(donors.donor_of(torch.tensor([2, 0])), chosen[[2, 0]])  # by prompt
 
 
 def test_bad_arguments_are_clear_errors(tiny_model, means):
@@ -151,7 +158,7 @@ def test_pad_positions_do_not_reach_real_tokens(tiny_model, pairs):
         ).logits[:, -1]
 
     clean = last_logits()
-    hooks = [(ablation.z_hook_name(layer), scramble_pads) for layer in range(2)]
+    hooks = [(patching.z_name(layer), scramble_pads) for layer in range(2)]
     with tiny_model.hooks(fwd_hooks=hooks):
         scrambled = last_logits()
     assert torch.allclose(clean, scrambled, atol=1e-5)
@@ -173,6 +180,19 @@ def test_batched_metric_matches_single_knockouts(tiny_model, pairs, means):
         expected = patching.answer_logit_diff(logits, pairs.apology_ids, pairs.confirm_ids)
         assert torch.allclose(row, expected, atol=1e-4)
         assert not torch.allclose(row, clean, atol=1e-4)
+
+
+def test_resample_donors_do_not_depend_on_batching(tiny_model, pairs, donors):
+    sets = [[], [(0, 1)], [(1, 0), (1, 3)]]
+    by_5 = ablation.ablated_logit_diffs(tiny_model, pairs, sets, "resample", donors=donors,
+                                        batch_size=5)
+    by_8 = ablation.ablated_logit_diffs(tiny_model, pairs, sets, "resample", donors=donors,
+                                        batch_size=8)
+    alone = ablation.ablated_logit_diffs(tiny_model, pairs, sets[2:], "resample", donors=donors,
+                                         batch_size=3)
+    torch.testing.assert_close(by_5, by_8, atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_5[2:], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(by_5[2], by_5[0], atol=1e-4)
 
 
 def test_generation_runs_with_the_heads_ablated(tiny_model):
