@@ -543,11 +543,17 @@ def load_hub_source(
     return map_rows(raw, hub.row, f"{hub.path}[{split or hub.split}]")
 
 
-def load_source(name: str, **kwargs: Any) -> datasets.Dataset:
-    """Any question source by name: ``starter`` (offline) or a hub source."""
-    if name == "starter":
-        return load_starter(**kwargs)
-    return load_hub_source(name, **kwargs)
+def load_source(
+    name: str, *, n: int | None = None, seed: int = 0, **kwargs: Any
+) -> datasets.Dataset:
+    """Any question source by name: ``starter`` (offline) or a hub source; ``n`` subsamples
+    that many questions with ``seed``."""
+    if name != "starter":
+        return load_hub_source(name, n=n, seed=seed, **kwargs)
+    questions = load_starter(**kwargs)
+    if n is not None and n < len(questions):
+        questions = questions.shuffle(seed=seed).select(range(n))
+    return questions
 
 
 # --- SycophancyEval (meg-tong/sycophancy-eval) -----------------------------------------------

@@ -97,6 +97,13 @@ def test_hub_loader_maps_what_load_dataset_returns(monkeypatch):
     assert len(loaded) == 2 and loaded.features == data.FEATURES
 
 
+def test_starter_source_subsamples_like_a_hub_source():
+    five = data.load_source("starter", n=5, seed=1)
+    assert len(five) == 5 and five["id"] == data.load_source("starter", n=5, seed=1)["id"]
+    assert five["id"] != data.load_source("starter", n=5, seed=2)["id"]
+    assert len(data.load_source("starter")) == len(data.load_starter())
+
+
 @pytest.mark.parametrize("name", list(data.HUB_SOURCES))
 def test_offline_hub_loader_fails_fast_naming_the_starter(monkeypatch, name):
     import huggingface_hub.constants
