@@ -547,9 +547,9 @@ def train(
     losses: list[float] = []
     evals: list[dict] = []
     step = 0
-    if resume and checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is not None:
-        state = load_checkpoint(latest_checkpoint(checkpoint_dir), setup, optimizer, scheduler,
-                                meta)
+    latest = latest_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    if latest is not None:
+        state = load_checkpoint(latest, setup, optimizer, scheduler, meta)
         step, losses, evals = state["step"], state["losses"], state["evals"]
     setup.model.train()
     started = time.perf_counter()
@@ -558,12 +558,13 @@ def train(
         chosen = batch_indices(len(examples), config.batch_size, step, config.seed)
         n_tokens = sum(int(examples[i][1][1:].sum()) for i in chosen)
         shard = [examples[i] for i in chosen[rank::world]]
-        loss_sum = torch.zeros(())
+        # on the parameters' device: NCCL all-reduces CUDA tensors only, and no sync per micro
+        loss_sum = torch.zeros((), device=next(iter(params.values())).device)
         for start in range(0, len(shard), config.micro_batch_size):
             micro = shard[start : start + config.micro_batch_size]
             loss = _loss_sum(setup, micro, _autocast(setup, config.autocast_dtype))
             (loss / max(n_tokens, 1)).backward()
-            loss_sum += loss.detach().cpu()
+            loss_sum += loss.detach().float()
         if world > 1:
             _all_reduce_grads(list(params.values()))
             dist.all_reduce(loss_sum)
