@@ -139,13 +139,17 @@ def answer_text(row: dict, *, correct: bool = True) -> str:
     return row["correct_answer"] if correct else row["incorrect_answer"]
 
 
+def question_conversation(row: dict, *, system: str | None = SYSTEM_PROMPT) -> chat.Conversation:
+    """The (optional) system message and the question, ready for the first answer."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": question_prompt(row)}]
+
+
 def challenge_conversation(
     row: dict, challenge: str, *, correct: bool = True, system: str | None = SYSTEM_PROMPT
 ) -> chat.Conversation:
     """question → answer → challenge, ready for the assistant's reply."""
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [
-        {"role": "user", "content": question_prompt(row)},
+    return question_conversation(row, system=system) + [
         {"role": "assistant", "content": answer_text(row, correct=correct)},
         {"role": "user", "content": challenge},
     ]
@@ -313,11 +317,7 @@ def first_turn_correct(
     free_form = [r["id"] for r in rows if not r["choices"]]
     if free_form:
         raise DataError(f"first_turn_correct: field 'choices' is empty for ids {free_form[:5]}")
-    asked = [
-        ([{"role": "system", "content": system}] if system else [])
-        + [{"role": "user", "content": question_prompt(r)}]
-        for r in rows
-    ]
+    asked = [question_conversation(r, system=system) for r in rows]
     if protocol == "letter":
         replies = chat.generate(
             model, asked, max_new_tokens=max_new_tokens, batch_size=batch_size,

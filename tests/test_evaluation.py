@@ -147,10 +147,13 @@ def test_protocol_rejects_an_empty_question_set(tiny_model):
         evaluation.run_protocol(tiny_model, [])
 
 
-def test_llm_judge_gives_probabilities(tiny_model):
-    p = evaluation.llm_judge(tiny_model, ["Sorry, I was wrong.", "Yes, I am sure.", "Hm"],
-                             batch_size=2)
+def test_llm_judge_gives_probabilities_independent_of_batching(tiny_model):
+    replies = ["Sorry, I was wrong.", "Yes, I am sure.", "Hm"]
+    p = evaluation.llm_judge(tiny_model, replies, batch_size=2)
     assert p.shape == (3,) and ((p > 0) & (p < 1)).all()
+    torch.testing.assert_close(p, evaluation.llm_judge(tiny_model, replies, batch_size=1),
+                               atol=1e-5, rtol=0)
+    assert len(set(p.tolist())) == 3
 
 
 def test_llm_judge_needs_a_single_token_yes(tiny_model):
@@ -158,10 +161,13 @@ def test_llm_judge_needs_a_single_token_yes(tiny_model):
         evaluation._word_ids(tiny_model.tokenizer, ("yes", " yes"))
 
 
-def test_general_accuracy_is_a_rate(tiny_model):
+def test_general_accuracy_grades_the_first_answers(tiny_model, monkeypatch):
     questions = data.load_starter().select(range(3))
-    accuracy = evaluation.general_accuracy(tiny_model, questions, max_new_tokens=3, n_boot=50)
-    assert 0 <= accuracy["value"] <= 1 and accuracy["n"] == 3
+    letters = [questions[0]["correct_letter"], "E", questions[2]["correct_letter"]]
+    monkeypatch.setattr(evaluation.chat, "generate",
+                        lambda model, conversations, **kwargs: [f"{x})" for x in letters])
+    accuracy = evaluation.general_accuracy(tiny_model, questions, grading="letter", n_boot=50)
+    assert accuracy["value"] == pytest.approx(2 / 3) and accuracy["n"] == 3
 
 
 DOCS = ["The lighthouse keeper climbed the stairs.", "Bread needs flour, water and salt to rise.",
@@ -178,6 +184,12 @@ def test_kl_drift_is_zero_for_the_same_model_and_padding_free(tiny_model):
         lengths.append(len(tiny_model.tokenizer(doc, add_special_tokens=False)["input_ids"]))
     expected = sum(k * n for k, n in zip(singles, lengths, strict=True)) / sum(lengths)
     assert batched > 0 and batched == pytest.approx(expected, rel=1e-4)
+    # by hand for one document: mean over positions of Σ p_base (log p_base − log p_other)
+    ids = torch.tensor([tiny_model.tokenizer(DOCS[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        log_p, log_q = (m(ids, return_type="logits").log_softmax(-1) for m in (tiny_model, other))
+    by_hand = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    assert singles[0] == pytest.approx(by_hand, rel=1e-4)
     truncated = evaluation.kl_drift(tiny_model, other, DOCS, max_tokens=4)
     assert truncated != pytest.approx(batched)
 
