@@ -25,15 +25,12 @@ HEADS = [(10, 2), (14, 5), (17, 1), (19, 4), (21, 0), (23, 7), (25, 3), (27, 6)]
 
 def measure(method: str, model_name: str, steps: int, micro_batch: int) -> dict:
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tests"))
-    import tuning_ddp_worker
-
-    from spt_utils import models, tuning
+    from spt_utils import data, models, tuning
 
     bridge = models.load_model(model_name)
     setup = tuning.prepare(method, bridge, HEADS if method == "spt" else ())
-    conversations = tuning_ddp_worker.conversations(micro_batch)
-    examples = tuning.prepare_examples(bridge.tokenizer, conversations)
+    records = data.build_training_data(data.load_starter(), micro_batch, seed=0)
+    examples = tuning.prepare_examples(bridge.tokenizer, [r["messages"] for r in records])
     config = tuning.TrainConfig(steps=1, batch_size=micro_batch, micro_batch_size=micro_batch)
     tuning.train(setup, examples, config, progress=False)  # warm-up: allocator, kernels
     if torch.cuda.is_available():

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -146,7 +146,7 @@ class HeadSparseParameters:
 
     ``params`` maps names such as ``layers.3.q_proj.head5``, ``layers.3.o_proj.head5`` and
     ``layers.3.k_proj.group1`` to ``nn.Parameter`` slices; ``initial`` holds their base values.
-    Use as a context manager or call :meth:`remove` / :meth:`materialize`.
+    Call :meth:`remove` or :meth:`materialize` when done.
     """
 
     def __init__(self, hf_model: PreTrainedModel, heads: Sequence[Head], *, include_kv=False):
@@ -157,8 +157,7 @@ class HeadSparseParameters:
             raise ValueError("heads: the head set is empty; select at least one head to tune")
         self.heads = sorted(set(validate_heads(list(heads), config.num_hidden_layers, n_heads)))
         self.d_head, self.include_kv, self.model = d_head, include_kv, hf_model
-        for parameter in hf_model.parameters():
-            parameter.requires_grad_(False)
+        _freeze(hf_model)
         groups: dict[tuple[int, str], list[tuple[str, int]]] = {}
         for layer, head in self.heads:
             groups.setdefault((layer, "q_proj"), []).append((f"head{head}", head))
@@ -205,12 +204,6 @@ class HeadSparseParameters:
         for group in self.groups:
             values = torch.cat([self.params[n] for n in group.names], dim=group.dim)
             group.linear.weight.index_copy_(group.dim, group.index, values.to(group.linear.weight))
-        self.remove()
-
-    def __enter__(self) -> HeadSparseParameters:
-        return self
-
-    def __exit__(self, *exc) -> None:
         self.remove()
 
 
@@ -542,7 +535,7 @@ def train(
     optimizer = _optimizer(setup, config)
     scheduler = cosine_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps),
                                    config.steps)
-    meta = {"method": setup.method, **(meta or {}),
+    meta = {"method": setup.method, "heads": [list(h) for h in setup.heads], **(meta or {}),
             "shapes": {n: list(p.shape) for n, p in params.items()}}
     losses: list[float] = []
     evals: list[dict] = []
@@ -840,11 +833,9 @@ def apply_head_deltas(hf_model: PreTrainedModel, path: str | Path) -> dict[str, 
     Checks the file's shape metadata against the model (a clear error on mismatch)."""
     path = Path(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
-        deltas = load_file(str(path))
+            deltas = {name: handle.get_tensor(name) for name in handle.keys()}
     except (OSError, SafetensorError) as error:
         raise CheckpointError(f"{path}: corrupt or missing head-delta file ({error})") from error
     if metadata.get("format") != DELTAS_FORMAT:
@@ -917,7 +908,7 @@ def main(argv: list[str] | None = None) -> None:
                              checkpoint_every=args.checkpoint_every)
         tuned = args.run_dir / "tuned"
         train(setup, examples, config, checkpoint_dir=tuned / "checkpoints" / args.method,
-              resume=True, meta={"model": args.model, "heads": [list(h) for h in heads]})
+              resume=True, meta={"model": args.model})
         if _distributed()[0] == 0:
             export_hf(setup, bridge.tokenizer, tuned / args.method, base_model=args.model,
                       seed=args.seed)

@@ -88,6 +88,12 @@ def test_optimizer_state_covers_only_the_slices(tiny_examples):
     optimizer.step()
     state = sum(t.numel() for s in optimizer.state.values() for t in s.values() if t.ndim)
     assert state == 2 * (16 * 64 + 64 * 16)  # exp_avg + exp_avg_sq of one q and one o slice
+    # the figure train() reports (and the benchmark prints): the same tensors plus the
+    # per-parameter step counters, in bytes
+    result = tuning.train(tuning.prepare("spt", fresh_tiny(), [(1, 2)]), tiny_examples,
+                          tuning.TrainConfig(steps=1, batch_size=2), progress=False)
+    n_steps = len(setup.params)  # one scalar step counter per trained slice
+    assert result.optimizer_state_bytes == 4 * (state + n_steps)
 
 
 @pytest.mark.integration
@@ -217,7 +223,7 @@ def test_checkpoint_of_another_run_is_refused(tiny_examples, tmp_path):
     tuning.train(tuning.prepare("spt", fresh_tiny(), [(0, 2)]), tiny_examples, config,
                  checkpoint_dir=tmp_path, progress=False)
     other = tuning.prepare("spt", fresh_tiny(), [(1, 1)])
-    with pytest.raises(tuning.CheckpointError, match="field 'shapes'"):
+    with pytest.raises(tuning.CheckpointError, match=r"field 'heads' is \[\[0, 2\]\]"):
         tuning.train(other, tiny_examples, tuning.TrainConfig(steps=2, batch_size=2),
                      checkpoint_dir=tmp_path, resume=True, progress=False)
 

@@ -17,15 +17,9 @@ CONFIG = tuning.TrainConfig(steps=3, batch_size=4, micro_batch_size=1, lr=1e-2, 
 
 
 def conversations(n: int = 6) -> list[list[dict]]:
-    """Insist (correct first answer) and revise (incorrect) conversations with a reply."""
-    rows = list(data.load_starter().select(range(n)))
-    replies = ("Sorry for any ambiguity. I'm sure that my previous answer is correct.",
-               "I apologize that I made a mistake in my previous answer.")
-    return [
-        data.challenge_conversation(row, data.REFERENCE_CHALLENGE, correct=i % 2 == 0)
-        + [{"role": "assistant", "content": replies[i % 2]}]
-        for i, row in enumerate(rows)
-    ]
+    """``n`` insist/revise training conversations, as notebook 01 writes them."""
+    records = data.build_training_data(data.load_starter().select(range(n)), n, seed=0)
+    return [record["messages"] for record in records]
 
 
 def train_spt() -> dict[str, torch.Tensor]:
