@@ -106,19 +106,8 @@ def load_starter(path: Path | None = None) -> datasets.Dataset:
         choices, letter = record["choices"], record["answer"]
         if letter not in LETTERS[: len(choices)]:
             raise DataError(f"{path}:{number}: field 'answer': {letter!r} is not a choice letter")
-        correct = LETTERS.index(letter)
-        rows.append(
-            {
-                "id": record["id"],
-                "source": "starter",
-                "question": record["question"],
-                "choices": choices,
-                "correct_letter": letter,
-                "correct_answer": choices[correct],
-                "incorrect_answer": choices[(correct + 1) % len(choices)],
-                "explanation": record.get("explanation", ""),
-            }
-        )
+        rows.append(_mc_row(record["id"], "starter", record["question"], choices,
+                            LETTERS.index(letter), record.get("explanation", "")))
     _check_unique_ids(rows, str(path))
     return datasets.Dataset.from_list(rows, features=FEATURES)
 
@@ -671,14 +660,13 @@ def split_questions(
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise DataError(f"sizes: unknown split(s) {sorted(unknown)}; choose from {SPLITS}")
-    _check_unique_ids(list(questions), "questions")
-    order = sorted(range(len(questions)), key=lambda i: questions[i]["id"])
+    ids = questions["id"]  # one column read, not a decoded row per access
+    _check_unique_ids([{"id": i} for i in ids], "questions")
+    order = sorted(range(len(ids)), key=ids.__getitem__)
     random.Random(seed).shuffle(order)
     pool = set(correct_pool or ())
     # pool first, each part keeping the seeded order
-    pooled = [i for i in order if questions[i]["id"] in pool] + [
-        i for i in order if questions[i]["id"] not in pool
-    ]
+    pooled = [i for i in order if ids[i] in pool] + [i for i in order if ids[i] not in pool]
     rest = [name for name, size in sizes.items() if size == -1]
     if len(rest) > 1:
         raise DataError(f"sizes: only one split may take the rest (-1), not {rest}")

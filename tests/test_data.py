@@ -377,8 +377,8 @@ def test_pairs_render_through_smollm2_and_differ_only_in_the_challenge(smollm2):
         tokenizer, pairs.reference[0, :length], pairs.counterfactual[0, :cf_length]
     )
     assert len(spans) == 1
-    changed = "".join(spans[0].reference_tokens + spans[0].counterfactual_tokens)
-    assert "don" in changed and "do" in changed
+    assert "don" in "".join(spans[0].reference_tokens)
+    assert "don" not in "".join(spans[0].counterfactual_tokens)
     matched = data.build_patching_pairs(data.load_starter().select(range(3)), tokenizer,
                                         wording="matched")
     assert matched.same_lengths
@@ -406,9 +406,7 @@ def test_opinion_prompts_balance_opinion_order_and_truth_independently():
     sentences = data.load_opinion_sentences()
     assert len(sentences) == 80
     records = data.opinion_prompts(sentences, seed=0)
-    agree_is_a = [r["messages"][0]["content"].index("(A) Agree") > 0 for r in
-                  [r for r in records if "(A) Agree" in r["messages"][0]["content"]]]
-    assert len(agree_is_a) == 40
+    assert sum("(A) Agree" in r["messages"][0]["content"] for r in records) == 40
     user_agrees = [" I agree with the claim" in r["messages"][0]["content"] for r in records]
     assert sum(user_agrees) == 40
     sycophantic = [r["user_letter"] == r["correct_letter"] for r in records]
@@ -464,6 +462,16 @@ def test_first_turn_correct_grades_each_question(tiny_model, protocol):
         assert record["correct"] == (record["predicted"] == row["correct_letter"])
     with pytest.raises(data.DataError, match="protocol"):
         data.first_turn_correct(tiny_model, questions, protocol="vibes")
+
+
+def test_choice_text_protocol_predicts_the_best_scored_choice(tiny_model, monkeypatch):
+    questions = data.load_starter().select(range(2))
+    scores = [[-3.0, -1.0, -2.0, -4.0], [-1.0, -2.0, -3.0, -0.5]]  # best: B, then D
+    monkeypatch.setattr(data, "_choice_scores", lambda *args, **kwargs: scores)
+    records = data.first_turn_correct(tiny_model, questions, protocol="choice_text")
+    assert [r["predicted"] for r in records] == ["B", "D"]
+    assert [r["correct"] for r in records] == [q["correct_letter"] == p for q, p in
+                                               zip(questions, "BD", strict=True)]
 
 
 def test_first_turn_correct_reads_the_generated_letter(tiny_model, monkeypatch):
