@@ -47,7 +47,14 @@ from transformer_lens.model_bridge import TransformerBridge
 from spt_utils import chat, evaluation, viz
 from spt_utils.data import PatchingPairs
 from spt_utils.io import atomic_write
-from spt_utils.patching import Calibration, Head, answer_logit_diff, validate_heads, z_name
+from spt_utils.patching import (
+    Calibration,
+    Head,
+    answer_logit_diff,
+    cache_before_unembed,
+    validate_heads,
+    z_name,
+)
 
 METHODS = ("zero", "mean", "resample")
 
@@ -64,9 +71,7 @@ def collect_z(
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         batch, last = chat.pad_right(chunk, model.tokenizer.pad_token_id)
-        _, cache = model.run_with_cache(
-            batch.to(model.cfg.device), names_filter=lambda name: name in names
-        )
+        cache = cache_before_unembed(model, batch, names)
         # z: [batch, pos, head, d_head] per layer → [batch, pos, layer, head, d_head]
         z = torch.stack([cache[name] for name in names], dim=2).cpu()
         collected += [z[row, : int(last[row]) + 1] for row in range(len(chunk))]

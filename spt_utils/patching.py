@@ -222,15 +222,16 @@ def answer_unembed(
 # --- pure hook functions (bound with functools.partial) ---------------------------------
 
 
-def _store_last_hook(
+def _store_hook(
     activation: Float[Tensor, "batch pos ..."],
     hook: HookPoint,
     store: dict,
     key: str,
-    last: Tensor,
+    last: Tensor | None,
 ) -> None:
-    """Keep each row's activation at its last real position as ``store[key]``."""
-    store[key] = gather_last(activation, last).detach()
+    """Keep the activation as ``store[key]``: each row's last real position when ``last`` is
+    given, every position otherwise."""
+    store[key] = (activation if last is None else gather_last(activation, last)).detach()
 
 
 def _set_head_last_hook(
@@ -298,14 +299,15 @@ def _stop_hook(activation: Tensor, hook: HookPoint) -> None:
     raise _StopForward
 
 
-def _cache_last(
-    model: TransformerBridge, tokens: Tensor, last: Tensor, names: list[str]
+def cache_before_unembed(
+    model: TransformerBridge, tokens: Tensor, names: list[str], last: Tensor | None = None
 ) -> dict[str, Tensor]:
-    """One forward pass keeping only the last-position values of the named hooks; it stops
-    at the final norm, so the full-vocabulary unembedding is never computed."""
+    """One forward pass keeping the named hooks' values (only each row's last position when
+    ``last`` is given); it stops at the final norm, so the full-vocabulary unembedding is
+    never computed."""
     store: dict[str, Tensor] = {}
-    last = last.to(model.cfg.device)
-    hooks = [(name, partial(_store_last_hook, store=store, key=name, last=last)) for name in names]
+    last = None if last is None else last.to(model.cfg.device)
+    hooks = [(name, partial(_store_hook, store=store, key=name, last=last)) for name in names]
     with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, ("ln_final.hook_in", _stop_hook)]):
         try:
             model(tokens.to(model.cfg.device), return_type=None)
@@ -313,7 +315,7 @@ def _cache_last(
             pass
     missing = sorted(set(names) - set(store))
     if missing:
-        raise RuntimeError(f"_cache_last: hooks {missing} did not fire before the final norm")
+        raise RuntimeError(f"hooks {missing} did not fire before the final norm")
     return store
 
 
@@ -387,20 +389,20 @@ def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScor
     check_pairs(model, pairs, "path_patch_heads")
     n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
     z_names = [z_name(layer) for layer in range(n_layers)]
-    reference = _cache_last(
+    reference = cache_before_unembed(
         model,
         pairs.reference,
-        pairs.reference_last,
         z_names
         + [_resid_mid_name(layer) for layer in range(n_layers)]
         + [_attn_out_name(layer) for layer in range(n_layers)]
         + [f"blocks.{n_layers - 1}.hook_resid_post"],
+        pairs.reference_last,
     )
-    counterfactual = _cache_last(
+    counterfactual = cache_before_unembed(
         model,
         pairs.counterfactual,
-        pairs.counterfactual_last,
         z_names + [f"blocks.{n_layers - 1}.hook_resid_post"],
+        pairs.counterfactual_last,
     )
     final = f"blocks.{n_layers - 1}.hook_resid_post"
     calibration = Calibration(
