@@ -17,8 +17,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from spt_utils.io import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +106,11 @@ def _build_smollm2_cache(folder: Path) -> None:
     # The weights are dequantized already; drop the GGUF quantizer so the folder is plain HF.
     model.hf_quantizer = None
     del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         hashes = {p.name: _sha256(p) for p in sorted(staging.glob("*.safetensors"))}
         (staging / _CACHE_MARKER).write_text(json.dumps({"source": gguf.name, "sha256": hashes}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def smollm2_folder() -> Path:

@@ -42,9 +42,8 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -65,7 +64,7 @@ from transformers import (
 )
 
 from spt_utils import chat, data, models
-from spt_utils.io import write_json
+from spt_utils.io import atomic_folder, atomic_write, write_json
 from spt_utils.patching import Head, validate_heads
 
 METHODS = ("spt", "sft", "lora_attn", "lora_heads", "prompt_tuning")
@@ -635,10 +634,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``root/step-NNNNNN/`` atomically: staged in a hidden folder, then renamed, so a
     failed save never replaces or corrupts a good checkpoint. Keeps the newest ``keep``."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
-    try:
+    root, final = Path(root), _step_dir(Path(root), step)
+    with atomic_folder(final) as staging:
         tensors = {n: p.detach().contiguous().cpu() for n, p in setup.params.items()}
         save_file(tensors, str(staging / CHECKPOINT_WEIGHTS), metadata={"step": str(step)})
         rng = {"torch": torch.get_rng_state()}
@@ -647,13 +644,6 @@ def save_checkpoint(
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng, "step": step, "meta": json.dumps(meta),
                     "losses": losses, "evals": json.dumps(evals)}, staging / CHECKPOINT_STATE)
-        final = _step_dir(root, step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for old in sorted(p for p in root.glob("step-[0-9]*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -710,20 +700,6 @@ def finalize(setup: TuningSetup) -> PreTrainedModel:
     return setup.model
 
 
-@contextlib.contextmanager
-def _staged_folder(folder: Path) -> Iterator[Path]:
-    """A hidden folder beside ``folder`` that replaces it only when the block succeeds."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        yield staging
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def export_hf(
     setup: TuningSetup, tokenizer: PreTrainedTokenizerBase, folder: str | Path, *,
     base_model: str, seed: int = 0, extra: dict | None = None,
@@ -738,7 +714,7 @@ def export_hf(
     record = {"method": setup.method, "base_model": base_model, "base_seed": seed,
               "heads": [list(h) for h in setup.heads],
               "tokenizer": tokenizer_fingerprint(tokenizer), **(extra or {})}
-    with _staged_folder(folder) as staging:
+    with atomic_folder(folder) as staging:
         if setup.method == "prompt_tuning":
             setup.model.save_pretrained(str(staging))
         else:
@@ -815,14 +791,8 @@ def save_head_deltas(path: str | Path, setup: TuningSetup, *, base_model: str) -
                 "n_kv_heads": str(config.num_key_value_heads),
                 "include_kv": str(sparse.include_kv)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(descriptor)
-    try:
-        save_file(deltas, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    with atomic_write(path, "wb") as handle:
+        handle.write(save(deltas, metadata=metadata))
     return path
 
 
