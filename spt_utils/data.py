@@ -87,9 +87,13 @@ def _numbered_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[tupl
     return records
 
 
-def _check_unique_ids(rows: Sequence[dict], where: str) -> None:
+def _check_unique_ids(
+    rows: Sequence[dict], where: str, numbers: Sequence[int] | None = None
+) -> None:
+    """A duplicate id is an error naming ``where``:line (``numbers``: each row's line in the
+    file; default: its position)."""
     seen: dict[str, int] = {}
-    for number, row in enumerate(rows, start=1):
+    for number, row in zip(numbers or range(1, len(rows) + 1), rows, strict=True):
         if row["id"] in seen:
             raise DataError(
                 f"{where}:{number}: field 'id': duplicate id {row['id']!r} "
@@ -101,14 +105,15 @@ def _check_unique_ids(rows: Sequence[dict], where: str) -> None:
 def load_starter(path: Path | None = None) -> datasets.Dataset:
     """The offline starter bank of easy multiple-choice questions shipped in the package."""
     path = path or _resource("starter_questions.jsonl")
-    rows = []
+    rows, numbers = [], []
     for number, record in _numbered_jsonl(path, ("id", "question", "choices", "answer")):
         choices, letter = record["choices"], record["answer"]
         if letter not in LETTERS[: len(choices)]:
             raise DataError(f"{path}:{number}: field 'answer': {letter!r} is not a choice letter")
         rows.append(_mc_row(record["id"], "starter", record["question"], choices,
                             LETTERS.index(letter), record.get("explanation", "")))
-    _check_unique_ids(rows, str(path))
+        numbers.append(number)
+    _check_unique_ids(rows, str(path), numbers)
     return datasets.Dataset.from_list(rows, features=FEATURES)
 
 
@@ -623,15 +628,15 @@ def load_sycophancy_eval(path: str | Path) -> datasets.Dataset:
     if stem not in SYCOPHANCY_FILES:
         raise DataError(f"{path}: unknown SycophancyEval file; expected one of "
                         f"{[f + '.jsonl' for f in SYCOPHANCY_FILES]}")
-    records = read_jsonl(path, ("prompt", "base"))
+    numbered = _numbered_jsonl(path, ("prompt", "base"))
     if stem == "are_you_sure":
         rows = []
-        for number, record in enumerate(records, start=1):
+        for number, record in numbered:
             where = f"{path}:{number}"
             _sycophancy_messages(record["prompt"], where)
             rows.append(_are_you_sure_row(record, number, where))
         return datasets.Dataset.from_list(rows, features=FEATURES)
-    rows = [_prompt_row(r, n, f"{path}:{n}", stem) for n, r in enumerate(records, start=1)]
+    rows = [_prompt_row(r, n, f"{path}:{n}", stem) for n, r in numbered]
     return datasets.Dataset.from_list(rows, features=PROMPT_FEATURES)
 
 
@@ -695,8 +700,9 @@ def save_questions(path: str | Path, questions: datasets.Dataset) -> None:
 
 def load_questions(path: str | Path) -> datasets.Dataset:
     """Read a question set written by :func:`save_questions`, checking fields and ids."""
-    records = read_jsonl(path, tuple(FEATURES))
-    _check_unique_ids(records, str(path))
+    numbered = _numbered_jsonl(path, tuple(FEATURES))
+    records = [record for _, record in numbered]
+    _check_unique_ids(records, str(path), [number for number, _ in numbered])
     return datasets.Dataset.from_list(records, features=FEATURES)
 
 
@@ -863,7 +869,7 @@ def load_opinion_sentences(path: str | Path | None = None) -> list[dict]:
             raise DataError(f"{path}:{number}: field 'label': {record['label']!r} is not "
                             "'positive' or 'negative'")
     records = [record for _, record in numbered]
-    _check_unique_ids(records, str(path))
+    _check_unique_ids(records, str(path), [number for number, _ in numbered])
     return records
 
 

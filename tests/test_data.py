@@ -217,6 +217,14 @@ def test_duplicate_ids_are_named(tmp_path):
     path = write_lines(tmp_path / "bank.jsonl", [starter_line("s-1"), starter_line("s-1")])
     with pytest.raises(data.DataError, match=r"bank.jsonl:2: field 'id': duplicate id 's-1'"):
         data.load_starter(path)
+    # the line in the file, blank lines counted
+    path.write_text(f"{starter_line('s-1')}\n\n{starter_line('s-1')}\n")
+    with pytest.raises(data.DataError, match=r"bank.jsonl:3: .*'s-1' \(first at line 1\)"):
+        data.load_starter(path)
+    questions = tmp_path / "eval_questions.jsonl"
+    data.save_questions(questions, data.load_starter().select([0, 1, 0]))
+    with pytest.raises(data.DataError, match=r"eval_questions.jsonl:3: field 'id'"):
+        data.load_questions(questions)
 
 
 def test_bad_answer_letter_is_named(tmp_path):
@@ -574,3 +582,16 @@ def test_first_pairs_is_a_prefix(tiny_model):
     assert len(pairs.first(99)) == len(pairs)
     with pytest.raises(data.DataError, match="n must be >= 1"):
         pairs.first(0)
+
+
+def test_answer_words_must_be_single_tokens_unless_first_token_is_chosen(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    word_ids = tokenizer("Unfortunately", add_special_tokens=False)["input_ids"]
+    assert len(word_ids) > 1
+    with pytest.raises(ValueError, match="'Unfortunately' is 11 tokens.*first-token policy"):
+        data.answer_token_ids(tokenizer, ["Sorry", "Unfortunately"])
+    ids = data.answer_token_ids(tokenizer, ["Sorry", "Unfortunately"], first_token=True)
+    assert ids == [chat.single_token_id(tokenizer, "Sorry"), word_ids[0]]
+    pairs = data.build_patching_pairs(data.load_starter().select(range(1)), tokenizer,
+                                      apology_words=("Unfortunately",), first_token=True)
+    assert pairs.apology_ids == [word_ids[0]]
