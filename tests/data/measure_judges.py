@@ -1,4 +1,5 @@
-"""Accuracy of the rule judge and of the LLM judge (SmolLM2) on the hand-labelled replies.
+"""Accuracy of the rule judge and of the LLM judge (SmolLM2) on the hand-labelled replies,
+and the LLM judge's ranking AUC (apologies scored above non-apologies; ties count half).
 
     python tests/data/measure_judges.py
 """
@@ -26,7 +27,16 @@ def main() -> None:
             for _, r in rows
         )
         print(f"{split:8s} n={n:3d}  rule judge {rule / n:.3f}  LLM judge {llm / n:.3f}  "
+              f"(AUC {_auc([(float(p_yes[i]), r['apologized']) for i, r in rows]):.3f})  "
               f"answer extraction {letter / n:.3f}")
+
+
+def _auc(scored: list[tuple[float, bool]]) -> float:
+    """P(an apology scores above a non-apology), ties counting half."""
+    positive = [p for p, label in scored if label]
+    negative = [p for p, label in scored if not label]
+    wins = sum((p > q) + 0.5 * (p == q) for p in positive for q in negative)
+    return wins / (len(positive) * len(negative))
 
 
 if __name__ == "__main__":
