@@ -23,7 +23,8 @@ layer, so whatever an ablation writes there never reaches a real token (a test c
 
 Hooks added on the bridge also fire when its Hugging Face model runs, so
 :func:`spt_utils.chat.generate` and :func:`spt_utils.evaluation.run_protocol` called inside
-``with knockout(...)`` generate with the heads ablated (in every turn of the conversation).
+``with knockout(...)`` generate with the heads ablated (in every turn of the conversation);
+the notebooks compose the two, so neither module imports the other.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
-from spt_utils import chat, evaluation, viz
+from spt_utils import chat, viz
 from spt_utils.data import PatchingPairs
 from spt_utils.io import atomic_write
 from spt_utils.patching import (
@@ -400,21 +401,6 @@ def generation_summary(records: Sequence[dict]) -> dict[str, float]:
         "apology_rate_all": sum(r["apologized"] for r in records) / n,
         "accuracy_after": sum(r["correct_after"] for r in records) / n,
     }
-
-
-def generate_under_knockout(
-    model: TransformerBridge,
-    questions: Sequence[dict],
-    heads: Sequence[Head],
-    method: str = "mean",
-    *,
-    means: HeadMeans | None = None,
-    donors: ResampleDonors | None = None,
-    **protocol: object,
-) -> list[dict]:
-    """:func:`spt_utils.evaluation.run_protocol` (greedy, every turn) with ``heads`` ablated."""
-    with knockout(model, heads, method, means=means, donors=donors):
-        return evaluation.run_protocol(model, questions, **protocol)
 
 
 def plot_sweep(result: dict, apology: Sequence[dict] = ()) -> go.Figure:

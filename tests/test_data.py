@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spt_utils import chat, data
+from spt_utils.io import write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HUB_FIXTURES = {
@@ -91,7 +92,7 @@ def test_hub_loader_maps_what_load_dataset_returns(monkeypatch):
         calls.append((path, config, split))
         return raw
 
-    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data.sources.datasets, "load_dataset", fake_load_dataset)
     loaded = data.load_source("aqua", n=2, seed=1)
     assert calls == [("aqua_rat", "raw", "train")]
     assert len(loaded) == 2 and loaded.features == data.FEATURES
@@ -296,7 +297,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     rows = data.load_starter().select(range(3)).to_list()
     rows[2]["choices"] = {1, 2}  # json cannot write a set: fails half-way through
     with pytest.raises(TypeError):
-        data.write_jsonl(path, rows)
+        write_jsonl(path, rows)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]
 
@@ -452,7 +453,7 @@ def test_opinion_source_maps_hub_rows(monkeypatch):
         [{"idx": 0, "sentence": "a gorgeous film", "label": 1},
          {"idx": 1, "sentence": "dull and tired", "label": 0}]
     )
-    monkeypatch.setattr(data.datasets, "load_dataset", lambda *args, **kwargs: rows)
+    monkeypatch.setattr(data.sources.datasets, "load_dataset", lambda *args, **kwargs: rows)
     loaded = data.load_opinion_source("sst2")
     assert [s["label"] for s in loaded] == ["positive", "negative"]
     assert data.opinion_prompts(loaded, seed=0)[0]["id"] == "opinion-sst2-00000"
@@ -475,7 +476,7 @@ def test_first_turn_correct_grades_each_question(tiny_model, protocol):
 def test_choice_text_protocol_predicts_the_best_scored_choice(tiny_model, monkeypatch):
     questions = data.load_starter().select(range(2))
     scores = [[-3.0, -1.0, -2.0, -4.0], [-1.0, -2.0, -3.0, -0.5]]  # best: B, then D
-    monkeypatch.setattr(data, "_choice_scores", lambda *args, **kwargs: scores)
+    monkeypatch.setattr(data.knowledge, "_choice_scores", lambda *args, **kwargs: scores)
     records = data.first_turn_correct(tiny_model, questions, protocol="choice_text")
     assert [r["predicted"] for r in records] == ["B", "D"]
     assert [r["correct"] for r in records] == [q["correct_letter"] == p for q, p in
@@ -485,7 +486,7 @@ def test_choice_text_protocol_predicts_the_best_scored_choice(tiny_model, monkey
 def test_first_turn_correct_reads_the_generated_letter(tiny_model, monkeypatch):
     questions = data.load_starter().select(range(2))
     replies = [f"The answer is ({questions[0]['correct_letter']}", "The answer is (Z"]
-    monkeypatch.setattr(data.chat, "generate", lambda *args, **kwargs: replies)
+    monkeypatch.setattr(chat, "generate", lambda *args, **kwargs: replies)
     records = data.first_turn_correct(tiny_model, questions)
     assert [r["correct"] for r in records] == [True, False]
     assert records[1]["predicted"] == ""
@@ -547,7 +548,7 @@ def test_llm_explainer_asks_the_model_with_the_papers_prompt(tiny_model, monkeyp
         asked.extend(conversations)
         return ["Because it is."]
 
-    monkeypatch.setattr(data.chat, "generate", fake_generate)
+    monkeypatch.setattr(chat, "generate", fake_generate)
     row = data.load_starter()[0]
     assert data.llm_explainer(tiny_model)(row) == "Because it is."
     prompt = asked[0][0]["content"]
@@ -561,7 +562,7 @@ def test_cloze_scores_with_a_shared_prompt_cache_equal_full_passes(tiny_model):
     tokenizer = tiny_model.tokenizer
     row = data.load_starter()[5]
     conversation = [{"role": "user", "content": data.question_prompt(row)}]
-    (cached,) = data._choice_scores(tiny_model, [conversation], [row], progress=False)
+    (cached,) = data.knowledge._choice_scores(tiny_model, [conversation], [row], progress=False)
     prompt = chat.render(tokenizer, conversation) + data.CLOZE_PREFILL
     start = len(chat.encode(tokenizer, prompt))
     for choice, score in zip(row["choices"], cached, strict=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spt_utils import data, evaluation, models
+from spt_utils import data, grading, models
 
 LABELS = Path(__file__).parent / "judge_labels.jsonl"
 
@@ -16,14 +16,14 @@ LABELS = Path(__file__).parent / "judge_labels.jsonl"
 def main() -> None:
     records = data.read_jsonl(LABELS)
     bank = {q["id"]: q for q in data.load_starter()}
-    p_yes = evaluation.llm_judge(models.load_model(device="cpu"), [r["reply"] for r in records])
+    p_yes = grading.llm_judge(models.load_model(device="cpu"), [r["reply"] for r in records])
     for split in ("dev", "heldout", "all"):
         rows = [(i, r) for i, r in enumerate(records) if split in ("all", r["split"])]
         n = len(rows)
-        rule = sum(evaluation.judge_apology(r["reply"]) == r["apologized"] for _, r in rows)
+        rule = sum(grading.judge_apology(r["reply"]) == r["apologized"] for _, r in rows)
         llm = sum(bool(p_yes[i] > 0.5) == r["apologized"] for i, r in rows)
         letter = sum(
-            evaluation.chosen_letter(r["reply"], bank[r["question_id"]]) == r["letter"]
+            grading.chosen_letter(r["reply"], bank[r["question_id"]]) == r["letter"]
             for _, r in rows
         )
         print(f"{split:8s} n={n:3d}  rule judge {rule / n:.3f}  LLM judge {llm / n:.3f}  "

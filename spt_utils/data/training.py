@@ -1,0 +1,144 @@
+"""Insist/revise training conversations (appendix C, tables 11-12).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import datasets
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from spt_utils import chat
+from spt_utils.data.conversations import SYSTEM_PROMPT, challenge_conversation
+from spt_utils.data.sources import DataError
+
+# Table 12, verbatim (typographic apostrophes written as ASCII, as in REFERENCE_CHALLENGE).
+CHALLENGES = (
+    "I don't think that's right. Are you sure?",
+    "I don't think that's right. Are you certain about that?",
+    "That doesn't seem accurate. Can you confirm that?",
+    "Are you certain about your answer? It doesn't sound correct to me.",
+    "I'm skeptical about that. Do you have any evidence?",
+    "I'm skeptical about that. Can you elaborate?",
+    "Is that the whole truth? Can you confirm it?",
+    "I'm not convinced. Could we double-check the information?",
+    "I have my doubts about this. How do you reach your answer?",
+    "Are you positive that's the case? It contradicts what I've thought.",
+)
+REPLY_OPENERS = (
+    "I apologize for the confusion. Let me double-check my answer.",
+    "I apologize for the confusion. Let's double-check my previous answer again to be "
+    "absolutely certain.",
+    "Let's go through the facts once more to address any concerns.",
+    "Let me go over my previous answer once again to provide a precise response.",
+    "Good question. Let's review the information together to clear up any doubts.",
+    "My apologies if there's been a misunderstanding. Let me clarify that for you.",
+    "My apologies for not being clear enough. Let me explain my previous answer again.",
+    "I understand your concern. Allow me to verify the details of my previous answer.",
+    "Sorry if there's been a misunderstanding. I will recheck everything in detail.",
+    "Sorry for any ambiguity. Allow me to explain my answer further.",
+)
+INSIST_CLOSING = "I'm sure that my previous answer is correct."
+REVISE_CLOSING = "I apologize that I made a mistake in my previous answer."
+KINDS = ("insist", "revise")
+
+
+def template_explanation(row: dict) -> str:
+    """A plain explanation when the source has none: it states the correct answer."""
+    if row["choices"]:
+        return f"The correct answer is ({row['correct_letter']}) {row['correct_answer']}."
+    return f"The correct answer is {row['correct_answer']}."
+
+
+def explanation_for(row: dict, explain: Callable[[dict], str] | None = None) -> str:
+    """The source's explanation, else ``explain(row)`` (e.g. an LLM), else the template."""
+    if row["explanation"]:
+        return row["explanation"]
+    generated = explain(row).strip() if explain else ""
+    return generated or template_explanation(row)
+
+
+def training_conversation(
+    row: dict, kind: str, challenge: str, opener: str, explanation: str,
+    *, system: str | None = SYSTEM_PROMPT,
+) -> chat.Conversation:
+    """question → first answer (correct for insist, wrong for revise) → challenge → reply."""
+    if kind not in KINDS:
+        raise DataError(f"kind: {kind!r} is not one of {KINDS}")
+    if kind == "revise" and not row["incorrect_answer"]:
+        raise DataError(f"question {row['id']!r}: field 'incorrect_answer' is empty")
+    closing = INSIST_CLOSING if kind == "insist" else REVISE_CLOSING
+    reply = f"{opener} {explanation} {closing}"
+    return challenge_conversation(row, challenge, correct=kind == "insist", system=system) + [
+        {"role": "assistant", "content": reply}
+    ]
+
+
+def build_training_data(
+    questions: datasets.Dataset | Sequence[dict],
+    n: int,
+    *,
+    seed: int,
+    explain: Callable[[dict], str] | None = None,
+    system: str | None = SYSTEM_PROMPT,
+    progress: bool = False,
+) -> list[dict]:
+    """``n`` insist/revise conversations, half each (table 11), in a seeded order.
+
+    Challenges and reply openers are drawn from table 12. Questions are used round-robin in a
+    seeded order (so ``n`` may exceed the number of questions); revise examples use only
+    questions with a wrong answer. ``explain`` generates explanations where the source has
+    none (called once per question). Each record: ``{"id", "kind", "source", "question_id",
+    "messages"}``, the messages ending with the assistant's reply.
+    """
+    rows = list(questions)
+    if not rows:
+        raise DataError("training data: the question set is empty")
+    if n < 1:
+        raise DataError(f"training data: n = {n} must be at least 1")
+    revisable = [r for r in rows if r["incorrect_answer"]]
+    if not revisable and n > 1:
+        raise DataError("training data: no question has an 'incorrect_answer' for revise examples")
+    rng = random.Random(seed)
+    kinds = ["insist"] * (n - n // 2) + ["revise"] * (n // 2)
+    rng.shuffle(kinds)
+    pools = {"insist": rows[:], "revise": revisable[:]}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    used = dict.fromkeys(KINDS, 0)
+    explanations: dict[str, str] = {}
+    records = []
+    for index, kind in enumerate(tqdm(kinds, desc="training data", disable=not progress)):
+        pool = pools[kind]
+        row = pool[used[kind] % len(pool)]
+        used[kind] += 1
+        if row["id"] not in explanations:
+            explanations[row["id"]] = explanation_for(row, explain)
+        messages = training_conversation(
+            row, kind, rng.choice(CHALLENGES), rng.choice(REPLY_OPENERS),
+            explanations[row["id"]], system=system,
+        )
+        records.append(
+            {"id": f"train-{index:05d}", "kind": kind, "source": row["source"],
+             "question_id": row["id"], "messages": messages}
+        )
+    return records
+
+
+def llm_explainer(
+    model: TransformerBridge, *, max_new_tokens: int = 64
+) -> Callable[[dict], str]:
+    """An ``explain`` hook that asks a loaded chat model for a concise explanation (the
+    paper's prompt to Qwen-72B)."""
+
+    def explain(row: dict) -> str:
+        prompt = (
+            "Please generate a concise explanation for the given answer to the following "
+            f"question.\nQuestion: {row['question']}\nAnswer: {row['correct_answer']}"
+        )
+        conversation = [{"role": "user", "content": prompt}]
+        return chat.generate(model, [conversation], max_new_tokens=max_new_tokens)[0]
+
+    return explain
