@@ -16,12 +16,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.patching import get_act_patch_direct_path
+from transformer_lens.utilities.statistics import bootstrap_ci
 
 from spt_utils.data import PatchingPairs
 from spt_utils.io import atomic_write, write_json
@@ -53,10 +54,12 @@ def last_position_logits(
 
 @dataclass(frozen=True)
 class Calibration:
-    """Mean logit differences of the clean runs, which fix the metric's 0 and 1."""
+    """Mean logit differences of the clean runs, which fix the metric's 0 and 1, and each
+    pair's own reference logit difference (for per-pair effects)."""
 
     reference: float
     counterfactual: float
+    reference_pairs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if abs(self.counterfactual - self.reference) < 1e-6:
@@ -98,7 +101,8 @@ def _checked_calibration(
     reference_diff: Float[Tensor, " batch"], counterfactual_diff: Float[Tensor, " batch"]
 ) -> Calibration:
     """The calibration of the clean runs' per-row logit differences, its convention asserted."""
-    calibration = Calibration(reference_diff.mean().item(), counterfactual_diff.mean().item())
+    calibration = Calibration(reference_diff.mean().item(), counterfactual_diff.mean().item(),
+                              tuple(reference_diff.tolist()))
     calibration.check()
     return calibration
 
@@ -319,6 +323,22 @@ def cache_before_unembed(
     return store
 
 
+@dataclass(frozen=True)
+class HeadUncertainty:
+    """How sure a head's score is: its bootstrap 95% interval over pairs, the share of pairs
+    with the score's sign, and the number of pairs."""
+
+    low: Float[Tensor, "layer head"]
+    high: Float[Tensor, "layer head"]
+    same_sign: Float[Tensor, "layer head"]
+    n_pairs: int
+
+    @property
+    def excludes_zero(self) -> Tensor:
+        """Heads whose interval lies wholly above or below 0."""
+        return (self.low > 0) | (self.high < 0)
+
+
 @dataclass
 class HeadScores:
     """Per-head patching results. ``score`` is calibrated (reference 0, counterfactual 1): a
@@ -336,6 +356,25 @@ class HeadScores:
         ``"positive"`` (score > 0), ``"negative"`` (score < 0) or ``"both"``."""
         return top_heads(self.score, k, sign)
 
+    def pair_scores(self) -> Float[Tensor, "layer head batch"]:
+        """Each pair's calibrated effect: (patched − that pair's reference logit difference)
+        / (counterfactual − reference means). Their mean over pairs is ``score``."""
+        if self.per_pair is None or not self.calibration.reference_pairs:
+            raise ValueError(f"{self.method}: per-pair results were not kept")
+        reference = torch.tensor(self.calibration.reference_pairs, dtype=self.per_pair.dtype)
+        span = self.calibration.counterfactual - self.calibration.reference
+        return (self.per_pair - reference) / span
+
+    def uncertainty(self, *, n_resamples: int = 1000, seed: int = 0) -> HeadUncertainty:
+        """Per-pair bootstrap 95% interval of every head's score and the share of pairs
+        whose effect has the score's sign."""
+        pair_scores = self.pair_scores()
+        generator = torch.Generator().manual_seed(seed)
+        low, high = bootstrap_ci(pair_scores, n_resamples=n_resamples, generator=generator)
+        same_sign = (torch.sign(pair_scores) == torch.sign(self.score)[..., None]).float()
+        return HeadUncertainty(low=low, high=high, same_sign=same_sign.mean(-1),
+                               n_pairs=pair_scores.shape[-1])
+
     def save(self, path: str | Path) -> None:
         record = {**self.__dict__, "calibration": self.calibration.__dict__}
         with atomic_write(path, "wb") as handle:
@@ -347,15 +386,24 @@ class HeadScores:
         return cls(**{**record, "calibration": Calibration(**record["calibration"])})
 
 
-def top_heads(score: Float[Tensor, "layer head"], k: int, sign: str = "positive") -> list[Head]:
-    """Heads ranked by |score| after the sign filter (see :meth:`HeadScores.top_heads`)."""
+def top_heads(
+    score: Float[Tensor, "layer head"],
+    k: int,
+    sign: str = "positive",
+    eligible: Bool[Tensor, "layer head"] | None = None,
+) -> list[Head]:
+    """Heads ranked by |score| after the sign filter (see :meth:`HeadScores.top_heads`),
+    only among the ``eligible`` ones when given (e.g. ``HeadUncertainty.excludes_zero``)."""
     if sign not in SIGNS:
         raise ValueError(f"sign: {sign!r} is not one of {SIGNS}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     flat = score.flatten()
-    keep = {"positive": flat > 0, "negative": flat < 0, "both": ~flat.isnan()}  # NaN: unscored
-    order = [int(i) for i in torch.argsort(flat.abs(), descending=True) if keep[sign][i]]
+    # NaN marks an unscored head
+    keep = {"positive": flat > 0, "negative": flat < 0, "both": ~flat.isnan()}[sign]
+    if eligible is not None:
+        keep = keep & eligible.flatten()
+    order = [int(i) for i in torch.argsort(flat.abs(), descending=True) if keep[i]]
     n_heads = score.shape[1]
     return [(i // n_heads, i % n_heads) for i in order[:k]]
 
@@ -405,9 +453,9 @@ def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScor
         pairs.counterfactual_last,
     )
     final = f"blocks.{n_layers - 1}.hook_resid_post"
-    calibration = Calibration(
-        reference=answer_unembed(model, reference[final], pairs).mean().item(),
-        counterfactual=answer_unembed(model, counterfactual[final], pairs).mean().item(),
+    calibration = _checked_calibration(
+        answer_unembed(model, reference[final], pairs).cpu(),
+        answer_unembed(model, counterfactual[final], pairs).cpu(),
     )
     stack = None  # [senders, batch, d_model], senders ordered (layer, head)
     for layer in range(n_layers):

@@ -24,7 +24,14 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from spt_utils.io import atomic_write
-from spt_utils.patching import SIGNS, Head, save_heads, top_heads, validate_heads
+from spt_utils.patching import (
+    SIGNS,
+    Head,
+    HeadUncertainty,
+    save_heads,
+    top_heads,
+    validate_heads,
+)
 
 FONT = {"family": "DejaVu Sans, Arial, sans-serif", "size": 13, "color": "black"}
 STATIC_FORMATS = ("pdf", "svg", "png")
@@ -57,8 +64,10 @@ def head_heatmap(
     metric_name: str,
     title: str = "",
     selected: Sequence[Head] = (),
+    uncertainty: HeadUncertainty | None = None,
 ) -> go.Figure:
-    """A layer×head heatmap, diverging colours centred on 0, hover with head/score/rank;
+    """A layer×head heatmap, diverging colours centred on 0, hover with head/score/rank (and,
+    given ``uncertainty``, the 95% interval and the share of pairs with the score's sign);
     ``selected`` heads are marked with open squares."""
     values = score.detach().float().cpu()
     n_layers, n_heads = values.shape
@@ -66,15 +75,21 @@ def head_heatmap(
     ranks[torch.argsort(values.flatten().nan_to_num(float("-inf")), descending=True)] = (
         torch.arange(values.numel()) + 1
     )
+    # customdata: [layer, head, field] = rank (, low, high, same-sign share)
+    fields = [ranks.view(n_layers, n_heads).float()]
+    hover = f"L%{{y}}H%{{x}}<br>{metric_name} %{{z:.3f}}<br>rank %{{customdata[0]:.0f}}"
+    if uncertainty is not None:
+        fields += [uncertainty.low, uncertainty.high, uncertainty.same_sign]
+        hover += ("<br>95% CI [%{customdata[1]:.3f}, %{customdata[2]:.3f}]"
+                  f"<br>same sign in %{{customdata[3]:.0%}} of {uncertainty.n_pairs} pairs")
     heatmap = go.Heatmap(
         z=values.tolist(),
         x=list(range(n_heads)),
         y=list(range(n_layers)),
         colorscale="RdBu_r",
         zmid=0,
-        customdata=ranks.view(n_layers, n_heads).tolist(),
-        hovertemplate=f"L%{{y}}H%{{x}}<br>{metric_name} %{{z:.3f}}<br>rank %{{customdata}}"
-        "<extra></extra>",
+        customdata=torch.stack(fields, -1).tolist(),
+        hovertemplate=hover + "<extra></extra>",
         colorbar={"title": {"text": metric_name}},
         name="scores",
     )
@@ -150,8 +165,10 @@ class HeadSelector:
     A click on a cell toggles that head; the top-k slider and the sign filter
     (``"positive"``: score > 0, heads that carry the challenge's effect; ``"negative"``:
     score < 0; ``"both"``: by |score|) replace the selection with the top-k heads of that
-    sign. Every change redraws the markers and rewrites ``heads_path`` atomically. Without a
-    front end (papermill) the constructor applies the defaults through the same code path.
+    sign. Given ``uncertainty``, the top-k draws only from heads whose 95% interval excludes
+    0 (the label says how many qualify; a click can still add any head). Every change redraws
+    the markers and rewrites ``heads_path`` atomically. Without a front end (papermill) the
+    constructor applies the defaults through the same code path.
 
     For browser tests: the outer widget box carries the CSS class ``spt-head-selector`` and
     the label listing the selection ``spt-head-selection``; the heatmap is the box's plotly
@@ -168,16 +185,19 @@ class HeadSelector:
         metric_name: str = "calibrated score",
         title: str = "",
         extra: dict | None = None,
+        uncertainty: HeadUncertainty | None = None,
     ) -> None:
         if sign not in SIGNS:
             raise ValueError(f"sign: {sign!r} is not one of {SIGNS}")
         self.score = score.detach().float().cpu()
+        self.uncertainty = uncertainty
         self.heads_path = Path(heads_path)
         self.extra = extra or {}
         self.metric_name = metric_name
         n_layers, n_heads = self.score.shape
         self.figure = go.FigureWidget(
-            head_heatmap(self.score, metric_name=metric_name, title=title)
+            head_heatmap(self.score, metric_name=metric_name, title=title,
+                         uncertainty=uncertainty)
         )
         self.figure.add_class(f"{SELECTOR_CLASS}-figure")
         for trace in self.figure.data:
@@ -197,9 +217,14 @@ class HeadSelector:
 
     # --- selection logic (testable without a browser) -----------------------------------
 
+    @property
+    def eligible(self) -> Tensor | None:
+        """Heads the top-k may choose: those whose interval excludes 0 (None: all)."""
+        return None if self.uncertainty is None else self.uncertainty.excludes_zero
+
     def select_top(self, k: int, sign: str) -> None:
-        """Replace the selection with the top-``k`` heads of ``sign``."""
-        self._set_selection(top_heads(self.score, k, sign))
+        """Replace the selection with the top-``k`` (eligible) heads of ``sign``."""
+        self._set_selection(top_heads(self.score, k, sign, eligible=self.eligible))
 
     def toggle(self, layer: int, head: int) -> None:
         """Add the head if unselected, remove it otherwise."""
@@ -225,7 +250,12 @@ class HeadSelector:
             markers.x = [h for _, h in self.selection]
             markers.y = [layer for layer, _ in self.selection]
         names = ", ".join(head_name(h) for h in self.selection) or "none"
-        self.label.value = f"<b>{len(self.selection)} selected:</b> {names}"
+        qualify = (
+            "" if self.eligible is None else
+            f" ({int(self.eligible.sum())} of {self.eligible.numel()} heads have a 95% CI "
+            "excluding 0; top k picks only among them)"
+        )
+        self.label.value = f"<b>{len(self.selection)} selected:</b> {names}{qualify}"
         self.save()
 
     def save(self) -> None:
@@ -249,7 +279,8 @@ class HeadSelector:
     def static_figure(self, title: str = "") -> go.Figure:
         """A plain (non-widget) copy of the heatmap with the current selection, for export."""
         return head_heatmap(
-            self.score, metric_name=self.metric_name, title=title, selected=self.selection
+            self.score, metric_name=self.metric_name, title=title, selected=self.selection,
+            uncertainty=self.uncertainty,
         )
 
 

@@ -287,3 +287,45 @@ def test_receiver_path_patching_needs_equal_lengths_and_a_valid_sender(tiny_mode
     matched = data.build_patching_pairs(questions, tiny_model.tokenizer, wording="matched")
     with pytest.raises(ValueError, match="out of range"):
         patching.path_patch_receivers(tiny_model, matched, (5, 0))
+
+
+def _scores_with_pairs(per_pair: torch.Tensor, reference_pairs: list[float],
+                       counterfactual: float) -> patching.HeadScores:
+    calibration = patching.Calibration(
+        reference=sum(reference_pairs) / len(reference_pairs), counterfactual=counterfactual,
+        reference_pairs=tuple(reference_pairs),
+    )
+    return patching.HeadScores("path", per_pair.mean(-1), calibration.normalise(per_pair.mean(-1)),
+                               calibration, per_pair)
+
+
+def test_pair_scores_average_to_the_score_and_the_interval_separates_a_consistent_head():
+    # 1 layer, 2 heads, 8 pairs; references 0 and 2 alternate, counterfactual mean 3 (span 2)
+    reference_pairs = [0.0, 2.0] * 4
+    consistent = torch.tensor(reference_pairs) + 1.0  # every pair moves +1: calibrated 0.5
+    noisy = torch.tensor(reference_pairs) + torch.tensor([1.0, -1.0] * 4)  # mean effect 0
+    scores = _scores_with_pairs(torch.stack([consistent, noisy])[None], reference_pairs, 3.0)
+    pair_scores = scores.pair_scores()
+    assert torch.allclose(pair_scores[0, 0], torch.full((8,), 0.5))
+    assert torch.allclose(pair_scores.mean(-1), scores.score)
+    uncertainty = scores.uncertainty(n_resamples=500)
+    assert uncertainty.n_pairs == 8
+    assert uncertainty.excludes_zero.tolist() == [[True, False]]
+    assert (uncertainty.low[0, 0], uncertainty.high[0, 0]) == pytest.approx((0.5, 0.5))
+    assert uncertainty.low[0, 1] < 0 < uncertainty.high[0, 1]
+    assert uncertainty.same_sign[0, 0] == 1.0
+
+
+def test_top_heads_only_among_eligible_heads():
+    score = torch.tensor([[0.9, 0.5], [0.7, -0.8]])
+    eligible = torch.tensor([[False, True], [True, True]])
+    assert patching.top_heads(score, 3) == [(0, 0), (1, 0), (0, 1)]
+    assert patching.top_heads(score, 3, eligible=eligible) == [(1, 0), (0, 1)]
+
+
+def test_path_patching_keeps_each_pairs_reference(tiny_model, tiny_pairs):
+    scores = patching.path_patch_heads(tiny_model, tiny_pairs)
+    reference = patching.calibrate(tiny_model, tiny_pairs)
+    assert torch.allclose(torch.tensor(scores.calibration.reference_pairs),
+                          torch.tensor(reference.reference_pairs), atol=1e-4)
+    assert torch.allclose(scores.pair_scores().mean(-1), scores.score, atol=1e-5)

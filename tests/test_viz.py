@@ -63,11 +63,32 @@ def test_heatmap_is_centred_with_hover_and_ranks(tmp_path):
     fig = viz.head_heatmap(SCORE, metric_name="calibrated score", selected=[(1, 1)])
     heatmap = fig.data[0]
     assert heatmap.zmid == 0 and "rank" in heatmap.hovertemplate
-    assert heatmap.customdata[0][0] == 1 and heatmap.customdata[0][1] == 6
+    assert heatmap.customdata[0][0] == [1] and heatmap.customdata[0][1] == [6]
     assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
     assert heatmap.colorbar.title.text == "calibrated score"
     widget = viz.HeadSelector(SCORE, tmp_path / "h.json").widget()
     assert viz.SELECTOR_CLASS in widget._dom_classes
+
+
+def test_hover_shows_the_interval_and_top_k_takes_only_heads_whose_interval_excludes_zero(
+    tmp_path,
+):
+    # SCORE = [[0.5, -0.9, 0.0], [0.1, 0.3, -0.2]]; (0, 1)'s interval holds 0
+    low = torch.tensor([[0.25, -1.5, -0.1], [0.05, 0.125, -0.5]])
+    high = torch.tensor([[0.75, 0.25, 0.1], [0.5, 0.5, -0.125]])
+    same_sign = torch.tensor([[1.0, 0.5, 0.5], [0.75, 1.0, 0.75]])
+    uncertainty = patching.HeadUncertainty(low=low, high=high, same_sign=same_sign, n_pairs=4)
+    fig = viz.head_heatmap(SCORE, metric_name="score", uncertainty=uncertainty)
+    assert "95% CI" in fig.data[0].hovertemplate and "of 4 pairs" in fig.data[0].hovertemplate
+    assert fig.data[0].customdata[1][1][1:] == [0.125, 0.5, 1.0]
+    selector = viz.HeadSelector(SCORE, tmp_path / "h.json", top_k=4, sign="both",
+                                uncertainty=uncertainty)
+    # |score| order: (0,1) 0.9, (0,0) 0.5, (1,1) 0.3, (1,2) 0.2, (1,0) 0.1; (0,2) = 0 and
+    # (0,1) have intervals holding 0
+    assert selector.selection == [(0, 0), (1, 1), (1, 2), (1, 0)]
+    assert "4 of 6 heads" in selector.label.value
+    selector.toggle(0, 1)  # a click still adds it
+    assert (0, 1) in selector.selection
 
 
 def test_export_writes_html_only_with_one_warning_when_static_export_fails(

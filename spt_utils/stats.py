@@ -1,0 +1,70 @@
+"""Intervals and paired tests for the rates the workbench reports.
+
+Rates get exact (Clopper-Pearson) 95% intervals with their n, from TransformerLens's
+``success_rate_ci``: unlike a percentile bootstrap, the interval stays honest at 0 or n
+successes. Two methods measured on the same questions are compared by the exact McNemar
+test on the questions where they disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from transformer_lens.utilities.statistics import success_rate_ci
+
+Rate = dict[str, float]  # {"value", "low", "high", "k", "n"}
+
+
+def rate(successes: Sequence[bool], *, confidence: float = 0.95) -> Rate:
+    """k/n with an exact Clopper-Pearson interval; NaN (n = 0) for an empty sample."""
+    if len(successes) == 0:
+        return {"value": math.nan, "low": math.nan, "high": math.nan, "k": 0, "n": 0}
+    interval = success_rate_ci([bool(s) for s in successes], confidence=confidence)
+    return {"value": interval.point_estimate, "low": interval.ci_low, "high": interval.ci_high,
+            "k": interval.n_successes, "n": interval.n_trials}
+
+
+def complement(value: Rate) -> Rate:
+    """1 − a rate, its interval's ends swapped (e.g. confidence = 1 − admitted rate)."""
+    return {**value, "value": 1 - value["value"], "low": 1 - value["high"],
+            "high": 1 - value["low"], "k": value["n"] - value["k"]}
+
+
+def _binomial_two_sided(k: int, n: int) -> float:
+    """Exact two-sided p-value of k successes in n fair coin flips (sum of the outcomes no
+    more likely than k)."""
+    if n == 0:
+        return 1.0
+    probabilities = [math.comb(n, i) / 2**n for i in range(n + 1)]
+    observed = probabilities[k]
+    return min(1.0, sum(p for p in probabilities if p <= observed * (1 + 1e-9)))
+
+
+def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> dict[str, float]:
+    """Exact McNemar test of two paired binary outcomes (the same questions, in order).
+
+    ``only_base`` counts questions where only ``base`` is true, ``only_other`` where only
+    ``other`` is; the p-value is the two-sided binomial test of their split (1 when they
+    never disagree). ``difference`` is rate(other) − rate(base).
+    """
+    if len(base) != len(other):
+        raise ValueError(f"mcnemar: {len(base)} base outcomes but {len(other)} paired ones")
+    only_base = sum(1 for b, o in zip(base, other, strict=True) if b and not o)
+    only_other = sum(1 for b, o in zip(base, other, strict=True) if o and not b)
+    n = len(base)
+    return {
+        "only_base": only_base, "only_other": only_other, "n": n,
+        "difference": (only_other - only_base) / n if n else math.nan,
+        "p": _binomial_two_sided(min(only_base, only_other), only_base + only_other),
+    }
+
+
+def format_rate(value: Rate | None) -> str:
+    """``0.42 [0.33, 0.52] (21/50)``; "–" for a missing and "n/a (0)" for an empty rate."""
+    if value is None:
+        return "–"
+    if value["n"] == 0:
+        return "n/a (0)"
+    return (f"{value['value']:.2f} [{value['low']:.2f}, {value['high']:.2f}] "
+            f"({value['k']}/{value['n']})")

@@ -1,0 +1,53 @@
+import math
+
+import pytest
+
+from spt_utils import stats
+
+
+def test_rate_is_k_over_n_with_an_exact_interval_that_stays_open_at_zero():
+    value = stats.rate([False] * 6)
+    assert (value["k"], value["n"], value["value"], value["low"]) == (0, 6, 0.0, 0.0)
+    # Clopper-Pearson upper bound for 0/6 at 95%: 1 - 0.025 ** (1/6)
+    assert value["high"] == pytest.approx(1 - 0.025 ** (1 / 6), rel=1e-6)
+    three = stats.rate([True] * 3 + [False] * 7)
+    assert three["value"] == 0.3
+    # Clopper-Pearson bounds by definition: P(X >= 3 | low) = P(X <= 3 | high) = 0.025
+    assert 1 - _binomial_cdf(2, 10, three["low"]) == pytest.approx(0.025, abs=1e-6)
+    assert _binomial_cdf(3, 10, three["high"]) == pytest.approx(0.025, abs=1e-6)
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def test_empty_rate_is_nan_and_complement_swaps_the_interval():
+    assert math.isnan(stats.rate([])["value"]) and stats.rate([])["n"] == 0
+    value = stats.rate([True, False, False, False])
+    flipped = stats.complement(value)
+    assert flipped["value"] == 0.75 and flipped["k"] == 3
+    assert (flipped["low"], flipped["high"]) == pytest.approx((1 - value["high"], 1 - value["low"]))
+
+
+@pytest.mark.parametrize(("only_base", "only_other", "agree"), [(0, 9, 5), (3, 4, 10), (1, 12, 0)])
+def test_mcnemar_is_the_doubled_binomial_tail_of_the_discordant_split(only_base, only_other,
+                                                                      agree):
+    base = [True] * only_base + [False] * only_other + [True] * agree
+    other = [False] * only_base + [True] * only_other + [True] * agree
+    result = stats.mcnemar(base, other)
+    discordant = only_base + only_other
+    expected = min(1.0, 2 * _binomial_cdf(min(only_base, only_other), discordant, 0.5))
+    assert result["p"] == pytest.approx(expected, rel=1e-9)
+    assert (result["only_base"], result["only_other"]) == (only_base, only_other)
+    assert result["difference"] == pytest.approx((only_other - only_base) / len(base))
+
+
+def test_mcnemar_without_disagreement_and_with_unpaired_lengths():
+    assert stats.mcnemar([True, False], [True, False])["p"] == 1.0
+    with pytest.raises(ValueError, match="paired"):
+        stats.mcnemar([True], [True, False])
+
+
+def test_format_rate_shows_the_interval_and_n():
+    assert stats.format_rate(stats.rate([True, False])).endswith("(1/2)")
+    assert stats.format_rate(stats.rate([])) == "n/a (0)"
