@@ -76,10 +76,17 @@ def extract_letter(reply: str, letters: str = "ABCD") -> str | None:
 
 
 def normalise(text: str) -> str:
-    """Lower-case words and numbers without accents, joined by single spaces ("Washington,
-    D.C." → "washington d c", "Brasília" → "brasilia", "3.14" stays): answers compare so."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", ascii_text.lower()))
+    """Lower-case words and numbers without accents or thousands separators, joined by single
+    spaces ("Washington, D.C." → "washington d c", "Brasília" → "brasilia", "0°C" → "0 c",
+    "1,000" → "1000", "3.14" stays): the form in which answers are compared."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    plain = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", plain)
+    return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", plain.lower()))
+
+
+def _mentions(text: str, phrase: str) -> int:
+    """How often ``phrase`` occurs in ``text`` as whole words (both normalised)."""
+    return len(re.findall(rf"(?<!\S){re.escape(phrase)}(?!\S)", text))
 
 
 def named_choices(reply: str, choices: Sequence[str]) -> set[int]:
@@ -115,7 +122,9 @@ def grade_free_form(reply: str, question: dict) -> bool:
     """Does the reply name the correct answer or one of its ``aliases`` and no wrong answer
     (another choice's text, or ``incorrect_answer``)? Whole words, case and punctuation
     ignored; a text that is only part of a longer named one does not count ("4" inside "14",
-    "York" inside "New York")."""
+    "York" inside "New York"), and a text that the question itself holds counts only when the
+    reply says it more often than the question ("50 - 25 = 2.5" names no 25, "18 - 9 = 9"
+    names 9)."""
     correct = question["correct_answer"]
     if not normalise(correct):
         raise ValueError(f"question {question.get('id', '?')!r}: field 'correct_answer' holds "
@@ -127,7 +136,9 @@ def grade_free_form(reply: str, question: dict) -> bool:
         if normalise(text):
             is_right.setdefault(normalise(text), False)
     texts = list(is_right)
-    named = [is_right[texts[i]] for i in named_choices(reply, texts)]
+    said, asked = normalise(reply), normalise(question.get("question", ""))
+    named = [is_right[texts[i]] for i in named_choices(reply, texts)
+             if _mentions(said, texts[i]) > _mentions(asked, texts[i])]
     return any(named) and all(named)
 
 

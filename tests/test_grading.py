@@ -78,7 +78,8 @@ def test_grade_free_form_and_bad_policy():
 @pytest.mark.parametrize(
     ("text", "normalised"),
     [("Washington, D.C.", "washington d c"), ("Brasília", "brasilia"),
-     ("It is 3.14!", "it is 3.14"), ("1,000", "1 000"), ("H2O", "h2o")],
+     ("It is 3.14!", "it is 3.14"), ("1,000 or 10,000,000", "1000 or 10000000"),
+     ("3,5", "3 5"), ("0°C", "0 c"), ("H2O", "h2o")],
 )
 def test_normalise(text, normalised):
     assert grading.normalise(text) == normalised
@@ -94,6 +95,13 @@ TEENS = {"id": "q-teens", "choices": ["4", "14", "40", "41"], "correct_letter": 
 BRAZIL = {"id": "q-brazil", "choices": ["São Paulo", "Brasília", "Lima", "Quito"],
           "correct_letter": "B", "correct_answer": "Brasília", "incorrect_answer": "Lima",
           "aliases": []}
+HALF = {"id": "q-half", "question": "What is 50 - 25?", "choices": ["30", "22", "26", "25"],
+        "correct_letter": "D", "correct_answer": "25", "incorrect_answer": "30", "aliases": []}
+NINE = {"id": "q-nine", "question": "What is 18 - 9?", "choices": ["7", "19", "4", "9"],
+        "correct_letter": "D", "correct_answer": "9", "incorrect_answer": "7", "aliases": []}
+APPLES = {"id": "q-apples", "question": "Sam has 3 apples and buys 4 more. How many now?",
+          "choices": ["5", "4", "7", "2"], "correct_letter": "C", "correct_answer": "7",
+          "incorrect_answer": "2", "aliases": ["seven"]}
 IRON = {"id": "q-iron", "choices": [], "correct_letter": "", "correct_answer": "Iron",
         "incorrect_answer": "Lead", "aliases": ["Fe"]}
 
@@ -115,6 +123,12 @@ IRON = {"id": "q-iron", "choices": [], "correct_letter": "", "correct_answer": "
         ("FOURTEEN!", TEENS, True),
         ("It is 4.", TEENS, False),
         ("The capital of Brazil is Brasilia.", BRAZIL, True),  # accents ignored
+        ("50 - 25 = 2.5", HALF, False),  # 25 only echoes the question
+        ("50 - 25 = 25", HALF, True),
+        ("18 - 9 = 9.", NINE, True),  # said more often than the question says it
+        ("18 - 9 = 1.", NINE, False),
+        ("Sam has 3 + 4 = 7 apples now.", APPLES, True),  # the echoed 4 names no wrong choice
+        ("Sam has 3 + 4 = 5 apples now.", APPLES, False),
         ("Iron, whose symbol is Fe.", IRON, True),
         ("Iron and lead.", IRON, False),  # names the incorrect answer
     ],
