@@ -50,7 +50,9 @@ def first_turn_correct(
     :func:`~spt_utils.grading.extract_letter`: the format the letter patching pairs use.
     ``protocol="choice_text"``: a cloze test of knowledge, not format: each choice's text as
     the continuation of the plain question's reply "The answer is", scored by ``normalise``
-    (see :func:`choice_scores`); the best-scored choice is the answer.
+    (see :func:`choice_scores`); the best-scored choice is the answer. ``prefill`` and
+    ``max_new_tokens`` default per protocol (letter: "The answer is (" and 3; free form: no
+    prefill and 16).
 
     One record per question: ``{"id", "predicted", "correct", "answer"}``: ``predicted`` is the
     choice letter (free form: the one choice the reply names, "" when none, several or no
