@@ -1,7 +1,7 @@
 """How many starter questions a model answers correctly, in total and per category.
 
     python scripts/measure_knowledge.py                      # SmolLM2, free form, whole bank
-    python scripts/measure_knowledge.py --protocol choice_text --normalise pmi
+    python scripts/measure_knowledge.py --protocol choice_text --normalise pmi --n 180
     python scripts/measure_knowledge.py --records records.jsonl   # every reply, to read
 
 Free form asks "{question} Answer in a few words." (greedy, 16 new tokens) and grades the reply
@@ -26,13 +26,16 @@ def main() -> None:
     parser.add_argument("--protocol", default="free_form", choices=data.ACCURACY_PROTOCOLS)
     parser.add_argument("--normalise", default="sum", choices=data.CLOZE_NORMALISATIONS,
                         help="choice_text scoring")
+    parser.add_argument("--n", type=int, default=None,
+                        help="a seeded sample of this many questions (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--records", type=Path, default=None,
                         help="write one record per question (reply, grade) to this JSONL file")
     args = parser.parse_args()
 
     model = models.load_model(args.model, device="cpu")
-    questions = data.load_starter(args.bank)
+    questions = data.load_source("starter", n=args.n, seed=args.seed, path=args.bank)
     start = time.perf_counter()
     records = data.first_turn_correct(
         model, questions, protocol=args.protocol, normalise=args.normalise,

@@ -81,7 +81,7 @@ def normalise(text: str) -> str:
     "1,000" → "1000", "3.14" stays): the form in which answers are compared."""
     plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     plain = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", plain)
-    return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", plain.lower()))
+    return " ".join(re.findall(r"[^\W_]+(?:\.\d+)?", plain.lower()))
 
 
 def _mentions(text: str, phrase: str) -> int:

@@ -112,12 +112,14 @@ def test_trivia_qa_mapping_uses_the_question_id_and_value():
     assert rows["aliases"] == [r["answer"]["aliases"] for r in raw]
 
 
-@pytest.mark.parametrize("aliases", ["Mars", [1, "Mars"], ["", "Mars"], None])
+@pytest.mark.parametrize("aliases", ["Mars", [1, "Mars"], None])
 def test_trivia_qa_aliases_must_be_a_list_of_strings(aliases):
     raw = json.loads((FIXTURES / HUB_FIXTURES["trivia_qa"]).read_text().splitlines()[0])
     raw["answer"]["aliases"] = aliases
     with pytest.raises(data.DataError, match=r"trivia:1: field 'answer.aliases': expected a list"):
         data.map_rows([raw], data.trivia_qa_row, "trivia")
+    raw["answer"]["aliases"] = ["", "Mars", "?!", "火星"]  # no word in two: never named
+    assert data.trivia_qa_row(raw, 0)["aliases"] == ["Mars", "火星"]
 
 
 def test_hub_loader_maps_what_load_dataset_returns(monkeypatch):
@@ -299,9 +301,9 @@ def test_starter_aliases_and_category_are_read(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "error"),
     [
-        ({"aliases": "four"}, r"field 'aliases': expected a list of non-empty strings"),
-        ({"aliases": ["four", 4]}, r"field 'aliases': expected a list of non-empty strings"),
-        ({"aliases": ["--"]}, r"field 'aliases': expected a list of non-empty strings"),
+        ({"aliases": "four"}, r"field 'aliases': expected a list of strings"),
+        ({"aliases": ["four", 4]}, r"field 'aliases': expected a list of strings"),
+        ({"aliases": ["four", "--"]}, r"field 'aliases': an alias holds no word"),
         ({"aliases": ["three"], "choices": ["Three", "4"]}, r"field 'aliases': 'three' names"),
         ({"choices": ["4", "4."]}, r"field 'choices': \['4', '4.'\] are not distinct"),
         ({"choices": ["3", "?"]}, r"field 'choices'"),
@@ -327,7 +329,7 @@ def test_bad_opinion_label_is_named(tmp_path):
 
 def test_splits_are_disjoint_seeded_and_prefer_the_pool():
     starter = data.load_starter()
-    pool = [row["id"] for row in starter][::20]  # 18 ids
+    pool = [row["id"] for row in starter][::20][:18]
     sizes = {"patching": 10, "train": 40, "eval": 20, "general": 15}
     splits = data.split_questions(starter, sizes, seed=3, correct_pool=pool)
     ids = {name: [r["id"] for r in split] for name, split in splits.items()}
@@ -727,31 +729,36 @@ def summed_log_prob(model, prompt: str, continuation: str) -> tuple[float, int]:
 
 
 def test_cloze_normalisations_equal_hand_computations_on_full_passes(tiny_model):
-    rows = data.load_starter().select([5, 90])
+    rows = data.load_starter().select([0, 50])  # France, Eiffel Tower: three shared choices
+    assert len(set(rows[0]["choices"]) & set(rows[1]["choices"])) == 3
     tokenizer = tiny_model.tokenizer
     system = {"role": "system", "content": "You are a helpful assistant."}
+    neutral = [system, {"role": "user", "content": "Answer in a few words."}]
+    prior_prompt = chat.render(tokenizer, neutral) + "The answer is"
+    hand = {"sum": [], "mean": [], "pmi": []}
     for row in rows:
         asked = [system, {"role": "user", "content": f"{row['question']} Answer in a few words."}]
-        neutral = [system, {"role": "user", "content": "Answer in a few words."}]
         prompt = chat.render(tokenizer, asked) + "The answer is"
-        prior_prompt = chat.render(tokenizer, neutral) + "The answer is"
         assert "(A)" not in prompt  # the plain question: no lettered options
-        hand = {"sum": [], "mean": [], "pmi": []}
+        for normalise in hand:
+            hand[normalise].append([])
         for choice in row["choices"]:
             total, count = summed_log_prob(tiny_model, prompt, f" {choice}")
             prior, _ = summed_log_prob(tiny_model, prior_prompt, f" {choice}")
-            hand["sum"].append(total)
-            hand["mean"].append(total / count)
-            hand["pmi"].append(total - prior)
-        assert len(set(hand["pmi"])) == len(row["choices"])
-        for normalise, expected in hand.items():
-            (scores,) = data.choice_scores(tiny_model, [row], normalise=normalise)
-            assert scores == pytest.approx(expected, abs=1e-4), normalise
-            (record,) = data.first_turn_correct(tiny_model, [row], protocol="choice_text",
-                                                normalise=normalise)
-            best = max(range(len(expected)), key=expected.__getitem__)
-            assert record["predicted"] == data.LETTERS[best]
-            assert record["answer"] == row["choices"][best]
+            hand["sum"][-1].append(total)
+            hand["mean"][-1].append(total / count)
+            hand["pmi"][-1].append(total - prior)
+    for normalise, expected in hand.items():
+        scores = data.choice_scores(tiny_model, rows, normalise=normalise)
+        for got, want in zip(scores, expected, strict=True):
+            assert got == pytest.approx(want, abs=1e-4), normalise
+        records = data.first_turn_correct(tiny_model, rows, protocol="choice_text",
+                                          normalise=normalise)
+        best = [max(range(len(w)), key=w.__getitem__) for w in expected]
+        assert [r["predicted"] for r in records] == [data.LETTERS[b] for b in best]
+        assert [r["answer"] for r in records] == [row["choices"][b]
+                                                  for row, b in zip(rows, best, strict=True)]
+    assert hand["pmi"] != hand["sum"] and hand["mean"] != hand["sum"]
 
 
 def test_first_pairs_is_a_prefix(tiny_model):

@@ -79,7 +79,7 @@ def test_grade_free_form_and_bad_policy():
     ("text", "normalised"),
     [("Washington, D.C.", "washington d c"), ("Brasília", "brasilia"),
      ("It is 3.14!", "it is 3.14"), ("1,000 or 10,000,000", "1000 or 10000000"),
-     ("3,5", "3 5"), ("0°C", "0 c"), ("H2O", "h2o")],
+     ("3,5", "3 5"), ("0°C", "0 c"), ("H2O", "h2o"), ("Kyiv—not 中国", "kyiv not 中国")],
 )
 def test_normalise(text, normalised):
     assert grading.normalise(text) == normalised

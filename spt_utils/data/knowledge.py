@@ -17,6 +17,7 @@ from spt_utils.data.conversations import (
     FREE_FORM_INSTRUCTION,
     SYSTEM_PROMPT,
     question_conversation,
+    question_prompt,
 )
 from spt_utils.data.sources import DataError
 from spt_utils.grading import LETTERS
@@ -125,15 +126,13 @@ def _free_form_correct(
     ]
 
 
-def _cloze_prompts(
-    tokenizer: PreTrainedTokenizerBase, row: dict, system: str | None
-) -> tuple[str, str]:
-    """The rendered prompts a choice continues: the plain (free-form) question's reply opened
-    with "The answer is", and the neutral one (the instruction without the question)."""
-    asked = question_conversation(row, protocol="free_form", system=system)
-    neutral = asked[:-1] + [{"role": "user", "content": FREE_FORM_INSTRUCTION}]
-    return (chat.render(tokenizer, asked) + CLOZE_PREFILL,
-            chat.render(tokenizer, neutral) + CLOZE_PREFILL)
+def _cloze_prompt(tokenizer: PreTrainedTokenizerBase, row: dict | None,
+                  system: str | None) -> str:
+    """The rendered text a choice continues: the plain (free-form) question, the reply opened
+    with "The answer is"; without a row, the neutral prompt (the instruction alone)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    asked = FREE_FORM_INSTRUCTION if row is None else question_prompt(row, "free_form")
+    return chat.render(tokenizer, messages + [{"role": "user", "content": asked}]) + CLOZE_PREFILL
 
 
 @torch.no_grad()
@@ -148,16 +147,19 @@ def choice_scores(
     """Each choice's cloze score after the plain question (no lettered options shown) and
     "The answer is": ``"sum"`` of its tokens' log-probabilities, their ``"mean"``, or
     ``"pmi"``: the sum minus the same tokens' sum after the neutral prompt (the instruction
-    alone), which removes how likely a choice is a priori.
+    without a question), which removes how likely a choice is a priori.
 
-    Each prompt runs once; its KV cache is shared by the choices.
+    Each prompt runs once; its KV cache is shared by the choices. The neutral sums are
+    computed once per distinct choice.
     """
     if normalise not in CLOZE_NORMALISATIONS:
         raise DataError(f"normalise: {normalise!r} is not one of {CLOZE_NORMALISATIONS}")
     tokenizer = model.tokenizer
+    neutral_ids = chat.encode(tokenizer, _cloze_prompt(tokenizer, None, system))
+    priors: dict[tuple[int, ...], float] = {}  # choice tokens → summed log-prob, neutral
     scores = []
     for row in tqdm(rows, desc="choice scores", disable=not progress):
-        prompt, neutral = _cloze_prompts(tokenizer, row, system)
+        prompt = _cloze_prompt(tokenizer, row, system)
         prompt_ids = chat.encode(tokenizer, prompt)
         continuations = []
         for choice in row["choices"]:
@@ -170,8 +172,13 @@ def choice_scores(
         if normalise == "mean":
             summed = [s / len(tokens) for s, tokens in zip(summed, continuations, strict=True)]
         elif normalise == "pmi":
-            prior = _summed_log_probs(model, chat.encode(tokenizer, neutral), continuations)
-            summed = [s - p for s, p in zip(summed, prior, strict=True)]
+            keys = [tuple(tokens.tolist()) for tokens in continuations]
+            new = {key: tokens for key, tokens in zip(keys, continuations, strict=True)
+                   if key not in priors}
+            if new:
+                priors.update(zip(new, _summed_log_probs(model, neutral_ids, list(new.values())),
+                                  strict=True))
+            summed = [s - priors[key] for s, key in zip(summed, keys, strict=True)]
         scores.append(summed)
     return scores
 

@@ -99,7 +99,9 @@ def load_starter(path: Path | None = None) -> datasets.Dataset:
         if not all(texts) or len(set(texts)) != len(texts):
             raise DataError(f"{where}: field 'choices': {choices!r} are not distinct texts "
                             "(compared without case and punctuation)")
-        aliases = check_aliases(record.get("aliases", []), where, "aliases")
+        aliases = record.get("aliases", [])
+        if check_aliases(aliases, where, "aliases") != aliases:
+            raise DataError(f"{where}: field 'aliases': an alias holds no word ({aliases!r})")
         correct = LETTERS.index(letter)
         for alias in aliases:
             if normalise(alias) in texts[:correct] + texts[correct + 1 :]:
@@ -131,13 +133,11 @@ def _field(record: dict, key: str, where: str) -> Any:
 
 
 def check_aliases(aliases: Any, where: str, field: str) -> list[str]:
-    """``aliases`` as a list of strings that each hold a word; else an error naming the field."""
-    if not isinstance(aliases, list) or not all(
-        isinstance(alias, str) and normalise(alias) for alias in aliases
-    ):
-        raise DataError(f"{where}: field {field!r}: expected a list of non-empty strings, "
-                        f"got {aliases!r}")
-    return aliases
+    """The aliases that hold a word (others could never be named), from a list of strings;
+    anything else is an error naming the field."""
+    if not isinstance(aliases, list) or not all(isinstance(alias, str) for alias in aliases):
+        raise DataError(f"{where}: field {field!r}: expected a list of strings, got {aliases!r}")
+    return [alias for alias in aliases if normalise(alias)]
 
 
 def free_form_answer(answer: Any, where: str, field: str) -> str:
