@@ -1,11 +1,12 @@
 import json
+from collections import Counter
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
-from spt_utils import chat, data
+from spt_utils import chat, data, grading
 from spt_utils.io import write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -33,12 +34,23 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 def test_starter_bank_matches_the_schema():
     starter = data.load_starter()
     assert len(starter) >= 300 and starter.features == data.FEATURES
-    letters = [row["correct_letter"] for row in starter]
-    assert set(letters) == set("ABCD")
+    letters = Counter(row["correct_letter"] for row in starter)
+    assert set(letters) == set("ABCD") and max(letters.values()) - min(letters.values()) <= 1
     for row in starter:
         assert row["choices"][data.LETTERS.index(row["correct_letter"])] == row["correct_answer"]
         assert row["incorrect_answer"] in row["choices"]
         assert row["incorrect_answer"] != row["correct_answer"]
+        assert len(set(row["choices"])) == 4 and row["category"]
+
+
+def test_every_starter_line_has_aliases_and_a_category():
+    lines = data.resource("starter_questions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(isinstance(r["aliases"], list) and r["category"] for r in records)
+    starter = data.load_starter()
+    assert starter["aliases"] == [r["aliases"] for r in records]
+    assert starter["category"] == [r["category"] for r in records]
+    assert [r["id"] for r in records] == [f"starter-{n:04d}" for n in range(1, len(lines) + 1)]
 
 
 # --- hub loaders on real-format fixtures ----------------------------------------------------
@@ -58,8 +70,9 @@ def test_mmlu_mapping_uses_the_answer_index():
     assert mapped[1]["incorrect_answer"] == "2 m/s"  # the next choice, cyclically
     # the fixture nests rows under `train` like the hub's auxiliary_train config; the "all"
     # config's auxiliary_train split is flat
-    flat = data.mmlu_row({"question": "q", "choices": ["x", "y"], "answer": 0}, 7)
+    flat = data.mmlu_row({"question": "q", "choices": ["x", "y"], "answer": 0, "subject": "art"}, 7)
     assert flat["id"] == "mmlu-000007" and flat["correct_answer"] == "x"
+    assert flat["category"] == "art" and flat["aliases"] == []
 
 
 def test_aqua_mapping_strips_option_letters_and_keeps_the_rationale():
@@ -75,6 +88,17 @@ def test_math_mapping_reads_the_last_boxed_answer():
     assert [r["correct_answer"] for r in rows] == ["25", "\\frac{3}{4}", "a"]
     assert [r["incorrect_answer"] for r in rows] == ["26", "\\frac{3}{5}", ""]
     assert rows[0]["choices"] == [] and "\\boxed{25}" in rows[0]["explanation"]
+    assert rows["category"] == ["Prealgebra", "Prealgebra", "Algebra"]  # the MATH `type`
+
+
+def test_free_form_rows_need_a_correct_text():
+    empty = {"problem": "p", "solution": "So the answer is $\\boxed{}$."}
+    with pytest.raises(data.DataError, match=r"math:1: field 'solution': '' is no correct text"):
+        data.map_rows([empty], data.math_row, "math")
+    raw = json.loads((FIXTURES / HUB_FIXTURES["trivia_qa"]).read_text().splitlines()[0])
+    raw["answer"]["value"] = "?"
+    with pytest.raises(data.DataError, match=r"trivia:1: field 'answer.value': '\?' is no"):
+        data.map_rows([raw], data.trivia_qa_row, "trivia")
 
 
 def test_trivia_qa_mapping_uses_the_question_id_and_value():
@@ -83,6 +107,19 @@ def test_trivia_qa_mapping_uses_the_question_id_and_value():
     )
     assert rows[0]["id"] == "trivia_qa-qf_0001" and rows[0]["correct_answer"] == "Mars"
     assert rows[0]["incorrect_answer"] == ""
+    raw = [json.loads(line) for line in
+           (FIXTURES / HUB_FIXTURES["trivia_qa"]).read_text().splitlines()]
+    assert rows["aliases"] == [r["answer"]["aliases"] for r in raw]
+
+
+@pytest.mark.parametrize("aliases", ["Mars", [1, "Mars"], None])
+def test_trivia_qa_aliases_must_be_a_list_of_strings(aliases):
+    raw = json.loads((FIXTURES / HUB_FIXTURES["trivia_qa"]).read_text().splitlines()[0])
+    raw["answer"]["aliases"] = aliases
+    with pytest.raises(data.DataError, match=r"trivia:1: field 'answer.aliases': expected a list"):
+        data.map_rows([raw], data.trivia_qa_row, "trivia")
+    raw["answer"]["aliases"] = ["", "Mars", "?!", "火星"]  # no word in two: never named
+    assert data.trivia_qa_row(raw, 0)["aliases"] == ["Mars", "火星"]
 
 
 def test_hub_loader_maps_what_load_dataset_returns(monkeypatch):
@@ -156,6 +193,25 @@ def test_are_you_sure_loads_multiple_choice_and_free_form_rows():
     assert mc["correct_answer"] == "20 litres" and len(mc["choices"]) == 5
     assert free["choices"] == [] and free["incorrect_answer"] == "Lead"
     assert data.question_prompt(mc).endswith(data.ANSWER_INSTRUCTION)
+    raw = [json.loads(line) for line in (FIXTURES / "are_you_sure.jsonl").read_text().splitlines()]
+    assert free["aliases"] == raw[2]["base"]["answer"] and len(free["aliases"]) == 2
+    assert mc["aliases"] == [] and rows["category"] == ["", "", ""]
+
+
+def test_are_you_sure_free_form_rows_need_an_answer_and_string_aliases(tmp_path):
+    free = json.loads((FIXTURES / "are_you_sure.jsonl").read_text().splitlines()[2])
+    path = tmp_path / "are_you_sure.jsonl"
+    free["base"]["answer"] = "Iron"  # one alias as a plain string
+    write_lines(path, [json.dumps(free)])
+    assert data.load_sycophancy_eval(path)[0]["aliases"] == ["Iron"]
+    free["base"]["answer"] = {"value": "Iron"}
+    write_lines(path, [json.dumps(free)])
+    with pytest.raises(data.DataError, match=r"are_you_sure.jsonl:1: field 'base.answer'"):
+        data.load_sycophancy_eval(path)
+    free["base"]["answer"], free["base"]["correct_answer"] = ["Iron"], ""
+    write_lines(path, ["", json.dumps(free)])
+    with pytest.raises(data.DataError, match=r":2: field 'base.correct_answer': '' is no correct"):
+        data.load_sycophancy_eval(path)
 
 
 @pytest.mark.parametrize("name", ["answer.jsonl", "feedback.jsonl"])
@@ -234,6 +290,33 @@ def test_bad_answer_letter_is_named(tmp_path):
         data.load_starter(path)
 
 
+def test_starter_aliases_and_category_are_read(tmp_path):
+    path = write_lines(tmp_path / "bank.jsonl", [
+        starter_line("s-1", aliases=["four", "IV"], category="arithmetic"), starter_line("s-2"),
+    ])
+    rows = data.load_starter(path)
+    assert rows["aliases"] == [["four", "IV"], []] and rows["category"] == ["arithmetic", ""]
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"aliases": "four"}, r"field 'aliases': expected a list of strings"),
+        ({"aliases": ["four", 4]}, r"field 'aliases': expected a list of strings"),
+        ({"aliases": ["four", "--"]}, r"field 'aliases': an alias holds no word"),
+        ({"aliases": ["three"], "choices": ["Three", "4"]}, r"field 'aliases': 'three' names"),
+        ({"choices": ["4", "4."]}, r"field 'choices': \['4', '4.'\] are not distinct"),
+        ({"choices": ["3", "?"]}, r"field 'choices'"),
+        ({"category": 7}, r"field 'category': expected a string"),
+    ],
+)
+def test_bad_starter_fields_are_named(tmp_path, changes, error):
+    lines = [starter_line("s-1"), starter_line("s-2", **changes)]
+    path = write_lines(tmp_path / "bank.jsonl", lines)
+    with pytest.raises(data.DataError, match=rf"bank.jsonl:2: {error}"):
+        data.load_starter(path)
+
+
 def test_bad_opinion_label_is_named(tmp_path):
     line = json.dumps({"id": "o-1", "text": "Fine.", "label": "neutral"})
     path = write_lines(tmp_path / "opinions.jsonl", [line])
@@ -246,7 +329,7 @@ def test_bad_opinion_label_is_named(tmp_path):
 
 def test_splits_are_disjoint_seeded_and_prefer_the_pool():
     starter = data.load_starter()
-    pool = [row["id"] for row in starter][::20]  # 18 ids
+    pool = [row["id"] for row in starter][::20][:18]
     sizes = {"patching": 10, "train": 40, "eval": 20, "general": 15}
     splits = data.split_questions(starter, sizes, seed=3, correct_pool=pool)
     ids = {name: [r["id"] for r in split] for name, split in splits.items()}
@@ -468,7 +551,10 @@ def test_first_turn_correct_grades_each_question(tiny_model, protocol):
     records = data.first_turn_correct(tiny_model, questions, protocol=protocol)
     assert [r["id"] for r in records] == questions["id"]
     for record, row in zip(records, questions, strict=True):
-        assert record["correct"] == (record["predicted"] == row["correct_letter"])
+        if protocol == "free_form":
+            assert record["correct"] == grading.grade_free_form(record["answer"], row)
+        else:
+            assert record["correct"] == (record["predicted"] == row["correct_letter"])
     with pytest.raises(data.DataError, match="protocol"):
         data.first_turn_correct(tiny_model, questions, protocol="vibes")
 
@@ -476,9 +562,11 @@ def test_first_turn_correct_grades_each_question(tiny_model, protocol):
 def test_choice_text_protocol_predicts_the_best_scored_choice(tiny_model, monkeypatch):
     questions = data.load_starter().select(range(2))
     scores = [[-3.0, -1.0, -2.0, -4.0], [-1.0, -2.0, -3.0, -0.5]]  # best: B, then D
-    monkeypatch.setattr(data.knowledge, "_choice_scores", lambda *args, **kwargs: scores)
+    monkeypatch.setattr(data.knowledge, "choice_scores", lambda *args, **kwargs: scores)
     records = data.first_turn_correct(tiny_model, questions, protocol="choice_text")
     assert [r["predicted"] for r in records] == ["B", "D"]
+    assert [r["answer"] for r in records] == [questions[0]["choices"][1],
+                                              questions[1]["choices"][3]]
     assert [r["correct"] for r in records] == [q["correct_letter"] == p for q, p in
                                                zip(questions, "BD", strict=True)]
 
@@ -489,7 +577,77 @@ def test_first_turn_correct_reads_the_generated_letter(tiny_model, monkeypatch):
     monkeypatch.setattr(chat, "generate", lambda *args, **kwargs: replies)
     records = data.first_turn_correct(tiny_model, questions)
     assert [r["correct"] for r in records] == [True, False]
-    assert records[1]["predicted"] == ""
+    assert records[1]["predicted"] == "" and [r["answer"] for r in records] == replies
+
+
+FREE_FORM = [
+    {"id": "f-1", "question": "How many planets orbit the Sun?", "choices": ["9", "8", "10", "7"],
+     "correct_letter": "B", "correct_answer": "8", "incorrect_answer": "10",
+     "aliases": ["eight"]},
+    {"id": "f-2", "question": "Which metal has the symbol Fe?", "choices": [],
+     "correct_letter": "", "correct_answer": "Iron", "incorrect_answer": "Lead",
+     "aliases": ["Fe"]},
+]
+
+
+def test_free_form_protocol_asks_the_plain_question_and_grades_the_text(tiny_model, monkeypatch):
+    calls = []
+
+    def fake_generate(model, conversations, **kwargs):
+        calls.append((conversations, kwargs))
+        return ["There are eight, not 10.", "Fe, which is iron."]
+
+    monkeypatch.setattr(chat, "generate", fake_generate)
+    records = data.first_turn_correct(tiny_model, FREE_FORM, protocol="free_form")
+    assert [r["correct"] for r in records] == [False, True]  # the first names a wrong choice
+    assert [r["answer"] for r in records] == ["There are eight, not 10.", "Fe, which is iron."]
+    assert [r["predicted"] for r in records] == ["C", ""]  # "10" is choice (C); no choices
+    conversations, kwargs = calls[0]
+    asked = conversations[0][-1]["content"]
+    assert asked == "How many planets orbit the Sun? Answer in a few words."
+    assert kwargs["max_new_tokens"] == 16 and kwargs["prefill"] == ""
+
+
+def test_protocols_a_question_cannot_support_are_named(tiny_model):
+    for protocol in ("letter", "choice_text"):
+        with pytest.raises(data.DataError, match=rf"protocol '{protocol}' needs choices, but "
+                           r"field 'choices' is empty for ids \['f-2'\]"):
+            data.first_turn_correct(tiny_model, FREE_FORM, protocol=protocol)
+    no_text = [{**FREE_FORM[1], "correct_answer": ""}]
+    with pytest.raises(data.DataError, match=r"field 'correct_answer' holds no correct text "
+                       r"for ids \['f-2'\]"):
+        data.first_turn_correct(tiny_model, no_text, protocol="free_form")
+    with pytest.raises(data.DataError, match="normalise: 'max'"):
+        data.choice_scores(tiny_model, FREE_FORM[:1], normalise="max")
+
+
+# Fixed starter questions with easy replies to grade (no answer echoed by the question, no
+# accents): capitals, landmarks, organs, animals, words and people, some of which SmolLM2
+# gets wrong.
+KNOWLEDGE_SUBSET = ["starter-0001", "starter-0025", "starter-0029", "starter-0051",
+                    "starter-0076", "starter-0092", "starter-0305", "starter-0528",
+                    "starter-0531", "starter-0579", "starter-0632", "starter-0640"]
+
+
+def words(text: str) -> str:
+    """Lower-case alphanumeric words of ``text``, space-padded for whole-word search."""
+    return f" {' '.join(''.join(c if c.isalnum() else ' ' for c in text.lower()).split())} "
+
+
+@pytest.mark.integration
+def test_smollm2_free_form_count_equals_an_independent_recount(smollm2):
+    bank = data.load_starter()
+    subset = bank.select([bank["id"].index(ident) for ident in KNOWLEDGE_SUBSET])
+    records = data.first_turn_correct(smollm2, subset, protocol="free_form")
+    recount = 0
+    for record, row in zip(records, subset, strict=True):
+        said = words(record["answer"])
+        right = any(words(t) in said for t in [row["correct_answer"], *row["aliases"]])
+        wrong = any(words(c) in said for c in row["choices"] if c != row["correct_answer"])
+        recount += right and not wrong
+    correct = sum(r["correct"] for r in records)
+    print(f"SmolLM2 free form on {len(subset)} questions: {correct} correct")
+    assert correct == recount and 0 < correct < len(subset)
 
 
 # --- the whole synthesis ---------------------------------------------------------------------
@@ -558,20 +716,49 @@ def test_llm_explainer_asks_the_model_with_the_papers_prompt(tiny_model, monkeyp
     assert isinstance(data.llm_explainer(tiny_model, max_new_tokens=2)(row), str)
 
 
-def test_cloze_scores_with_a_shared_prompt_cache_equal_full_passes(tiny_model):
+def summed_log_prob(model, prompt: str, continuation: str) -> tuple[float, int]:
+    """Summed log-probability and token count of ``continuation`` after ``prompt``, from one
+    full forward pass of the bridge (no KV cache)."""
+    start = len(chat.encode(model.tokenizer, prompt))
+    ids = chat.encode(model.tokenizer, prompt + continuation)
+    with torch.no_grad():
+        # log_probs: [pos, d_vocab]
+        log_probs = model(ids[None], return_type="logits")[0].log_softmax(-1)
+    picked = log_probs[start - 1 : -1].gather(-1, ids[start:, None])
+    return picked.sum().item(), len(ids) - start
+
+
+def test_cloze_normalisations_equal_hand_computations_on_full_passes(tiny_model):
+    rows = data.load_starter().select([0, 50])  # France, Eiffel Tower: three shared choices
+    assert len(set(rows[0]["choices"]) & set(rows[1]["choices"])) == 3
     tokenizer = tiny_model.tokenizer
-    row = data.load_starter()[5]
-    conversation = [{"role": "user", "content": data.question_prompt(row)}]
-    (cached,) = data.knowledge._choice_scores(tiny_model, [conversation], [row], progress=False)
-    prompt = chat.render(tokenizer, conversation) + data.CLOZE_PREFILL
-    start = len(chat.encode(tokenizer, prompt))
-    for choice, score in zip(row["choices"], cached, strict=True):
-        ids = chat.encode(tokenizer, f"{prompt} {choice}")
-        with torch.no_grad():
-            # log_probs: [pos, d_vocab]
-            log_probs = tiny_model(ids[None], return_type="logits")[0].log_softmax(-1)
-        full = log_probs[start - 1 : -1].gather(-1, ids[start:, None]).mean().item()
-        assert score == pytest.approx(full, abs=1e-5)
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    neutral = [system, {"role": "user", "content": "Answer in a few words."}]
+    prior_prompt = chat.render(tokenizer, neutral) + "The answer is"
+    hand = {"sum": [], "mean": [], "pmi": []}
+    for row in rows:
+        asked = [system, {"role": "user", "content": f"{row['question']} Answer in a few words."}]
+        prompt = chat.render(tokenizer, asked) + "The answer is"
+        assert "(A)" not in prompt  # the plain question: no lettered options
+        for normalise in hand:
+            hand[normalise].append([])
+        for choice in row["choices"]:
+            total, count = summed_log_prob(tiny_model, prompt, f" {choice}")
+            prior, _ = summed_log_prob(tiny_model, prior_prompt, f" {choice}")
+            hand["sum"][-1].append(total)
+            hand["mean"][-1].append(total / count)
+            hand["pmi"][-1].append(total - prior)
+    for normalise, expected in hand.items():
+        scores = data.choice_scores(tiny_model, rows, normalise=normalise)
+        for got, want in zip(scores, expected, strict=True):
+            assert got == pytest.approx(want, abs=1e-4), normalise
+        records = data.first_turn_correct(tiny_model, rows, protocol="choice_text",
+                                          normalise=normalise)
+        best = [max(range(len(w)), key=w.__getitem__) for w in expected]
+        assert [r["predicted"] for r in records] == [data.LETTERS[b] for b in best]
+        assert [r["answer"] for r in records] == [row["choices"][b]
+                                                  for row, b in zip(rows, best, strict=True)]
+    assert hand["pmi"] != hand["sum"] and hand["mean"] != hand["sum"]
 
 
 def test_first_pairs_is_a_prefix(tiny_model):

@@ -71,6 +71,84 @@ def test_grade_free_form_and_bad_policy():
     assert not grading.grade("Paris or Lyon.", question)
     with pytest.raises(ValueError, match="grading"):
         grading.grade("(C)", CORK, "vibes")
+    with pytest.raises(ValueError, match="grading"):
+        grading.chosen_letter("(C)", CORK, "free_form")  # free form names no letter
+
+
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [("Washington, D.C.", "washington d c"), ("Brasília", "brasilia"),
+     ("It is 3.14!", "it is 3.14"), ("1,000 or 10,000,000", "1000 or 10000000"),
+     ("3,5", "3 5"), ("0°C", "0 c"), ("H2O", "h2o"), ("Kyiv—not 中国", "kyiv not 中国")],
+)
+def test_normalise(text, normalised):
+    assert grading.normalise(text) == normalised
+
+
+CAPITAL = {"id": "q-us", "choices": ["New York City", "Los Angeles", "Washington, D.C.", "Chicago"],
+           "correct_letter": "C", "correct_answer": "Washington, D.C.",
+           "incorrect_answer": "Chicago", "aliases": ["Washington DC", "Washington"]}
+PLANETS = {"id": "q-planets", "choices": ["9", "8", "10", "7"], "correct_letter": "B",
+           "correct_answer": "8", "incorrect_answer": "10", "aliases": ["eight"]}
+TEENS = {"id": "q-teens", "choices": ["4", "14", "40", "41"], "correct_letter": "B",
+         "correct_answer": "14", "incorrect_answer": "40", "aliases": ["fourteen"]}
+BRAZIL = {"id": "q-brazil", "choices": ["São Paulo", "Brasília", "Lima", "Quito"],
+          "correct_letter": "B", "correct_answer": "Brasília", "incorrect_answer": "Lima",
+          "aliases": []}
+HALF = {"id": "q-half", "question": "What is 50 - 25?", "choices": ["30", "22", "26", "25"],
+        "correct_letter": "D", "correct_answer": "25", "incorrect_answer": "30", "aliases": []}
+NINE = {"id": "q-nine", "question": "What is 18 - 9?", "choices": ["7", "19", "4", "9"],
+        "correct_letter": "D", "correct_answer": "9", "incorrect_answer": "7", "aliases": []}
+APPLES = {"id": "q-apples", "question": "Sam has 3 apples and buys 4 more. How many now?",
+          "choices": ["5", "4", "7", "2"], "correct_letter": "C", "correct_answer": "7",
+          "incorrect_answer": "2", "aliases": ["seven"]}
+IRON = {"id": "q-iron", "choices": [], "correct_letter": "", "correct_answer": "Iron",
+        "incorrect_answer": "Lead", "aliases": ["Fe"]}
+
+
+@pytest.mark.parametrize(
+    ("reply", "question", "right"),
+    [
+        ("The capital of the United States is Washington D.C.", CAPITAL, True),
+        ("Washington DC.", CAPITAL, True),  # an alias
+        ("It is Washington.", CAPITAL, True),
+        ("New York City.", CAPITAL, False),
+        ("Washington, D.C., not New York City.", CAPITAL, False),  # names a wrong choice too
+        ("Paris.", CAPITAL, False),  # names nothing
+        ("There are eight planets.", PLANETS, True),  # the number word is an alias
+        ("There are 8 planets.", PLANETS, True),
+        ("8 or 10.", PLANETS, False),
+        ("18 planets.", PLANETS, False),  # whole words only
+        ("The answer is 14.", TEENS, True),  # "4" inside "14" is not a named choice
+        ("FOURTEEN!", TEENS, True),
+        ("It is 4.", TEENS, False),
+        ("The capital of Brazil is Brasilia.", BRAZIL, True),  # accents ignored
+        ("50 - 25 = 2.5", HALF, False),  # 25 only echoes the question
+        ("50 - 25 = 25", HALF, True),
+        ("18 - 9 = 9.", NINE, True),  # said more often than the question says it
+        ("18 - 9 = 1.", NINE, False),
+        ("Sam has 3 + 4 = 7 apples now.", APPLES, True),  # the echoed 4 names no wrong choice
+        ("Sam has 3 + 4 = 5 apples now.", APPLES, False),
+        ("Iron, whose symbol is Fe.", IRON, True),
+        ("Iron and lead.", IRON, False),  # names the incorrect answer
+    ],
+)
+def test_grade_free_form(reply, question, right):
+    assert grading.grade_free_form(reply, question) is right
+    assert grading.grade(reply, question, "free_form") is right
+
+
+def test_grade_uses_aliases_for_questions_without_choices():
+    assert grading.grade("Fe.", IRON)  # the default letter policy cannot apply: free form
+    assert not grading.grade("Fe.", {**IRON, "aliases": []})
+    # lettered grading of a question with choices ignores the aliases
+    assert not grading.grade("Washington DC", CAPITAL)
+    assert grading.grade("Washington DC", CAPITAL, "free_form")
+
+
+def test_free_form_grading_needs_a_correct_text():
+    with pytest.raises(ValueError, match=r"'q-iron': field 'correct_answer' holds no words"):
+        grading.grade_free_form("Iron", {**IRON, "correct_answer": " ?! "})
 
 
 

@@ -29,7 +29,13 @@ from spt_utils.data.conversations import (
     question_conversation,
     question_prompt,
 )
-from spt_utils.data.knowledge import ACCURACY_PROTOCOLS, CLOZE_PREFILL, first_turn_correct
+from spt_utils.data.knowledge import (
+    ACCURACY_PROTOCOLS,
+    CLOZE_NORMALISATIONS,
+    CLOZE_PREFILL,
+    choice_scores,
+    first_turn_correct,
+)
 from spt_utils.data.opinion import (
     OPINION_CHOICES,
     OPINION_PREFILL,
@@ -59,6 +65,8 @@ from spt_utils.data.sources import (
     DataError,
     HubSource,
     aqua_row,
+    check_aliases,
+    free_form_answer,
     last_boxed,
     load_hub_source,
     load_source,
@@ -98,7 +106,9 @@ from spt_utils.grading import LETTERS
 
 __all__ = [
     "ACCURACY_PROTOCOLS",
+    "CLOZE_NORMALISATIONS",
     "CLOZE_PREFILL",
+    "choice_scores",
     "first_turn_correct",
     "ANSWER_INSTRUCTION",
     "ANSWER_PREFILL",
@@ -137,6 +147,8 @@ __all__ = [
     "answer_text",
     "answer_token_ids",
     "aqua_row",
+    "check_aliases",
+    "free_form_answer",
     "arithmetic_claims",
     "build_patching_pairs",
     "build_training_data",

@@ -14,7 +14,7 @@ from typing import Any
 
 import datasets
 
-from spt_utils.grading import LETTERS
+from spt_utils.grading import LETTERS, normalise
 
 FEATURES = datasets.Features(
     {
@@ -26,6 +26,8 @@ FEATURES = datasets.Features(
         "correct_answer": datasets.Value("string"),
         "incorrect_answer": datasets.Value("string"),
         "explanation": datasets.Value("string"),  # "" when the source has none
+        "aliases": datasets.Sequence(datasets.Value("string")),  # other texts of the answer
+        "category": datasets.Value("string"),  # "" when the source has none
     }
 )
 
@@ -81,15 +83,34 @@ def check_unique_ids(
 
 
 def load_starter(path: Path | None = None) -> datasets.Dataset:
-    """The offline starter bank of easy multiple-choice questions shipped in the package."""
+    """The offline starter bank of easy multiple-choice questions shipped in the package.
+
+    Optional fields: ``explanation``, ``category`` and ``aliases`` (other texts of the correct
+    answer, e.g. "eight" for "8", for free-form grading; none may name another choice).
+    """
     path = path or resource("starter_questions.jsonl")
     rows, numbers = [], []
     for number, record in numbered_jsonl(path, ("id", "question", "choices", "answer")):
+        where = f"{path}:{number}"
         choices, letter = record["choices"], record["answer"]
         if letter not in LETTERS[: len(choices)]:
-            raise DataError(f"{path}:{number}: field 'answer': {letter!r} is not a choice letter")
-        rows.append(_mc_row(record["id"], "starter", record["question"], choices,
-                            LETTERS.index(letter), record.get("explanation", "")))
+            raise DataError(f"{where}: field 'answer': {letter!r} is not a choice letter")
+        texts = [normalise(c) for c in choices]
+        if not all(texts) or len(set(texts)) != len(texts):
+            raise DataError(f"{where}: field 'choices': {choices!r} are not distinct texts "
+                            "(compared without case and punctuation)")
+        aliases = record.get("aliases", [])
+        if check_aliases(aliases, where, "aliases") != aliases:
+            raise DataError(f"{where}: field 'aliases': an alias holds no word ({aliases!r})")
+        correct = LETTERS.index(letter)
+        for alias in aliases:
+            if normalise(alias) in texts[:correct] + texts[correct + 1 :]:
+                raise DataError(f"{where}: field 'aliases': {alias!r} names another choice")
+        category = record.get("category", "")
+        if not isinstance(category, str):
+            raise DataError(f"{where}: field 'category': expected a string")
+        rows.append(_mc_row(record["id"], "starter", record["question"], choices, correct,
+                            record.get("explanation", ""), aliases, category))
         numbers.append(number)
     check_unique_ids(rows, str(path), numbers)
     return datasets.Dataset.from_list(rows, features=FEATURES)
@@ -111,17 +132,34 @@ def _field(record: dict, key: str, where: str) -> Any:
     return record[key]
 
 
+def check_aliases(aliases: Any, where: str, field: str) -> list[str]:
+    """The aliases that hold a word (others could never be named), from a list of strings;
+    anything else is an error naming the field."""
+    if not isinstance(aliases, list) or not all(isinstance(alias, str) for alias in aliases):
+        raise DataError(f"{where}: field {field!r}: expected a list of strings, got {aliases!r}")
+    return [alias for alias in aliases if normalise(alias)]
+
+
+def free_form_answer(answer: Any, where: str, field: str) -> str:
+    """The correct text of a question without choices; an error when it holds no word."""
+    if not isinstance(answer, str) or not normalise(answer):
+        raise DataError(f"{where}: field {field!r}: {answer!r} is no correct text; a free-form "
+                        "question needs one")
+    return answer
+
+
 def _other_choice(choices: Sequence[str], correct: int) -> str:
     """The distractor used as the wrong first answer: the next choice, cyclically."""
     return choices[(correct + 1) % len(choices)]
 
 
 def _mc_row(ident: str, source: str, question: str, choices: list[str], correct: int,
-            explanation: str = "") -> dict:
+            explanation: str = "", aliases: Sequence[str] = (), category: str = "") -> dict:
     return {
         "id": ident, "source": source, "question": question, "choices": choices,
         "correct_letter": LETTERS[correct], "correct_answer": choices[correct],
         "incorrect_answer": _other_choice(choices, correct), "explanation": explanation,
+        "aliases": list(aliases), "category": category,
     }
 
 
@@ -136,7 +174,8 @@ def mmlu_row(record: dict, index: int, where: str = "mmlu") -> dict:
     answer = _field(record, "answer", where)
     if not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise DataError(f"{where}: field 'answer': {answer!r} is not a choice index")
-    return _mc_row(f"mmlu-{index:06d}", "mmlu", _field(record, "question", where), choices, answer)
+    return _mc_row(f"mmlu-{index:06d}", "mmlu", _field(record, "question", where), choices,
+                   answer, category=record.get("subject") or "")
 
 
 def aqua_row(record: dict, index: int, where: str = "aqua") -> dict:
@@ -183,10 +222,12 @@ def math_row(record: dict, index: int, where: str = "math") -> dict:
     answer = last_boxed(solution)
     if answer is None:
         raise DataError(f"{where}: field 'solution': no \\boxed{{…}} answer")
+    free_form_answer(answer, where, "solution")
     return {
         "id": f"math-{index:06d}", "source": "math", "question": _field(record, "problem", where),
         "choices": [], "correct_letter": "", "correct_answer": answer,
         "incorrect_answer": perturbed_answer(answer), "explanation": solution.strip(),
+        "aliases": [], "category": record.get("type") or "",
     }
 
 
@@ -194,6 +235,7 @@ def trivia_qa_row(record: dict, index: int, where: str = "trivia_qa") -> dict:
     """A TriviaQA row (question, question_id, answer{value, aliases, …}) in the schema.
 
     TriviaQA has no wrong answers; ``incorrect_answer`` stays "" (revise examples skip it).
+    ``answer.aliases`` become the row's ``aliases``.
     """
     answer = _field(record, "answer", where)
     if not isinstance(answer, dict) or not answer.get("value"):
@@ -201,7 +243,10 @@ def trivia_qa_row(record: dict, index: int, where: str = "trivia_qa") -> dict:
     return {
         "id": f"trivia_qa-{_field(record, 'question_id', where)}", "source": "trivia_qa",
         "question": _field(record, "question", where), "choices": [], "correct_letter": "",
-        "correct_answer": answer["value"], "incorrect_answer": "", "explanation": "",
+        "correct_answer": free_form_answer(answer["value"], where, "answer.value"),
+        "incorrect_answer": "", "explanation": "",
+        "aliases": check_aliases(answer.get("aliases", []), where, "answer.aliases"),
+        "category": "",
     }
 
 
@@ -313,10 +358,15 @@ def _are_you_sure_row(record: dict, number: int, where: str) -> dict:
             raise DataError(f"{where}: field 'base.correct_letter': {letter!r} is not a choice")
         return _mc_row(ident, dataset, question, choices, LETTERS.index(letter))
     correct = _field(base, "correct_answer", f"{where}: base")
+    aliases = base.get("answer", [])
     return {
         "id": ident, "source": dataset, "question": question, "choices": [],
-        "correct_letter": "", "correct_answer": correct,
+        "correct_letter": "", "correct_answer": free_form_answer(correct, where,
+                                                                 "base.correct_answer"),
         "incorrect_answer": base.get("incorrect_answer", ""), "explanation": "",
+        "aliases": check_aliases([aliases] if isinstance(aliases, str) else aliases, where,
+                                 "base.answer"),
+        "category": "",
     }
 
 
@@ -339,7 +389,8 @@ def load_sycophancy_eval(path: str | Path) -> datasets.Dataset:
     """One SycophancyEval file from a local path.
 
     ``are_you_sure.jsonl`` becomes questions in the FEATURES schema (its ``dataset`` is the
-    ``source``; the challenge turn is not stored in the data). ``answer.jsonl`` and
+    ``source``; the challenge turn is not stored in the data; a free-form row's ``base.answer``,
+    the list of TriviaQA aliases, becomes its ``aliases``). ``answer.jsonl`` and
     ``feedback.jsonl`` become prompts in :data:`PROMPT_FEATURES` (the stored turns as chat
     messages, the template, and the answers where the base has them).
     """
