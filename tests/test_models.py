@@ -7,6 +7,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spt_utils import chat, models
 
+# A split of the tiny Llama: layer 0 and the unembedding offloaded to disk (accelerate keeps
+# them as meta tensors and loads them for each forward pass), the rest on the CPU.
+SPLIT_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+
 
 def test_tiny_model_has_grouped_query_attention(tiny_model):
     cfg = tiny_model.cfg
@@ -31,6 +36,130 @@ def test_tiny_bridge_logits_equal_hf(tiny_model):
     bridge_logits = tiny_model(tokens[None])
     hf_logits = tiny_model.original_model(tokens[None]).logits
     assert (bridge_logits - hf_logits).abs().max() <= 1e-5
+
+
+def test_dtype_defaults_and_names():
+    assert models.resolve_dtype(None, "cpu") == torch.float32
+    assert models.resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert models.resolve_dtype("bfloat16") == torch.bfloat16
+    assert models.resolve_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="dtype: 'fp8'"):
+        models.resolve_dtype("fp8")
+
+
+def test_cpu_default_is_float32_and_bfloat16_loads_on_request(tiny_model):
+    assert next(tiny_model.original_model.parameters()).dtype == torch.float32
+    half = models.load_model(models.TINY_MODEL, device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in half.original_model.parameters()} == {torch.bfloat16}
+    tokens = torch.tensor([[1, 5, 9, 13]])
+    reference = tiny_model(tokens)
+    # bf16 keeps 8 bits of mantissa: the logits agree to a few percent of their range
+    error = (half(tokens).float() - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.05
+
+
+def test_device_and_device_map_exclude_each_other():
+    with pytest.raises(ValueError, match="device= or device_map="):
+        models.load_model(models.TINY_MODEL, device="cpu", device_map="auto")
+
+
+def test_disk_offload_needs_a_folder():
+    with pytest.raises(models.ModelLoadError, match="offload_folder"):
+        models.load_model(models.TINY_MODEL, device_map=SPLIT_MAP)
+
+
+def split_and_whole_agree(split, whole) -> None:
+    """Logits and every cached activation equal, with a TransformerLens hook live on both."""
+    tokens = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    assert models.is_offloaded(split.original_model)
+    assert not models.is_offloaded(whole.original_model)
+    with torch.no_grad():
+        assert torch.equal(split(tokens), whole(tokens))
+        _, split_cache = split.run_with_cache(tokens)
+        _, whole_cache = whole.run_with_cache(tokens)
+        assert set(split_cache.keys()) == set(whole_cache.keys())
+        for name in whole_cache.keys():
+            assert torch.equal(split_cache[name], whole_cache[name]), name
+
+        def scale(z, hook):
+            return z * 0.5
+
+        hooks = [("blocks.0.attn.hook_z", scale)]
+        edited = [model.run_with_hooks(tokens, fwd_hooks=hooks) for model in (split, whole)]
+    assert torch.equal(*edited)
+    assert not torch.equal(edited[1], whole(tokens))
+
+
+def test_split_tiny_model_is_exact_against_the_whole_one(tiny_model, tmp_path):
+    split = models.load_model(models.TINY_MODEL, device_map=SPLIT_MAP, offload_folder=tmp_path)
+    assert split.original_model.hf_device_map == SPLIT_MAP
+    split_and_whole_agree(split, tiny_model)
+
+
+def test_split_folder_model_is_exact_against_the_whole_one(tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    models.make_tiny_hf_model(tiny_model.tokenizer).save_pretrained(folder)
+    tiny_model.tokenizer.save_pretrained(folder)
+    split = models.load_model(str(folder), device_map=SPLIT_MAP, offload_folder=tmp_path / "off")
+    split_and_whole_agree(split, tiny_model)
+
+
+@pytest.mark.parametrize("name", models.TINY_MODELS)
+def test_tiny_families_load_and_equal_hf(name):
+    model = models.load_model(name, device="cpu")
+    assert model.original_model.config.model_type == name.removeprefix(models.TINY_PREFIX)
+    assert (model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_key_value_heads) == (2, 4, 2)
+    tokens = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert (model(tokens) - model.original_model(tokens).logits).abs().max() <= 1e-5
+
+
+def test_unknown_tiny_family_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="family: 'gpt2'"):
+        models.make_tiny_hf_model(tiny_model.tokenizer, family="gpt2")
+
+
+def save_tiny(folder, tokenizer, edit=None):
+    model = models.make_tiny_hf_model(tokenizer)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_share_with_reuses_the_unchanged_tensors(tiny_model, tmp_path):
+    def edit(model):
+        model.model.layers[1].self_attn.q_proj.weight[:16] += 0.1
+
+    save_tiny(tmp_path / "tuned", tiny_model.tokenizer, edit)
+    shared = models.load_model(str(tmp_path / "tuned"), share_with=tiny_model)
+    alone = models.load_model(str(tmp_path / "tuned"), device="cpu")
+    tokens = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.equal(shared(tokens), alone(tokens))
+        assert not torch.equal(shared(tokens), tiny_model(tokens))
+    base = models.clean_state_dict(tiny_model.original_model)
+    own = {name for name, tensor in models.clean_state_dict(shared.original_model).items()
+           if tensor.data_ptr() != base[name].data_ptr()}
+    assert own == {"model.layers.1.self_attn.q_proj.weight"}
+    assert shared.cfg.dtype == tiny_model.cfg.dtype and shared.cfg.device == "cpu"
+
+
+def test_share_with_refuses_a_folder_of_another_shape(tiny_model, tmp_path):
+    other = models.make_tiny_hf_model(tiny_model.tokenizer, n_layers=3)
+    other.save_pretrained(tmp_path)
+    tiny_model.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(models.ModelLoadError, match="does not fit the base model"):
+        models.load_model(str(tmp_path), share_with=tiny_model)
+
+
+def test_share_with_refuses_an_offloaded_base(tiny_model, tmp_path):
+    save_tiny(tmp_path / "tuned", tiny_model.tokenizer)
+    split = models.load_model(models.TINY_MODEL, device_map=SPLIT_MAP,
+                              offload_folder=tmp_path / "off")
+    with pytest.raises(models.ModelLoadError, match="offload"):
+        models.load_model(str(tmp_path / "tuned"), share_with=split)
 
 
 @pytest.mark.parametrize("name", ["smollm", "not a model", "a/b/c"])
