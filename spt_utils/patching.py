@@ -421,6 +421,101 @@ def _scores(
     )
 
 
+class UnsupportedArchitecture(ValueError):
+    """The model's blocks are not the sequential pre-norm blocks a method relies on."""
+
+
+# Relative tolerance of the block identities (max |difference| / max |expected|) per dtype:
+# a recomputation in a 16-bit dtype may round differently from the model's own pass.
+BLOCK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-2,
+                   torch.float16: 5e-2}
+
+
+def _resid_pre_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def _mlp_out_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def _resid_post_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def _block_hook_names(n_layers: int) -> list[str]:
+    """Every hook :func:`check_sequential_blocks` reads."""
+    names = [z_name(layer) for layer in range(n_layers)]
+    for function in (_resid_pre_name, _attn_out_name, _resid_mid_name, _mlp_out_name,
+                     _resid_post_name):
+        names += [function(layer) for layer in range(n_layers)]
+    return names
+
+
+def _require_hooks(model: TransformerBridge, names: list[str], method: str) -> None:
+    missing = [name for name in names if name not in model.hook_dict]
+    if missing:
+        block = type(model.blocks[0]).__name__
+        raise UnsupportedArchitecture(
+            f"{method}: the model's blocks ({block}) have no {missing[0]}: it needs sequential "
+            "pre-norm blocks (attention, then MLP, each added to the residual stream), as in "
+            "Llama, Mistral and Qwen2; parallel attention + MLP blocks (GPT-J, GPT-NeoX with "
+            "use_parallel_residual) are not supported. Use path_patch_heads_oracle instead."
+        )
+
+
+def _relative_error(actual: Tensor, expected: Tensor) -> float:
+    expected = expected.float()
+    scale = expected.abs().max().clamp_min(1e-12)
+    return ((actual.float().to(expected.device) - expected).abs().max() / scale).item()
+
+
+@torch.no_grad()
+def check_sequential_blocks(
+    model: TransformerBridge, cache: dict[str, Tensor], method: str = "path_patch_heads"
+) -> None:
+    """Raise :class:`UnsupportedArchitecture` unless every block of the cached run (each
+    row's last position, hooks from :func:`_block_hook_names`) satisfies the identities the
+    fast path patching builds on, within :data:`BLOCK_TOLERANCE` of the model's dtype:
+
+    * ``attn_out = o_proj(z)`` (a head writes linearly through its ``W_O`` slice: no norm
+      after the attention output, unlike Gemma-2's sandwich norm);
+    * ``resid_mid = resid_pre + attn_out``;
+    * ``mlp_out = mlp(ln2(resid_mid))`` (the MLP reads only ``resid_mid``);
+    * ``resid_post = resid_mid + mlp_out`` and the next ``resid_pre = resid_post``.
+    """
+    n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    tolerance = BLOCK_TOLERANCE.get(model.cfg.dtype, 5e-2)
+    for layer in range(n_layers):
+        block = model.blocks[layer]
+        z = cache[z_name(layer)]  # [batch, head, d_head]
+        resid_mid, attn_out = cache[_resid_mid_name(layer)], cache[_attn_out_name(layer)]
+        mlp_out, resid_post = cache[_mlp_out_name(layer)], cache[_resid_post_name(layer)]
+        identities = {
+            "attn_out = o_proj(z)": (block.attn.o(z.reshape(len(z), n_heads * d_head)),
+                                     attn_out),
+            "resid_mid = resid_pre + attn_out": (
+                cache[_resid_pre_name(layer)] + attn_out.to(resid_mid.device), resid_mid),
+            "mlp_out = mlp(ln2(resid_mid))": (block.mlp(block.ln2(resid_mid)), mlp_out),
+            "resid_post = resid_mid + mlp_out": (resid_mid + mlp_out.to(resid_mid.device),
+                                                 resid_post),
+        }
+        if layer + 1 < n_layers:
+            identities["next resid_pre = resid_post"] = (
+                resid_post, cache[_resid_pre_name(layer + 1)])
+        for identity, (actual, expected) in identities.items():
+            error = _relative_error(actual, expected)
+            if not error <= tolerance:
+                raise UnsupportedArchitecture(
+                    f"{method}: block {layer} ({type(block).__name__}) breaks {identity} "
+                    f"(relative error {error:.3g} > {tolerance:g} for {model.cfg.dtype}): the "
+                    "fast path needs sequential pre-norm blocks with no norm after the "
+                    "attention or MLP output (Llama, Mistral, Qwen2; not Gemma-2's sandwich "
+                    "norms, parallel blocks or a hook that edits these activations). Use "
+                    "path_patch_heads_oracle instead."
+                )
+
+
 @torch.no_grad()
 def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScores:
     """Exact path patching of every head to the logits, in about three forward passes.
@@ -433,26 +528,22 @@ def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScor
     moves by ``(z_cf − z_ref) @ W_O[h]`` (any o_proj bias cancels), then every later layer
     adds its frozen reference attention output and a live MLP. All senders travel together
     as one growing ``[senders, batch, d_model]`` stack through the model's own modules.
+
+    The block identities this relies on are checked on the reference run first
+    (:func:`check_sequential_blocks`); other block types raise
+    :class:`UnsupportedArchitecture`.
     """
     check_pairs(model, pairs, "path_patch_heads")
     n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    names = _block_hook_names(n_layers)
+    _require_hooks(model, names, "path_patch_heads")
+    reference = cache_before_unembed(model, pairs.reference, names, pairs.reference_last)
+    check_sequential_blocks(model, reference)
     z_names = [z_name(layer) for layer in range(n_layers)]
-    reference = cache_before_unembed(
-        model,
-        pairs.reference,
-        z_names
-        + [_resid_mid_name(layer) for layer in range(n_layers)]
-        + [_attn_out_name(layer) for layer in range(n_layers)]
-        + [f"blocks.{n_layers - 1}.hook_resid_post"],
-        pairs.reference_last,
-    )
+    final = _resid_post_name(n_layers - 1)
     counterfactual = cache_before_unembed(
-        model,
-        pairs.counterfactual,
-        z_names + [f"blocks.{n_layers - 1}.hook_resid_post"],
-        pairs.counterfactual_last,
+        model, pairs.counterfactual, z_names + [final], pairs.counterfactual_last
     )
-    final = f"blocks.{n_layers - 1}.hook_resid_post"
     calibration = _checked_calibration(
         answer_unembed(model, reference[final], pairs).cpu(),
         answer_unembed(model, counterfactual[final], pairs).cpu(),

@@ -3,9 +3,10 @@ import dataclasses
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
+from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.tools.analysis.attribution_patching import attribution_patch
 
-from spt_utils import data, patching
+from spt_utils import data, models, patching
 
 
 def test_calibration_convention():
@@ -206,6 +207,73 @@ def test_hooks_are_removed_when_the_metric_raises(tiny_model, tiny_pairs):
         patching.activation_patch_heads(tiny_model, tiny_pairs, metric=broken_metric)
     assert n_hooks(tiny_model) == before
     assert all(not hook._forward_hooks for hook in tiny_model.hook_dict.values())
+
+
+# --- the architecture guard of the fast path (issue 16) ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-random-mistral", "tiny-random-qwen2"])
+def test_fast_path_patching_equals_the_oracle_on_other_families(name, tiny_pairs):
+    model = models.load_model(name, device="cpu")
+    fast = patching.path_patch_heads(model, tiny_pairs)
+    oracle = patching.path_patch_heads_oracle(model, tiny_pairs)
+    torch.testing.assert_close(fast.per_pair, oracle.per_pair, atol=1e-4, rtol=0)
+
+
+def test_guard_refuses_gemma2_sandwich_norms(tiny_pairs):
+    model = models.load_model("tiny-random-gemma2", device="cpu")
+    # Gemma-2 normalises the attention output before adding it to the residual stream
+    assert hasattr(model.original_model.model.layers[0], "post_attention_layernorm")
+    with pytest.raises(patching.UnsupportedArchitecture,
+                       match=r"block 0 .* breaks attn_out = o_proj\(z\).*oracle"):
+        patching.path_patch_heads(model, tiny_pairs)
+    oracle = patching.path_patch_heads_oracle(model, tiny_pairs, heads=[(0, 1)])
+    assert oracle.per_pair[0, 1].isfinite().all()
+
+
+def test_guard_refuses_parallel_attention_and_mlp(tiny_model, tiny_pairs):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = tiny_model.tokenizer
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, use_parallel_residual=True, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager",
+    )
+    model = TransformerBridge.boot_transformers(
+        "tiny-gpt-neox", hf_model=GPTNeoXForCausalLM(config).eval(), tokenizer=tokenizer,
+        device="cpu",
+    )
+    with pytest.raises(patching.UnsupportedArchitecture,
+                       match="no blocks.0.hook_resid_mid.*parallel"):
+        patching.path_patch_heads(model, tiny_pairs)
+
+
+@pytest.mark.parametrize(("hook", "identity"), [
+    ("blocks.1.hook_attn_out", "attn_out = o_proj"),
+    ("blocks.0.hook_resid_mid", "resid_mid = resid_pre"),
+    ("blocks.0.hook_resid_post", "resid_post = resid_mid"),
+    ("blocks.1.hook_resid_pre", "next resid_pre = resid_post"),
+])
+def test_guard_refuses_a_hook_that_edits_the_block(tiny_model, tiny_pairs, hook, identity):
+    def edit(activation, hook):
+        return activation * 1.5 + 0.1
+
+    with tiny_model.hooks(fwd_hooks=[(hook, edit)]):
+        with pytest.raises(patching.UnsupportedArchitecture, match=identity):
+            patching.path_patch_heads(tiny_model, tiny_pairs)
+
+
+def test_guard_accepts_bfloat16(tiny_pairs):
+    model = models.load_model(models.TINY_MODEL, device="cpu", dtype="bfloat16")
+    names = patching._block_hook_names(model.cfg.n_layers)
+    cache = patching.cache_before_unembed(model, tiny_pairs.reference, names,
+                                          tiny_pairs.reference_last)
+    patching.check_sequential_blocks(model, cache)  # no error at the bf16 tolerance
+    cache["blocks.1.hook_mlp_out"] = cache["blocks.1.hook_mlp_out"] * 1.2
+    with pytest.raises(patching.UnsupportedArchitecture, match="block 1"):
+        patching.check_sequential_blocks(model, cache)
 
 
 @pytest.mark.integration
