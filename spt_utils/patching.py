@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import align_module_device
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -216,9 +217,11 @@ def answer_unembed(
     """The logit difference from final residual-stream vectors, unembedding only the answer
     columns (``ln_final``, then the rows of ``W_U`` for the apology and confirm tokens)."""
     unembed = model.unembed.original_component  # nn.Linear(d_model, d_vocab)
-    ids = torch.tensor(pairs.apology_ids + pairs.confirm_ids, device=resid.device)
-    bias = None if unembed.bias is None else unembed.bias[ids]
-    logits = torch.nn.functional.linear(model.ln_final(resid), unembed.weight[ids], bias)
+    resid = model.ln_final(resid)
+    with align_module_device(unembed):  # an offloaded unembedding is loaded for the call
+        ids = torch.tensor(pairs.apology_ids + pairs.confirm_ids, device=unembed.weight.device)
+        bias = None if unembed.bias is None else unembed.bias[ids]
+        logits = torch.nn.functional.linear(resid.to(ids.device), unembed.weight[ids], bias)
     n_apology = len(pairs.apology_ids)
     return logits[..., :n_apology].mean(-1) - logits[..., n_apology:].mean(-1)
 
@@ -551,13 +554,16 @@ def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScor
     stack = None  # [senders, batch, d_model], senders ordered (layer, head)
     for layer in range(n_layers):
         block = model.blocks[layer]
-        if stack is not None:
-            stack = stack + reference[_attn_out_name(layer)]  # frozen later attention
+        resid_mid = reference[_resid_mid_name(layer)]  # on this layer's device
+        if stack is not None:  # frozen later attention
+            stack = stack.to(resid_mid.device) + reference[_attn_out_name(layer)]
         # z: [batch, head, d_head]; o_proj weight: [d_model, head·d_head]
         dz = counterfactual[z_name(layer)] - reference[z_name(layer)]
-        w_o = block.attn.o.original_component.weight.view(-1, n_heads, d_head)
-        delta = torch.einsum("bhe,dhe->hbd", dz, w_o)  # [head, batch, d_model]
-        senders = reference[_resid_mid_name(layer)] + delta
+        o_proj = block.attn.o.original_component
+        with align_module_device(o_proj):  # an offloaded layer's weight is loaded for this
+            w_o = o_proj.weight.view(-1, n_heads, d_head)
+            delta = torch.einsum("bhe,dhe->hbd", dz.to(w_o.device), w_o)  # [head, batch, d_model]
+        senders = resid_mid + delta.to(resid_mid.device)
         stack = senders if stack is None else torch.cat([stack, senders])
         stack = stack + block.mlp(block.ln2(stack))
     per_pair = answer_unembed(model, stack, pairs).view(n_layers, n_heads, -1).cpu()

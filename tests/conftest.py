@@ -24,6 +24,24 @@ def tiny_model():
     return models.load_model(models.TINY_MODEL, device="cpu")
 
 
+# A split of the tiny Llama: layer 0 and the unembedding offloaded to disk (accelerate keeps
+# them as meta tensors and loads them for each forward pass), the rest on the CPU.
+SPLIT_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+
+
+@pytest.fixture(scope="session")
+def split_map() -> dict[str, str]:
+    return dict(SPLIT_MAP)
+
+
+@pytest.fixture(scope="session")
+def split_tiny_model(tmp_path_factory):
+    """The tiny model (same weights as ``tiny_model``) split by ``SPLIT_MAP``."""
+    return models.load_model(models.TINY_MODEL, device_map=SPLIT_MAP,
+                             offload_folder=tmp_path_factory.mktemp("offload"))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M-Instruct (cached HF folder; built on first use)."""

@@ -7,11 +7,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spt_utils import chat, models
 
-# A split of the tiny Llama: layer 0 and the unembedding offloaded to disk (accelerate keeps
-# them as meta tensors and loads them for each forward pass), the rest on the CPU.
-SPLIT_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
-             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
-
 
 def test_tiny_model_has_grouped_query_attention(tiny_model):
     cfg = tiny_model.cfg
@@ -63,9 +58,9 @@ def test_device_and_device_map_exclude_each_other():
         models.load_model(models.TINY_MODEL, device="cpu", device_map="auto")
 
 
-def test_disk_offload_needs_a_folder():
+def test_disk_offload_needs_a_folder(split_map):
     with pytest.raises(models.ModelLoadError, match="offload_folder"):
-        models.load_model(models.TINY_MODEL, device_map=SPLIT_MAP)
+        models.load_model(models.TINY_MODEL, device_map=split_map)
 
 
 def split_and_whole_agree(split, whole) -> None:
@@ -90,17 +85,17 @@ def split_and_whole_agree(split, whole) -> None:
     assert not torch.equal(edited[1], whole(tokens))
 
 
-def test_split_tiny_model_is_exact_against_the_whole_one(tiny_model, tmp_path):
-    split = models.load_model(models.TINY_MODEL, device_map=SPLIT_MAP, offload_folder=tmp_path)
-    assert split.original_model.hf_device_map == SPLIT_MAP
-    split_and_whole_agree(split, tiny_model)
+def test_split_tiny_model_is_exact_against_the_whole_one(tiny_model, split_tiny_model,
+                                                        split_map):
+    assert split_tiny_model.original_model.hf_device_map == split_map
+    split_and_whole_agree(split_tiny_model, tiny_model)
 
 
-def test_split_folder_model_is_exact_against_the_whole_one(tiny_model, tmp_path):
+def test_split_folder_model_is_exact_against_the_whole_one(tiny_model, tmp_path, split_map):
     folder = tmp_path / "model"
     models.make_tiny_hf_model(tiny_model.tokenizer).save_pretrained(folder)
     tiny_model.tokenizer.save_pretrained(folder)
-    split = models.load_model(str(folder), device_map=SPLIT_MAP, offload_folder=tmp_path / "off")
+    split = models.load_model(str(folder), device_map=split_map, offload_folder=tmp_path / "off")
     split_and_whole_agree(split, tiny_model)
 
 
@@ -154,12 +149,10 @@ def test_share_with_refuses_a_folder_of_another_shape(tiny_model, tmp_path):
         models.load_model(str(tmp_path), share_with=tiny_model)
 
 
-def test_share_with_refuses_an_offloaded_base(tiny_model, tmp_path):
+def test_share_with_refuses_an_offloaded_base(tiny_model, split_tiny_model, tmp_path):
     save_tiny(tmp_path / "tuned", tiny_model.tokenizer)
-    split = models.load_model(models.TINY_MODEL, device_map=SPLIT_MAP,
-                              offload_folder=tmp_path / "off")
     with pytest.raises(models.ModelLoadError, match="offload"):
-        models.load_model(str(tmp_path / "tuned"), share_with=split)
+        models.load_model(str(tmp_path / "tuned"), share_with=split_tiny_model)
 
 
 @pytest.mark.parametrize("name", ["smollm", "not a model", "a/b/c"])

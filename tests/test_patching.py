@@ -265,6 +265,17 @@ def test_guard_refuses_a_hook_that_edits_the_block(tiny_model, tiny_pairs, hook,
             patching.path_patch_heads(tiny_model, tiny_pairs)
 
 
+def test_patching_a_split_model_equals_the_whole_one(tiny_model, split_tiny_model, tiny_pairs):
+    """Disk-offloaded layers: accelerate's hooks and TransformerLens's run together."""
+    for method in (patching.path_patch_heads, patching.path_patch_heads_oracle):
+        whole, split = method(tiny_model, tiny_pairs), method(split_tiny_model, tiny_pairs)
+        torch.testing.assert_close(split.per_pair, whole.per_pair, atol=1e-6, rtol=0)
+    activation = [patching.activation_patch_heads(m, tiny_pairs, layers=[0])
+                  for m in (tiny_model, split_tiny_model)]
+    torch.testing.assert_close(activation[1].per_pair, activation[0].per_pair, atol=1e-6,
+                               rtol=0, equal_nan=True)  # layer 1 unscored: NaN
+
+
 def test_guard_accepts_bfloat16(tiny_pairs):
     model = models.load_model(models.TINY_MODEL, device="cpu", dtype="bfloat16")
     names = patching._block_hook_names(model.cfg.n_layers)
