@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate.utils import align_module_device
 from jaxtyping import Float, Int
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
@@ -85,6 +86,9 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- model plumbing
 
 
+HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def attn_linear(hf_model: nn.Module, layer: int, proj: str) -> nn.Linear:
     """The ``nn.Linear`` of ``self_attn.{proj}`` in ``layer`` (unwrapping bridge components)."""
     attention = hf_model.get_decoder().layers[layer].self_attn
@@ -92,12 +96,30 @@ def attn_linear(hf_model: nn.Module, layer: int, proj: str) -> nn.Linear:
     return getattr(module, "_original_component", module)
 
 
-def clean_state_dict(hf_model: nn.Module) -> dict[str, Tensor]:
-    """Parameters under their plain Hugging Face names (bridge wrappers removed)."""
-    return {
-        name.replace("._original_component", ""): tensor
-        for name, tensor in hf_model.named_parameters()
-    }
+def check_head_layout(hf_model: nn.Module, method: str) -> None:
+    """Raise ``ValueError`` unless every layer has separate q/k/v/o projections whose rows
+    (q, k, v) and columns (o) are laid out head by head, as in Llama, Mistral, Qwen2 and
+    Gemma-2; fused projections (GPT-NeoX's ``query_key_value``, Phi-3's ``qkv_proj``) are
+    refused."""
+    config = hf_model.config
+    try:
+        layers = hf_model.get_decoder().layers
+        width = config.num_attention_heads * d_head_of(config)
+        kv_width = config.num_key_value_heads * d_head_of(config)
+        shapes = [(attn_linear(hf_model, layer, proj).weight.shape, proj)
+                  for layer in range(len(layers)) for proj in HEAD_PROJECTIONS]
+    except AttributeError as error:
+        raise ValueError(
+            f"{method}: the {config.model_type!r} attention has no separate q_proj/k_proj/"
+            f"v_proj/o_proj per layer ({error}); head slices are supported for Llama, Mistral, "
+            "Qwen2 and Gemma-2 style attention only"
+        ) from error
+    expected = {"q_proj": (width, None), "k_proj": (kv_width, None),
+                "v_proj": (kv_width, None), "o_proj": (None, width)}
+    for shape, proj in shapes:
+        rows, columns = expected[proj]
+        if (rows is not None and shape[0] != rows) or (columns is not None and shape[1] != columns):
+            raise ValueError(f"{method}: {proj} has shape {list(shape)}, not head by head")
 
 
 def d_head_of(config) -> int:
@@ -122,12 +144,24 @@ def check_tokenizer(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 # --------------------------------------------------------------------------- head slices
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device for an offloaded module
+    (whose weights are ``meta`` between calls), else the device of its weight."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "offload", False) and hook.execution_device is not None:
+        return torch.device(hook.execution_device)
+    return module.weight.device
+
+
 def _swap_slices(
     dim: int, index: Tensor, slices: list[nn.Parameter], module: nn.Linear, args: tuple, _out
 ) -> Tensor:
-    """Forward hook: recompute the Linear with the trained slices swapped into its weight."""
-    weight = module.weight.index_copy(dim, index, torch.cat(list(slices), dim=dim))
-    return F.linear(args[0], weight, module.bias)
+    """Forward hook: recompute the Linear with the trained slices swapped into its weight
+    (the float32 slices cast to the weight's dtype; an offloaded weight is loaded for it)."""
+    with align_module_device(module):
+        weight = module.weight
+        weight = weight.index_copy(dim, index, torch.cat(list(slices), dim=dim).to(weight.dtype))
+        return F.linear(args[0], weight, module.bias)
 
 
 @dataclass
@@ -145,7 +179,10 @@ class HeadSparseParameters:
 
     ``params`` maps names such as ``layers.3.q_proj.head5``, ``layers.3.o_proj.head5`` and
     ``layers.3.k_proj.group1`` to ``nn.Parameter`` slices; ``initial`` holds their base values.
-    Call :meth:`remove` or :meth:`materialize` when done.
+    The slices are float32 master copies whatever the model's dtype (a bf16 weight could not
+    take a 1e-5 step), each on its layer's compute device (a model split over devices, or
+    with offloaded layers, keeps its frozen weights where they are). Call :meth:`remove` or
+    :meth:`materialize` when done.
     """
 
     def __init__(self, hf_model: PreTrainedModel, heads: Sequence[Head], *, include_kv=False):
@@ -176,12 +213,15 @@ class HeadSparseParameters:
             for label, number in entries:
                 span = torch.arange(number * d_head, (number + 1) * d_head)
                 name = f"layers.{layer}.{proj}.{label}"
-                value = linear.weight.detach().index_select(dim, span.to(linear.weight.device))
+                with align_module_device(linear):
+                    weight = linear.weight.detach()
+                    value = weight.index_select(dim, span.to(weight.device))
+                    value = value.to(execution_device(linear), torch.float32)
                 self.params[name] = nn.Parameter(value.clone())
                 names.append(name)
                 index.append(span)
             self.groups.append(
-                _SliceGroup(linear, dim, names, torch.cat(index).to(linear.weight.device))
+                _SliceGroup(linear, dim, names, torch.cat(index).to(execution_device(linear)))
             )
         self.initial = {name: p.detach().clone() for name, p in self.params.items()}
         self._handles = [
@@ -199,7 +239,14 @@ class HeadSparseParameters:
 
     @torch.no_grad()
     def materialize(self) -> None:
-        """Write the trained slices into the weights and remove the hooks."""
+        """Write the trained slices into the weights and remove the hooks. Offloaded weights
+        cannot be written: save the slices with :func:`save_head_deltas` instead."""
+        if models.is_offloaded(self.model):
+            raise CheckpointError(
+                "materialize: the model keeps offloaded weights (CPU/disk device_map) that "
+                "cannot be written in place; save the trained slices with save_head_deltas "
+                "and apply them to a model loaded on devices"
+            )
         for group in self.groups:
             values = torch.cat([self.params[n] for n in group.names], dim=group.dim)
             group.linear.weight.index_copy_(group.dim, group.index, values.to(group.linear.weight))
@@ -213,13 +260,15 @@ class HeadSparseParameters:
 class TuningSetup:
     """A model prepared for one method: what to call, which tensors train, how to export.
 
-    ``model`` is called with ``input_ids``/``attention_mask``; ``logit_offset`` drops the
-    soft-prompt positions a prompt-tuning model prepends to its logits.
+    ``model`` is called with ``input_ids``/``attention_mask`` on ``device`` (where the
+    embedding computes); ``logit_offset`` drops the soft-prompt positions a prompt-tuning
+    model prepends to its logits.
     """
 
     method: str
     model: nn.Module
     params: dict[str, nn.Parameter]
+    device: torch.device
     heads: list[Head] = field(default_factory=list)
     head_params: HeadSparseParameters | None = None
     logit_offset: int = 0
@@ -246,7 +295,9 @@ def _head_mask(width: int, numbers: list[int], d_head: int, device) -> Tensor:
     return mask
 
 
-def _lora_heads_setup(hf_model, heads: list[Head], rank: int, alpha: float) -> TuningSetup:
+def _lora_heads_setup(
+    hf_model, heads: list[Head], rank: int, alpha: float, device: torch.device
+) -> TuningSetup:
     """LoRA on q_proj/o_proj of the heads' layers, masked to the heads' slices."""
     import peft
 
@@ -277,7 +328,7 @@ def _lora_heads_setup(hf_model, heads: list[Head], rank: int, alpha: float) -> T
             weight.mul_(mask.to(weight.dtype))
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return TuningSetup("lora_heads", model, params, heads, finalizers=[finalize])
+    return TuningSetup("lora_heads", model, params, device, heads, finalizers=[finalize])
 
 
 def prepare(
@@ -307,20 +358,29 @@ def _prepare(method, bridge, heads, include_kv, lora_rank, lora_alpha, n_virtual
         raise ValueError(f"method {method!r} is not one of {METHODS}")
     hf_model = bridge.original_model
     cfg = bridge.cfg
+    device = torch.device(cfg.device)
     if method in ("spt", "lora_heads"):
         if not heads:
             raise ValueError(f"heads: the head set is empty; {method} needs at least one head")
         heads = validate_heads(list(heads), cfg.n_layers, cfg.n_heads)
+        check_head_layout(hf_model, method)
+    elif models.is_offloaded(hf_model):
+        raise ValueError(
+            f"{method}: the model keeps offloaded weights (CPU/disk device_map), which only "
+            "spt can train around (its slices live on the compute devices); load the model "
+            "on devices, or shard full SFT with FSDP2 (see README)"
+        )
     _freeze(hf_model)
     if method == "spt":
         sparse = HeadSparseParameters(hf_model, heads, include_kv=include_kv)
-        return TuningSetup("spt", hf_model, sparse.params, sparse.heads, head_params=sparse)
+        return TuningSetup("spt", hf_model, sparse.params, device, sparse.heads,
+                           head_params=sparse)
     if method == "sft":
         for parameter in hf_model.parameters():
             parameter.requires_grad_(True)
-        return TuningSetup("sft", hf_model, clean_state_dict(hf_model))
+        return TuningSetup("sft", hf_model, models.clean_state_dict(hf_model), device=device)
     if method == "lora_heads":
-        return _lora_heads_setup(hf_model, sorted(set(heads)), lora_rank, lora_alpha)
+        return _lora_heads_setup(hf_model, sorted(set(heads)), lora_rank, lora_alpha, device)
     import peft
 
     if method == "lora_attn":
@@ -328,7 +388,7 @@ def _prepare(method, bridge, heads, include_kv, lora_rank, lora_alpha, n_virtual
                                  target_modules=LORA_ATTN_TARGETS)
         model = peft.get_peft_model(hf_model, config)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        return TuningSetup("lora_attn", model, params)
+        return TuningSetup("lora_attn", model, params, device)
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual_tokens)
     model = peft.get_peft_model(hf_model, config)
     # Initialise the soft prompt from real token embeddings (the TEXT init of peft, done here
@@ -339,7 +399,7 @@ def _prepare(method, bridge, heads, include_kv, lora_rank, lora_alpha, n_virtual
     with torch.no_grad():
         embedding.weight.copy_(hf_model.get_input_embeddings().weight[ids.to(embedding.weight.device)])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return TuningSetup("prompt_tuning", model, params, logit_offset=n_virtual_tokens)
+    return TuningSetup("prompt_tuning", model, params, device, logit_offset=n_virtual_tokens)
 
 
 # --------------------------------------------------------------------------- data
@@ -457,7 +517,7 @@ def _loss_sum(setup: TuningSetup, examples: list[Example], autocast) -> Float[Te
     ids, last = chat.pad_right([e[0] for e in examples], 0)
     mask, _ = chat.pad_right([e[1] for e in examples], 0)
     attention = (torch.arange(ids.shape[1])[None] <= last[:, None]).long()
-    device = next(iter(setup.params.values())).device
+    device = setup.device
     ids, mask, attention = ids.to(device), mask.to(device), attention.to(device)
     # Unembed only the positions that predict a final-assistant-turn token (the unembedding
     # is the largest matrix product of a small model); a soft prompt shifts positions, so
@@ -476,7 +536,7 @@ def _loss_sum(setup: TuningSetup, examples: list[Example], autocast) -> Float[Te
 
 def _autocast(setup: TuningSetup, dtype: str):
     """bf16 (or ``dtype``) autocast on CUDA; nothing on CPU."""
-    if next(iter(setup.params.values())).is_cuda:
+    if setup.device.type == "cuda":
         return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
@@ -556,7 +616,7 @@ def train(
             micro = shard[start : start + config.micro_batch_size]
             loss = _loss_sum(setup, micro, _autocast(setup, config.autocast_dtype))
             (loss / max(n_tokens, 1)).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach().float().to(loss_sum.device)
         if world > 1:
             _all_reduce_grads(list(params.values()))
             dist.all_reduce(loss_sum)
@@ -721,7 +781,7 @@ def export_hf(
             tuned = finalize(setup)
             # A merged LoRA model can keep unloaded adapter modules under the bridge's
             # alias paths; their tensors are not part of the plain model.
-            state = {n: t for n, t in clean_state_dict(tuned).items() if ".lora_" not in n}
+            state = {n: t for n, t in models.clean_state_dict(tuned).items() if ".lora_" not in n}
             with torch.device("meta"):
                 plain = AutoModelForCausalLM.from_config(tuned.config)
             missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
@@ -735,15 +795,24 @@ def export_hf(
     return folder
 
 
-def load_tuned(folder: str | Path, *, device: str | None = None):
+def load_tuned(
+    folder: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    base: TransformerBridge | None = None,
+):
     """Load any method's output folder for evaluation: ``(bridge, hf_model_for_generation)``.
 
     For ``spt``, ``sft``, ``lora_attn`` and ``lora_heads`` the bridge is the tuned model and
     the second item is its ``bridge.original_model``. For ``prompt_tuning`` the bridge is the
     *base* model and the second item the peft model wrapping ``bridge.original_model`` with the
     soft prompt: pass it as ``chat.generate(bridge, convs, hf_model=...)``; running the bridge
-    itself gives the untuned model. Raises :class:`CheckpointError` when the folder is not a
-    tuned folder or its tokenizer does not match the recorded one.
+    itself gives the untuned model. With ``base`` (the loaded base model) nothing is loaded
+    twice: a tuned model reuses the base's unchanged tensors (``models.load_model(...,
+    share_with=base)``, its placement and dtype) and a soft prompt wraps ``base`` itself.
+    Raises :class:`CheckpointError` when the folder is not a tuned folder or its tokenizer
+    does not match the recorded one.
     """
     folder = Path(folder)
     try:
@@ -755,12 +824,18 @@ def load_tuned(folder: str | Path, *, device: str | None = None):
     if method == "prompt_tuning":
         import peft
 
-        bridge = models.load_model(record["base_model"], device=device,
-                                   seed=record.get("base_seed", 0))
+        bridge = base or models.load_model(record["base_model"], device=device, dtype=dtype,
+                                           seed=record.get("base_seed", 0))
+        flags = [(p, p.requires_grad) for p in bridge.original_model.parameters()]
         hf_model = peft.PeftModel.from_pretrained(bridge.original_model, str(folder))
         hf_model.eval()
+        for parameter, flag in flags:  # peft freezes the base: a shared base keeps its flags
+            parameter.requires_grad_(flag)
+    elif base is not None:
+        bridge = models.load_model(str(folder), dtype=dtype, share_with=base)
+        hf_model = bridge.original_model
     else:
-        bridge = models.load_model(str(folder), device=device)
+        bridge = models.load_model(str(folder), device=device, dtype=dtype)
         hf_model = bridge.original_model
     check_tokenizer(bridge.original_model, bridge.tokenizer, str(folder))
     if tokenizer_fingerprint(bridge.tokenizer) != record["tokenizer"]:
@@ -810,6 +885,9 @@ def apply_head_deltas(hf_model: PreTrainedModel, path: str | Path) -> dict[str, 
         raise CheckpointError(f"{path}: corrupt or missing head-delta file ({error})") from error
     if metadata.get("format") != DELTAS_FORMAT:
         raise CheckpointError(f"{path}: field 'format' is not {DELTAS_FORMAT!r}")
+    if models.is_offloaded(hf_model):
+        raise CheckpointError(f"{path}: the model keeps offloaded weights (CPU/disk "
+                              "device_map) that cannot be written: load it on devices")
     config = hf_model.config
     d_head = d_head_of(config)
     expected = {"d_head": d_head, "n_heads": config.num_attention_heads,

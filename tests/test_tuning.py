@@ -29,7 +29,7 @@ def tiny_examples():
 
 
 def snapshot(hf_model) -> dict[str, torch.Tensor]:
-    return {name: t.detach().clone() for name, t in tuning.clean_state_dict(hf_model).items()}
+    return {name: t.detach().clone() for name, t in models.clean_state_dict(hf_model).items()}
 
 
 def slice_mask(shape, proj: str, numbers: list[int], d_head: int) -> torch.Tensor:

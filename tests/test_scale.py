@@ -1,0 +1,115 @@
+"""Issue 16 (scale): SPT, knockout and generation on a model split with accelerate (some
+layers offloaded to disk), bf16 training of the head slices, and bad layouts refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tuning_ddp_worker as worker
+
+from spt_utils import ablation, chat, data, models, tuning
+
+HEADS = [(0, 1), (1, 0), (1, 1)]
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model):
+    return tuning.prepare_examples(tiny_model.tokenizer, worker.conversations())
+
+
+def trained_slices(setup) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in setup.params.items()}
+
+
+def test_spt_on_a_split_model_equals_the_whole_one(examples, split_map, tmp_path):
+    whole = models.load_model(models.TINY_MODEL, device="cpu")
+    split = models.load_model(models.TINY_MODEL, device_map=split_map,
+                              offload_folder=tmp_path / "offload")
+    results = {}
+    for name, bridge in (("whole", whole), ("split", split)):
+        setup = tuning.prepare("spt", bridge, HEADS, include_kv=True)
+        # the slices of the offloaded layer 0 live on its compute device, not on meta
+        assert {p.device.type for p in setup.params.values()} == {"cpu"}
+        results[name] = (setup, tuning.train(setup, examples, worker.CONFIG, progress=False))
+    (whole_setup, whole_result), (split_setup, split_result) = results["whole"], results["split"]
+    assert split_result.losses == pytest.approx(whole_result.losses, abs=1e-6)
+    whole_slices, split_slices = trained_slices(whole_setup), trained_slices(split_setup)
+    for name, value in whole_slices.items():
+        assert torch.allclose(split_slices[name], value, atol=1e-6, rtol=0), name
+    # only the slices hold optimizer state: the same bytes on both
+    assert split_result.optimizer_state_bytes == whole_result.optimizer_state_bytes
+    # offloaded weights cannot be written in place; the head deltas carry the result
+    with pytest.raises(tuning.CheckpointError, match="offloaded weights"):
+        tuning.finalize(split_setup)
+    deltas = tuning.save_head_deltas(tmp_path / "deltas.safetensors", split_setup,
+                                     base_model=models.TINY_MODEL)
+    with pytest.raises(tuning.CheckpointError, match="offloaded"):
+        tuning.apply_head_deltas(split.original_model, deltas)
+    base = models.load_model(models.TINY_MODEL, device="cpu")
+    tuning.apply_head_deltas(base.original_model, deltas)
+    tuning.finalize(whole_setup)
+    ids = examples[0][0][None]
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids), whole(ids), atol=1e-5, rtol=0)
+
+
+def test_knockout_and_generation_on_a_split_model(tiny_model, split_tiny_model):
+    pairs = data.build_patching_pairs(data.load_starter().select(range(2)),
+                                      tiny_model.tokenizer)
+    knocked = []
+    for model in (tiny_model, split_tiny_model):
+        with torch.no_grad(), ablation.knockout(model, [(0, 1), (1, 3)], "zero"):
+            knocked.append(model(pairs.reference, return_type="logits"))
+    assert torch.equal(*knocked)
+    conversation = [{"role": "user", "content": "Are you sure?"}]
+    replies = [chat.generate(m, [conversation], max_new_tokens=6)
+               for m in (tiny_model, split_tiny_model)]
+    assert replies[0] == replies[1]
+
+
+def test_full_training_refuses_offloaded_weights(split_tiny_model):
+    for method in ("sft", "lora_attn", "prompt_tuning"):
+        with pytest.raises(ValueError, match=f"{method}: the model keeps offloaded weights"):
+            tuning.prepare(method, split_tiny_model)
+
+
+def test_bf16_spt_trains_float32_masters_and_touches_only_the_slices(examples):
+    bridge = models.load_model(models.TINY_MODEL, device="cpu", dtype="bfloat16")
+    before = {n: t.detach().clone()
+              for n, t in models.clean_state_dict(bridge.original_model).items()}
+    setup = tuning.prepare("spt", bridge, [(1, 2)])
+    assert {p.dtype for p in setup.params.values()} == {torch.float32}
+    # a step far below bf16's resolution at these weights (~1e-3) still moves the masters
+    config = tuning.TrainConfig(steps=2, batch_size=2, micro_batch_size=2, lr=1e-5,
+                                warmup_ratio=0.0)
+    tuning.train(setup, examples, config, progress=False)
+    moved = {n: (p.detach() - setup.head_params.initial[n]).abs().max().item()
+             for n, p in setup.params.items()}
+    assert all(0 < change < 1e-3 for change in moved.values()), moved
+    tuning.finalize(setup)
+    after = models.clean_state_dict(bridge.original_model)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert after[q].dtype == torch.bfloat16
+    # the written slice is the float32 master rounded to bf16; the rest is untouched
+    assert torch.equal(after[q][32:48], setup.params["layers.1.q_proj.head2"].to(torch.bfloat16))
+    assert torch.equal(after[q][:32], before[q][:32]) and torch.equal(after[q][48:], before[q][48:])
+    for name, tensor in before.items():
+        if name not in (q, "model.layers.1.self_attn.o_proj.weight"):
+            assert torch.equal(after[name], tensor), name
+
+
+def test_fused_attention_is_refused_for_head_slices(tiny_model):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = tiny_model.tokenizer
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=1024, attn_implementation="eager")
+    model = TransformerBridge.boot_transformers(
+        "tiny-gpt-neox", hf_model=GPTNeoXForCausalLM(config).eval(), tokenizer=tokenizer,
+        device="cpu")
+    for method in ("spt", "lora_heads"):
+        with pytest.raises(ValueError, match=f"{method}: the 'gpt_neox' attention has no "
+                                             "separate q_proj"):
+            tuning.prepare(method, model, [(0, 0)])
