@@ -113,3 +113,38 @@ def test_fused_attention_is_refused_for_head_slices(tiny_model):
         with pytest.raises(ValueError, match=f"{method}: the 'gpt_neox' attention has no "
                                              "separate q_proj"):
             tuning.prepare(method, model, [(0, 0)])
+
+
+@pytest.mark.parametrize("name", models.TINY_MODELS)
+def test_each_family_runs_end_to_end(name, tmp_path):
+    """Pairs → path patching (fast against the oracle; Gemma-2's sandwich norms refused by
+    the fast path, the oracle used) → SPT on the top heads → export → reload."""
+    from spt_utils import patching
+
+    model = models.load_model(name, device="cpu")
+    pairs = data.build_patching_pairs(data.load_starter().select(range(3)), model.tokenizer)
+    oracle = patching.path_patch_heads_oracle(model, pairs)
+    if name == "tiny-random-gemma2":
+        with pytest.raises(patching.UnsupportedArchitecture, match="attn_out = o_proj"):
+            patching.path_patch_heads(model, pairs)
+        scores = oracle
+    else:
+        scores = patching.path_patch_heads(model, pairs)
+        torch.testing.assert_close(scores.per_pair, oracle.per_pair, atol=1e-4, rtol=0)
+    heads = scores.top_heads(2, sign="both")
+    assert len(heads) == 2
+    setup = tuning.prepare("spt", model, heads, include_kv=True)
+    examples = tuning.prepare_examples(model.tokenizer, worker.conversations(4))
+    config = tuning.TrainConfig(steps=2, batch_size=2, micro_batch_size=2, lr=1e-2)
+    result = tuning.train(setup, examples, config, progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    ids = examples[0][0][None]
+    with torch.no_grad():
+        tuned = setup.model(input_ids=ids).logits
+    folder = tuning.export_hf(setup, model.tokenizer, tmp_path / "spt", base_model=name)
+    reloaded, _ = tuning.load_tuned(folder)
+    assert reloaded.original_model.config.model_type == name.removeprefix(models.TINY_PREFIX)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, return_type="logits"), tuned, atol=1e-5,
+                                   rtol=0)
+        assert not torch.allclose(models.load_model(name, device="cpu")(ids), tuned)
