@@ -56,6 +56,7 @@ from jaxtyping import Float, Int
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import (
@@ -273,6 +274,7 @@ class TuningSetup:
     head_params: HeadSparseParameters | None = None
     logit_offset: int = 0
     finalizers: list[Callable[[], None]] = field(default_factory=list)
+    sharded: bool = False  # FSDP2 (see shard_fully): parameters are DTensor shards
 
 
 def _freeze(hf_model: nn.Module) -> None:
@@ -293,6 +295,42 @@ def _head_mask(width: int, numbers: list[int], d_head: int, device) -> Tensor:
     for number in numbers:
         mask[number * d_head : (number + 1) * d_head] = 1
     return mask
+
+
+def shard_fully(setup: TuningSetup, device: str | torch.device) -> TuningSetup:
+    """Shard full SFT with FSDP2 (``fully_shard``) over the ranks of ``torchrun``: every
+    decoder layer, then the rest. Each rank keeps 1/world of the parameters, gradients and
+    AdamW state (float32 masters; on CUDA the forward runs in bf16 with float32 gradient
+    reduction). Gradients are summed over ranks, not averaged, since :func:`train` normalises
+    the loss by the global batch's token count. ``device``: this rank's device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if setup.method != "sft":
+        raise ValueError(f"shard_fully: FSDP2 is for full SFT, not {setup.method!r} (SPT and "
+                         "LoRA train few tensors: plain data parallel, see train)")
+    if _distributed()[1] < 2:
+        raise ValueError("shard_fully: needs torch.distributed with 2 or more ranks (torchrun)")
+    device = torch.device(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if device.type == "cuda" else MixedPrecisionPolicy())
+    for layer in setup.model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(setup.model, mesh=mesh, mp_policy=policy)
+    for module in setup.model.modules():  # each sharded group reduces its own gradients
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    setup.params, setup.device, setup.sharded = models.clean_state_dict(setup.model), device, True
+    return setup
+
+
+def full_state_dict(setup: TuningSetup) -> dict[str, Tensor]:
+    """Every trainable tensor in full on the CPU; for a sharded setup an all-gather, so call
+    it on every rank."""
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in setup.params.items()}
 
 
 def _lora_heads_setup(
@@ -589,6 +627,9 @@ def train(
     """
     if not examples:
         raise ValueError("training data: no examples")
+    if setup.sharded and config.checkpoint_every:
+        raise ValueError("TrainConfig.checkpoint_every: checkpoints of an FSDP-sharded run are "
+                         "not implemented; set it to 0")
     rank, world = _distributed()
     params = setup.params
     optimizer = _optimizer(setup, config)
@@ -618,7 +659,8 @@ def train(
             (loss / max(n_tokens, 1)).backward()
             loss_sum += loss.detach().float().to(loss_sum.device)
         if world > 1:
-            _all_reduce_grads(list(params.values()))
+            if not setup.sharded:  # FSDP reduce-scatters the gradients itself
+                _all_reduce_grads(list(params.values()))
             dist.all_reduce(loss_sum)
         torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         optimizer.step()
@@ -641,9 +683,14 @@ def train(
                 dist.barrier()
     bar.close()
     setup.model.eval()
-    state_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                      for t in state.values() if torch.is_tensor(t))
+    state_bytes = sum(_local(t).numel() * t.element_size() for state in optimizer.state.values()
+                      for t in state.values() if torch.is_tensor(t))  # this rank's share
     return TrainResult(losses, evals, step, time.perf_counter() - started, state_bytes)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def cosine_with_warmup(
@@ -763,13 +810,18 @@ def finalize(setup: TuningSetup) -> PreTrainedModel:
 def export_hf(
     setup: TuningSetup, tokenizer: PreTrainedTokenizerBase, folder: str | Path, *,
     base_model: str, seed: int = 0, extra: dict | None = None,
+    state: dict[str, Tensor] | None = None,
 ) -> Path:
     """Save the tuned model to ``folder`` (written atomically) with ``spt_tuning.json``.
 
     Weight methods give a plain HF folder (``save_pretrained``, LoRA merged) loadable by
     ``models.load_model(str(folder))`` and ``AutoModelForCausalLM``; prompt tuning gives a
-    peft adapter folder over ``base_model``.
+    peft adapter folder over ``base_model``. A sharded (FSDP) setup needs ``state``, its
+    :func:`full_state_dict` gathered on every rank.
     """
+    if setup.sharded and state is None:
+        raise ValueError("export_hf: a sharded setup needs state=full_state_dict(setup), "
+                         "gathered on every rank")
     folder = Path(folder)
     record = {"method": setup.method, "base_model": base_model, "base_seed": seed,
               "heads": [list(h) for h in setup.heads],
@@ -778,10 +830,11 @@ def export_hf(
         if setup.method == "prompt_tuning":
             setup.model.save_pretrained(str(staging))
         else:
-            tuned = finalize(setup)
+            tuned = setup.model if setup.sharded else finalize(setup)
             # A merged LoRA model can keep unloaded adapter modules under the bridge's
             # alias paths; their tensors are not part of the plain model.
-            state = {n: t for n, t in models.clean_state_dict(tuned).items() if ".lora_" not in n}
+            state = state or {n: t for n, t in models.clean_state_dict(tuned).items()
+                              if ".lora_" not in n}
             with torch.device("meta"):
                 plain = AutoModelForCausalLM.from_config(tuned.config)
             missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
@@ -917,8 +970,15 @@ def save_index(tuned_dir: str | Path, entries: dict[str, dict[str, Any]]) -> Non
     write_json(Path(tuned_dir) / "index.json", {"methods": entries})
 
 
+def _device_map_arg(value: str) -> models.DeviceMap:
+    """``--device-map``: ``auto``, ``balanced``… or a JSON object of module → device."""
+    return json.loads(value) if value.lstrip().startswith("{") else value
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Train one method from a run directory; data-parallel under ``torchrun``."""
+    """Train one method from a run directory. Under ``torchrun``: SPT and LoRA data-parallel,
+    full SFT sharded with FSDP2. Without it, ``--device-map`` spreads one model over devices
+    (SPT keeps only the head slices trainable on their layers' devices)."""
     import argparse
 
     from spt_utils.patching import load_heads
@@ -935,31 +995,56 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--include-kv", action="store_true")
     parser.add_argument("--checkpoint-every", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="default: cuda (this rank's GPU) when available")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, "
+                        "bfloat16 or float16; FSDP SFT keeps float32 masters")
+    parser.add_argument("--device-map", type=_device_map_arg,
+                        help="auto, balanced or a JSON object (not under torchrun)")
+    parser.add_argument("--offload-folder", help="for disk entries of --device-map")
     args = parser.parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = models.default_device()
+    if distributed and args.device_map is not None:
+        parser.error("--device-map splits one model; it does not combine with torchrun")
+    device = args.device or models.default_device()
     if distributed:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device == "cuda":
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
+    sharded = distributed and args.method == "sft"
     try:
-        bridge = models.load_model(args.model, device=device)
+        placement = ({"device_map": args.device_map, "offload_folder": args.offload_folder}
+                     if args.device_map is not None
+                     else {"device": "cpu" if sharded else device})
+        # FSDP shards float32 masters (bf16 compute on CUDA); the others load in --dtype
+        dtype = "float32" if sharded else args.dtype
+        bridge = models.load_model(args.model, dtype=dtype, **placement)
         heads = load_heads(args.run_dir / "heads.json") if args.method in (
             "spt", "lora_heads") else []
         setup = prepare(args.method, bridge, heads, include_kv=args.include_kv, seed=args.seed)
+        if sharded:
+            shard_fully(setup, device)
         records = load_training_conversations(args.run_dir / "data" / "train.jsonl")
         examples = prepare_examples(bridge.tokenizer, [r["messages"] for r in records])
+        if sharded and args.checkpoint_every:
+            print("[tuning] FSDP run: no checkpoints (not implemented for sharded state)")
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size,
                              micro_batch_size=args.micro_batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, seed=args.seed,
-                             checkpoint_every=args.checkpoint_every)
+                             checkpoint_every=0 if sharded else args.checkpoint_every)
         tuned = args.run_dir / "tuned"
         train(setup, examples, config, checkpoint_dir=tuned / "checkpoints" / args.method,
               resume=True, meta={"model": args.model})
-        if _distributed()[0] == 0:
-            export_hf(setup, bridge.tokenizer, tuned / args.method, base_model=args.model,
-                      seed=args.seed)
+        state = full_state_dict(setup) if sharded else None  # a collective: every rank
+        if _distributed()[0] != 0:
+            return
+        if args.method == "spt" and models.is_offloaded(bridge.original_model):
+            path = save_head_deltas(tuned / "spt_head_deltas.safetensors", setup,
+                                    base_model=args.model)
+            print(f"[tuning] offloaded layers cannot be exported in full: wrote {path}")
+            return
+        export_hf(setup, bridge.tokenizer, tuned / args.method, base_model=args.model,
+                  seed=args.seed, state=state)
     finally:
         if distributed:
             dist.destroy_process_group()

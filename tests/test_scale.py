@@ -148,3 +148,73 @@ def test_each_family_runs_end_to_end(name, tmp_path):
         torch.testing.assert_close(reloaded(ids, return_type="logits"), tuned, atol=1e-5,
                                    rtol=0)
         assert not torch.allclose(models.load_model(name, device="cpu")(ids), tuned)
+
+
+def test_fsdp2_sft_on_two_gloo_processes_matches_single_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tuning_fsdp_worker as fsdp_worker
+    from safetensors.torch import load_file
+
+    out = tmp_path / "fsdp.safetensors"
+    repo = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join(filter(None, [str(repo), str(repo / "tests"),
+                                         os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         str(Path(fsdp_worker.__file__)), str(out)],
+        check=True, env=env, cwd=repo, timeout=600,
+    )
+    sharded = load_file(str(out))
+    single = fsdp_worker.train_sft(shard=False)
+    assert set(sharded) == set(single)
+    losses = single.pop(fsdp_worker.LOSSES)
+    torch.testing.assert_close(sharded.pop(fsdp_worker.LOSSES), losses, atol=1e-6, rtol=0)
+    base = models.clean_state_dict(models.load_model(models.TINY_MODEL, device="cpu")
+                                   .original_model)
+    assert all(not torch.equal(tensor, base[name]) for name, tensor in single.items())
+    for name, tensor in single.items():
+        # only the order of the gradient sums differs (shard partial sums, reduce-scatter)
+        torch.testing.assert_close(sharded[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_shard_fully_and_sharded_export_refuse_misuse(tiny_model):
+    setup = tuning.prepare("spt", models.load_model(models.TINY_MODEL, device="cpu"), [(0, 1)])
+    with pytest.raises(ValueError, match="FSDP2 is for full SFT, not 'spt'"):
+        tuning.shard_fully(setup, "cpu")
+    sft = tuning.prepare("sft", models.load_model(models.TINY_MODEL, device="cpu"))
+    with pytest.raises(ValueError, match="2 or more ranks"):
+        tuning.shard_fully(sft, "cpu")
+    sft.sharded = True  # as shard_fully leaves it
+    with pytest.raises(ValueError, match="state=full_state_dict"):
+        tuning.export_hf(sft, tiny_model.tokenizer, "unused", base_model=models.TINY_MODEL)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        tuning.train(sft, [(torch.tensor([1, 2]), torch.tensor([0, 1]))],
+                     tuning.TrainConfig(checkpoint_every=1), progress=False)
+
+
+def test_command_line_trains_spt_on_a_split_model(tmp_path, split_map):
+    import json
+
+    from spt_utils import io, patching
+
+    patching.save_heads(tmp_path / "heads.json", [(0, 1)])
+    records = [{"id": str(i), "kind": "insist", "source": "test", "messages": c}
+               for i, c in enumerate(worker.conversations(3))]
+    io.write_jsonl(tmp_path / "data" / "train.jsonl", records)
+    tuning.main(["--model", models.TINY_MODEL, "--run-dir", str(tmp_path), "--steps", "2",
+                 "--batch-size", "2", "--micro-batch-size", "1", "--checkpoint-every", "0",
+                 "--lr", "1e-2", "--device-map", json.dumps(split_map),
+                 "--offload-folder", str(tmp_path / "offload")])
+    deltas = tmp_path / "tuned" / "spt_head_deltas.safetensors"
+    base = models.load_model(models.TINY_MODEL, device="cpu")
+    before = models.clean_state_dict(base.original_model)["model.layers.0.self_attn.q_proj.weight"]
+    before = before.clone()
+    metadata = tuning.apply_head_deltas(base.original_model, deltas)
+    assert metadata["heads"] == "[[0, 1]]"
+    after = models.clean_state_dict(base.original_model)["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(after[16:32], before[16:32]) and torch.equal(after[:16], before[:16])
