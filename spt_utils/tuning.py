@@ -43,6 +43,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,6 +415,13 @@ def _prepare(method, bridge, heads, include_kv, lora_rank, lora_alpha, n_virtual
         return TuningSetup("spt", hf_model, sparse.params, device, sparse.heads,
                            head_params=sparse)
     if method == "sft":
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in hf_model.parameters()):
+            warnings.warn(
+                "sft on 16-bit weights: AdamW steps below their resolution (about 4e-5 for a "
+                "bf16 weight of 0.01; the paper's lr is 5e-6) are lost. Load the model with "
+                "dtype='float32' (bf16 autocast still applies on CUDA) or shard it with FSDP2 "
+                "(tuning.shard_fully), which keeps float32 masters.",
+                RuntimeWarning, stacklevel=3)
         for parameter in hf_model.parameters():
             parameter.requires_grad_(True)
         return TuningSetup("sft", hf_model, models.clean_state_dict(hf_model), device=device)

@@ -67,6 +67,21 @@ def test_knockout_and_generation_on_a_split_model(tiny_model, split_tiny_model):
     assert replies[0] == replies[1]
 
 
+def test_evaluation_on_a_split_model(tiny_model, split_tiny_model):
+    from spt_utils import evaluation
+
+    questions = data.load_starter().select(range(2)).to_list()
+    records = [evaluation.run_protocol(m, questions, max_new_tokens=4)
+               for m in (tiny_model, split_tiny_model)]
+    assert records[0] == records[1]
+    documents = evaluation.load_kl_corpus()[:2]
+    assert evaluation.kl_drift(tiny_model, split_tiny_model, documents) == pytest.approx(
+        0.0, abs=1e-7)
+    edited = models.load_model(models.TINY_MODEL, device="cpu", seed=1)
+    drift = [evaluation.kl_drift(m, edited, documents) for m in (tiny_model, split_tiny_model)]
+    assert drift[0] > 0 and drift[1] == pytest.approx(drift[0], rel=1e-6)
+
+
 def test_full_training_refuses_offloaded_weights(split_tiny_model):
     for method in ("sft", "lora_attn", "prompt_tuning"):
         with pytest.raises(ValueError, match=f"{method}: the model keeps offloaded weights"):
@@ -96,6 +111,15 @@ def test_bf16_spt_trains_float32_masters_and_touches_only_the_slices(examples):
     for name, tensor in before.items():
         if name not in (q, "model.layers.1.self_attn.o_proj.weight"):
             assert torch.equal(after[name], tensor), name
+
+
+def test_sft_on_bf16_weights_warns_that_small_steps_are_lost():
+    bridge = models.load_model(models.TINY_MODEL, device="cpu", dtype="bfloat16")
+    with pytest.warns(RuntimeWarning, match="dtype='float32'"):
+        tuning.prepare("sft", bridge)
+    # the warning's premise: a 5e-6 step vanishes when added to a bf16 weight of 0.01
+    weight = torch.tensor(0.01, dtype=torch.bfloat16)
+    assert torch.equal(weight - 5e-6, weight)
 
 
 def test_fused_attention_is_refused_for_head_slices(tiny_model):
