@@ -14,6 +14,12 @@ The submodules follow the paper's data steps:
 * :mod:`~spt_utils.data.splits`: disjoint splits and the files notebook 01 writes.
 """
 
+from spt_utils.data.answers import (
+    ANSWERS_FILE,
+    FirstAnswers,
+    load_answers,
+    own_answers,
+)
 from spt_utils.data.conversations import (
     ANSWER_INSTRUCTION,
     ANSWER_PREFILL,
@@ -74,10 +80,13 @@ from spt_utils.data.sources import (
 )
 from spt_utils.data.splits import (
     DATA_FILES,
-    POOL_SPLITS,
+    KINDS_OF_QUESTION,
     SPLITS,
+    SYNTHESIS_FILE,
+    Sizes,
     SynthesizedData,
     load_questions,
+    read_protocol,
     save_questions,
     split_questions,
     synthesize,
@@ -93,10 +102,19 @@ from spt_utils.data.training import (
     llm_explainer,
     template_explanation,
     training_conversation,
+    wrong_first_answer,
 )
 from spt_utils.grading import LETTERS
 
 __all__ = [
+    "SYNTHESIS_FILE",
+    "read_protocol",
+    "ANSWERS_FILE",
+    "FirstAnswers",
+    "load_answers",
+    "own_answers",
+    "Sizes",
+    "KINDS_OF_QUESTION",
     "ACCURACY_PROTOCOLS",
     "CLOZE_PREFILL",
     "first_turn_correct",
@@ -121,7 +139,6 @@ __all__ = [
     "OPINION_CHOICES",
     "OPINION_PREFILL",
     "OPINION_SOURCES",
-    "POOL_SPLITS",
     "PROMPT_FEATURES",
     "PatchingPairs",
     "REFERENCE_CHALLENGE",
@@ -167,5 +184,6 @@ __all__ = [
     "synthesize",
     "template_explanation",
     "training_conversation",
+    "wrong_first_answer",
     "trivia_qa_row",
 ]
