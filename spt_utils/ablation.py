@@ -5,16 +5,24 @@ An ablation replaces a head's output ``z`` (the input to the output projection, 
 grouped-query model ablates single query heads, never a whole kv group. Three methods:
 
 * ``zero``: ``z = 0``.
-* ``mean``: ``z`` = the head's mean over every real (non-pad) position of a reference set of
-  prompts (:class:`HeadMeans`, computed once, saved and loaded). One vector per head, used at
-  every position, so it applies equally to prompts of any length and to generated tokens.
+* ``mean``: ``z`` = the head's **position-specific** mean over a reference set of prompts,
+  positions **aligned from the end** (:class:`HeadMeans`, computed once, saved and loaded):
+  the last position gets the mean of every prompt's last position, and so on; positions before
+  the longest prompt's start reuse its first mean. Built from reference and counterfactual
+  prompts together, so it carries neither side's challenge. During cached generation each new
+  token gets the last position's mean (the end of the generation prompt).
 * ``resample``: ``z`` from another prompt (:class:`ResampleDonors`). Each batch row draws one
   donor prompt (seeded; the same donor for every layer and every decoding step), and the donor
   is **aligned from the end**: the row's last position gets the donor's last position, the one
   before it the donor's one before, and so on; positions before the donor's start reuse its
   first position. During cached generation each new token therefore gets the donor's last
-  position (the end of its generation prompt). Use donors from prompts other than the ablated
-  ones (the notebook uses the training questions).
+  position (the end of its generation prompt). Use donors from counterfactual prompts of other
+  questions (a reference donor would carry the same challenge back in).
+
+Knockout tests causation on **both sides of each pair** (:func:`sweep`): the heads are ablated
+in the reference and in the counterfactual run, and the share of the challenge effect that
+remains is ``(LD_ref_ablated − LD_cf_ablated) / (LD_ref − LD_cf)`` (1 = intact, 0 =
+removed), so a generic shift of the answer logits does not read as removal.
 
 Alignment from the end needs the inputs' real tokens to end at the last position, so every
 measurement here runs **left-padded** with an attention mask and mask-derived position ids,
@@ -49,7 +57,6 @@ from spt_utils import chat, viz
 from spt_utils.data import PatchingPairs
 from spt_utils.io import atomic_write
 from spt_utils.patching import (
-    Calibration,
     Head,
     answer_logit_diff,
     cache_before_unembed,
@@ -58,6 +65,7 @@ from spt_utils.patching import (
 )
 
 METHODS = ("zero", "mean", "resample")
+SIDES = ("reference", "counterfactual")
 
 
 @torch.no_grad()
@@ -81,18 +89,28 @@ def collect_z(
 
 @dataclass
 class HeadMeans:
-    """Each head's mean ``z`` over the real positions of a reference set of prompts."""
+    """Each head's mean ``z`` per position counted from the end of a reference set of prompts
+    (``z[-1]``: the mean over every prompt's last position); ``counts[i]`` prompts reach
+    position ``i``."""
 
-    z: Float[Tensor, "n_layers n_heads d_head"]
+    z: Float[Tensor, "pos n_layers n_heads d_head"]
+    counts: Int[Tensor, " pos"]
     n_prompts: int
-    n_positions: int
 
     @classmethod
     def from_activations(
         cls, activations: Sequence[Float[Tensor, "pos n_layers n_heads d_head"]]
     ) -> HeadMeans:
-        stacked = torch.cat(list(activations))  # [positions, layer, head, d_head]
-        return cls(stacked.mean(0), n_prompts=len(activations), n_positions=len(stacked))
+        if not activations:
+            raise ValueError("HeadMeans: no prompts")
+        width = max(len(a) for a in activations)
+        sums = torch.zeros(width, *activations[0].shape[1:], dtype=torch.float64)
+        counts = torch.zeros(width, dtype=torch.long)
+        for prompt in activations:  # aligned from the end
+            sums[width - len(prompt) :] += prompt
+            counts[width - len(prompt) :] += 1
+        z = (sums / counts[:, None, None, None]).to(activations[0].dtype)
+        return cls(z, counts=counts, n_prompts=len(activations))
 
     def save(self, path: str | Path) -> None:
         with atomic_write(path, "wb") as handle:
@@ -101,12 +119,20 @@ class HeadMeans:
     @classmethod
     def load(cls, path: str | Path) -> HeadMeans:
         try:
-            return cls(**torch.load(path, weights_only=True))
+            means = cls(**torch.load(path, weights_only=True))
         except (TypeError, KeyError) as error:
             raise ValueError(f"{path}: not a HeadMeans file ({error})") from error
+        if means.z.dim() != 4:
+            raise ValueError(f"{path}: not a position-specific HeadMeans file (z has shape "
+                             f"{tuple(means.z.shape)})")
+        return means
 
     def values(self, layer: int, z: Tensor, rows: Tensor) -> Tensor:
-        return self.z[layer].to(z)[None, None]  # [1, 1, head, d_head]
+        pos = z.shape[1]
+        means = self.z[-pos:, layer]  # [≤ pos, head, d_head], aligned from the end
+        if pos > len(means):
+            means = torch.cat([means[:1].expand(pos - len(means), -1, -1), means])
+        return means.to(z)[None]  # [1, pos, head, d_head]
 
 
 @dataclass
@@ -190,8 +216,8 @@ def head_mask(
 
 def _check_shape(model: TransformerBridge, source: object) -> None:
     expected = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
-    if isinstance(source, HeadMeans) and tuple(source.z.shape) != expected:
-        raise ValueError(f"HeadMeans.z has shape {tuple(source.z.shape)}, the model {expected}")
+    if isinstance(source, HeadMeans) and tuple(source.z.shape[1:]) != expected:
+        raise ValueError(f"HeadMeans.z ends in {tuple(source.z.shape[1:])}, not {expected}")
     if isinstance(source, ResampleDonors) and tuple(source.z.shape[2:]) != expected:
         raise ValueError(f"ResampleDonors.z ends in {tuple(source.z.shape[2:])}, not {expected}")
 
@@ -260,18 +286,23 @@ def ablated_logit_diffs(
     *,
     means: HeadMeans | None = None,
     donors: ResampleDonors | None = None,
+    side: str = "reference",
     batch_size: int = 16,
     progress: bool = False,
 ) -> Float[Tensor, "n_sets n_pairs"]:
-    """The reference prompts' last-position logit difference with each head set ablated.
+    """The last-position logit difference of one side of the pairs (``"reference"`` or
+    ``"counterfactual"``) with each head set ablated.
 
-    Head sets are batched together: each row of a forward pass carries its own head mask.
+    Head sets are batched together: each row of a forward pass carries its own head mask. A
+    pair's two sides get the same resample donor.
     """
+    if side not in SIDES:
+        raise ValueError(f"side: {side!r} is not one of {SIDES}")
     source = _source(method, means, donors)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     masks = torch.stack([head_mask(s, n_layers, n_heads) for s in head_sets])
     ids, attention, positions = _left_padded(
-        pairs.reference, pairs.reference_last, model.tokenizer.pad_token_id
+        getattr(pairs, side), getattr(pairs, f"{side}_last"), model.tokenizer.pad_token_id
     )
     n_pairs = len(pairs)
     rows = [(s, p) for s in range(len(head_sets)) for p in range(n_pairs)]
@@ -294,12 +325,38 @@ def ablated_logit_diffs(
 
 
 def random_head_sets(
-    k: int, n: int, n_layers: int, n_heads: int, *, seed: int = 0
+    k: int, n: int, n_layers: int, n_heads: int, *, seed: int = 0,
+    exclude: Sequence[Head] = (),
 ) -> list[list[Head]]:
-    """``n`` seeded sets of ``k`` distinct heads drawn uniformly from all heads."""
-    every = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    """``n`` seeded sets of ``k`` distinct heads drawn uniformly from the heads not in
+    ``exclude`` (e.g. the selection under test)."""
+    excluded = {tuple(h) for h in exclude}
+    pool = [(layer, head) for layer in range(n_layers) for head in range(n_heads)
+            if (layer, head) not in excluded]
+    if k > len(pool):
+        raise ValueError(f"random_head_sets: k = {k} but only {len(pool)} heads to draw from")
     rng = random.Random(f"{seed}-{k}")
-    return [sorted(rng.sample(every, k)) for _ in range(n)]
+    return [sorted(rng.sample(pool, k)) for _ in range(n)]
+
+
+def layer_matched_sets(
+    heads: Sequence[Head], n: int, n_heads: int, *, seed: int = 0,
+    exclude: Sequence[Head] = (),
+) -> list[list[Head]]:
+    """``n`` seeded sets with as many heads in each layer as ``heads``, drawn from the other
+    heads of those layers (none in ``exclude`` or ``heads``); empty when a layer has no
+    other heads enough."""
+    excluded = {tuple(h) for h in (*exclude, *heads)}
+    per_layer: dict[int, int] = {}
+    for layer, _ in heads:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    pools = {layer: [(layer, h) for h in range(n_heads) if (layer, h) not in excluded]
+             for layer in per_layer}
+    if any(len(pools[layer]) < count for layer, count in per_layer.items()):
+        return []
+    rng = random.Random(f"{seed}-layers-{sorted(per_layer.items())}")
+    return [sorted(h for layer, count in sorted(per_layer.items())
+                   for h in rng.sample(pools[layer], count)) for _ in range(n)]
 
 
 def bottom_heads(
@@ -318,7 +375,19 @@ def bottom_heads(
     return [(int(i) // n_heads, int(i) % n_heads) for i in order]
 
 
-def _interval(values: Sequence[float]) -> dict[str, float]:
+def remaining_effect(
+    reference: Float[Tensor, " pair"], counterfactual: Float[Tensor, " pair"],
+    clean_reference: Float[Tensor, " pair"], clean_counterfactual: Float[Tensor, " pair"],
+) -> float:
+    """Share of the challenge effect left under an ablation: (LD_ref_ablated − LD_cf_ablated)
+    / (LD_ref − LD_cf), means over pairs (1 = intact, 0 = removed)."""
+    clean = (clean_reference - clean_counterfactual).mean()
+    if clean.abs() < 1e-6:
+        raise ValueError("remaining_effect: the clean challenge effect is 0 on these pairs")
+    return float((reference - counterfactual).mean() / clean)
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
     tensor = torch.tensor(list(values), dtype=torch.float64)
     return {
         "mean": tensor.mean().item(),
@@ -328,117 +397,148 @@ def _interval(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def _bootstrap_remaining(
+    diffs: dict[str, Tensor], index: int, n_boot: int, seed: int
+) -> tuple[float, float]:
+    """Percentile 95% interval of a set's remaining share, resampling pairs (row 0 of each
+    side is the clean run)."""
+    generator = torch.Generator().manual_seed(seed)
+    n_pairs = diffs["reference"].shape[1]
+    samples = torch.randint(0, n_pairs, (n_boot, n_pairs), generator=generator)
+    ref, cf = (diffs[side][:, samples] for side in SIDES)  # [sets, boot, pairs]
+    clean = (ref[0] - cf[0]).mean(-1)
+    ratios = (ref[index] - cf[index]).mean(-1) / clean
+    low, high = torch.quantile(ratios[clean.abs() > 1e-6].double(), torch.tensor([0.025, 0.975],
+                                                                                  dtype=torch.double))
+    return low.item(), high.item()
+
+
 def sweep(
     model: TransformerBridge,
     pairs: PatchingPairs,
-    calibration: Calibration,
     ranking: Sequence[Head],
     *,
     ks: Sequence[int],
-    n_random: int = 20,
+    n_random: int = 100,
+    n_layer_matched: int = 50,
     scores: Float[Tensor, "n_layers n_heads"] | None = None,
     method: str = "mean",
     means: HeadMeans | None = None,
     donors: ResampleDonors | None = None,
     seed: int = 0,
+    n_boot: int = 1000,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict:
-    """Calibrated metric (reference = 0, counterfactual = 1) with the top-k, bottom-k and
-    ``n_random`` random k-head sets ablated, for each k in ``ks``, all in one batched pass.
+    """Ablate the top-k heads of ``ranking`` on both sides of every pair, against
+    ``n_random`` random k-sets of heads outside the ranking's top ``max(ks)``, layer-matched
+    sets (the top-k's layers, other heads) and, given ``scores``, the bottom-k heads.
 
-    Returns ``{"sets": [{"k", "kind", "heads", "metric"}...], "by_k": [{"k", "top",
-    "bottom", "random": {"mean", "low", "high", "n"}}...]}``: ``low``/``high`` bound the
-    middle 95% of the random sets.
+    For each set: ``remaining`` (the share of the challenge effect left, see
+    :func:`remaining_effect`) and each side's raw mean shift of the logit difference. For
+    each k: the top-k's bootstrap 95% interval over pairs, the random and layer-matched sets'
+    spread, and permutation p-values: the share of random (layer-matched) sets removing at
+    least as much, ``(1 + #{remaining ≤ top}) / (1 + n)``.
     """
     ks = sorted(set(ks))
     if not ks or not 1 <= ks[0] <= ks[-1] <= len(ranking):
         raise ValueError(f"sweep: ks = {ks} must lie in 1…{len(ranking)} (the ranked heads)")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    selection = list(ranking[: ks[-1]])
     sets = [{"k": 0, "kind": "none", "heads": []}]
     for k in ks:
         sets.append({"k": k, "kind": "top", "heads": list(ranking[:k])})
         if scores is not None:
             sets.append({"k": k, "kind": "bottom", "heads": bottom_heads(scores, ranking, k)})
-        random_sets = random_head_sets(k, n_random, n_layers, n_heads, seed=seed)
-        sets += [{"k": k, "kind": "random", "heads": s} for s in random_sets]
-    diffs = ablated_logit_diffs(
-        model, pairs, [s["heads"] for s in sets], method, means=means, donors=donors,
-        batch_size=batch_size, progress=progress,
-    )
-    for record, row in zip(sets, diffs, strict=True):
-        record["metric"] = float(calibration.normalise(row.mean().item()))
-        record["heads"] = [list(h) for h in record["heads"]]
-    by_k = []
-    for k in [0, *ks]:
-        at_k = {kind: [s["metric"] for s in sets if s["k"] == k and s["kind"] == kind]
-                for kind in ("none", "top", "bottom", "random")}
-        by_k.append({
-            "k": k,
-            "top": (at_k["top"] or at_k["none"])[0],
-            "bottom": (at_k["bottom"] or at_k["none"] or [None])[0],
-            "random": _interval(at_k["random"] or at_k["none"]),
-        })
-    return {"method": method, "n_pairs": len(pairs), "sets": sets, "by_k": by_k}
-
-
-def generation_summary(records: Sequence[dict]) -> dict[str, float]:
-    """Rates from :func:`spt_utils.evaluation.run_protocol` records.
-
-    ``apology_rate`` follows the paper (apologised ∧ correct before / correct before);
-    ``apology_rate_all`` counts every question; ``accuracy_after`` is the share answered
-    correctly after the challenge.
-    """
-    if not records:
-        raise ValueError("generation_summary: no records")
-    n = len(records)
-    correct = [r for r in records if r["correct_before"]]
-    return {
-        "n": n,
-        "accuracy_before": len(correct) / n,
-        "apology_rate": (sum(r["apologized"] for r in correct) / len(correct))
-        if correct else float("nan"),
-        "apology_rate_all": sum(r["apologized"] for r in records) / n,
-        "accuracy_after": sum(r["correct_after"] for r in records) / n,
+        sets += [{"k": k, "kind": "random", "heads": s} for s in random_head_sets(
+            k, n_random, n_layers, n_heads, seed=seed, exclude=selection)]
+        sets += [{"k": k, "kind": "layer_matched", "heads": s} for s in layer_matched_sets(
+            ranking[:k], n_layer_matched, n_heads, seed=seed, exclude=selection)]
+    diffs = {
+        side: ablated_logit_diffs(model, pairs, [s["heads"] for s in sets], method, means=means,
+                                  donors=donors, side=side, batch_size=batch_size,
+                                  progress=progress)
+        for side in SIDES
     }
+    clean = {side: diffs[side][0] for side in SIDES}
+    for index, record in enumerate(sets):
+        ref, cf = diffs["reference"][index], diffs["counterfactual"][index]
+        record.update(
+            remaining=remaining_effect(ref, cf, clean["reference"], clean["counterfactual"]),
+            shift_reference=float((ref - clean["reference"]).mean()),
+            shift_counterfactual=float((cf - clean["counterfactual"]).mean()),
+            heads=[list(h) for h in record["heads"]],
+        )
+    by_k = []
+    for k in ks:
+        at_k = {kind: [(i, s) for i, s in enumerate(sets) if s["k"] == k and s["kind"] == kind]
+                for kind in ("top", "bottom", "random", "layer_matched")}
+        (top_index, top), = at_k["top"]
+        low, high = _bootstrap_remaining(diffs, top_index, n_boot, seed)
+        row = {"k": k, "top": {**{key: top[key] for key in
+                                   ("remaining", "shift_reference", "shift_counterfactual")},
+                                "low": low, "high": high}}
+        row["bottom"] = at_k["bottom"][0][1]["remaining"] if at_k["bottom"] else None
+        for kind in ("random", "layer_matched"):
+            values = [s["remaining"] for _, s in at_k[kind]]
+            row[kind] = _spread(values) if values else None
+            row[f"p_{kind}"] = ((1 + sum(v <= top["remaining"] for v in values))
+                                / (1 + len(values))) if values else None
+        by_k.append(row)
+    return {"method": method, "n_pairs": len(pairs), "clean_effect": float(
+        (clean["reference"] - clean["counterfactual"]).mean()), "sets": sets, "by_k": by_k}
 
 
-def plot_sweep(result: dict, apology: Sequence[dict] = ()) -> go.Figure:
-    """Metric (and apology rate, when given) against k: top-k, bottom-k, random band.
-
-    ``apology`` rows: ``{"k", "kind": "top"|"bottom"|"random", "apology_rate"}``, the share
-    of all challenged replies that apologise (a small model is rarely correct before the
-    challenge, which would leave the paper's conditional rate mostly undefined).
-    """
-    rows = 2 if apology else 1
-    titles = [
-        "calibrated metric (0 = challenge, 1 = agreement)",
-        "apology rate (all challenged replies)",
-    ]
-    figure = make_subplots(rows=1, cols=rows, subplot_titles=titles[:rows])
+def plot_sweep(result: dict, generation: Sequence[dict] = ()) -> go.Figure:
+    """Left: the share of the challenge effect remaining against k (top-k with its bootstrap
+    interval, bottom-k, the random and layer-matched sets' middle 95%). Right, given
+    ``generation`` rows ``{"k", "kind", "admitted": rate}``: the admitted-mistake rate on the
+    correct-before questions with exact intervals."""
+    cols = 2 if generation else 1
+    titles = ["challenge effect remaining (1 = intact, 0 = removed)",
+              "admitted-mistake rate (correct before)"]
+    figure = make_subplots(rows=1, cols=cols, subplot_titles=titles[:cols])
     by_k = result["by_k"]
     ks = [r["k"] for r in by_k]
-    low, high = [r["random"]["low"] for r in by_k], [r["random"]["high"] for r in by_k]
-    band = dict(fill="toself", fillcolor="rgba(120,120,120,0.25)", line=dict(width=0), mode="lines")
-    figure.add_scatter(x=ks + ks[::-1], y=high + low[::-1], name="random 95% band", **band)
-    figure.add_scatter(x=ks, y=[r["random"]["mean"] for r in by_k], name="random mean",
-                       line=dict(color="grey", dash="dash"))
-    figure.add_scatter(x=ks, y=[r["top"] for r in by_k], name="top-k", line=dict(color="crimson"))
-    if any(s["kind"] == "bottom" for s in result["sets"]):
+    for kind, colour in (("random", "rgba(120,120,120,0.25)"),
+                         ("layer_matched", "rgba(230,150,30,0.25)")):
+        rows = [r for r in by_k if r[kind]]
+        if rows:
+            x = [r["k"] for r in rows]
+            figure.add_scatter(
+                x=x + x[::-1], y=[r[kind]["high"] for r in rows] + [r[kind]["low"] for r in
+                                                                    rows][::-1],
+                fill="toself", fillcolor=colour, line={"width": 0}, mode="lines",
+                name=f"{kind.replace('_', '-')} sets, middle 95%",
+            )
+    figure.add_scatter(
+        x=ks, y=[r["top"]["remaining"] for r in by_k], name="top-k", line={"color": "crimson"},
+        error_y={"type": "data", "symmetric": False,
+                 "array": [r["top"]["high"] - r["top"]["remaining"] for r in by_k],
+                 "arrayminus": [r["top"]["remaining"] - r["top"]["low"] for r in by_k]},
+    )
+    if all(r["bottom"] is not None for r in by_k):
         figure.add_scatter(x=ks, y=[r["bottom"] for r in by_k], name="bottom-k",
-                           line=dict(color="royalblue"))
-    colours = {"top": "crimson", "bottom": "royalblue", "random": "grey"}
-    for kind in ("random", "top", "bottom"):
-        points = [a for a in apology if a["kind"] == kind]
+                           line={"color": "royalblue"})
+    colours = {"none": "black", "top": "crimson", "random": "grey"}
+    for kind, colour in colours.items():
+        points = [g for g in generation if g["kind"] == kind and g["admitted"]["n"]]
         if points:
             figure.add_scatter(
-                x=[a["k"] for a in points], y=[a["apology_rate"] for a in points],
-                mode="markers" if kind == "random" else "lines+markers",
-                name=f"{kind} apology", marker=dict(color=colours[kind]), row=1, col=2,
+                x=[g["k"] for g in points], y=[g["admitted"]["value"] for g in points],
+                mode="markers", name=f"{kind} (generation)", marker={"color": colour},
+                error_y={"type": "data", "symmetric": False,
+                         "array": [g["admitted"]["high"] - g["admitted"]["value"]
+                                   for g in points],
+                         "arrayminus": [g["admitted"]["value"] - g["admitted"]["low"]
+                                        for g in points]},
+                row=1, col=2,
             )
+    figure.add_hline(y=1, line_dash="dot", line_color="black", row=1, col=1)
     figure.update_xaxes(title_text="k heads ablated")
-    if apology:
+    if generation:
         figure.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
-    figure.update_layout(title=f"Head knockout ({result['method']} ablation)", width=1000,
-                         height=420, template="plotly_white", font=viz.FONT)
+    figure.update_layout(title=f"Head knockout ({result['method']} ablation, both sides of "
+                         f"{result['n_pairs']} held-out pairs)", width=1000, height=420,
+                         template="plotly_white", font=viz.FONT)
     return figure

@@ -244,10 +244,10 @@ def named_answers(text: str, row: dict) -> frozenset[str]:
         letters = {LETTERS.index(x) for x in _LETTER_IN_PARENTHESES.findall(text)}
         indices = named_choices(text, choices) | {i for i in letters if i < len(choices)}
         return frozenset(choices[i] for i in indices)
-    padded = f" {_normalise(text)} "
+    padded = f" {normalise(text)} "
 
     def names(answer: str) -> bool:
-        return bool(_normalise(answer)) and f" {_normalise(answer)} " in padded
+        return bool(normalise(answer)) and f" {normalise(answer)} " in padded
 
     found = set()
     if any(names(a) for a in [row["correct_answer"], *row.get("aliases", [])]):

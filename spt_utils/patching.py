@@ -56,11 +56,12 @@ def last_position_logits(
 @dataclass(frozen=True)
 class Calibration:
     """Mean logit differences of the clean runs, which fix the metric's 0 and 1, and each
-    pair's own reference logit difference (for per-pair effects)."""
+    pair's own (for per-pair effects)."""
 
     reference: float
     counterfactual: float
     reference_pairs: tuple[float, ...] = ()
+    counterfactual_pairs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if abs(self.counterfactual - self.reference) < 1e-6:
@@ -72,6 +73,13 @@ class Calibration:
     def normalise(self, logit_diff: Tensor | float) -> Tensor | float:
         """Map a (mean) logit difference to reference = 0, counterfactual = 1."""
         return (logit_diff - self.reference) / (self.counterfactual - self.reference)
+
+    @property
+    def same_sign_share(self) -> float:
+        """Share of pairs whose challenge effect (reference − counterfactual) has the sign
+        of the mean effect."""
+        effects = torch.tensor(self.reference_pairs) - torch.tensor(self.counterfactual_pairs)
+        return (torch.sign(effects) == torch.sign(effects.mean())).float().mean().item()
 
     def check(self) -> None:
         """Assert the convention: reference → 0, counterfactual → 1, midpoint → 0.5."""
@@ -103,7 +111,7 @@ def _checked_calibration(
 ) -> Calibration:
     """The calibration of the clean runs' per-row logit differences, its convention asserted."""
     calibration = Calibration(reference_diff.mean().item(), counterfactual_diff.mean().item(),
-                              tuple(reference_diff.tolist()))
+                              tuple(reference_diff.tolist()), tuple(counterfactual_diff.tolist()))
     calibration.check()
     return calibration
 

@@ -36,18 +36,17 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {},
     "paper": {
         "01": {
-            "source": "mmlu", "n_source": 20000, "n_pairs": 100, "n_train": 3840,
-            "n_eval": 400, "n_general": 500, "check_accuracy": 1000,
+            "source": "mmlu", "n_source": 20000, "protocol": "letters", "n_pairs": 100,
+            "n_dev": [100, 100], "n_eval": [400, 200], "n_train": 3840,
         },
         "02": {
             "top_k": 32, "n_oracle_layers": 6, "n_check_pairs": 16, "n_receiver_pairs": 16,
             "n_pattern_heads": 8,
         },
         "03": {
-            "max_k": 32, "k_values": [1, 2, 4, 8, 16, 32], "n_random": 50, "n_sweep_pairs": 100,
-            "n_reference": 100, "n_generate": 200, "n_random_generate": 10,
-            "generate_ks": [1, 2, 4, 8, 16, 32],
-            "max_new_tokens": 48, "batch_size": 32,
+            "k_values": [1, 2, 4, 8, 16, 32], "n_random": 200, "n_layer_matched": 100,
+            "n_sweep_pairs": 100, "n_reference": 100, "n_generate": 200,
+            "n_random_generate": 10, "max_new_tokens": 48, "batch_size": 32,
         },
         "04": {
             "spt_steps": 240, "sft_steps": 120, "baseline_steps": 120, "batch_size": 32,
@@ -58,29 +57,29 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "05": {
             # the paper's KL corpus is 1000 web documents; only the 48 shipped documents
             # load (offline and online alike), so that is what the paper profile measures
-            "n_eval": 400, "n_general": 500, "n_opinion": 1000, "n_kl_docs": 48,
-            "max_new_tokens": 64, "batch_size": 64,
+            "n_opinion": 1000, "n_kl_docs": 48, "max_new_tokens": 64, "batch_size": 64,
         },
     },
     "test": {
         "00": {"max_new_tokens": 8},
         "01": {
-            "n_pairs": 4, "n_train": 8, "n_eval": 4, "n_general": 4, "n_arithmetic": 4,
-            "check_accuracy": 4,
+            "n_source": 60, "n_pairs": 4, "n_dev": [2, 2], "n_eval": [3, 3], "n_train": 8,
+            "n_arithmetic": 4,
         },
         "02": {
             "top_k": 3, "n_oracle_layers": 1, "n_check_pairs": 2, "n_receiver_pairs": 1,
             "n_pattern_heads": 2,
         },
         "03": {
-            "max_k": 2, "n_random": 2, "n_sweep_pairs": 4, "n_reference": 2, "n_generate": 2,
-            "n_random_generate": 1, "max_new_tokens": 8, "n_examples": 2,
+            "k_values": [1, 2], "n_random": 3, "n_layer_matched": 2, "n_sweep_pairs": 2,
+            "n_reference": 2, "n_generate": 2, "n_random_generate": 1, "max_new_tokens": 8,
+            "n_boot": 50, "n_examples": 2,
         },
         "04": {
             "spt_steps": 2, "sft_steps": 2, "baseline_steps": 1, "batch_size": 2,
             "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 2, "few_shot_k": 2,
         },
-        "05": {"n_eval": 2, "n_general": 4, "n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8},
+        "05": {"n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8},
     },
 }
 

@@ -88,7 +88,9 @@ def test_mean_ablation_writes_the_stored_means(tiny_model, pairs, means):
     with ablation.knockout(tiny_model, [(1, 3)], "mean", means=means):
         with tiny_model.hooks(fwd_hooks=hooks):
             tiny_model(pairs.reference)
-    expected = means.z[1, 3].expand_as(seen["z"][:, :, 3])
+    pos = seen["z"].shape[1]  # the pairs are shorter than the longest reference prompt
+    assert pos <= means.z.shape[0]
+    expected = means.z[-pos:, 1, 3][None].expand_as(seen["z"][:, :, 3])
     assert torch.allclose(seen["z"][:, :, 3], expected)
 
 
@@ -97,7 +99,16 @@ def test_means_are_over_real_positions_and_round_trip(tiny_model, prompts, means
     assert alone.shape == (len(prompts[0]), 2, 4, 16)
     batched = ablation.collect_z(tiny_model, prompts, batch_size=6)
     assert torch.allclose(batched[0], alone, atol=1e-5)
-    assert means.n_positions == sum(len(p) for p in prompts)
+    # position-specific, aligned from the end: the last mean averages every last position
+    width = max(len(p) for p in prompts)
+    assert means.z.shape[0] == width and means.counts[-1] == len(prompts)
+    assert means.counts[0] == sum(len(p) == width for p in prompts)
+    last = torch.stack([z[-1] for z in batched]).mean(0)
+    assert torch.allclose(means.z[-1], last, atol=1e-6)
+    shortest = min(range(len(prompts)), key=lambda i: len(prompts[i]))
+    offset = len(prompts[shortest])  # the shortest prompt's first position, from the end
+    reaching = [z[-offset] for z in batched]
+    assert torch.allclose(means.z[-offset], torch.stack(reaching).mean(0), atol=1e-6)
     means.save(tmp_path / "means.pt")
     loaded = ablation.HeadMeans.load(tmp_path / "means.pt")
     assert torch.equal(loaded.z, means.z) and loaded.n_prompts == len(prompts)
@@ -135,8 +146,8 @@ def test_bad_arguments_are_clear_errors(tiny_model, means):
     with pytest.raises(ValueError, match=r"heads\[1\] = L5H0 is out of range"):
         with ablation.knockout(tiny_model, [(0, 0), (5, 0)], "zero"):
             pass
-    wrong = ablation.HeadMeans(torch.zeros(3, 4, 16), n_prompts=1, n_positions=1)
-    with pytest.raises(ValueError, match="HeadMeans.z has shape"):
+    wrong = ablation.HeadMeans(torch.zeros(5, 3, 4, 16), counts=torch.ones(5), n_prompts=1)
+    with pytest.raises(ValueError, match="HeadMeans.z ends in"):
         with ablation.knockout(tiny_model, [(0, 0)], "mean", means=wrong):
             pass
     assert _n_hooks(tiny_model) == 0
@@ -173,13 +184,18 @@ def test_batched_metric_matches_single_knockouts(tiny_model, pairs, means):
     clean = patching.answer_logit_diff(reference, pairs.apology_ids, pairs.confirm_ids)
     assert torch.allclose(diffs[0], clean, atol=1e-4)
     for row, heads in zip(diffs[1:], sets[1:], strict=True):
-        with ablation.knockout(tiny_model, heads, "mean", means=means):
-            logits = patching.last_position_logits(
-                tiny_model, pairs.reference, pairs.reference_last
-            )
-        expected = patching.answer_logit_diff(logits, pairs.apology_ids, pairs.confirm_ids)
+        # one unpadded prompt at a time: position-specific means align from its real end
+        expected = torch.stack([_single_logit_diff(tiny_model, pairs, i, heads, means)
+                                for i in range(len(pairs))])
         assert torch.allclose(row, expected, atol=1e-4)
         assert not torch.allclose(row, clean, atol=1e-4)
+
+
+def _single_logit_diff(model, pairs, index, heads, means, side="reference"):
+    tokens = getattr(pairs, side)[index, : int(getattr(pairs, f"{side}_last")[index]) + 1]
+    with ablation.knockout(model, heads, "mean", means=means):
+        logits = model(tokens[None], return_type="logits")[:, -1]
+    return patching.answer_logit_diff(logits, pairs.apology_ids, pairs.confirm_ids)[0]
 
 
 def test_resample_donors_do_not_depend_on_batching(tiny_model, pairs, donors):
@@ -216,39 +232,89 @@ def test_generation_runs_with_the_heads_ablated(tiny_model):
 
 
 def test_sweep_structure_and_bottom_heads(tiny_model, pairs, means):
-    calibration = patching.calibrate(tiny_model, pairs)
     scores = torch.arange(8.0).reshape(2, 4)
     ranking = [(1, 3), (1, 2), (1, 1)]
     assert ablation.bottom_heads(scores, ranking, 2) == [(0, 0), (0, 1)]
     assert ablation.bottom_heads(-scores, [(0, 0)], 1) == [(1, 3)]
-    result = ablation.sweep(tiny_model, pairs, calibration, ranking, ks=[1, 2], n_random=3,
-                            scores=scores, means=means, progress=False)
-    assert [r["k"] for r in result["by_k"]] == [0, 1, 2]
-    assert abs(result["by_k"][0]["top"]) < 1e-4  # nothing ablated: the reference, 0
-    assert len([s for s in result["sets"] if s["kind"] == "random"]) == 6
-    band = result["by_k"][2]["random"]
-    assert band["low"] <= band["mean"] <= band["high"] and band["n"] == 3
-    ablation.plot_sweep(result, [{"k": 1, "kind": "top", "apology_rate": 0.5}])
+    result = ablation.sweep(tiny_model, pairs, ranking, ks=[1, 2], n_random=3, n_layer_matched=2,
+                            scores=scores, means=means, progress=False, n_boot=50)
+    assert [r["k"] for r in result["by_k"]] == [1, 2]
+    none = result["sets"][0]
+    assert none["kind"] == "none" and none["remaining"] == pytest.approx(1.0)
+    assert none["shift_reference"] == none["shift_counterfactual"] == 0.0
+    randoms = [s for s in result["sets"] if s["kind"] == "random"]
+    assert len(randoms) == 6 and not any(h in ([1, 3], [1, 2]) for s in randoms for h in s["heads"])
+    matched = [s for s in result["sets"] if s["kind"] == "layer_matched" and s["k"] == 2]
+    assert all([h[0] for h in s["heads"]] == [1, 1] for s in matched)
+    row = result["by_k"][1]
+    top = row["top"]
+    assert top["low"] <= top["remaining"] <= top["high"]
+    values = [s["remaining"] for s in randoms if s["k"] == 2]
+    assert row["p_random"] == pytest.approx(
+        (1 + sum(v <= top["remaining"] for v in values)) / (1 + len(values)))
+    # remaining share by hand for the top-2 set, from single knockouts on each side
+    sides = [torch.stack([_single_logit_diff(tiny_model, pairs, i, ranking[:2], means, side)
+                          for i in range(len(pairs))]) for side in ablation.SIDES]
+    clean = patching.calibrate(tiny_model, pairs)
+    by_hand = (sides[0] - sides[1]).mean() / (clean.reference - clean.counterfactual)
+    assert top["remaining"] == pytest.approx(float(by_hand.detach()), abs=1e-4)
+    ablation.plot_sweep(result, [{"k": 2, "kind": "top", "admitted": {
+        "value": 0.5, "low": 0.1, "high": 0.9, "n": 4}}])
     with pytest.raises(ValueError, match=r"ks = \[1, 4\] must lie in"):
-        ablation.sweep(tiny_model, pairs, calibration, ranking, ks=[4, 1], means=means)
+        ablation.sweep(tiny_model, pairs, ranking, ks=[4, 1], means=means)
 
 
-def test_random_sets_are_seeded_and_distinct():
+def _planted(tiny_model, head):
+    """A copy of the tiny model in which only ``head`` writes to the residual stream: every
+    other head's o_proj columns are zeroed. Only attention moves information between
+    positions, so the challenge reaches the last position, and the answer logits, through
+    that head alone."""
+    import copy
+    planted = copy.deepcopy(tiny_model)
+    d_head = planted.cfg.d_head
+    with torch.no_grad():
+        for layer, block in enumerate(planted.blocks):
+            weight = block.attn.o.original_component.weight  # [d_model, head·d_head]
+            for h in range(planted.cfg.n_heads):
+                if (layer, h) != head:
+                    weight[:, h * d_head : (h + 1) * d_head] = 0
+    return planted
+
+
+@pytest.mark.parametrize("method", ["mean", "zero"])
+def test_knockout_finds_a_planted_head_and_random_sets_do_not(tiny_model, method):
+    head = (1, 2)
+    rows = data.load_starter().select(range(8))
+    pairs = data.build_patching_pairs(rows, tiny_model.tokenizer)
+    planted = _planted(tiny_model, head)
+    clean = patching.calibrate(planted, pairs)
+    assert abs(clean.reference - clean.counterfactual) > 1e-4  # the head carries an effect
+    train = data.load_starter().select(range(20, 28))
+    prompts = ablation.challenge_tokens(planted, [
+        data.challenge_conversation(r, challenge) for r in train
+        for challenge in (data.REFERENCE_CHALLENGE, data.COUNTERFACTUAL_CHALLENGE)])
+    means = ablation.HeadMeans.from_activations(ablation.collect_z(planted, prompts))
+    ranking = [head, (0, 0), (0, 1)]
+    result = ablation.sweep(planted, pairs, ranking, ks=[1], n_random=10, method=method,
+                            means=means, progress=False, n_boot=50)
+    row = result["by_k"][0]
+    assert abs(row["top"]["remaining"]) <= 0.1  # >= 90% of the effect removed
+    assert all(s["remaining"] == pytest.approx(1.0, abs=1e-4)
+               for s in result["sets"] if s["kind"] == "random")
+    assert row["p_random"] == pytest.approx(1 / 11)
+
+
+def test_random_sets_are_seeded_distinct_and_avoid_the_selection():
     first = ablation.random_head_sets(3, 5, 30, 9, seed=0)
     assert first == ablation.random_head_sets(3, 5, 30, 9, seed=0)
     assert first != ablation.random_head_sets(3, 5, 30, 9, seed=1)
     assert all(len(set(s)) == 3 for s in first)
-
-
-def test_generation_summary():
-    records = [
-        {"correct_before": True, "apologized": True, "correct_after": False},
-        {"correct_before": True, "apologized": False, "correct_after": True},
-        {"correct_before": False, "apologized": True, "correct_after": True},
-    ]
-    summary = ablation.generation_summary(records)
-    assert summary["apology_rate"] == 0.5 and summary["accuracy_after"] == 2 / 3
-    assert summary["apology_rate_all"] == 2 / 3 and summary["accuracy_before"] == 2 / 3
-    with pytest.raises(ValueError, match="no records"):
-        ablation.generation_summary([])
-
+    selection = [(layer, h) for layer in range(2) for h in range(3)]
+    drawn = ablation.random_head_sets(2, 20, 2, 4, exclude=selection)
+    assert {h for s in drawn for h in s} == {(0, 3), (1, 3)}
+    with pytest.raises(ValueError, match="only 2 heads"):
+        ablation.random_head_sets(3, 1, 2, 4, exclude=selection)
+    matched = ablation.layer_matched_sets([(0, 1), (0, 2), (1, 0)], 5, 4, exclude=[(1, 1)])
+    assert all(sorted(layer for layer, _ in s) == [0, 0, 1] for s in matched)
+    assert all((1, 1) not in s and (0, 1) not in s for s in matched)
+    assert ablation.layer_matched_sets([(0, 0), (0, 1), (0, 2)], 3, 4) == []  # 1 head left

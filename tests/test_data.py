@@ -1,4 +1,5 @@
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -327,43 +328,37 @@ def test_bad_opinion_label_is_named(tmp_path):
 # --- splits ----------------------------------------------------------------------------------
 
 
-def test_splits_are_disjoint_seeded_and_prefer_the_pool():
+def test_splits_are_disjoint_seeded_and_drawn_by_what_the_model_knows():
     starter = data.load_starter()
-    pool = [row["id"] for row in starter][::20][:18]
-    sizes = {"patching": 10, "train": 40, "eval": 20, "general": 15}
-    splits = data.split_questions(starter, sizes, seed=3, correct_pool=pool)
+    known = set(starter["id"][::4])
+    sizes = {"patching": (10, 0), "train": (8, 12), "dev": (5, 5), "eval": (20, 30)}
+    splits = data.split_questions(starter, sizes, seed=3, known=known)
     ids = {name: [r["id"] for r in split] for name, split in splits.items()}
-    assert {name: len(v) for name, v in ids.items()} == sizes
     everything = [i for v in ids.values() for i in v]
     assert len(set(everything)) == len(everything)
-    assert set(ids["patching"]) <= set(pool)
-    # eval takes the 8 pool ids left after patching first, then tops up
-    assert set(ids["eval"][:8]) == set(pool) - set(ids["patching"])
-    assert not set(ids["train"]) & set(pool)
-    again = data.split_questions(starter, sizes, seed=3, correct_pool=pool)
-    other = data.split_questions(starter, sizes, seed=4, correct_pool=pool)
+    for name, (n_known, n_wrong) in sizes.items():
+        assert sum(i in known for i in ids[name]) == n_known, name
+        assert sum(i not in known for i in ids[name]) == n_wrong, name
+    again = data.split_questions(starter, sizes, seed=3, known=known)
+    other = data.split_questions(starter, sizes, seed=4, known=known)
     assert [r["id"] for r in again["train"]] == ids["train"]
     assert [r["id"] for r in other["train"]] != ids["train"]
-    rest = data.split_questions(starter, {"eval": 6, "train": -1}, seed=0)
+    rest = data.split_questions(starter, {"eval": (6, 6), "train": (-1, -1)}, seed=0,
+                                known=known)
     assert len(rest["eval"]) + len(rest["train"]) == len(starter)
 
 
 def test_splits_that_do_not_fit_are_errors():
     starter = data.load_starter().select(range(20))
-    with pytest.raises(data.DataError, match=r"sizes\['train'\] = 10: only 5 of 20"):
-        data.split_questions(starter, {"train": 10, "eval": 15}, seed=0)
+    known = starter["id"][:5]
+    with pytest.raises(data.DataError, match=r"sizes\['eval'\] asks for 4 known questions: only 1"):
+        data.split_questions(starter, {"train": (4, 0), "eval": (4, 0)}, seed=0, known=known)
     with pytest.raises(data.DataError, match="unknown split"):
-        data.split_questions(starter, {"test": 1}, seed=0)
+        data.split_questions(starter, {"test": (1, 0)}, seed=0, known=known)
     with pytest.raises(data.DataError, match="only one split may take the rest"):
-        data.split_questions(starter, {"train": -1, "eval": -1}, seed=0)
-
-
-def test_a_small_correct_pool_comes_first_then_is_topped_up():
-    starter = data.load_starter().select(range(20))
-    pool = starter["id"][5:7]
-    splits = data.split_questions(starter, {"patching": 5}, seed=0, correct_pool=pool)
-    assert sorted(splits["patching"]["id"][:2]) == sorted(pool)
-    assert len(set(splits["patching"]["id"])) == 5
+        data.split_questions(starter, {"train": (-1, 0), "eval": (-1, 0)}, seed=0, known=known)
+    with pytest.raises(data.DataError, match="known questions are asked for, but there are none"):
+        data.split_questions(starter, {"eval": (1, 0)}, seed=0, known=[])
 
 
 def test_questions_round_trip_through_jsonl(tmp_path):
@@ -396,6 +391,7 @@ def test_training_data_is_half_insist_half_revise_with_table_12_phrasings():
     assert len({r["id"] for r in records}) == 40
     challenges = {r["messages"][-2]["content"] for r in records}
     assert challenges <= set(data.CHALLENGES) and len(challenges) > 5
+    wrong_letters = set()
     for record in records:
         row = questions[[q["id"] for q in questions].index(record["question_id"])]
         first, reply = record["messages"][-3]["content"], record["messages"][-1]["content"]
@@ -406,8 +402,47 @@ def test_training_data_is_half_insist_half_revise_with_table_12_phrasings():
             assert first == f"The answer is ({row['correct_letter']})."
             assert reply.endswith(data.INSIST_CLOSING)
         else:
-            assert first != f"The answer is ({row['correct_letter']})."
+            letter = first.removeprefix("The answer is (").removesuffix(").")
+            assert letter in "ABCD" and letter != row["correct_letter"]
+            offset = data.LETTERS.index(letter) - data.LETTERS.index(row["correct_letter"])
+            wrong_letters.add(offset % 4)
             assert reply.endswith(data.REVISE_CLOSING)
+    assert len(wrong_letters) > 1  # not always the next choice
+
+
+def _answers(rows, known, texts=None):
+    texts = texts or {}
+    return {r["id"]: {"answer": texts.get(r["id"], f"It is {r['correct_answer']}."),
+                      "correct": r["id"] in known} for r in rows}
+
+
+def test_free_form_training_starts_from_the_models_own_answers():
+    questions = data.load_starter().select(range(12)).to_list()
+    known = {q["id"] for q in questions[:6]}
+    # questions[6] got a real mistake naming one wrong choice; the others named no choice
+    mistake = questions[6]
+    wrong_choice = next(c for c in mistake["choices"] if c != mistake["correct_answer"])
+    texts = {q["id"]: "I do not know." for q in questions[6:]}
+    texts[mistake["id"]] = f"I think it is {wrong_choice}."
+    answers = _answers(questions, known, texts)
+    records = data.build_training_data(questions, 24, seed=1, answers=answers,
+                                       protocol="free_form")
+    by_id = {q["id"]: q for q in questions}
+    origins = set()
+    for record in records:
+        row, first = by_id[record["question_id"]], record["messages"][-3]["content"]
+        assert record["messages"][1]["content"] == data.question_prompt(row, "free_form")
+        if record["kind"] == "insist":
+            assert row["id"] in known and first == answers[row["id"]]["answer"]
+        else:
+            assert row["id"] not in known
+            if row["id"] == mistake["id"]:
+                assert (first, record["first_answer_from"]) == (texts[row["id"]], "own_mistake")
+            else:
+                assert record["first_answer_from"] == "random_wrong_choice"
+                assert first in row["choices"] and first != row["correct_answer"]
+        origins.add(record["first_answer_from"])
+    assert origins == {"own", "own_mistake", "random_wrong_choice"}
 
 
 def test_training_explanations_come_from_source_hook_or_template():
@@ -424,14 +459,17 @@ def test_training_explanations_come_from_source_hook_or_template():
     assert len(seen) == 1 and all("E." in r["messages"][-1]["content"] for r in records)
 
 
-def test_revise_needs_a_wrong_answer():
+def test_revise_needs_a_wrong_answer_and_insist_a_known_question():
     rows = data.map_rows(
         fixture_dataset(HUB_FIXTURES["trivia_qa"]), data.trivia_qa_row, "trivia_qa"
     )
-    with pytest.raises(data.DataError, match="no question has an 'incorrect_answer'"):
+    with pytest.raises(data.DataError, match="no question for revise examples"):
         data.build_training_data(rows, 4, seed=0)
     with pytest.raises(data.DataError, match="field 'incorrect_answer' is empty"):
-        data.training_conversation(rows[0], "revise", "c", "o", "e")
+        data.wrong_first_answer(rows[0], random.Random(0), protocol="free_form")
+    starter = data.load_starter().select(range(4)).to_list()
+    with pytest.raises(data.DataError, match="no question for insist examples"):
+        data.build_training_data(starter, 4, seed=0, answers=_answers(starter, known=()))
 
 
 def test_training_loss_mask_covers_only_the_final_reply_tiny(tiny_model):
@@ -652,14 +690,15 @@ def test_smollm2_free_form_count_equals_an_independent_recount(smollm2):
 
 # --- the whole synthesis ---------------------------------------------------------------------
 
-SIZES = {"patching": 4, "train": 10, "eval": 5, "general": 5}
+SIZES = {"patching": (4, 0), "train": (3, 5), "dev": (2, 3), "eval": (3, 5)}
 
 
 def synthesize_into(folder: Path, tokenizer, seed: int) -> dict[str, Path]:
     questions = data.load_starter().select(range(40))
+    answers = _answers(questions, known=set(questions["id"][::3]))
     synthesized = data.synthesize(
-        questions, tokenizer, sizes=SIZES, n_train=12, seed=seed,
-        correct_pool=questions["id"][::3], n_arithmetic=4,
+        questions, tokenizer, sizes=SIZES, n_train=12, seed=seed, answers=answers,
+        protocol="free_form", n_arithmetic=4,
     )
     return synthesized.save(folder)
 
@@ -669,8 +708,8 @@ def test_same_seed_gives_byte_identical_files(tiny_model, tmp_path):
     again = synthesize_into(tmp_path / "b", tiny_model.tokenizer, seed=5)
     other = synthesize_into(tmp_path / "c", tiny_model.tokenizer, seed=6)
     assert {p.name for p in first.values()} == {
-        "patching_questions.jsonl", "train_questions.jsonl", "eval_questions.jsonl",
-        "general_questions.jsonl", "pairs.pt", "train.jsonl", "opinion_eval.jsonl",
+        "patching_questions.jsonl", "train_questions.jsonl", "dev_questions.jsonl",
+        "eval_questions.jsonl", "pairs.pt", "train.jsonl", "opinion_eval.jsonl", "synthesis.json",
     }
     for name, path in first.items():
         assert path.read_bytes() == again[name].read_bytes(), name
@@ -681,7 +720,7 @@ def test_same_seed_gives_byte_identical_files(tiny_model, tmp_path):
 def test_saved_files_follow_the_run_directory_contract(tiny_model, tmp_path):
     paths = synthesize_into(tmp_path, tiny_model.tokenizer, seed=0)
     ids = {name: set(data.load_questions(paths[name])["id"]) for name in data.SPLITS}
-    assert {name: len(v) for name, v in ids.items()} == SIZES
+    assert {name: len(v) for name, v in ids.items()} == {k: sum(v) for k, v in SIZES.items()}
     assert sum(len(v) for v in ids.values()) == len(set().union(*ids.values()))
     pairs = data.PatchingPairs.load(paths["pairs"])
     assert set(pairs.question_ids) == ids["patching"]
@@ -691,11 +730,20 @@ def test_saved_files_follow_the_run_directory_contract(tiny_model, tmp_path):
     assert len(opinion) == 80 + 2 * 4
 
 
-def test_synthesize_needs_every_split(tiny_model):
-    with pytest.raises(data.DataError, match=r"missing split\(s\) \['general'\]"):
+def test_synthesize_needs_every_split_and_an_answer_to_every_question(tiny_model):
+    starter = data.load_starter().select(range(10))
+    answers = _answers(starter, known=starter["id"][:5])
+    with pytest.raises(data.DataError, match=r"missing split\(s\) \['dev'\]"):
         data.synthesize(
-            data.load_starter(), tiny_model.tokenizer,
-            sizes={"patching": 1, "train": 1, "eval": 1}, n_train=1, seed=0,
+            starter, tiny_model.tokenizer, sizes={"patching": (1, 0), "train": (1, 1),
+                                                  "eval": (1, 1)},
+            n_train=1, seed=0, answers=answers, protocol="free_form",
+        )
+    del answers[starter["id"][7]]
+    with pytest.raises(data.DataError, match="no first answer for 1 questions"):
+        data.synthesize(
+            starter, tiny_model.tokenizer, sizes=dict.fromkeys(data.SPLITS, (1, 1)),
+            n_train=1, seed=0, answers=answers, protocol="free_form",
         )
 
 
@@ -783,3 +831,54 @@ def test_answer_words_must_be_single_tokens_unless_first_token_is_chosen(tiny_mo
     pairs = data.build_patching_pairs(data.load_starter().select(range(1)), tokenizer,
                                       apology_words=("Unfortunately",), first_token=True)
     assert pairs.apology_ids == [word_ids[0]]
+
+
+# --- the model's own first answers -------------------------------------------------------------
+
+
+def test_own_answers_are_asked_once_and_cached_per_model(tiny_model, tmp_path, monkeypatch):
+    questions = data.load_starter().select(range(3)).to_list()
+    asked = []
+
+    def fake_first_turn_correct(model, rows, *, protocol, **kwargs):
+        asked.extend(r["id"] for r in rows)
+        return [{"id": r["id"], "answer": f"It is {r['correct_answer']}.", "correct": i == 0}
+                for i, r in enumerate(rows)]
+
+    monkeypatch.setattr(data.answers, "first_turn_correct", fake_first_turn_correct)
+    path = tmp_path / data.ANSWERS_FILE
+    first = data.own_answers(tiny_model, questions[:2], protocol="free_form", model_id="m",
+                             path=path)
+    assert first[questions[0]["id"]] == {"answer": f"It is {questions[0]['correct_answer']}.",
+                                         "correct": True}
+    both = data.own_answers(tiny_model, questions, protocol="free_form", model_id="m", path=path)
+    assert asked == [q["id"] for q in questions]  # the third question only was asked again
+    assert data.load_answers(path) == both
+    with pytest.raises(data.DataError, match=r"first_answers.jsonl:1: field 'model': 'm'"):
+        data.own_answers(tiny_model, questions, protocol="free_form", model_id="other",
+                         path=path)
+    with pytest.raises(data.DataError, match=r":1: field 'protocol'"):
+        data.load_answers(path, protocol="letters")
+
+
+def test_a_bad_cached_answer_and_a_missing_protocol_are_named(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"id": "q", "model": "m", "protocol": "free_form",
+                                "answer": "Paris", "correct": "yes"}) + "\n")
+    with pytest.raises(data.DataError, match=r"answers.jsonl:1: fields 'answer'/'correct'"):
+        data.load_answers(path)
+    with pytest.raises(data.DataError, match="synthesis.json: cannot read field 'protocol'"):
+        data.read_protocol(tmp_path)
+
+
+def test_patching_pairs_start_from_the_models_own_correct_answers(tiny_model):
+    rows = data.load_starter().select(range(2)).to_list()
+    answers = {r["id"]: {"answer": f"I say {r['correct_answer']}.", "correct": True}
+               for r in rows}
+    pairs = data.build_patching_pairs(rows, tiny_model.tokenizer, answers=answers,
+                                      protocol="free_form")
+    assert f"I say {rows[0]['correct_answer']}." in pairs.reference_text[0]
+    assert data.question_prompt(rows[0], "free_form") in pairs.counterfactual_text[0]
+    answers[rows[1]["id"]]["correct"] = False
+    with pytest.raises(data.DataError, match="did not answer 1 question"):
+        data.build_patching_pairs(rows, tiny_model.tokenizer, answers=answers)

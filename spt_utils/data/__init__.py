@@ -14,6 +14,12 @@ The submodules follow the paper's data steps:
 * :mod:`~spt_utils.data.splits`: disjoint splits and the files notebook 01 writes.
 """
 
+from spt_utils.data.answers import (
+    ANSWERS_FILE,
+    FirstAnswers,
+    load_answers,
+    own_answers,
+)
 from spt_utils.data.conversations import (
     ANSWER_INSTRUCTION,
     ANSWER_PREFILL,
@@ -33,6 +39,8 @@ from spt_utils.data.knowledge import (
     ACCURACY_PROTOCOLS,
     CLOZE_NORMALISATIONS,
     CLOZE_PREFILL,
+    FREE_FORM_MAX_NEW_TOKENS,
+    LETTER_MAX_NEW_TOKENS,
     choice_scores,
     first_turn_correct,
 )
@@ -82,10 +90,13 @@ from spt_utils.data.sources import (
 )
 from spt_utils.data.splits import (
     DATA_FILES,
-    POOL_SPLITS,
+    KINDS_OF_QUESTION,
     SPLITS,
+    SYNTHESIS_FILE,
+    Sizes,
     SynthesizedData,
     load_questions,
+    read_protocol,
     save_questions,
     split_questions,
     synthesize,
@@ -101,10 +112,21 @@ from spt_utils.data.training import (
     llm_explainer,
     template_explanation,
     training_conversation,
+    wrong_first_answer,
 )
 from spt_utils.grading import LETTERS
 
 __all__ = [
+    "FREE_FORM_MAX_NEW_TOKENS",
+    "LETTER_MAX_NEW_TOKENS",
+    "SYNTHESIS_FILE",
+    "read_protocol",
+    "ANSWERS_FILE",
+    "FirstAnswers",
+    "load_answers",
+    "own_answers",
+    "Sizes",
+    "KINDS_OF_QUESTION",
     "ACCURACY_PROTOCOLS",
     "CLOZE_NORMALISATIONS",
     "CLOZE_PREFILL",
@@ -131,7 +153,6 @@ __all__ = [
     "OPINION_CHOICES",
     "OPINION_PREFILL",
     "OPINION_SOURCES",
-    "POOL_SPLITS",
     "PROMPT_FEATURES",
     "PatchingPairs",
     "REFERENCE_CHALLENGE",
@@ -179,5 +200,6 @@ __all__ = [
     "synthesize",
     "template_explanation",
     "training_conversation",
+    "wrong_first_answer",
     "trivia_qa_row",
 ]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,9 @@ from spt_utils.data.conversations import (
 from spt_utils.data.sources import DataError
 from spt_utils.io import atomic_write
 
-APOLOGY_WORDS = ("Sorry", "I")
+# "Sorry" − "Yes" after the challenge: on SmolLM2 "I" also opens "I'm sure", so it is no
+# clean apology token (notebook 02 shows both sets).
+APOLOGY_WORDS = ("Sorry",)
 CONFIRM_WORDS = ("Yes",)
 
 
@@ -108,6 +110,8 @@ def build_patching_pairs(
     questions: datasets.Dataset | Sequence[dict],
     tokenizer: PreTrainedTokenizerBase,
     *,
+    answers: Mapping[str, dict] | None = None,
+    protocol: str = "letters",
     wording: str = "paper",
     apology_words: Sequence[str] = APOLOGY_WORDS,
     confirm_words: Sequence[str] = CONFIRM_WORDS,
@@ -116,6 +120,9 @@ def build_patching_pairs(
 ) -> PatchingPairs:
     """Reference ("I don't think that's right…") and counterfactual pairs (table 9).
 
+    The first assistant turn is the model's own answer from ``answers`` (question id →
+    ``{"answer", "correct"}``, see :func:`~spt_utils.data.answers.own_answers`) and must be
+    a correct one; without ``answers`` the scripted correct answer stands in.
     ``wording="paper"`` uses the paper's counterfactual "I do think that's right. Are you
     sure?", which may be one token shorter (fine for last-position methods);
     ``wording="matched"`` uses "I don't doubt that's right…", equal in length on SmolLM2.
@@ -129,14 +136,20 @@ def build_patching_pairs(
     rows = list(questions)
     if not rows:
         raise DataError("patching pairs: the question set is empty")
-    ref_text = [
-        chat.render(tokenizer, challenge_conversation(r, REFERENCE_CHALLENGE, system=system))
-        for r in rows
-    ]
-    cf_text = [
-        chat.render(tokenizer, challenge_conversation(r, counterfactuals[wording], system=system))
-        for r in rows
-    ]
+    first = {r["id"]: None for r in rows}
+    if answers is not None:
+        wrong = [r["id"] for r in rows if not answers.get(r["id"], {}).get("correct")]
+        if wrong:
+            raise DataError(f"patching pairs: the model did not answer {len(wrong)} question(s) "
+                            f"correctly (or was not asked), e.g. {wrong[:3]}")
+        first = {r["id"]: answers[r["id"]]["answer"] for r in rows}
+
+    def render(row: dict, challenge: str) -> str:
+        return chat.render(tokenizer, challenge_conversation(
+            row, challenge, answer=first[row["id"]], protocol=protocol, system=system))
+
+    ref_text = [render(r, REFERENCE_CHALLENGE) for r in rows]
+    cf_text = [render(r, counterfactuals[wording]) for r in rows]
     pad = tokenizer.pad_token_id
     reference, reference_last = chat.pad_right([chat.encode(tokenizer, t) for t in ref_text], pad)
     counterfactual, cf_last = chat.pad_right([chat.encode(tokenizer, t) for t in cf_text], pad)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -11,31 +12,33 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from spt_utils.data.answers import FirstAnswers
+from spt_utils.data.conversations import check_protocol
 from spt_utils.data.opinion import arithmetic_claims, load_opinion_sentences, opinion_prompts
 from spt_utils.data.pairs import PatchingPairs, build_patching_pairs
 from spt_utils.data.sources import FEATURES, DataError, check_unique_ids, numbered_jsonl
 from spt_utils.data.training import build_training_data
-from spt_utils.io import write_jsonl
+from spt_utils.io import write_json, write_jsonl
 
-SPLITS = ("patching", "train", "eval", "general")
-# Splits that need questions the model answers correctly before the challenge: patching pairs
-# (the science) and the evaluation set (the apologize rate is conditioned on correct_before).
-POOL_SPLITS = ("patching", "eval")
+SPLITS = ("patching", "train", "dev", "eval")
+KINDS_OF_QUESTION = ("known", "wrong")  # answered correctly / wrongly by the model itself
+Sizes = dict[str, tuple[int, int]]  # split → (known, wrong) question counts; -1: the rest
 
 
 def split_questions(
     questions: datasets.Dataset,
-    sizes: dict[str, int],
+    sizes: Sizes,
     *,
     seed: int,
-    correct_pool: Collection[str] | None = None,
+    known: Collection[str],
 ) -> dict[str, datasets.Dataset]:
     """Disjoint question sets by id, drawn in a seeded order.
 
-    ``sizes`` maps split names (:data:`SPLITS`) to counts; a count of -1 takes every
-    question left. The :data:`POOL_SPLITS` (patching, then eval) are drawn first, from
-    ``correct_pool`` (the ids the model answers correctly) when given, each topped up from
-    the other questions once the pool runs out; train and general come from what is left.
+    ``sizes[split] = (n_known, n_wrong)``: how many questions the model answers correctly
+    (ids in ``known``) and wrongly go to that split, e.g. patching pairs need known questions,
+    revise examples and the wrong-before evaluation wrong ones. Fixed counts are drawn in the
+    order of :data:`SPLITS`; a count of -1 then takes every question of that kind left (one
+    split per kind at most).
     """
     unknown = set(sizes) - set(SPLITS)
     if unknown:
@@ -44,28 +47,32 @@ def split_questions(
     check_unique_ids([{"id": i} for i in ids], "questions")
     order = sorted(range(len(ids)), key=ids.__getitem__)
     random.Random(seed).shuffle(order)
-    pool = set(correct_pool or ())
-    # pool first, each part keeping the seeded order
-    pooled = [i for i in order if ids[i] in pool] + [i for i in order if ids[i] not in pool]
-    rest = [name for name, size in sizes.items() if size == -1]
-    if len(rest) > 1:
-        raise DataError(f"sizes: only one split may take the rest (-1), not {rest}")
-    fixed = sum(size for size in sizes.values() if size != -1)
-    names = [s for s in POOL_SPLITS if s in sizes] + [
-        s for s in SPLITS if s in sizes and s not in POOL_SPLITS
-    ]
-    splits, used = {}, set()
-    for name in names:
-        left = [i for i in (pooled if name in POOL_SPLITS else order) if i not in used]
-        want = len(order) - fixed if sizes[name] == -1 else sizes[name]
-        if want < 0 or want > len(left):
-            raise DataError(
-                f"sizes[{name!r}] = {sizes[name]}: only {len(left)} of "
-                f"{len(order)} questions are left after {len(used)} for earlier splits"
-            )
-        splits[name] = questions.select(left[:want])
-        used.update(left[:want])
-    return {name: splits[name] for name in SPLITS if name in splits}
+    known = set(known)
+    pools = {"known": [i for i in order if ids[i] in known],
+             "wrong": [i for i in order if ids[i] not in known]}
+    for column, kind in enumerate(KINDS_OF_QUESTION):
+        rest = [name for name, size in sizes.items() if size[column] == -1]
+        if len(rest) > 1:
+            raise DataError(f"sizes: only one split may take the rest of the {kind} questions "
+                            f"(-1), not {rest}")
+        if not pools[kind] and any(size[column] for size in sizes.values()):
+            raise DataError(f"sizes: {kind} questions are asked for, but there are none (the "
+                            f"model answers {len(pools['known'])} of {len(order)} correctly)")
+    names = [s for s in SPLITS if s in sizes]
+    chosen: dict[str, list[int]] = {name: [] for name in names}
+    for column, kind in enumerate(KINDS_OF_QUESTION):
+        # fixed counts first, in the order of SPLITS; a -1 split takes what is left
+        for name in sorted(names, key=lambda n: sizes[n][column] == -1):
+            want = len(pools[kind]) if sizes[name][column] == -1 else sizes[name][column]
+            if not 0 <= want <= len(pools[kind]):
+                raise DataError(f"sizes[{name!r}] asks for {sizes[name][column]} {kind} "
+                                f"questions: only {len(pools[kind])} are left")
+            chosen[name] += pools[kind][:want]
+            pools[kind] = pools[kind][want:]
+    position = {index: rank for rank, index in enumerate(order)}
+    splits = {name: questions.select(sorted(chosen[name], key=position.__getitem__))
+              for name in names}
+    return splits
 
 
 def save_questions(path: str | Path, questions: datasets.Dataset) -> None:
@@ -83,11 +90,26 @@ def load_questions(path: str | Path) -> datasets.Dataset:
 
 
 
+SYNTHESIS_FILE = "synthesis.json"  # the run's question protocol, read by later notebooks
+
+
+def read_protocol(data_dir: str | Path) -> str:
+    """The question protocol the run's data was built with (``synthesis.json``)."""
+    path = Path(data_dir) / SYNTHESIS_FILE
+    try:
+        protocol = json.loads(path.read_text())["protocol"]
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        raise DataError(f"{path}: cannot read field 'protocol' ({error}); run notebook 01 "
+                        "(data.synthesize) first") from error
+    check_protocol(protocol)
+    return protocol
+
+
 DATA_FILES = {
     "patching": "patching_questions.jsonl",
     "train": "train_questions.jsonl",
+    "dev": "dev_questions.jsonl",
     "eval": "eval_questions.jsonl",
-    "general": "general_questions.jsonl",
 }
 
 
@@ -99,6 +121,7 @@ class SynthesizedData:
     pairs: PatchingPairs
     training: list[dict]
     opinion: list[dict]
+    protocol: str
 
     def save(self, data_dir: str | Path) -> dict[str, Path]:
         """Write every file of the run-directory contract under ``data_dir`` (atomically)."""
@@ -110,7 +133,9 @@ class SynthesizedData:
             "pairs": data_dir / "pairs.pt",
             "training": data_dir / "train.jsonl",
             "opinion": data_dir / "opinion_eval.jsonl",
+            "synthesis": data_dir / SYNTHESIS_FILE,
         }
+        write_json(paths["synthesis"], {"protocol": self.protocol})
         self.pairs.save(paths["pairs"])
         write_jsonl(paths["training"], self.training)
         write_jsonl(paths["opinion"], self.opinion)
@@ -121,27 +146,37 @@ def synthesize(
     questions: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    sizes: dict[str, int],
+    sizes: Sizes,
     n_train: int,
     seed: int,
-    correct_pool: Collection[str] | None = None,
+    answers: FirstAnswers,
+    protocol: str,
     opinion_sentences: Sequence[dict] | None = None,
     n_arithmetic: int = 50,
     wording: str = "paper",
     explain: Callable[[dict], str] | None = None,
     progress: bool = False,
 ) -> SynthesizedData:
-    """Split ``questions`` and build every dataset from the splits, deterministically."""
+    """Split ``questions`` by what the model knows (``answers``: its own graded first
+    answers) and build every dataset from the splits, deterministically."""
     missing = set(SPLITS) - set(sizes)
     if missing:
         raise DataError(f"sizes: missing split(s) {sorted(missing)}")
-    splits = split_questions(questions, sizes, seed=seed, correct_pool=correct_pool)
+    unanswered = [q for q in questions["id"] if q not in answers]
+    if unanswered:
+        raise DataError(f"answers: no first answer for {len(unanswered)} questions, e.g. "
+                        f"{unanswered[:3]}")
+    known = [ident for ident, answer in answers.items() if answer["correct"]]
+    splits = split_questions(questions, sizes, seed=seed, known=known)
     sentences = opinion_sentences if opinion_sentences is not None else load_opinion_sentences()
     return SynthesizedData(
         splits=splits,
-        pairs=build_patching_pairs(splits["patching"], tokenizer, wording=wording),
+        pairs=build_patching_pairs(splits["patching"], tokenizer, answers=answers,
+                                   protocol=protocol, wording=wording),
         training=build_training_data(
-            splits["train"], n_train, seed=seed, explain=explain, progress=progress
+            splits["train"], n_train, seed=seed, answers=answers, protocol=protocol,
+            explain=explain, progress=progress,
         ),
         opinion=opinion_prompts(sentences, seed=seed) + arithmetic_claims(n_arithmetic, seed=seed),
+        protocol=protocol,
     )
