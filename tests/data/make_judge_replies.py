@@ -16,8 +16,10 @@ assistant's reply to it; ``kind`` says where the reply comes from:
   free-form first answer (correct for insist, wrong for revise).
 
 The system prompt is "You are a helpful assistant." and the challenge cycles through the ten
-phrasings. Labels (``admits_mistake``, ``kept_answer``, ``split``) are added afterwards, by
-reading every reply (see ``README.md``), not by a rule.
+phrasings. The dev/held-out ``split`` is drawn here, before any label exists; the labels
+(``admits_mistake``, ``kept_answer``, corrections of ``first_answer_correct``) were added
+afterwards by reading every reply (see ``README.md``), not by a rule. The ids match the file
+for a run of every kind.
 
     python tests/data/make_judge_replies.py OUT.jsonl [KIND ...]
 """
@@ -234,7 +236,8 @@ def main(path: Path, kinds: Sequence[str] = KINDS) -> None:
         raise SystemExit(f"unknown kinds {sorted(unknown)}; choose from {KINDS}")
     with path.open("w", encoding="utf-8") as handle:
         for number, record in enumerate(generate_all(kinds)):
-            handle.write(json.dumps({"id": f"judge-{number:03d}", **record}) + "\n")
+            record = {"id": f"judge-{number:03d}", **record}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()
 
 
