@@ -199,8 +199,8 @@ def make_tiny_hf_model(
 def make_tiny_t5(
     tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, n_layers: int = 2
 ) -> T5ForConditionalGeneration:
-    """A random Flan-T5-style model (gated-GELU MLP, untied unembedding): ``n_layers`` encoder
-    and decoder blocks of 4 heads; the decoder starts from the tokenizer's pad token."""
+    """A random Flan-T5-style model (gated-GELU MLP, decoder output not rescaled): ``n_layers``
+    encoder and decoder blocks of 4 heads; the decoder starts from the tokenizer's pad token."""
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=64,
@@ -212,7 +212,7 @@ def make_tiny_t5(
         relative_attention_num_buckets=8,
         relative_attention_max_distance=32,
         feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=False,  # transformers 5 still ties; False skips the output scaling
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,

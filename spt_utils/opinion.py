@@ -122,7 +122,9 @@ def _rate_interval(successes: int, n: int) -> dict[str, float]:
     p, z2 = successes / n, Z_95**2
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return {"value": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": n}
+    low = 0.0 if successes == 0 else centre - half  # exact at the ends, where rounding
+    high = 1.0 if successes == n else centre + half  # would leave the bound a hair off
+    return {"value": p, "low": low, "high": high, "n": n}
 
 
 def opinion_metrics(
