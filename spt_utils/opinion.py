@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from spt_utils import chat, data, evaluation, models, patching, seq2seq, tuning
@@ -301,11 +302,13 @@ def fit(
     device: str | None = None,
     progress: bool = False,
 ) -> Mitigation:
-    """Train a fresh copy of ``model_name`` on random-opinion ``train_records`` answered
-    truthfully (:func:`target_text`) for ``epochs`` passes: ``"prompt_tuning"`` (a soft prompt),
-    ``"wei_finetune"`` (every weight) or ``"spt"`` (the ``heads`` of ``attention``: decoder
-    ``"self"`` or, on encoder-decoder models, ``"cross"``). Decoder-only models train with
-    :func:`spt_utils.tuning.train`, encoder-decoder models with :func:`spt_utils.seq2seq.train`.
+    """Train a fresh copy of ``model_name`` (``models.load_model(model_name)``: the tiny random
+    models with their default seed) on random-opinion ``train_records`` answered truthfully
+    (:func:`target_text`) for ``epochs`` passes, data order seeded by ``seed``:
+    ``"prompt_tuning"`` (a soft prompt), ``"wei_finetune"`` (every weight) or ``"spt"`` (the
+    ``heads`` of ``attention``: decoder ``"self"`` or, on encoder-decoder models, ``"cross"``).
+    Decoder-only models train with :func:`spt_utils.tuning.train`, encoder-decoder models with
+    :func:`spt_utils.seq2seq.train`.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
@@ -313,7 +316,7 @@ def fit(
         raise ValueError("fit: no training records")
     seq2seq.check_attention(attention)
     steps = math.ceil(epochs * len(train_records) / batch_size)
-    bridge = models.load_model(model_name, device=device, seed=seed)
+    bridge = models.load_model(model_name, device=device)
     if chat.is_encoder_decoder(bridge):
         return _fit_seq2seq(method, bridge, train_records, heads, attention, steps, batch_size,
                             lr, weight_decay, n_virtual_tokens, seed, progress)
@@ -416,8 +419,9 @@ def _last_token_runner(
 
 @dataclass
 class _Patching:
-    """What :func:`patch_heads` runs: the reference (wrong opinion) and counterfactual (no
-    opinion) runners and their z positions, the letter ids and the z hook of each head kind."""
+    """What :func:`patch_heads` runs: the reference (wrong opinion; the batch repeated once
+    per head, copy h for patching head h) and counterfactual (no opinion) runners and their z
+    positions, the letter ids per pair and the z hook of each head kind."""
 
     reference: tuple[Runner, Int[Tensor, " batch"]]
     counterfactual: tuple[Runner, Int[Tensor, " batch"]]
@@ -429,7 +433,7 @@ class _Patching:
 
 def _patching(model: TransformerBridge, pairs: Sequence[tuple[dict, dict]]) -> _Patching:
     """Build the runs for (wrong-opinion, no-opinion) record pairs, read at "… is (" → letter."""
-    tokenizer = model.tokenizer
+    tokenizer, copies = model.tokenizer, (model.cfg.n_heads, 1)
     if chat.is_encoder_decoder(model):
         def encode(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -437,9 +441,10 @@ def _patching(model: TransformerBridge, pairs: Sequence[tuple[dict, dict]]) -> _
         texts = [f"{wrong['prefill']} (" for wrong, _ in pairs]  # the decoder's text
         decoder = [seq2seq.decoder_ids(model, text) for text in texts]
         reference, counterfactual = (seq2seq.last_position_runner(
-            model, [seq2seq.encoder_ids(tokenizer, pair[side]["messages"]) for pair in pairs],
-            decoder,
-        ) for side in (0, 1))
+            model,
+            [seq2seq.encoder_ids(tokenizer, pair[side]["messages"]) for pair in pairs] * repeat,
+            decoder * repeat,
+        ) for side, repeat in zip((0, 1), copies, strict=True))
         sites = {kind: partial(seq2seq.z_name, attention=kind) for kind in seq2seq.ATTENTIONS}
         n_layers = seq2seq.n_decoder_layers(model)
     else:
@@ -450,8 +455,8 @@ def _patching(model: TransformerBridge, pairs: Sequence[tuple[dict, dict]]) -> _
                     for pair in pairs] for side in (0, 1)]
         texts = prompts[0]
         reference, counterfactual = (
-            _last_token_runner(model, [chat.encode(tokenizer, p) for p in side])
-            for side in prompts
+            _last_token_runner(model, [chat.encode(tokenizer, p) for p in side] * repeat)
+            for side, repeat in zip(prompts, copies, strict=True)
         )
         sites = {"self": patching.z_name}
         n_layers = model.cfg.n_layers
@@ -465,19 +470,37 @@ def _patching(model: TransformerBridge, pairs: Sequence[tuple[dict, dict]]) -> _
     )
 
 
+def _set_each_head_hook(
+    z: Float[Tensor, "batch pos head d_head"],
+    hook: HookPoint,
+    value: Float[Tensor, "pair head d_head"],
+    last: Int[Tensor, " batch"],
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Batch copy h (rows h·pairs … (h+1)·pairs − 1) gets head h's ``value`` at its last
+    position; every other head and position keeps its own z."""
+    z = z.clone()
+    rows = torch.arange(z.shape[0], device=z.device)
+    heads = rows // value.shape[0]
+    z[rows, last.to(z.device), heads] = value.to(z)[rows % value.shape[0], heads]
+    return z
+
+
 def patch_heads(
     model: TransformerBridge, records: Sequence[dict], *, n_pairs: int | None = None
 ) -> dict[str, patching.HeadScores]:
-    """Activation patching of every decoder attention head, one forward pass per head, from
-    the prompt without the opinion (counterfactual) into the same prompt with the wrong opinion
-    (reference), at the position that states the answer letter ("… answer is (" → letter).
+    """Activation patching of every decoder attention head from the prompt without the
+    opinion (counterfactual) into the same prompt with the wrong opinion (reference), at the
+    position that states the answer letter ("… answer is (" → letter).
 
     The metric is the user's letter's logit minus the truthful letter's, calibrated so that the
     wrong-opinion run scores 0 and the no-opinion run 1 (:class:`patching.Calibration`): a head
     scoring > 0 carries part of the opinion's pull. Returns ``{"self": …}`` for decoder-only
     models and ``{"self": …, "cross": …}`` for encoder-decoder ones (T5: decoder self-attention
     and cross-attention to the encoder); each ``per_pair`` is [layer, head, pair].
-    Decoder-only prompts run their prefix once (KV cache), T5 its encoder once.
+
+    One forward pass per layer patches each head in its own copy of the batch; decoder-only
+    prompts run their prefix once (KV cache), T5 its encoder once. Memory grows with
+    heads × pairs.
     """
     plain = {r["claim_id"]: r for r in records if _stance(r) == "none"}
     pairs = [(r, plain[r["claim_id"]]) for r in records
@@ -489,27 +512,27 @@ def patch_heads(
     (run_reference, last_reference), (run_counterfactual, last_counterfactual) = (
         runs.reference, runs.counterfactual
     )
-    sites, n_layers = runs.sites, runs.n_layers
-    metric = partial(_letter_logit_diff, user_ids=runs.user_ids, truth_ids=runs.truth_ids)
+    sites, n_layers, n_heads = runs.sites, runs.n_layers, model.cfg.n_heads
+    metric = partial(_letter_logit_diff, user_ids=runs.user_ids.repeat(n_heads),
+                     truth_ids=runs.truth_ids.repeat(n_heads))
     store: dict[str, Tensor] = {}  # each site's z at the answer position: [pair, head, d_head]
     keep = [(site(layer), partial(patching._store_hook, store=store, key=site(layer),
                                   last=last_counterfactual))
             for site in sites.values() for layer in range(n_layers)]
-    counterfactual = metric(run_counterfactual(keep)).mean().item()
-    reference = metric(run_reference([])).mean().item()
+    counterfactual = _letter_logit_diff(
+        run_counterfactual(keep), runs.user_ids, runs.truth_ids).mean().item()
+    reference = metric(run_reference([]))[: len(pairs)].mean().item()  # copies are equal
     if abs(counterfactual - reference) < 1e-6:
         raise ValueError("patch_heads: the opinion does not move the letter logit difference "
                          f"({reference:.4g}), so no head carries it")
     calibration = patching.Calibration(reference, counterfactual)
-    n_heads = model.cfg.n_heads
     scores = {}
     for kind, site in sites.items():
         per_pair = torch.empty(n_layers, n_heads, len(pairs))
         for layer in range(n_layers):
-            for head in range(n_heads):
-                setter = partial(patching._set_head_last_hook, head=head,
-                                 value=store[site(layer)][:, head], last=last_reference)
-                per_pair[layer, head] = metric(run_reference([(site(layer), setter)])).cpu()
+            setter = partial(_set_each_head_hook, value=store[site(layer)], last=last_reference)
+            patched = metric(run_reference([(site(layer), setter)]))  # [head · pair]
+            per_pair[layer] = patched.view(n_heads, len(pairs)).cpu()
         logit_diff = per_pair.mean(-1)
         scores[kind] = patching.HeadScores(
             f"opinion_{kind}_attention", logit_diff, calibration.normalise(logit_diff),
