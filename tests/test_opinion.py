@@ -517,6 +517,19 @@ def test_notebook_06_is_committed_without_outputs_and_without_hook_code():
     assert not any(word in source for word in ("hook", "register_forward", "fwd_hooks"))
 
 
+@pytest.mark.parametrize("profile", ["test", "paper"])
+def test_the_profiles_override_only_parameters_of_notebook_06(profile):
+    import ast
+
+    import nbformat
+
+    cell = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                if "parameters" in c.metadata.get("tags", []))
+    names = {target.id for node in ast.parse(cell.source).body
+             for target in getattr(node, "targets", [])}
+    assert set(pipeline.PROFILES[profile]["06"]) <= names
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("name", [models.TINY_T5, models.TINY_MODEL])
 def test_notebook_06_runs_alone_in_the_test_profile(name, tmp_path):
