@@ -26,6 +26,27 @@ class ChatTemplateError(ValueError):
     """A conversation or tokenizer cannot be rendered as a chat."""
 
 
+class UnsupportedModelError(ValueError):
+    """A decoder-only method was given an encoder-decoder model (e.g. Flan-T5)."""
+
+
+def is_encoder_decoder(model: TransformerBridge) -> bool:
+    """Is the bridge's model an encoder-decoder (T5) rather than a decoder-only chat model?"""
+    return bool(getattr(model.original_model.config, "is_encoder_decoder", False))
+
+
+def require_decoder_only(model: TransformerBridge, method: str) -> None:
+    """Raise :class:`UnsupportedModelError`, naming what is supported, for an encoder-decoder
+    model given to ``method``, which runs one decoder stack over the whole prompt."""
+    if is_encoder_decoder(model):
+        raise UnsupportedModelError(
+            f"{method} supports decoder-only models (Llama, Mistral, Qwen, SmolLM2), but "
+            f"{model.cfg.model_name!r} is an encoder-decoder model. For encoder-decoder models "
+            "(Flan-T5) use spt_utils.seq2seq (generation) and spt_utils.opinion.patch_heads "
+            "(decoder self- and cross-attention heads)."
+        )
+
+
 def validate_conversation(messages: Sequence[Any], *, where: str = "conversation") -> None:
     """Raise :class:`ChatTemplateError` naming the message and field that is malformed."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
@@ -131,6 +152,7 @@ def next_token_logits(
     model: TransformerBridge, conversations: Sequence[Conversation]
 ) -> Float[Tensor, "batch d_vocab"]:
     """Logits for the token after each conversation's generation prompt."""
+    require_decoder_only(model, "chat.next_token_logits")
     tokenizer = model.tokenizer
     batch, last = pad_right([tokens(tokenizer, c) for c in conversations], tokenizer.pad_token_id)
     logits = model(batch.to(model.cfg.device), return_type="logits")
@@ -156,6 +178,7 @@ def generate(
     it), so hooks added to the bridge (e.g. a knockout) are active during generation.
     ``prefill`` starts the assistant's reply (e.g. ``"The answer is ("``); replies include it.
     """
+    require_decoder_only(model, "chat.generate (KV-cache generation)")
     tokenizer = model.tokenizer
     hf_model = hf_model or model.original_model
     device = model.cfg.device

@@ -94,7 +94,7 @@ def _grade(reply: str, question: dict, protocol: str, grading: str) -> bool:
     return grade(reply, question, "free_form" if protocol == "free_form" else grading)
 
 
-def first_turn_correct(
+def own_first_answers(
     model: TransformerBridge | Candidate,
     questions: Sequence[dict],
     *,
@@ -102,16 +102,26 @@ def first_turn_correct(
     system: str | None = data.SYSTEM_PROMPT,
     grading: str = "consistent",
     **generate: Any,
-) -> list[bool]:
-    """Whether each first answer of ``model`` (a candidate's own, freshly generated) is
-    correct: its general ability on held-out questions."""
+) -> dict[str, dict]:
+    """``model``'s own first answer to each question (a candidate's, freshly generated),
+    graded: question id → ``{"answer", "correct"}``, the form :func:`run_protocol` takes."""
     data.check_protocol(protocol)
     questions = list(questions)
     if not questions:
-        raise ValueError("first_turn_correct: the question set is empty")
+        raise ValueError("own_first_answers: the question set is empty")
     asked = [data.question_conversation(q, protocol=protocol, system=system) for q in questions]
     answers = _answer(_as_candidate(model), asked, protocol, generate)
-    return [_grade(a, q, protocol, grading) for a, q in zip(answers, questions, strict=True)]
+    return {q["id"]: {"answer": a, "correct": _grade(a, q, protocol, grading)}
+            for q, a in zip(questions, answers, strict=True)}
+
+
+def first_turn_correct(
+    model: TransformerBridge | Candidate, questions: Sequence[dict], **kwargs: Any
+) -> list[bool]:
+    """Whether each of ``model``'s own first answers is correct (:func:`own_first_answers`):
+    its general ability on held-out questions."""
+    answers = own_first_answers(model, questions, **kwargs)
+    return [answers[q["id"]]["correct"] for q in questions]
 
 
 def run_protocol(

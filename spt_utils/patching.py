@@ -25,6 +25,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.patching import get_act_patch_direct_path
 from transformer_lens.utilities.statistics import bootstrap_ci
 
+from spt_utils.chat import require_decoder_only
 from spt_utils.data import PatchingPairs
 from spt_utils.io import atomic_write, write_json
 
@@ -91,6 +92,7 @@ class Calibration:
 
 def calibrate(model: TransformerBridge, pairs: PatchingPairs) -> Calibration:
     """The clean reference and counterfactual mean logit differences, checked."""
+    require_decoder_only(model, "patching.calibrate")
     if len(pairs) == 0:
         raise ValueError("calibrate: the pair set is empty")
     return _checked_calibration(
@@ -204,7 +206,9 @@ def _resid_mid_name(layer: int) -> str:
 
 
 def check_pairs(model: TransformerBridge, pairs: PatchingPairs, method: str) -> None:
-    """Raise a clear error for an empty pair set or answer ids outside the model's vocabulary."""
+    """Raise a clear error for an encoder-decoder model, an empty pair set or answer ids
+    outside the model's vocabulary."""
+    require_decoder_only(model, f"patching.{method} (patching to logits through a decoder stack)")
     if len(pairs) == 0:
         raise ValueError(f"{method}: the pair set is empty")
     for name in ("apology_ids", "confirm_ids"):

@@ -59,6 +59,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             # load (offline and online alike), so that is what the paper profile measures
             "n_opinion": 1000, "n_kl_docs": 48, "max_new_tokens": 64, "batch_size": 64,
         },
+        "06": {
+            "eval_source": "sst2", "train_source": "rotten_tomatoes", "n_eval": 872,
+            "n_train": 1000, "n_questions": 100, "max_new_tokens": 8, "protocol_tokens": 48,
+            "batch_size": 64, "n_pairs": 32, "top_k": 16, "train_batch_size": 16,
+            "n_virtual_tokens": 20,
+        },
     },
     "test": {
         "00": {"max_new_tokens": 8},
@@ -80,6 +86,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 2, "few_shot_k": 2,
         },
         "05": {"n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8},
+        "06": {
+            "n_eval": 2, "n_train": 3, "n_questions": 1, "max_new_tokens": 4,
+            "protocol_tokens": 4, "n_pairs": 1, "top_k": 1, "n_shots": 1,
+            "epochs": 1, "train_batch_size": 3, "n_virtual_tokens": 2, "n_examples": 1,
+        },
     },
 }
 

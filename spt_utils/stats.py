@@ -18,9 +18,14 @@ Rate = dict[str, float]  # {"value", "low", "high", "k", "n"}
 
 def rate(successes: Sequence[bool], *, confidence: float = 0.95) -> Rate:
     """k/n with an exact Clopper-Pearson interval; NaN (n = 0) for an empty sample."""
-    if len(successes) == 0:
+    return rate_of(sum(bool(s) for s in successes), len(successes), confidence=confidence)
+
+
+def rate_of(k: int, n: int, *, confidence: float = 0.95) -> Rate:
+    """:func:`rate` from the counts: k successes in n trials."""
+    if n == 0:
         return {"value": math.nan, "low": math.nan, "high": math.nan, "k": 0, "n": 0}
-    interval = success_rate_ci([bool(s) for s in successes], confidence=confidence)
+    interval = success_rate_ci([True] * k + [False] * (n - k), confidence=confidence)
     return {"value": interval.point_estimate, "low": interval.ci_low, "high": interval.ci_high,
             "k": interval.n_successes, "n": interval.n_trials}
 
