@@ -306,7 +306,9 @@ def _dispatch(
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
+    """The model's weight files (``model.safetensors`` or its shards), not other tensors
+    saved beside them (e.g. SPT's ``head_deltas.safetensors``)."""
+    return sorted(folder.glob("model*.safetensors"))
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spt_utils import chat, models
@@ -128,6 +129,8 @@ def test_share_with_reuses_the_unchanged_tensors(tiny_model, tmp_path):
         model.model.layers[1].self_attn.q_proj.weight[:16] += 0.1
 
     save_tiny(tmp_path / "tuned", tiny_model.tokenizer, edit)
+    # other tensors saved beside the weights (SPT's head deltas) are not model weights
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "tuned" / "head_deltas.safetensors"))
     shared = models.load_model(str(tmp_path / "tuned"), share_with=tiny_model)
     alone = models.load_model(str(tmp_path / "tuned"), device="cpu")
     tokens = torch.tensor([[1, 5, 9, 13]])
