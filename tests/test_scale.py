@@ -71,7 +71,9 @@ def test_evaluation_on_a_split_model(tiny_model, split_tiny_model):
     from spt_utils import evaluation
 
     questions = data.load_starter().select(range(2)).to_list()
-    records = [evaluation.run_protocol(m, questions, max_new_tokens=4)
+    answers = evaluation.own_first_answers(tiny_model, questions, max_new_tokens=4)
+    assert answers == evaluation.own_first_answers(split_tiny_model, questions, max_new_tokens=4)
+    records = [evaluation.run_protocol(m, questions, answers, max_new_tokens=4)
                for m in (tiny_model, split_tiny_model)]
     assert records[0] == records[1]
     documents = evaluation.load_kl_corpus()[:2]

@@ -141,7 +141,7 @@ def build_training_data(
     rng = random.Random(seed)
     kinds = ["insist"] * (n - n // 2) + ["revise"] * (n // 2)
     rng.shuffle(kinds)
-    for kind in set(kinds):
+    for kind in [k for k in KINDS if k in kinds]:  # a fixed order: set order varies by process
         if not pools[kind]:
             raise DataError(f"training data: no question for {kind} examples (insist needs "
                             "questions the model answers correctly, revise wrongly answered "
