@@ -851,6 +851,88 @@ def _all_reduce_grads(params: list[nn.Parameter]) -> None:
         offset += grad.numel()
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+SWEEP_METHODS = ("spt", "sft")
+
+
+@dataclass
+class SweepSetting:
+    """One point of a sweep: a method, its learning rate and steps and, for ``spt``, the
+    heads (the top ``len(heads)`` of a ranking, or a random draw named by ``label``)."""
+
+    method: str
+    lr: float
+    steps: int
+    heads: list[Head] = field(default_factory=list)
+    include_kv: bool = False
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.method != "spt":
+            return f"{self.method} lr={self.lr:g} steps={self.steps}"
+        kv = "+kv" if self.include_kv else ""
+        return (f"spt{kv} k={len(self.heads)}{' ' + self.label if self.label else ''} "
+                f"lr={self.lr:g} steps={self.steps}")
+
+
+def sweep(
+    bridge: TransformerBridge,
+    examples: Sequence[Example],
+    settings: Sequence[SweepSetting],
+    evaluate: Callable[[SweepSetting], dict[str, Any]],
+    *,
+    batch_size: int = 8,
+    micro_batch_size: int = 4,
+    weight_decay: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train each setting from the same base weights on ``examples`` and evaluate it.
+
+    ``bridge`` is tuned in place and restored after each setting: SPT's slices live in
+    hooks that are removed (the base weights never change), full SFT's weights are copied
+    back from a snapshot. ``evaluate(setting)`` runs while the tuned model is in ``bridge``
+    and returns its metrics. All SPT settings share one :class:`LayerCache`. Returns one row
+    per setting: ``name``, ``method``, ``lr``, ``steps``, ``k``, ``include_kv``, ``label``,
+    ``heads``, ``losses``, ``train_s`` and the metrics.
+    """
+    for setting in settings:
+        if setting.method not in SWEEP_METHODS:
+            raise ValueError(f"sweep: method {setting.method!r} is not one of {SWEEP_METHODS}")
+    hf_model = bridge.original_model
+    layer_cache = LayerCache(examples)
+    snapshot = None
+    rows = []
+    for setting in tqdm(settings, desc="sweep", disable=not progress):
+        setup = prepare(setting.method, bridge, setting.heads, include_kv=setting.include_kv,
+                        seed=seed)
+        if setting.method == "sft" and snapshot is None:
+            snapshot = {n: t.detach().clone() for n, t in setup.params.items()}
+        config = TrainConfig(steps=setting.steps, batch_size=batch_size,
+                             micro_batch_size=micro_batch_size, lr=setting.lr,
+                             weight_decay=weight_decay, seed=seed)
+        try:
+            result = train(setup, examples, config, progress=False, layer_cache=layer_cache)
+            metrics = evaluate(setting)
+        finally:
+            if setup.head_params is not None:
+                setup.head_params.remove()
+            elif snapshot is not None:
+                with torch.no_grad():
+                    for name, tensor in models.clean_state_dict(hf_model).items():
+                        tensor.copy_(snapshot[name])
+            _freeze(hf_model)
+        rows.append({"name": setting.name, "method": setting.method, "lr": setting.lr,
+                     "steps": setting.steps, "k": len(setting.heads),
+                     "include_kv": setting.include_kv, "label": setting.label,
+                     "heads": [list(h) for h in setting.heads], "losses": result.losses,
+                     "train_s": round(result.seconds, 1), **metrics})
+    return rows
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
