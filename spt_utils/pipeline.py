@@ -52,7 +52,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "spt_steps": 240, "sft_steps": 120, "baseline_steps": 120, "batch_size": 32,
             "micro_batch_size": 8, "spt_lr": 1e-5, "sft_lr": 5e-6, "lora_lr": 2e-4,
             "prompt_lr": 3e-2, "weight_decay": 0.1, "dtype": "bfloat16", "n_heldout": 32,
-            "checkpoint_every": 40,
+            "checkpoint_every": 40, "spt_top_k": None,  # heads.json: the model's row's top_k
         },
         "05": {
             # the paper's KL corpus is 1000 web documents; only the 48 shipped documents
@@ -78,6 +78,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "04": {
             "spt_steps": 2, "sft_steps": 2, "baseline_steps": 1, "batch_size": 2,
             "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 2, "few_shot_k": 2,
+            "spt_top_k": 2,
         },
         "05": {"n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8},
     },

@@ -67,3 +67,13 @@ def test_sweep_refuses_an_unsupported_method():
     with pytest.raises(ValueError, match="sweep: method 'lora_attn'"):
         tuning.sweep(fresh_tiny(), [], [tuning.SweepSetting("lora_attn", 1e-3, 1)],
                      lambda s: {})
+
+
+def test_paper_profile_tunes_the_heads_of_its_table_row():
+    """The CPU default tunes the top-k heads of patching.pt; the paper profile keeps
+    heads.json, whose size notebook 02 takes from the model's row of tables 13-14."""
+    from spt_utils import pipeline
+
+    notebook = pipeline.NOTEBOOKS / "04_pinpoint_tuning.ipynb"
+    assert pipeline.parameters_for(notebook, "paper", {})["spt_top_k"] is None
+    assert pipeline.parameters_for(notebook, "test", {})["spt_top_k"] == 2
