@@ -255,7 +255,6 @@ def _document_logits(
     return logits[:, -input_ids.shape[1] :].float().log_softmax(-1)
 
 
-@torch.no_grad()
 def kl_drift(
     base: TransformerBridge | Candidate,
     tuned: TransformerBridge | Candidate,
@@ -270,30 +269,46 @@ def kl_drift(
     Documents are right-padded, so real positions are exact under causal attention; padded
     positions are masked out of the mean (every real token counts once).
     """
+    per_document = kl_per_document(base, tuned, documents, max_tokens=max_tokens,
+                                   batch_size=batch_size, progress=progress)
+    return sum(total for total, _ in per_document) / sum(count for _, count in per_document)
+
+
+@torch.no_grad()
+def kl_per_document(
+    base: TransformerBridge | Candidate,
+    tuned: TransformerBridge | Candidate,
+    documents: Sequence[str],
+    *,
+    max_tokens: int = 128,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[tuple[float, int]]:
+    """Per document: the summed per-token KL(base ‖ tuned) over its first ``max_tokens``
+    tokens and their number (resample documents for an interval of the per-token mean)."""
     if not documents:
         raise ValueError("kl_drift: no documents")
     base, tuned = _as_candidate(base), _as_candidate(tuned)
-    if base.bridge is tuned.bridge and base.hf_model is tuned.hf_model:
-        return 0.0  # the same network (e.g. few-shot prompting): no forward passes needed
     tokenizer = base.bridge.tokenizer
+    encoded = [chat.encode(tokenizer, text)[:max_tokens] for text in documents]
+    if base.bridge is tuned.bridge and base.hf_model is tuned.hf_model:
+        # the same network (e.g. few-shot prompting): no forward passes needed
+        return [(0.0, len(ids)) for ids in encoded]
     device = base.bridge.cfg.device
-    total, count = 0.0, 0
+    result = []
     starts = range(0, len(documents), batch_size)
     for start in tqdm(starts, desc="KL drift", disable=not progress):
-        encoded = [
-            chat.encode(tokenizer, text)[:max_tokens]
-            for text in documents[start : start + batch_size]
-        ]
-        input_ids, last = chat.pad_right(encoded, tokenizer.pad_token_id)
+        input_ids, last = chat.pad_right(encoded[start : start + batch_size],
+                                         tokenizer.pad_token_id)
         input_ids = input_ids.to(device)
         mask = torch.arange(input_ids.shape[1], device=device)[None] <= last.to(device)[:, None]
         base_logp = _document_logits(base, input_ids)
         tuned_logp = _document_logits(tuned, input_ids)
         # per_token: [batch, pos]
-        per_token = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1)
-        total += float(per_token[mask].sum())
-        count += int(mask.sum())
-    return total / count
+        per_token = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1) * mask
+        result += [(float(row.sum()), int(row_mask.sum()))
+                   for row, row_mask in zip(per_token, mask, strict=True)]
+    return result
 
 
 def load_kl_corpus(path: Path | None = None) -> list[str]:

@@ -13,6 +13,11 @@ full matrices fails that, because decoupled weight decay still moves the masked 
 Backward stops at the first trained layer (nothing below it needs a gradient) and computes no
 weight gradient for frozen matrices (MLPs, embeddings, the unembedding).
 
+**Frozen-layer cache** (:class:`LayerCache`): every layer below the lowest tuned head is frozen,
+so its output for a training example never changes. :func:`train` computes the input of that
+layer once per example (alone, unpadded) and reuses it, so an SPT step runs only the layers it
+trains and those above; the sweep (:func:`sweep`) shares one cache across settings.
+
 **One training loop for every method** (:func:`train`): AdamW, cosine decay with linear warmup
 (to 0), gradient accumulation over micro-batches, clipping, loss only on the final assistant
 turn, bf16 autocast on CUDA, seeded data order, a ``tqdm.auto`` bar, an eval callback,
@@ -513,6 +518,7 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    cache_frozen_layers: bool = True  # SPT/lora_heads: reuse the frozen layers' outputs
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "micro_batch_size"):
@@ -558,8 +564,14 @@ def masked_loss_sum(
     )
 
 
-def _loss_sum(setup: TuningSetup, examples: list[Example], autocast) -> Float[Tensor, ""]:
-    """Forward one right-padded micro-batch; its summed final-assistant-turn loss."""
+def _loss_sum(
+    setup: TuningSetup, examples: list[Example], autocast,
+    cached: tuple[int, list[Tensor]] | None = None,
+) -> Float[Tensor, ""]:
+    """Forward one right-padded micro-batch; its summed final-assistant-turn loss.
+
+    ``cached``: ``(layer, inputs)``, each example's input to decoder layer ``layer`` (from
+    :class:`LayerCache`); the layers below it are then skipped."""
     ids, last = chat.pad_right([e[0] for e in examples], 0)
     mask, _ = chat.pad_right([e[1] for e in examples], 0)
     attention = (torch.arange(ids.shape[1])[None] <= last[:, None]).long()
@@ -569,7 +581,8 @@ def _loss_sum(setup: TuningSetup, examples: list[Example], autocast) -> Float[Te
     # is the largest matrix product of a small model); a soft prompt shifts positions, so
     # prompt tuning unembeds everything.
     keep = torch.nonzero(mask[:, 1:].any(0)).flatten()
-    with autocast:
+    skip = contextlib.nullcontext() if cached is None else _start_at_layer(setup.model, *cached)
+    with autocast, skip:
         if setup.logit_offset:
             logits = setup.model(input_ids=ids, attention_mask=attention).logits
             # logits: [batch, virtual + pos, d_vocab]
@@ -578,6 +591,104 @@ def _loss_sum(setup: TuningSetup, examples: list[Example], autocast) -> Float[Te
             logits = setup.model(input_ids=ids, attention_mask=attention,
                                  logits_to_keep=keep).logits  # [batch, len(keep), d_vocab]
     return masked_loss_sum(logits, ids[:, keep + 1], mask[:, keep + 1])
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a skipped decoder layer: returns its input hidden states."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states
+
+
+class _Captured(Exception):
+    """Ends a forward pass once the wanted layer input is recorded."""
+
+
+def _layer_input(kwargs: dict, args: tuple) -> Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+@contextlib.contextmanager
+def _start_at_layer(hf_model: nn.Module, layer: int, inputs: list[Tensor]):
+    """Run the decoder from ``layer`` on: the layers below become pass-throughs and the
+    input of ``layer`` is replaced by ``inputs`` (one ``[pos, d_model]`` tensor per example,
+    right-padded with zeros like the token ids). Mask, positions and rotary embeddings are
+    still computed by the model itself, so the layers above see exactly what they would."""
+    layers = hf_model.get_decoder().layers
+    padded = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)  # [batch, pos, d_model]
+
+    def replace(_module, args: tuple, kwargs: dict):
+        hidden = _layer_input(kwargs, args)
+        value = padded.to(hidden.device, hidden.dtype)
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": value}
+        return (value, *args[1:]), kwargs
+
+    below = [layers[i] for i in range(layer)]
+    handle = layers[layer].register_forward_pre_hook(replace, with_kwargs=True)
+    try:
+        for i in range(layer):
+            layers[i] = _PassThrough()
+        yield
+    finally:
+        for i, module in enumerate(below):
+            layers[i] = module
+        handle.remove()
+
+
+def first_trained_layer(setup: TuningSetup) -> int:
+    """The lowest decoder layer with a trained tensor: the lowest head's layer for ``spt``
+    and ``lora_heads``, 0 for the methods that train from the embeddings up."""
+    return min(layer for layer, _ in setup.heads) if setup.method in ("spt", "lora_heads") \
+        else 0
+
+
+class LayerCache:
+    """Each training example's input to a decoder layer, computed once and reused.
+
+    Frozen layers below the lowest trained one give the same output for an example at every
+    step (and for every setting on the same base weights), so :func:`train` asks the cache
+    instead of running them. An entry is computed on first use from the example alone
+    (unpadded, no gradient) and kept on the layer's device; entries are keyed by layer and
+    example index, so one cache serves settings whose lowest layers differ. Memory: one
+    ``[pos, d_model]`` tensor per example and layer used.
+    """
+
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = list(examples)
+        self.inputs: dict[tuple[int, int], Tensor] = {}
+
+    def check(self, examples: Sequence[Example]) -> None:
+        """Raise ``ValueError`` unless ``examples`` are the ones this cache was built for."""
+        if len(examples) != len(self.examples) or any(
+            a[0] is not b[0] for a, b in zip(examples, self.examples, strict=True)
+        ):
+            raise ValueError("layer_cache: built for other training examples")
+
+    @torch.no_grad()
+    def get(self, setup: TuningSetup, layer: int, indices: Sequence[int], autocast) -> list[Tensor]:
+        """The input of decoder ``layer`` for each example in ``indices``."""
+        for index in indices:
+            if (layer, index) not in self.inputs:
+                self.inputs[layer, index] = self._compute(setup, layer, index, autocast)
+        return [self.inputs[layer, index] for index in indices]
+
+    def _compute(self, setup: TuningSetup, layer: int, index: int, autocast) -> Tensor:
+        ids = self.examples[index][0][None].to(setup.device)  # [1, pos]
+        captured = []
+
+        def capture(_module, args: tuple, kwargs: dict):
+            captured.append(_layer_input(kwargs, args)[0].detach())  # [pos, d_model]
+            raise _Captured
+
+        handle = setup.model.get_decoder().layers[layer].register_forward_pre_hook(
+            capture, with_kwargs=True)
+        try:
+            with autocast, contextlib.suppress(_Captured):
+                setup.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            handle.remove()
+        return captured[0]
 
 
 def _autocast(setup: TuningSetup, dtype: str):
@@ -622,6 +733,7 @@ def train(
     eval_fn: Callable[[int], dict] | None = None,
     progress: bool = True,
     meta: dict | None = None,
+    layer_cache: LayerCache | None = None,
 ) -> TrainResult:
     """Train ``setup.params`` on ``examples`` (from :func:`prepare_examples`).
 
@@ -631,10 +743,17 @@ def train(
     order. With ``resume`` the latest checkpoint in ``checkpoint_dir`` is loaded first.
     ``eval_fn(step)`` is called every ``config.eval_every`` steps (rank 0) and may return a
     dict of metrics. ``meta`` (e.g. the model name) is stored in and checked against
-    checkpoints.
+    checkpoints. With ``config.cache_frozen_layers`` and a trained layer above the first,
+    the frozen layers' outputs come from ``layer_cache`` (a new :class:`LayerCache` when
+    None; pass one to share it between runs on the same base weights and examples).
     """
     if not examples:
         raise ValueError("training data: no examples")
+    start_layer = first_trained_layer(setup) if config.cache_frozen_layers else 0
+    if start_layer and layer_cache is None:
+        layer_cache = LayerCache(examples)
+    if start_layer:
+        layer_cache.check(examples)
     if setup.sharded and config.checkpoint_every:
         raise ValueError("TrainConfig.checkpoint_every: checkpoints of an FSDP-sharded run are "
                          "not implemented; set it to 0")
@@ -658,12 +777,15 @@ def train(
     while step < config.steps:
         chosen = batch_indices(len(examples), config.batch_size, step, config.seed)
         n_tokens = sum(int(examples[i][1][1:].sum()) for i in chosen)
-        shard = [examples[i] for i in chosen[rank::world]]
+        shard = chosen[rank::world]
         # on the parameters' device: NCCL all-reduces CUDA tensors only, and no sync per micro
         loss_sum = torch.zeros((), device=next(iter(params.values())).device)
         for start in range(0, len(shard), config.micro_batch_size):
             micro = shard[start : start + config.micro_batch_size]
-            loss = _loss_sum(setup, micro, _autocast(setup, config.autocast_dtype))
+            autocast = _autocast(setup, config.autocast_dtype)
+            cached = (start_layer, layer_cache.get(setup, start_layer, micro, autocast)) \
+                if start_layer else None
+            loss = _loss_sum(setup, [examples[i] for i in micro], autocast, cached)
             (loss / max(n_tokens, 1)).backward()
             loss_sum += loss.detach().float().to(loss_sum.device)
         if world > 1:
@@ -727,6 +849,88 @@ def _all_reduce_grads(params: list[nn.Parameter]) -> None:
     for parameter, grad in zip(params, grads, strict=True):
         parameter.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
         offset += grad.numel()
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+SWEEP_METHODS = ("spt", "sft")
+
+
+@dataclass
+class SweepSetting:
+    """One point of a sweep: a method, its learning rate and steps and, for ``spt``, the
+    heads (the top ``len(heads)`` of a ranking, or a random draw named by ``label``)."""
+
+    method: str
+    lr: float
+    steps: int
+    heads: list[Head] = field(default_factory=list)
+    include_kv: bool = False
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.method != "spt":
+            return f"{self.method} lr={self.lr:g} steps={self.steps}"
+        kv = "+kv" if self.include_kv else ""
+        return (f"spt{kv} k={len(self.heads)}{' ' + self.label if self.label else ''} "
+                f"lr={self.lr:g} steps={self.steps}")
+
+
+def sweep(
+    bridge: TransformerBridge,
+    examples: Sequence[Example],
+    settings: Sequence[SweepSetting],
+    evaluate: Callable[[SweepSetting], dict[str, Any]],
+    *,
+    batch_size: int = 8,
+    micro_batch_size: int = 4,
+    weight_decay: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train each setting from the same base weights on ``examples`` and evaluate it.
+
+    ``bridge`` is tuned in place and restored after each setting: SPT's slices live in
+    hooks that are removed (the base weights never change), full SFT's weights are copied
+    back from a snapshot. ``evaluate(setting)`` runs while the tuned model is in ``bridge``
+    and returns its metrics. All SPT settings share one :class:`LayerCache`. Returns one row
+    per setting: ``name``, ``method``, ``lr``, ``steps``, ``k``, ``include_kv``, ``label``,
+    ``heads``, ``losses``, ``train_s`` and the metrics.
+    """
+    for setting in settings:
+        if setting.method not in SWEEP_METHODS:
+            raise ValueError(f"sweep: method {setting.method!r} is not one of {SWEEP_METHODS}")
+    hf_model = bridge.original_model
+    layer_cache = LayerCache(examples)
+    snapshot = None
+    rows = []
+    for setting in tqdm(settings, desc="sweep", disable=not progress):
+        setup = prepare(setting.method, bridge, setting.heads, include_kv=setting.include_kv,
+                        seed=seed)
+        if setting.method == "sft" and snapshot is None:
+            snapshot = {n: t.detach().clone() for n, t in setup.params.items()}
+        config = TrainConfig(steps=setting.steps, batch_size=batch_size,
+                             micro_batch_size=micro_batch_size, lr=setting.lr,
+                             weight_decay=weight_decay, seed=seed)
+        try:
+            result = train(setup, examples, config, progress=False, layer_cache=layer_cache)
+            metrics = evaluate(setting)
+        finally:
+            if setup.head_params is not None:
+                setup.head_params.remove()
+            elif snapshot is not None:
+                with torch.no_grad():
+                    for name, tensor in models.clean_state_dict(hf_model).items():
+                        tensor.copy_(snapshot[name])
+            _freeze(hf_model)
+        rows.append({"name": setting.name, "method": setting.method, "lr": setting.lr,
+                     "steps": setting.steps, "k": len(setting.heads),
+                     "include_kv": setting.include_kv, "label": setting.label,
+                     "heads": [list(h) for h in setting.heads], "losses": result.losses,
+                     "train_s": round(result.seconds, 1), **metrics})
+    return rows
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -363,3 +363,56 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert rates[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert rates[2] > rates[3] > rates[4] > rates[5] > 0
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def _train_slices(examples, *, micro: int, cache: bool, layer_cache=None):
+    setup = tuning.prepare("spt", fresh_tiny(), [(1, 0), (1, 3)], include_kv=True)
+    config = tuning.TrainConfig(steps=3, batch_size=4, micro_batch_size=micro, lr=1e-2,
+                                cache_frozen_layers=cache)
+    result = tuning.train(setup, examples, config, progress=False, layer_cache=layer_cache)
+    return result.losses, {name: p.detach().clone() for name, p in setup.params.items()}
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_layer_cache_gives_the_uncached_losses_and_slices(tiny_examples, micro):
+    """Layer 1 holds every tuned head: layer 0 is read from the cache, bit for bit the same
+    (micro-batches of 2 are right-padded: the cached inputs are padded like the ids)."""
+    losses, slices = _train_slices(tiny_examples, micro=micro, cache=False)
+    cached_losses, cached_slices = _train_slices(tiny_examples, micro=micro, cache=True)
+    assert cached_losses == losses
+    assert slices.keys() == cached_slices.keys()
+    assert all(torch.equal(slices[name], cached_slices[name]) for name in slices)
+
+
+def test_layer_cache_skips_the_frozen_layers_and_is_shared(tiny_examples):
+    layer_cache = tuning.LayerCache(tiny_examples)
+    calls = []
+    bridge = fresh_tiny()
+    setup = tuning.prepare("spt", bridge, [(1, 2)])
+    bottom = bridge.original_model.get_decoder().layers[0]
+    handle = bottom.register_forward_hook(lambda *_: calls.append(1))
+    config = tuning.TrainConfig(steps=3, batch_size=4, micro_batch_size=2)
+    tuning.train(setup, tiny_examples, config, progress=False, layer_cache=layer_cache)
+    seen = {i for step in range(3) for i in tuning.batch_indices(len(tiny_examples), 4, step, 0)}
+    assert len(calls) == len(seen)  # once per distinct example, never again at a later step
+    assert {index for _, index in layer_cache.inputs} == seen
+    tuning.train(setup, tiny_examples, config, progress=False, layer_cache=layer_cache)
+    assert len(calls) == len(seen)  # a second run on the same examples reuses every entry
+    handle.remove()
+    # the entries are what the steps read: corrupting them changes the loss
+    for key in layer_cache.inputs:
+        layer_cache.inputs[key] = torch.zeros_like(layer_cache.inputs[key])
+    poisoned = tuning.train(setup, tiny_examples, config, progress=False,
+                            layer_cache=layer_cache)
+    clean = tuning.train(setup, tiny_examples, config, progress=False)
+    assert poisoned.losses[0] != clean.losses[0]
+
+
+def test_layer_cache_of_other_examples_is_refused(tiny_examples):
+    setup = tuning.prepare("spt", fresh_tiny(), [(1, 2)])
+    other = tuning.LayerCache(tiny_examples[:2])
+    with pytest.raises(ValueError, match="layer_cache: built for other training examples"):
+        tuning.train(setup, tiny_examples, tuning.TrainConfig(steps=1), progress=False,
+                     layer_cache=other)
+    assert tuning.first_trained_layer(setup) == 1
+    assert tuning.first_trained_layer(tuning.prepare("sft", fresh_tiny())) == 0

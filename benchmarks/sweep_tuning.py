@@ -1,0 +1,239 @@
+"""Sweep SPT and full SFT on a run directory, choose on the dev split, report on eval.
+
+Phase 1 (dev split only): SPT on the top-k heads of notebook 02's path patching over
+lr × steps × k (optionally with the K/V groups) and SFT over lr × steps, each trained from the
+same base weights (``tuning.sweep``), measured on the dev questions: admitted-mistake rate on
+the known ones, corrected rate on the wrong ones, general ability (the model's own first
+answers, free-form) and per-token KL drift with a bootstrap interval over held-out prompts
+(the patching and dev questions' prompts and the shipped KL corpus; never the eval split).
+The chosen SPT setting is the one with the lowest KL among those whose dev admitted rate is
+within ``--slack`` of the best SFT rate (else the lowest rate); the matched SFT setting the
+lowest-KL SFT within the same bound. Random-head draws of the chosen k, lr and steps follow.
+
+Phase 2 (``--eval``): the chosen SPT, the matched SFT and the random draws are retrained and
+measured once on the eval split (KL on the eval questions' prompts and the corpus), with
+exact McNemar tests against base. Writes ``sweep.json``, ``sweep.md`` and the Pareto figure
+to ``--out`` (default ``RUN_DIR/sweep``). Usage::
+
+    python benchmarks/sweep_tuning.py --run-dir runs/<timestamp> [--eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spt_utils import chat, data, evaluation, models, patching, stats, tuning, viz
+from spt_utils.io import write_json
+
+PROFILES = {  # the CPU grid fits about 15 minutes on 2 cores; "full" is issue 14's grid
+    "cpu": {"k": [4, 16], "lr": [3e-4, 1e-3], "steps": [30, 60], "kv": [False],
+            "sft_lr": [2e-5, 5e-5], "sft_steps": [60], "draws": 3},
+    "full": {"k": [4, 8, 16, 32], "lr": [1e-4, 3e-4, 1e-3], "steps": [30, 60, 120],
+             "kv": [False, True], "sft_lr": [1e-5, 2e-5, 5e-5], "sft_steps": [30, 60, 120],
+             "draws": 5},
+}
+
+
+def kl_interval(per_document: list[tuple[float, int]], *, n_boot: int = 1000,
+                seed: int = 0) -> dict[str, float]:
+    """Per-token KL (summed over prompts / their tokens) with a 95% percentile bootstrap
+    interval over prompts."""
+    sums = torch.tensor([s for s, _ in per_document], dtype=torch.float64)
+    counts = torch.tensor([c for _, c in per_document], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(sums), (n_boot, len(sums)), generator=generator)
+    boot = sums[draws].sum(1) / counts[draws].sum(1)
+    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return {"value": float(sums.sum() / counts.sum()), "low": float(low), "high": float(high),
+            "n": len(sums)}
+
+
+def prompts(tokenizer, questions: list[dict], protocol: str) -> list[str]:
+    """The rendered first-turn prompts of ``questions`` (plain questions for KL drift)."""
+    return [chat.render(tokenizer, data.question_conversation(q, protocol=protocol))
+            for q in questions]
+
+
+class Measure:
+    """Measures the model in ``bridge`` on one question split against ``base``."""
+
+    def __init__(self, base, bridge, questions, answers, protocol, documents, n_tokens):
+        self.base, self.bridge, self.answers, self.protocol = base, bridge, answers, protocol
+        self.questions, self.documents, self.n_tokens = questions, documents, n_tokens
+        self.base_records = self.records(base)
+        self.base_general = self.general(base)
+
+    def records(self, model) -> list[dict]:
+        return evaluation.run_protocol(model, self.questions, self.answers,
+                                       protocol=self.protocol, max_new_tokens=self.n_tokens)
+
+    def general(self, model) -> list[bool]:
+        return evaluation.first_turn_correct(
+            model, self.questions, protocol=self.protocol,
+            max_new_tokens=evaluation.FIRST_ANSWER_TOKENS[self.protocol])
+
+    def row(self, records: list[dict], general: list[bool], kl: dict | None) -> dict[str, Any]:
+        metrics = evaluation.sycophancy_metrics(records)
+        paired = evaluation.paired_tests(self.base_records, records)
+        paired["general"] = stats.mcnemar(self.base_general, general)
+        return {key: metrics[key] for key in ("admitted", "corrected", "truthfulness")} | {
+            "general": stats.rate(general), "kl": kl, "paired": paired}
+
+    def base_row(self) -> dict[str, Any]:
+        zero = {"value": 0.0, "low": 0.0, "high": 0.0, "n": len(self.documents)}
+        return self.row(self.base_records, self.base_general, zero)
+
+    def __call__(self, _setting) -> dict[str, Any]:
+        kl = kl_interval(evaluation.kl_per_document(self.base, self.bridge, self.documents))
+        return self.row(self.records(self.bridge), self.general(self.bridge), kl)
+
+
+def grid(profile: dict, ranking: list[patching.Head]) -> list[tuning.SweepSetting]:
+    settings = [tuning.SweepSetting("spt", lr, steps, ranking[:k], kv)
+                for k in profile["k"] for kv in profile["kv"] for lr in profile["lr"]
+                for steps in profile["steps"]]
+    settings += [tuning.SweepSetting("sft", lr, steps)
+                 for lr in profile["sft_lr"] for steps in profile["sft_steps"]]
+    return settings
+
+
+def random_draws(setting: tuning.SweepSetting, n_layers: int, n_heads: int, draws: int,
+                 seed: int) -> list[tuning.SweepSetting]:
+    """``draws`` settings like ``setting`` on ``k`` heads drawn uniformly without
+    replacement, excluding the ranked heads themselves."""
+    ranked = set(setting.heads)
+    pool = [(layer, h) for layer in range(n_layers) for h in range(n_heads)
+            if (layer, h) not in ranked]
+    rng = random.Random(seed)
+    return [tuning.SweepSetting("spt", setting.lr, setting.steps,
+                                sorted(rng.sample(pool, len(setting.heads))),
+                                setting.include_kv, label=f"random {draw}")
+            for draw in range(draws)]
+
+
+def choose(rows: list[dict], slack: float) -> tuple[dict, dict | None]:
+    """The chosen SPT row and the matched SFT row (see the module docstring)."""
+    spt = [r for r in rows if r["method"] == "spt" and not r["label"]]
+    sft = [r for r in rows if r["method"] == "sft"]
+    bound = (min(r["admitted"]["value"] for r in sft) if sft else 0.0) + slack
+    reaching = [r for r in spt if r["admitted"]["value"] <= bound]
+    chosen = (min(reaching, key=lambda r: r["kl"]["value"]) if reaching
+              else min(spt, key=lambda r: (r["admitted"]["value"], r["kl"]["value"])))
+    matched_pool = [r for r in sft if r["admitted"]["value"] <= chosen["admitted"]["value"]
+                    + slack] or sft
+    matched = min(matched_pool, key=lambda r: r["kl"]["value"]) if sft else None
+    return chosen, matched
+
+
+def _cell(value: dict | None) -> str:
+    if value is None:
+        return "–"
+    if "k" in value:
+        return stats.format_rate(value)
+    return f"{value['value']:.4f} [{value['low']:.4f}, {value['high']:.4f}]"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per setting, rates with exact intervals, KL with its bootstrap
+    interval, McNemar p of the admitted rate against base."""
+    header = ["setting", "admitted (known) ↓", "corrected (wrong) ↑", "general ↑",
+              "KL per token ↓", "p admitted", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        p = row.get("paired", {}).get("admitted")
+        lines.append("| " + " | ".join([
+            row["name"], _cell(row["admitted"]), _cell(row["corrected"]),
+            _cell(row["general"]), _cell(row["kl"]), "–" if p is None else f"{p['p']:.2g}",
+            str(row.get("train_s", "–"))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def group(row: dict) -> str:
+    if row["method"] == "base":
+        return "base"
+    if row["method"] == "sft":
+        return "SFT"
+    return "SPT random heads" if row["label"] else "SPT top heads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--slack", type=float, default=0.05)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--eval", action="store_true", help="phase 2 on the eval split")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    data_dir, out = args.run_dir / "data", args.out or args.run_dir / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    protocol = data.read_protocol(data_dir)
+    answers = data.load_answers(data_dir / data.ANSWERS_FILE, protocol=protocol)
+    split = {name: list(data.load_questions(data_dir / f"{name}_questions.jsonl"))
+             for name in ("patching", "dev", "eval")}
+    base = models.load_model(args.model)
+    bridge = models.load_model(args.model)
+    records = tuning.load_training_conversations(data_dir / "train.jsonl")
+    examples = tuning.prepare_examples(bridge.tokenizer, [r["messages"] for r in records])
+    ranking = patching.HeadScores.load(args.run_dir / "patching.pt").top_heads(
+        bridge.cfg.n_layers * bridge.cfg.n_heads)
+    corpus = evaluation.load_kl_corpus()
+    profile = PROFILES[args.profile]
+    options = {"batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+               "seed": args.seed}
+
+    dev_docs = prompts(base.tokenizer, split["patching"] + split["dev"], protocol) + corpus
+    measure = Measure(base, bridge, split["dev"], answers, protocol, dev_docs,
+                      args.max_new_tokens)
+    rows = tuning.sweep(bridge, examples, grid(profile, ranking), measure, **options)
+    chosen, matched = choose(rows, args.slack)
+    chosen_setting = tuning.SweepSetting("spt", chosen["lr"], chosen["steps"],
+                                         [tuple(h) for h in chosen["heads"]],
+                                         chosen["include_kv"])
+    draws = random_draws(chosen_setting, bridge.cfg.n_layers, bridge.cfg.n_heads,
+                         profile["draws"], args.seed)
+    rows += tuning.sweep(bridge, examples, draws, measure, **options)
+    dev_rows = [{"name": "base", "method": "base", "label": "", **measure.base_row()}, *rows]
+    for row in dev_rows:
+        row["group"] = group(row)
+    result: dict[str, Any] = {"dev": dev_rows, "chosen": chosen["name"],
+                              "matched_sft": matched["name"] if matched else None,
+                              "n_kl_prompts_dev": len(dev_docs), "profile": args.profile}
+    text = f"## Dev split ({len(dev_docs)} KL prompts)\n\n" + table(dev_rows)
+    text += f"\nchosen SPT: {chosen['name']}; matched SFT: {result['matched_sft']}\n"
+
+    if args.eval:
+        eval_docs = prompts(base.tokenizer, split["eval"], protocol) + corpus
+        final = Measure(base, bridge, split["eval"], answers, protocol, eval_docs,
+                        args.max_new_tokens)
+        settings = [chosen_setting, *draws]
+        if matched:
+            settings.append(tuning.SweepSetting("sft", matched["lr"], matched["steps"]))
+        eval_rows = [{"name": "base", "method": "base", "label": "", **final.base_row()},
+                     *tuning.sweep(bridge, examples, settings, final, **options)]
+        for row in eval_rows:
+            row["group"] = group(row)
+        result["eval"] = eval_rows
+        result["n_kl_prompts_eval"] = len(eval_docs)
+        text += f"\n## Eval split ({len(eval_docs)} KL prompts)\n\n" + table(eval_rows)
+    write_json(out / "sweep.json", result)
+    (out / "sweep.md").write_text(text)
+    shown = [row for row in result.get("eval", dev_rows) if row["method"] != "base"]
+    figure = viz.pareto_figure(shown, title="Admitted mistakes against KL drift (base: "
+                               f"{_cell(dev_rows[0]['admitted'])} on dev)")
+    print("wrote", *viz.export_figure(figure, out, "sweep_pareto"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The shared publication template: the Pareto figure and the interval bars."""
+
+from __future__ import annotations
+
+import pytest
+
+from spt_utils import viz
+
+
+def _point(value, low, high):
+    return {"value": value, "low": low, "high": high}
+
+
+def _row(group, name, kl, admitted):
+    return {"group": group, "name": name, "kl": _point(*kl), "admitted": _point(*admitted)}
+
+
+def test_pareto_figure_marks_intervals_groups_and_the_front():
+    rows = [_row("spt", "a", (0.1, 0.05, 0.2), (0.5, 0.4, 0.6)),
+            _row("spt", "b", (0.3, 0.2, 0.4), (0.2, 0.1, 0.3)),
+            _row("sft", "c", (0.4, 0.3, 0.5), (0.6, 0.5, 0.7))]
+    fig = viz.pareto_figure(rows)
+    spt, sft, front = fig.data
+    assert (spt.name, sft.name, front.name) == ("spt", "sft", "front")
+    assert list(spt.error_x.array) == pytest.approx([0.1, 0.1])
+    assert list(spt.error_x.arrayminus) == pytest.approx([0.05, 0.1])
+    assert list(spt.error_y.arrayminus) == pytest.approx([0.1, 0.1])
+    # c is beaten by b on both axes: the front is a then b
+    assert list(front.x) == [0.1, 0.3] and list(front.y) == [0.5, 0.2]
+    assert fig.layout.font.family == viz.FONT["family"]
+
+
+def test_interval_bars_leave_out_missing_metrics():
+    rows = {"base": {"admitted": _point(0.5, 0.3, 0.7)},
+            "spt": {"admitted": _point(0.2, 0.1, 0.4), "corrected": _point(0.1, 0.0, 0.3)}}
+    fig = viz.interval_bars(rows, [("admitted", "admitted"), ("corrected", "corrected")])
+    assert list(fig.data[0].x) == ["admitted"]
+    assert list(fig.data[1].x) == ["admitted", "corrected"]
+    assert list(fig.data[1].error_y.array) == pytest.approx([0.2, 0.2])
