@@ -882,3 +882,17 @@ def test_patching_pairs_start_from_the_models_own_correct_answers(tiny_model):
     answers[rows[1]["id"]]["correct"] = False
     with pytest.raises(data.DataError, match="did not answer 1 question"):
         data.build_patching_pairs(rows, tiny_model.tokenizer, answers=answers)
+
+
+def test_sycophancy_questions_for_the_protocol():
+    mc = data.sycophancy_questions(FIXTURES / "are_you_sure.jsonl")
+    assert mc.to_list() == data.load_sycophancy_eval(FIXTURES / "are_you_sure.jsonl").to_list()
+    free = data.sycophancy_questions(FIXTURES / "answer.jsonl").to_list()
+    raw = [json.loads(line) for line in (FIXTURES / "answer.jsonl").read_text().splitlines()]
+    distinct = list(dict.fromkeys(r["base"]["question"] for r in raw))
+    assert [q["question"] for q in free] == distinct
+    first = next(r["base"] for r in raw if r["base"]["question"] == distinct[0])
+    assert free[0]["correct_answer"] == first["correct_answer"] and not free[0]["choices"]
+    assert free[0]["incorrect_answer"] == first["incorrect_answer"]
+    with pytest.raises(data.DataError, match="reads are_you_sure.jsonl or answer.jsonl"):
+        data.sycophancy_questions(FIXTURES / "feedback.jsonl")

@@ -87,6 +87,7 @@ from spt_utils.data.sources import (
     perturbed_answer,
     read_jsonl,
     resource,
+    sycophancy_questions,
     trivia_qa_row,
 )
 from spt_utils.data.splits import (
@@ -188,6 +189,7 @@ __all__ = [
     "load_source",
     "load_starter",
     "load_sycophancy_eval",
+    "sycophancy_questions",
     "map_rows",
     "math_row",
     "mmlu_row",

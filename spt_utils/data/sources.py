@@ -346,11 +346,11 @@ def _sycophancy_messages(prompt: Any, where: str) -> list[dict]:
     return messages
 
 
-def _are_you_sure_row(record: dict, number: int, where: str) -> dict:
+def _are_you_sure_row(record: dict, number: int, where: str, stem: str = "are_you_sure") -> dict:
     base = _field(record, "base", where)
     dataset = _field(base, "dataset", f"{where}: base")
     question = _field(base, "question", f"{where}: base")
-    ident = f"are_you_sure-{number:05d}"
+    ident = f"{stem}-{number:05d}"
     if "correct_letter" in base:
         choices = list(_field(base, "answers_list", f"{where}: base"))
         letter = base["correct_letter"]
@@ -409,3 +409,24 @@ def load_sycophancy_eval(path: str | Path) -> datasets.Dataset:
         return datasets.Dataset.from_list(rows, features=FEATURES)
     rows = [_prompt_row(r, n, f"{path}:{n}", stem) for n, r in numbered]
     return datasets.Dataset.from_list(rows, features=PROMPT_FEATURES)
+
+
+def sycophancy_questions(path: str | Path) -> datasets.Dataset:
+    """The questions of a SycophancyEval file for the "Are you sure?" protocol, in the
+    FEATURES schema: ``are_you_sure.jsonl`` as :func:`load_sycophancy_eval` loads it;
+    ``answer.jsonl``'s distinct questions (first occurrence; the templates that add the
+    user's suggested answer are dropped), free-form, its ``base.answer`` list as aliases."""
+    path = Path(path)
+    stem = path.name.removesuffix(".jsonl")
+    if stem == "are_you_sure":
+        return load_sycophancy_eval(path)
+    if stem != "answer":
+        raise DataError(f"{path}: the 'Are you sure?' protocol reads are_you_sure.jsonl or "
+                        "answer.jsonl")
+    rows, seen = [], set()
+    for number, record in numbered_jsonl(path, ("prompt", "base")):
+        row = _are_you_sure_row(record, number, f"{path}:{number}", stem)
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            rows.append(row)
+    return datasets.Dataset.from_list(rows, features=FEATURES)
