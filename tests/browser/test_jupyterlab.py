@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from spt_utils import patching, pipeline
+from spt_utils import data, io, models, patching, pipeline
 
 pytestmark = pytest.mark.browser
 
@@ -22,9 +22,24 @@ SELECTOR = ".spt-head-selector"
 PLOT = f"{SELECTOR} .js-plotly-plot"
 # The tiny random model keeps the kernel's work to seconds.
 TEST_PARAMETERS = {
-    "model_name": "tiny-random-llama", "n_pairs": 4, "top_k": 2, "n_oracle_layers": 1,
+    "model_name": models.TINY_MODEL, "top_k": 2, "n_oracle_layers": 1,
     "n_check_pairs": 2, "n_receiver_pairs": 1, "n_pattern_heads": 2,
 }
+
+
+def _write_run_data(run_dir: Path) -> None:
+    """What notebook 01 writes and notebook 02 reads, for the tiny model: scripted first
+    answers (the correct text; every other question answered correctly), splits and pairs."""
+    questions = data.load_starter().select(range(24))
+    answers = {q["id"]: {"answer": q["correct_answer"], "correct": index % 2 == 0}
+               for index, q in enumerate(questions)}
+    data_dir = run_dir / "data"
+    io.write_jsonl(data_dir / data.ANSWERS_FILE, [
+        {"id": ident, "model": models.TINY_MODEL, "protocol": "free_form", **answer}
+        for ident, answer in answers.items()])
+    sizes = {"patching": (4, 0), "train": (-1, -1), "dev": (1, 1), "eval": (1, 1)}
+    data.synthesize(questions, models.make_tiny_tokenizer(), sizes=sizes, n_train=4, seed=0,
+                    answers=answers, protocol="free_form", n_arithmetic=2).save(data_dir)
 
 
 def _write_notebook(root: Path, run_dir: Path, figures_dir: Path) -> None:
@@ -97,6 +112,7 @@ def _run_all_cells(page, lab) -> None:
 
 def test_click_selects_a_head_in_jupyterlab(jupyterlab, browser_page, tmp_path):
     run_dir, figures_dir = tmp_path / "run", tmp_path / "figures"
+    _write_run_data(run_dir)
     _write_notebook(jupyterlab.root, run_dir, figures_dir)
     page = browser_page
     external: list[str] = []
