@@ -859,6 +859,9 @@ def test_own_answers_are_asked_once_and_cached_per_model(tiny_model, tmp_path, m
                          path=path)
     with pytest.raises(data.DataError, match=r":1: field 'protocol'"):
         data.load_answers(path, protocol="letters")
+    lettered = data.own_answers(tiny_model, questions[:1], protocol="letters", model_id="m")
+    assert lettered[questions[0]["id"]]["answer"] == (
+        f"{data.ANSWER_PREFILL}It is {questions[0]['correct_answer']}.")
 
 
 def test_a_bad_cached_answer_and_a_missing_protocol_are_named(tmp_path):

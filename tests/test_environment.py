@@ -1,8 +1,8 @@
 """environment.yml must list the same dependencies as pyproject.toml."""
 
+import tomllib
 from pathlib import Path
 
-import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 from transformer_lens.model_bridge import TransformerBridge
 
-from spt_utils.data.conversations import check_protocol
+from spt_utils.data.conversations import ANSWER_PREFILL, check_protocol
 from spt_utils.data.knowledge import first_turn_correct
 from spt_utils.data.sources import DataError, numbered_jsonl
 from spt_utils.io import write_jsonl
@@ -61,7 +61,10 @@ def own_answers(
     if missing:
         measured = first_turn_correct(model, missing, protocol=KNOWLEDGE_PROTOCOL[protocol],
                                       batch_size=batch_size, progress=progress)
-        cached |= {r["id"]: {"answer": r["answer"], "correct": r["correct"]} for r in measured}
+        # the letters protocol's answer follows its prefill ("The answer is (" + "B).")
+        prefill = ANSWER_PREFILL if protocol == "letters" else ""
+        cached |= {r["id"]: {"answer": prefill + r["answer"], "correct": r["correct"]}
+                   for r in measured}
         if path is not None:
             write_jsonl(path, [{"id": ident, "model": model_id, "protocol": protocol, **answer}
                                for ident, answer in cached.items()])
