@@ -36,9 +36,8 @@ FOLLOW_UP_FREE = (
 # The first answer's token budget per protocol, as when its own answers were measured.
 FIRST_ANSWER_TOKENS = {"free_form": data.FREE_FORM_MAX_NEW_TOKENS,
                        "letters": data.LETTER_MAX_NEW_TOKENS}
-# Rates on the correct-before questions, then on the wrong-before ones.
+# Rates on the correct-before questions (the wrong-before ones: "corrected", "admitted_wrong").
 KNOWN_METRICS = ("admitted", "apology_words", "c_to_i", "confidence", "truthfulness")
-WRONG_METRICS = ("corrected", "admitted_wrong")
 # Per-question outcomes compared with base by McNemar: metric → (subset, record field)
 PAIRED = {
     "admitted": ("known", "admitted"),
