@@ -30,12 +30,14 @@ import torch
 from spt_utils import chat, data, evaluation, models, patching, stats, tuning, viz
 from spt_utils.io import write_json
 
-PROFILES = {  # the CPU grid fits about 15 minutes on 2 cores; "full" is issue 14's grid
-    "cpu": {"k": [4, 16], "lr": [3e-4, 1e-3], "steps": [30, 60], "kv": [False],
-            "sft_lr": [2e-5, 5e-5], "sft_steps": [60], "draws": 3},
+PROFILES = {  # "cpu" fits a 2-core machine; "full" is issue 14's grid
+    "cpu": {"k": [4, 8, 16, 32], "lr": [3e-4, 1e-3], "steps": [60], "kv": [False],
+            "sft_lr": [2e-5, 5e-5], "sft_steps": [60], "lora_lr": [3e-4, 1e-3],
+            "lora_steps": [60], "prompt_lr": [3e-2], "prompt_steps": [60], "draws": 3},
     "full": {"k": [4, 8, 16, 32], "lr": [1e-4, 3e-4, 1e-3], "steps": [30, 60, 120],
              "kv": [False, True], "sft_lr": [1e-5, 2e-5, 5e-5], "sft_steps": [30, 60, 120],
-             "draws": 5},
+             "lora_lr": [1e-4, 3e-4, 1e-3], "lora_steps": [30, 60, 120],
+             "prompt_lr": [1e-2, 3e-2, 1e-1], "prompt_steps": [30, 60, 120], "draws": 5},
 }
 
 
@@ -68,6 +70,9 @@ class Measure:
         self.base_records = self.records(base)
         self.base_general = self.general(base)
 
+    def candidate(self, hf_model) -> evaluation.Candidate:
+        return evaluation.Candidate("tuned", self.bridge, hf_model=hf_model)
+
     def records(self, model) -> list[dict]:
         return evaluation.run_protocol(model, self.questions, self.answers,
                                        protocol=self.protocol, max_new_tokens=self.n_tokens)
@@ -88,17 +93,19 @@ class Measure:
         zero = {"value": 0.0, "low": 0.0, "high": 0.0, "n": len(self.documents)}
         return self.row(self.base_records, self.base_general, zero)
 
-    def __call__(self, _setting) -> dict[str, Any]:
-        kl = kl_interval(evaluation.kl_per_document(self.base, self.bridge, self.documents))
-        return self.row(self.records(self.bridge), self.general(self.bridge), kl)
+    def __call__(self, _setting, hf_model) -> dict[str, Any]:
+        tuned = self.candidate(hf_model)
+        kl = kl_interval(evaluation.kl_per_document(self.base, tuned, self.documents))
+        return self.row(self.records(tuned), self.general(tuned), kl)
 
 
 def grid(profile: dict, ranking: list[patching.Head]) -> list[tuning.SweepSetting]:
     settings = [tuning.SweepSetting("spt", lr, steps, ranking[:k], kv)
                 for k in profile["k"] for kv in profile["kv"] for lr in profile["lr"]
                 for steps in profile["steps"]]
-    settings += [tuning.SweepSetting("sft", lr, steps)
-                 for lr in profile["sft_lr"] for steps in profile["sft_steps"]]
+    for method, prefix in (("sft", "sft"), ("lora_attn", "lora"), ("prompt_tuning", "prompt")):
+        settings += [tuning.SweepSetting(method, lr, steps) for lr in profile[f"{prefix}_lr"]
+                     for steps in profile[f"{prefix}_steps"]]
     return settings
 
 
@@ -156,8 +163,9 @@ def table(rows: list[dict]) -> str:
 def group(row: dict) -> str:
     if row["method"] == "base":
         return "base"
-    if row["method"] == "sft":
-        return "SFT"
+    if row["method"] != "spt":
+        return {"sft": "SFT", "lora_attn": "LoRA", "prompt_tuning": "prompt tuning"}[
+            row["method"]]
     return "SPT random heads" if row["label"] else "SPT top heads"
 
 

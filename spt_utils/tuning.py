@@ -854,7 +854,19 @@ def _all_reduce_grads(params: list[nn.Parameter]) -> None:
 # --------------------------------------------------------------------------- sweep
 
 
-SWEEP_METHODS = ("spt", "sft")
+SWEEP_METHODS = ("spt", "sft", "lora_attn", "prompt_tuning")
+_RESTORED_FROM_SNAPSHOT = ("sft", "lora_attn")  # methods that change the base weights
+
+
+def _unwrap_lora(hf_model: nn.Module) -> None:
+    """Put every peft LoRA layer's base layer back in its place, under the plain and the
+    bridge's alias paths alike (``merge_and_unload`` leaves the aliases wrapped)."""
+    from peft.tuners.lora import LoraLayer
+
+    for parent in list(hf_model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLayer):
+                setattr(parent, name, child.get_base_layer())
 
 
 @dataclass
@@ -882,7 +894,7 @@ def sweep(
     bridge: TransformerBridge,
     examples: Sequence[Example],
     settings: Sequence[SweepSetting],
-    evaluate: Callable[[SweepSetting], dict[str, Any]],
+    evaluate: Callable[[SweepSetting, nn.Module | None], dict[str, Any]],
     *,
     batch_size: int = 8,
     micro_batch_size: int = 4,
@@ -893,11 +905,14 @@ def sweep(
     """Train each setting from the same base weights on ``examples`` and evaluate it.
 
     ``bridge`` is tuned in place and restored after each setting: SPT's slices live in
-    hooks that are removed (the base weights never change), full SFT's weights are copied
-    back from a snapshot. ``evaluate(setting)`` runs while the tuned model is in ``bridge``
-    and returns its metrics. All SPT settings share one :class:`LayerCache`. Returns one row
-    per setting: ``name``, ``method``, ``lr``, ``steps``, ``k``, ``include_kv``, ``label``,
-    ``heads``, ``losses``, ``train_s`` and the metrics.
+    hooks that are removed (the base weights never change); full SFT's weights and LoRA's
+    merged weights are copied back from a snapshot; a soft prompt wraps the untouched base.
+    ``evaluate(setting, hf_model)`` runs while the tuned model is in ``bridge`` and returns
+    its metrics; ``hf_model`` is the peft model to generate with for ``prompt_tuning`` (the
+    bridge alone is then the base model) and ``None`` otherwise. All SPT settings share one
+    :class:`LayerCache`. Returns one row per setting: ``name``, ``method``, ``lr``,
+    ``steps``, ``k``, ``include_kv``, ``label``, ``heads``, ``losses``, ``train_s`` and the
+    metrics.
     """
     for setting in settings:
         if setting.method not in SWEEP_METHODS:
@@ -907,20 +922,26 @@ def sweep(
     snapshot = None
     rows = []
     for setting in tqdm(settings, desc="sweep", disable=not progress):
+        if setting.method in _RESTORED_FROM_SNAPSHOT and snapshot is None:
+            snapshot = {n: t.detach().clone()
+                        for n, t in models.clean_state_dict(hf_model).items()}
         setup = prepare(setting.method, bridge, setting.heads, include_kv=setting.include_kv,
                         seed=seed)
-        if setting.method == "sft" and snapshot is None:
-            snapshot = {n: t.detach().clone() for n, t in setup.params.items()}
         config = TrainConfig(steps=setting.steps, batch_size=batch_size,
                              micro_batch_size=micro_batch_size, lr=setting.lr,
                              weight_decay=weight_decay, seed=seed)
         try:
             result = train(setup, examples, config, progress=False, layer_cache=layer_cache)
-            metrics = evaluate(setting)
+            if setting.method == "lora_attn":
+                setup.model.merge_and_unload()  # the merged weights are the bridge's own
+            generator = setup.model if setting.method == "prompt_tuning" else None
+            metrics = evaluate(setting, generator)
         finally:
             if setup.head_params is not None:
                 setup.head_params.remove()
-            elif snapshot is not None:
+            elif setting.method in _RESTORED_FROM_SNAPSHOT:
+                if setting.method == "lora_attn":
+                    _unwrap_lora(hf_model)
                 with torch.no_grad():
                     for name, tensor in models.clean_state_dict(hf_model).items():
                         tensor.copy_(snapshot[name])

@@ -31,39 +31,59 @@ def test_kl_per_document_sums_to_the_mean_and_counts_tokens():
     assert all(t == 0.0 for t, _ in evaluation.kl_per_document(base, base, DOCS))
 
 
+def _plain_logits(model, ids, offset: int = 0):
+    # logits: [batch, (virtual tokens +) pos, d_vocab]
+    return model(input_ids=ids).logits[:, offset:].detach()
+
+
 def test_sweep_matches_single_runs_and_restores_the_base():
     bridge = fresh_tiny()
     examples = tuning.prepare_examples(bridge.tokenizer, worker.conversations())
     before = {n: t.clone() for n, t in models.clean_state_dict(bridge.original_model).items()}
     ids = examples[0][0][None]
-    base_logits = bridge.original_model(input_ids=ids).logits.detach()
+    base_logits = bridge(ids, return_type="logits").detach()
     settings = [tuning.SweepSetting("spt", 1e-2, 2, [(1, 0), (1, 3)]),
                 tuning.SweepSetting("sft", 1e-3, 2),
+                tuning.SweepSetting("lora_attn", 1e-2, 2),
+                tuning.SweepSetting("prompt_tuning", 1e-1, 2),
                 tuning.SweepSetting("spt", 1e-2, 2, [(0, 1)], include_kv=True, label="draw 0")]
-    moved = []
+    seen = []
 
-    def evaluate(setting):  # runs while the tuned model is in place
-        logits = bridge.original_model(input_ids=ids).logits.detach()
-        moved.append(float((logits - base_logits).abs().max()))
-        return {"moved": moved[-1]}
+    def evaluate(setting, hf_model):  # runs while the tuned model is in place
+        bridge_logits = bridge(ids, return_type="logits").detach()
+        if setting.method == "prompt_tuning":
+            assert torch.equal(bridge_logits, base_logits)  # the soft prompt is not in the bridge
+            tuned = _plain_logits(hf_model, ids)
+        else:
+            assert hf_model is None
+            tuned = bridge_logits
+        seen.append(tuned)
+        return {"moved": float((tuned[:, -ids.shape[1]:] - base_logits).abs().max())}
 
     rows = tuning.sweep(bridge, examples, settings, evaluate, batch_size=2, micro_batch_size=1,
                         progress=False)
-    assert all(m > 0 for m in moved) and [r["moved"] for r in rows] == moved
-    assert [r["name"] for r in rows] == ["spt k=2 lr=0.01 steps=2", "sft lr=0.001 steps=2",
-                                        "spt+kv k=1 draw 0 lr=0.01 steps=2"]
+    assert all(r["moved"] > 0 for r in rows)
+    assert [r["name"] for r in rows] == [
+        "spt k=2 lr=0.01 steps=2", "sft lr=0.001 steps=2", "lora_attn lr=0.01 steps=2",
+        "prompt_tuning lr=0.1 steps=2", "spt+kv k=1 draw 0 lr=0.01 steps=2"]
     after = models.clean_state_dict(bridge.original_model)
+    assert set(after) == set(before)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert all(not p.requires_grad for p in bridge.original_model.parameters())
-    assert torch.equal(bridge.original_model(input_ids=ids).logits, base_logits)
-    for setting, row in zip(settings, rows, strict=True):  # each as a run of its own
+    assert torch.equal(bridge(ids, return_type="logits"), base_logits)
+    for setting, row, tuned in zip(settings, rows, seen, strict=True):  # each run alone
         alone = tuning.prepare(setting.method, fresh_tiny(), setting.heads,
                                include_kv=setting.include_kv)
         config = tuning.TrainConfig(steps=2, batch_size=2, micro_batch_size=1, lr=setting.lr)
         assert tuning.train(alone, examples, config, progress=False).losses == row["losses"]
+        if setting.method == "prompt_tuning":
+            expected = _plain_logits(alone.model, ids)
+        else:
+            expected = _plain_logits(tuning.finalize(alone), ids)
+        torch.testing.assert_close(tuned, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sweep_refuses_an_unsupported_method():
-    with pytest.raises(ValueError, match="sweep: method 'lora_attn'"):
-        tuning.sweep(fresh_tiny(), [], [tuning.SweepSetting("lora_attn", 1e-3, 1)],
-                     lambda s: {})
+    with pytest.raises(ValueError, match="sweep: method 'lora_heads'"):
+        tuning.sweep(fresh_tiny(), [], [tuning.SweepSetting("lora_heads", 1e-3, 1)],
+                     lambda s, m: {})
