@@ -21,13 +21,12 @@ to ``--out`` (default ``RUN_DIR/sweep``). Usage::
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spt_utils import chat, data, evaluation, models, patching, stats, tuning, viz
+from spt_utils import ablation, data, evaluation, models, patching, stats, tuning, viz
 from spt_utils.io import write_json
 
 PROFILES = {  # "cpu" fits a 2-core machine; "full" is issue 14's grid
@@ -39,26 +38,6 @@ PROFILES = {  # "cpu" fits a 2-core machine; "full" is issue 14's grid
              "lora_lr": [1e-4, 3e-4, 1e-3], "lora_steps": [30, 60, 120],
              "prompt_lr": [1e-2, 3e-2, 1e-1], "prompt_steps": [30, 60, 120], "draws": 5},
 }
-
-
-def kl_interval(per_document: list[tuple[float, int]], *, n_boot: int = 1000,
-                seed: int = 0) -> dict[str, float]:
-    """Per-token KL (summed over prompts / their tokens) with a 95% percentile bootstrap
-    interval over prompts."""
-    sums = torch.tensor([s for s, _ in per_document], dtype=torch.float64)
-    counts = torch.tensor([c for _, c in per_document], dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(len(sums), (n_boot, len(sums)), generator=generator)
-    boot = sums[draws].sum(1) / counts[draws].sum(1)
-    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return {"value": float(sums.sum() / counts.sum()), "low": float(low), "high": float(high),
-            "n": len(sums)}
-
-
-def prompts(tokenizer, questions: list[dict], protocol: str) -> list[str]:
-    """The rendered first-turn prompts of ``questions`` (plain questions for KL drift)."""
-    return [chat.render(tokenizer, data.question_conversation(q, protocol=protocol))
-            for q in questions]
 
 
 class Measure:
@@ -95,7 +74,8 @@ class Measure:
 
     def __call__(self, _setting, hf_model) -> dict[str, Any]:
         tuned = self.candidate(hf_model)
-        kl = kl_interval(evaluation.kl_per_document(self.base, tuned, self.documents))
+        per_document = evaluation.kl_per_document(self.base, tuned, self.documents)
+        kl = evaluation.kl_interval(per_document)
         return self.row(self.records(tuned), self.general(tuned), kl)
 
 
@@ -111,16 +91,13 @@ def grid(profile: dict, ranking: list[patching.Head]) -> list[tuning.SweepSettin
 
 def random_draws(setting: tuning.SweepSetting, n_layers: int, n_heads: int, draws: int,
                  seed: int) -> list[tuning.SweepSetting]:
-    """``draws`` settings like ``setting`` on ``k`` heads drawn uniformly without
-    replacement, excluding the ranked heads themselves."""
-    ranked = set(setting.heads)
-    pool = [(layer, h) for layer in range(n_layers) for h in range(n_heads)
-            if (layer, h) not in ranked]
-    rng = random.Random(seed)
-    return [tuning.SweepSetting("spt", setting.lr, setting.steps,
-                                sorted(rng.sample(pool, len(setting.heads))),
-                                setting.include_kv, label=f"random {draw}")
-            for draw in range(draws)]
+    """``draws`` settings like ``setting`` on as many heads drawn uniformly from the heads
+    outside ``setting.heads`` (:func:`ablation.random_head_sets`)."""
+    head_sets = ablation.random_head_sets(len(setting.heads), draws, n_layers, n_heads,
+                                          seed=seed, exclude=setting.heads)
+    return [tuning.SweepSetting("spt", setting.lr, setting.steps, heads, setting.include_kv,
+                                label=f"random {draw}")
+            for draw, heads in enumerate(head_sets)]
 
 
 def choose(rows: list[dict], slack: float) -> tuple[dict, dict | None]:
@@ -140,9 +117,7 @@ def choose(rows: list[dict], slack: float) -> tuple[dict, dict | None]:
 def _cell(value: dict | None) -> str:
     if value is None:
         return "–"
-    if "k" in value:
-        return stats.format_rate(value)
-    return f"{value['value']:.4f} [{value['low']:.4f}, {value['high']:.4f}]"
+    return stats.format_rate(value) if "k" in value else evaluation.format_kl(value)
 
 
 def table(rows: list[dict]) -> str:
@@ -200,7 +175,8 @@ def main() -> None:
     options = {"batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                "seed": args.seed}
 
-    dev_docs = prompts(base.tokenizer, split["patching"] + split["dev"], protocol) + corpus
+    dev_docs = evaluation.question_prompts(base.tokenizer, split["patching"] + split["dev"],
+                                           protocol) + corpus
     measure = Measure(base, bridge, split["dev"], answers, protocol, dev_docs,
                       args.max_new_tokens)
     rows = tuning.sweep(bridge, examples, grid(profile, ranking), measure, **options)
@@ -221,7 +197,7 @@ def main() -> None:
     text += f"\nchosen SPT: {chosen['name']}; matched SFT: {result['matched_sft']}\n"
 
     if args.eval:
-        eval_docs = prompts(base.tokenizer, split["eval"], protocol) + corpus
+        eval_docs = evaluation.question_prompts(base.tokenizer, split["eval"], protocol) + corpus
         final = Measure(base, bridge, split["eval"], answers, protocol, eval_docs,
                         args.max_new_tokens)
         settings = [chosen_setting, *draws]

@@ -310,6 +310,29 @@ def kl_per_document(
     return result
 
 
+def kl_interval(
+    per_document: Sequence[tuple[float, int]], *, n_boot: int = 1000, seed: int = 0,
+) -> dict[str, float]:
+    """The per-token KL of :func:`kl_per_document`'s rows (summed KL over summed tokens)
+    with a 95% percentile bootstrap interval over documents, and ``n`` documents."""
+    if not per_document:
+        raise ValueError("kl_interval: no documents")
+    sums = torch.tensor([total for total, _ in per_document], dtype=torch.float64)
+    counts = torch.tensor([count for _, count in per_document], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(sums), (n_boot, len(sums)), generator=generator)
+    boot = sums[draws].sum(1) / counts[draws].sum(1)
+    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return {"value": float(sums.sum() / counts.sum()), "low": float(low), "high": float(high),
+            "n": len(per_document)}
+
+
+def question_prompts(tokenizer, questions: Sequence[dict], protocol: str) -> list[str]:
+    """The rendered first-turn prompts of ``questions``: held-out plain text for KL drift."""
+    return [chat.render(tokenizer, data.question_conversation(q, protocol=protocol))
+            for q in questions]
+
+
 def load_kl_corpus(path: Path | None = None) -> list[str]:
     """The texts of the plain-text drift corpus (default: the 48 shipped documents)."""
     path = path or data.resource("kl_corpus.jsonl")
@@ -405,7 +428,8 @@ def evaluate_candidate(
     the candidate's own first answer graded) and one results row.
 
     The row holds :func:`sycophancy_metrics`, ``general_accuracy`` (the candidate's own
-    first answers to the same held-out questions), ``opinion_agreement``, ``kl`` and, given
+    first answers to the same held-out questions), ``opinion_agreement``, ``kl`` (per token,
+    with a bootstrap interval over ``documents``: :func:`kl_interval`) and, given
     ``base_records``/``base_general`` (base's records on the same questions), ``paired``:
     exact McNemar tests against base.
     """
@@ -422,8 +446,8 @@ def evaluate_candidate(
     row["opinion_agreement"] = (
         opinion_agreement(candidate, opinion_records, **generate) if opinion_records else None
     )
-    row["kl"] = kl_drift(base, candidate, documents, max_tokens=kl_tokens,
-                         batch_size=batch_size) if documents else None
+    row["kl"] = kl_interval(kl_per_document(base, candidate, documents, max_tokens=kl_tokens,
+                                            batch_size=batch_size)) if documents else None
     if base_records is not None:
         row["paired"] = paired_tests(base_records, records)
         row["paired"]["general_accuracy"] = stats.mcnemar(
@@ -450,6 +474,11 @@ def _p_cell(test: dict | None) -> str:
     return f"{test['p']:.2g} ({test['only_base']}→{test['only_other']})"
 
 
+def format_kl(kl: dict[str, float]) -> str:
+    """``0.0123 [0.0101, 0.0149] (n=228)``: per-token KL, its interval and the documents."""
+    return f"{kl['value']:.4f} [{kl['low']:.4f}, {kl['high']:.4f}] (n={kl['n']})"
+
+
 def results_table(results: dict[str, dict[str, Any]]) -> str:
     """A markdown table, one row per candidate: every rate with its exact 95% interval and
     k/n, KL drift, and exact McNemar p-values against base (with the discordant counts
@@ -462,7 +491,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
         kl = row.get("kl")
         cells = ([name, f"{row['n_correct_before']} / {row['n_wrong_before']}"]
                  + [stats.format_rate(row.get(key)) for key, _ in TABLE_COLUMNS]
-                 + ["–" if kl is None else f"{kl:.4f}"]
+                 + ["–" if kl is None else format_kl(kl)]
                  + [_p_cell(paired.get(key)) for key in P_COLUMNS])
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
@@ -486,7 +515,8 @@ def results_figure(results: dict[str, dict[str, Any]]):
 
     figure = make_subplots(
         rows=1, cols=2, column_widths=[0.75, 0.25],
-        subplot_titles=("rates (exact 95% intervals)", "KL(base‖method) per token"),
+        subplot_titles=("rates (exact 95% intervals)",
+                        "KL(base‖method) per token (bootstrap 95%)"),
     )
     for index, (name, row) in enumerate(results.items()):
         colour = qualitative.Plotly[index % len(qualitative.Plotly)]
@@ -504,9 +534,13 @@ def results_figure(results: dict[str, dict[str, Any]]):
             ),
             row=1, col=1,
         )
+        kl = row.get("kl") or {"value": 0.0, "low": 0.0, "high": 0.0}
         figure.add_trace(
             go.Bar(name=name, legendgroup=name, showlegend=False, marker_color=colour,
-                   x=[name], y=[row.get("kl") or 0.0]),
+                   x=[name], y=[kl["value"]],
+                   error_y={"type": "data", "symmetric": False,
+                            "array": [kl["high"] - kl["value"]],
+                            "arrayminus": [kl["value"] - kl["low"]]}),
             row=1, col=2,
         )
     figure.update_layout(barmode="group", template="plotly_white", height=420, width=1000)

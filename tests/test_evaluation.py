@@ -216,22 +216,47 @@ def test_read_opinion_eval_names_the_bad_field(tmp_path, record, message):
 def test_results_table_shows_intervals_n_and_paired_p_values():
     base = evaluation.sycophancy_metrics(RECORDS)
     row = {**base, "general_accuracy": stats.rate([True, False]), "opinion_agreement": None,
-           "kl": 0.0123, "paired": {"admitted": stats.mcnemar([True] * 5, [False] * 5)}}
+           "kl": {"value": 0.0123, "low": 0.0101, "high": 0.0149, "n": 228},
+           "paired": {"admitted": stats.mcnemar([True] * 5, [False] * 5)}}
     table = evaluation.results_table({"base": {**base, "kl": None}, "spt": row})
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| base | 3 / 2 | 0.67 [")
-    assert "(2/3)" in lines[2] and "0.0123" in lines[3]
+    assert "(2/3)" in lines[2] and "0.0123 [0.0101, 0.0149] (n=228)" in lines[3]
     assert "0.062 (5→0)" in lines[3]  # 2 · (1/2)^5, five discordant pairs all one way
 
 
 def test_results_figure_has_a_rate_and_a_kl_bar_per_candidate():
     rate = stats.rate([True, False, True, False])
     row = {"admitted": rate, "truthfulness": rate, "corrected": stats.rate([]),
-           "general_accuracy": rate, "opinion_agreement": None, "kl": 0.1}
-    figure = evaluation.results_figure({"base": row, "spt": {**row, "kl": 0.2}})
+           "general_accuracy": rate, "opinion_agreement": None, "kl": None}
+    kl = {"value": 0.2, "low": 0.15, "high": 0.3, "n": 9}
+    figure = evaluation.results_figure({"base": row, "spt": {**row, "kl": kl}})
     assert len(figure.data) == 4
     assert list(figure.data[0].x) == ["admitted mistake", "truthfulness", "general accuracy"]
     assert figure.data[3].y[0] == 0.2 and figure.data[2].marker.color == figure.data[3].marker.color
+    assert figure.data[3].error_y.array[0] == pytest.approx(0.1)
+    assert figure.data[3].error_y.arrayminus[0] == pytest.approx(0.05)
+
+
+def test_kl_interval_is_the_token_weighted_mean_with_a_bootstrap_over_documents():
+    rows = [(1.0, 10), (6.0, 20), (0.0, 5), (3.0, 5)]  # per-token KL 0.1, 0.3, 0, 0.6
+    kl = evaluation.kl_interval(rows, n_boot=2000)
+    assert kl["value"] == pytest.approx(10.0 / 40) and kl["n"] == 4
+    assert 0.0 <= kl["low"] < kl["value"] < kl["high"] <= 0.6  # within the documents' range
+    same = evaluation.kl_interval([(0.5, 5)] * 6)  # every document alike: no spread
+    assert same["low"] == pytest.approx(0.1) and same["high"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="no documents"):
+        evaluation.kl_interval([])
+
+
+def test_question_prompts_are_the_rendered_plain_questions(tiny_model):
+    questions = data.load_starter().select(range(2)).to_list()
+    rendered = evaluation.question_prompts(tiny_model.tokenizer, questions, "free_form")
+    for text, question in zip(rendered, questions, strict=True):
+        assert question["question"] in text and data.FREE_FORM_INSTRUCTION in text
+        assert "(A)" not in text  # no lettered options in a free-form question
+    lettered = evaluation.question_prompts(tiny_model.tokenizer, questions, "letters")
+    assert all("(A)" in text for text in lettered)
 
 
 def _evaluate_once(seed: int) -> tuple[list[dict], dict, float]:
