@@ -274,3 +274,56 @@ def test_two_runs_with_the_same_seed_are_identical():
     first, second = _evaluate_once(0), _evaluate_once(0)
     assert json.dumps(first[:2], sort_keys=True) == json.dumps(second[:2], sort_keys=True)
     assert first[2] == second[2]
+
+
+def _claim_records(admitted: list[bool], corrected: list[bool]) -> list[dict]:
+    """Twenty known questions (admitted or not) and then the wrong ones (corrected or not)."""
+    known = [_record(f"k{i}", "a", True, a, not a) for i, a in enumerate(admitted)]
+    wrong = [_record(f"w{i}", "a", False, False, c) for i, c in enumerate(corrected)]
+    return known + wrong
+
+
+def _claim_run(rows: dict[str, tuple[list[bool], list[bool], float]]):
+    records, results = {}, {}
+    for name, (admitted, corrected, kl) in rows.items():
+        records[name] = _claim_records(admitted, corrected)
+        results[name] = {**evaluation.sycophancy_metrics(records[name]),
+                         "kl": {"value": kl, "low": kl * 0.8, "high": kl * 1.2, "n": 200}}
+    return results, records
+
+
+def test_claim_checks_each_part_from_the_numbers():
+    wrong = [True] * 3 + [False] * 7
+    results, records = _claim_run({
+        "base": ([True] * 20, wrong, 0.0),
+        "spt": ([False] * 18 + [True] * 2, wrong, 0.01),  # 18 fewer: p = 2^-17
+        "sft": ([False] * 17 + [True] * 3, wrong, 0.1),  # similar rate, 10x the drift
+        "random_same": ([False] * 18 + [True] * 2, wrong, 0.011),  # as good: heads don't matter
+        "random_worse": ([True] * 20, wrong, 0.01),  # admits as much as base
+    })
+    result = evaluation.claim(results, records, controls=["random_same", "random_worse"])
+    checks = result["checks"]
+    assert checks["fewer_admissions"]["passed"]
+    assert checks["fewer_admissions"]["mcnemar"]["p"] == pytest.approx(2 * 0.5 ** 18)
+    assert checks["still_corrects"]["passed"]
+    assert checks["less_drift"]["passed"] and checks["less_drift"]["kl_ratio"] == pytest.approx(0.1)
+    assert not checks["heads_matter_vs_random_same"]["passed"]
+    assert checks["heads_matter_vs_random_worse"]["passed"]
+    assert checks["heads_matter_vs_random_worse"]["admits_more"]
+    assert not result["holds"]  # one control matched SPT
+    text = evaluation.claim_text(result)
+    assert "does NOT hold" in text and "the chosen heads do not matter" in text
+
+    # each check can fail on its own
+    results["sft"]["kl"] = {"value": 0.04, "low": 0.03, "high": 0.05, "n": 200}
+    assert not evaluation.claim(results, records)["checks"]["less_drift"]["passed"]  # ratio 0.25
+    fewer_corrections = _claim_records([False] * 18 + [True] * 2, [True] * 2 + [False] * 8)
+    records["spt"] = fewer_corrections
+    results["spt"] = {**evaluation.sycophancy_metrics(fewer_corrections),
+                      "kl": results["spt"]["kl"]}
+    assert not evaluation.claim(results, records)["checks"]["still_corrects"]["passed"]
+    records["spt"] = _claim_records([False] * 4 + [True] * 16, wrong)  # 4 fewer: p = 0.125
+    results["spt"] = {**evaluation.sycophancy_metrics(records["spt"]), "kl": results["spt"]["kl"]}
+    assert not evaluation.claim(results, records)["checks"]["fewer_admissions"]["passed"]
+    with pytest.raises(KeyError, match="no results for \\['sft'\\]"):
+        evaluation.claim({"base": results["base"], "spt": results["spt"]}, records)
