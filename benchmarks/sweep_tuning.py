@@ -16,11 +16,15 @@ exact McNemar tests against base. Writes ``sweep.json``, ``sweep.md`` and the Pa
 to ``--out`` (default ``RUN_DIR/sweep``). Usage::
 
     python benchmarks/sweep_tuning.py --run-dir runs/<timestamp> [--eval]
+
+Each measured setting is appended to ``dev_rows.jsonl`` (``eval_rows.jsonl``) at once and
+base's records are cached, so rerunning the same command resumes an interrupted sweep.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,10 @@ import torch
 from spt_utils import ablation, data, evaluation, models, patching, stats, tuning, viz
 from spt_utils.io import write_json
 
-PROFILES = {  # "cpu" fits a 2-core machine; "full" is issue 14's grid
-    "cpu": {"k": [4, 8, 16, 32], "lr": [3e-4, 1e-3], "steps": [60], "kv": [False],
-            "sft_lr": [2e-5, 5e-5], "sft_steps": [60], "lora_lr": [3e-4, 1e-3],
-            "lora_steps": [60], "prompt_lr": [3e-2], "prompt_steps": [60], "draws": 3},
+PROFILES = {  # "cpu" fits a 2-core machine in about an hour; "full" is issue 14's grid
+    "cpu": {"k": [8, 16, 32], "lr": [3e-4, 1e-3], "steps": [60], "kv": [False],
+            "sft_lr": [2e-5, 5e-5], "sft_steps": [60], "lora_lr": [1e-3], "lora_steps": [60],
+            "prompt_lr": [3e-2], "prompt_steps": [60], "draws": 2},
     "full": {"k": [4, 8, 16, 32], "lr": [1e-4, 3e-4, 1e-3], "steps": [30, 60, 120],
              "kv": [False, True], "sft_lr": [1e-5, 2e-5, 5e-5], "sft_steps": [30, 60, 120],
              "lora_lr": [1e-4, 3e-4, 1e-3], "lora_steps": [30, 60, 120],
@@ -41,13 +45,20 @@ PROFILES = {  # "cpu" fits a 2-core machine; "full" is issue 14's grid
 
 
 class Measure:
-    """Measures the model in ``bridge`` on one question split against ``base``."""
+    """Measures the model in ``bridge`` on one question split against ``base`` (base's own
+    records are cached in ``base_file``)."""
 
-    def __init__(self, base, bridge, questions, answers, protocol, documents, n_tokens):
+    def __init__(self, base, bridge, questions, answers, protocol, documents, n_tokens,
+                 base_file: Path):
         self.base, self.bridge, self.answers, self.protocol = base, bridge, answers, protocol
         self.questions, self.documents, self.n_tokens = questions, documents, n_tokens
-        self.base_records = self.records(base)
-        self.base_general = self.general(base)
+        ids = [q["id"] for q in questions]
+        cached = json.loads(base_file.read_text()) if base_file.exists() else None
+        if cached is None or cached["ids"] != ids or cached["n_tokens"] != n_tokens:
+            cached = {"ids": ids, "n_tokens": n_tokens, "records": self.records(base),
+                      "general": self.general(base)}
+            write_json(base_file, cached)
+        self.base_records, self.base_general = cached["records"], cached["general"]
 
     def candidate(self, hf_model) -> evaluation.Candidate:
         return evaluation.Candidate("tuned", self.bridge, hf_model=hf_model)
@@ -87,6 +98,24 @@ def grid(profile: dict, ranking: list[patching.Head]) -> list[tuning.SweepSettin
         settings += [tuning.SweepSetting(method, lr, steps) for lr in profile[f"{prefix}_lr"]
                      for steps in profile[f"{prefix}_steps"]]
     return settings
+
+
+def run_settings(bridge, examples, settings: list[tuning.SweepSetting], measure: Measure,
+                 partial: Path, options: dict[str, Any]) -> list[dict]:
+    """``tuning.sweep`` over the settings not yet in ``partial`` (a JSONL file each measured
+    row is appended to at once, so an interrupted sweep resumes where it stopped)."""
+    done = {}
+    if partial.exists():
+        done = {row["name"]: row for row in map(json.loads, partial.read_text().splitlines())}
+    todo = [setting for setting in settings if setting.name not in done]
+
+    def save(row: dict) -> None:
+        with partial.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        done[row["name"]] = row
+
+    tuning.sweep(bridge, examples, todo, measure, on_row=save, **options)
+    return [done[setting.name] for setting in settings]
 
 
 def random_draws(setting: tuning.SweepSetting, n_layers: int, n_heads: int, draws: int,
@@ -178,15 +207,16 @@ def main() -> None:
     dev_docs = evaluation.question_prompts(base.tokenizer, split["patching"] + split["dev"],
                                            protocol) + corpus
     measure = Measure(base, bridge, split["dev"], answers, protocol, dev_docs,
-                      args.max_new_tokens)
-    rows = tuning.sweep(bridge, examples, grid(profile, ranking), measure, **options)
+                      args.max_new_tokens, out / "base_dev.json")
+    partial = out / "dev_rows.jsonl"
+    rows = run_settings(bridge, examples, grid(profile, ranking), measure, partial, options)
     chosen, matched = choose(rows, args.slack)
     chosen_setting = tuning.SweepSetting("spt", chosen["lr"], chosen["steps"],
                                          [tuple(h) for h in chosen["heads"]],
                                          chosen["include_kv"])
     draws = random_draws(chosen_setting, bridge.cfg.n_layers, bridge.cfg.n_heads,
                          profile["draws"], args.seed)
-    rows += tuning.sweep(bridge, examples, draws, measure, **options)
+    rows += run_settings(bridge, examples, draws, measure, partial, options)
     dev_rows = [{"name": "base", "method": "base", "label": "", **measure.base_row()}, *rows]
     for row in dev_rows:
         row["group"] = group(row)
@@ -199,12 +229,13 @@ def main() -> None:
     if args.eval:
         eval_docs = evaluation.question_prompts(base.tokenizer, split["eval"], protocol) + corpus
         final = Measure(base, bridge, split["eval"], answers, protocol, eval_docs,
-                        args.max_new_tokens)
+                        args.max_new_tokens, out / "base_eval.json")
         settings = [chosen_setting, *draws]
         if matched:
             settings.append(tuning.SweepSetting("sft", matched["lr"], matched["steps"]))
         eval_rows = [{"name": "base", "method": "base", "label": "", **final.base_row()},
-                     *tuning.sweep(bridge, examples, settings, final, **options)]
+                     *run_settings(bridge, examples, settings, final,
+                                   out / "eval_rows.jsonl", options)]
         for row in eval_rows:
             row["group"] = group(row)
         result["eval"] = eval_rows

@@ -901,6 +901,7 @@ def sweep(
     weight_decay: float = 0.1,
     seed: int = 0,
     progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train each setting from the same base weights on ``examples`` and evaluate it.
 
@@ -912,7 +913,7 @@ def sweep(
     bridge alone is then the base model) and ``None`` otherwise. All SPT settings share one
     :class:`LayerCache`. Returns one row per setting: ``name``, ``method``, ``lr``,
     ``steps``, ``k``, ``include_kv``, ``label``, ``heads``, ``losses``, ``train_s`` and the
-    metrics.
+    metrics; ``on_row(row)`` receives each as soon as it is measured (e.g. to save progress).
     """
     for setting in settings:
         if setting.method not in SWEEP_METHODS:
@@ -951,6 +952,8 @@ def sweep(
                      "include_kv": setting.include_kv, "label": setting.label,
                      "heads": [list(h) for h in setting.heads], "losses": result.losses,
                      "train_s": round(result.seconds, 1), **metrics})
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 

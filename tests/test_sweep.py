@@ -60,8 +60,10 @@ def test_sweep_matches_single_runs_and_restores_the_base():
         seen.append(tuned)
         return {"moved": float((tuned[:, -ids.shape[1]:] - base_logits).abs().max())}
 
+    streamed = []
     rows = tuning.sweep(bridge, examples, settings, evaluate, batch_size=2, micro_batch_size=1,
-                        progress=False)
+                        progress=False, on_row=streamed.append)
+    assert streamed == rows and len(rows) == len(settings)
     assert all(r["moved"] > 0 for r in rows)
     assert [r["name"] for r in rows] == [
         "spt k=2 lr=0.01 steps=2", "sft lr=0.001 steps=2", "lora_attn lr=0.01 steps=2",
