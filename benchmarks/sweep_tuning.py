@@ -91,13 +91,15 @@ class Measure:
 
 
 def grid(profile: dict, ranking: list[patching.Head]) -> list[tuning.SweepSetting]:
-    settings = [tuning.SweepSetting("spt", lr, steps, ranking[:k], kv)
-                for k in profile["k"] for kv in profile["kv"] for lr in profile["lr"]
-                for steps in profile["steps"]]
-    for method, prefix in (("sft", "sft"), ("lora_attn", "lora"), ("prompt_tuning", "prompt")):
-        settings += [tuning.SweepSetting(method, lr, steps) for lr in profile[f"{prefix}_lr"]
-                     for steps in profile[f"{prefix}_steps"]]
-    return settings
+    """SPT on the first k of ``profile["k"]``, then SFT, LoRA and prompt tuning, then SPT on
+    the other k: the order a resumed, partial sweep is most useful in."""
+    spt = [[tuning.SweepSetting("spt", lr, steps, ranking[:k], kv) for kv in profile["kv"]
+            for lr in profile["lr"] for steps in profile["steps"]] for k in profile["k"]]
+    others = [tuning.SweepSetting(method, lr, steps)
+              for method, prefix in (("sft", "sft"), ("lora_attn", "lora"),
+                                     ("prompt_tuning", "prompt"))
+              for lr in profile[f"{prefix}_lr"] for steps in profile[f"{prefix}_steps"]]
+    return [*spt[0], *others, *(setting for rest in spt[1:] for setting in rest)]
 
 
 def run_settings(bridge, examples, settings: list[tuning.SweepSetting], measure: Measure,
