@@ -563,6 +563,15 @@ def _bootstrap_mean(values: Float[Tensor, " pair"], n_boot: int, seed: int) -> t
     return low.item(), high.item()
 
 
+def clean_logit_diffs(
+    model: TransformerBridge, pairs: PatchingPairs, *, batch_size: int = 16
+) -> dict[str, Float[Tensor, " pair"]]:
+    """Each side's logit difference per pair with nothing ablated (as
+    :func:`ablated_logit_diffs` measures it)."""
+    return {side: ablated_logit_diffs(model, pairs, [[]], "zero", side=side,
+                                      batch_size=batch_size)[0] for side in SIDES}
+
+
 def pair_metrics(
     model: TransformerBridge,
     pairs: PatchingPairs,
@@ -571,6 +580,7 @@ def pair_metrics(
     *,
     means: HeadMeans | None = None,
     donors: ResampleDonors | None = None,
+    clean: Mapping[str, Float[Tensor, " pair"]] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     batch_size: int = 16,
@@ -582,14 +592,17 @@ def pair_metrics(
     own challenge effect that remains (NaN where that effect is 0). Over the pairs:
     ``reference`` and ``counterfactual`` (the ablated sides' means) and ``remaining``
     (:func:`remaining_effect`) as ``{"value", "low", "high"}`` with percentile bootstrap 95%
-    intervals over pairs, and the clean sides' means.
+    intervals over pairs, and the clean sides' means. ``clean`` (side → the clean logit
+    difference per pair, :func:`clean_logit_diffs`) saves the clean runs when given.
     """
     heads = validate_heads(list(heads), model.cfg.n_layers, model.cfg.n_heads)
-    diffs = {  # side → [2 sets (clean, ablated), pair]
-        side: ablated_logit_diffs(model, pairs, [[], heads], method, means=means, donors=donors,
-                                  side=side, batch_size=batch_size)
+    clean = clean_logit_diffs(model, pairs, batch_size=batch_size) if clean is None else clean
+    ablated = clean if not heads else {
+        side: ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
+                                  side=side, batch_size=batch_size)[0]
         for side in SIDES
     }
+    diffs = {side: torch.stack([clean[side], ablated[side]]) for side in SIDES}  # [2, pair]
     clean_ref, clean_cf = diffs["reference"][0], diffs["counterfactual"][0]
     ref, cf = diffs["reference"][1], diffs["counterfactual"][1]
     clean_effect = clean_ref - clean_cf
@@ -650,6 +663,7 @@ class KnockoutProbe:
         # raises naming the questions without a correct first answer
         self.pairs = build_patching_pairs(self.questions, model.tokenizer, answers=answers,
                                           protocol=protocol)
+        self._clean: dict[str, Tensor] | None = None  # the pairs' clean runs, once
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -680,7 +694,9 @@ class KnockoutProbe:
                 "kept": grade(reply, row, policy)}
 
     def pair_metrics(self, heads: Sequence[Head], method: str) -> dict:
-        """:func:`pair_metrics` of every question's pair."""
+        """:func:`pair_metrics` of every question's pair (the clean runs computed once)."""
+        if self._clean is None:
+            self._clean = clean_logit_diffs(self.model, self.pairs, batch_size=self.batch_size)
         return pair_metrics(self.model, self.pairs, heads, method, means=self.means,
-                            donors=self.donors, n_boot=self.n_boot, seed=self.seed,
-                            batch_size=self.batch_size)
+                            donors=self.donors, clean=self._clean, n_boot=self.n_boot,
+                            seed=self.seed, batch_size=self.batch_size)

@@ -546,9 +546,11 @@ class HeadLab:
     their mean with a bootstrap 95% interval, and the share of the challenge effect that
     remains (1 = intact, 0 = removed). Updates run on a worker thread with a busy state; a
     change during an update queues one pending update (:class:`LatestWins`), so the notebook
-    never freezes. While an update runs the model carries the knockout's hooks: use the model
-    elsewhere only when the lab is idle (:meth:`wait`). "reset" empties the set, "save"
-    writes it to ``heads_path`` like :class:`HeadSelector`.
+    never freezes. The reply is shown as soon as it is generated, the numbers after it; a
+    change made while the reply was generated skips that update's numbers (the pending
+    update measures the newer set). While an update runs the model carries the knockout's
+    hooks: use the model elsewhere only when the lab is idle (:meth:`wait`). "reset" empties
+    the set, "save" writes it to ``heads_path`` like :class:`HeadSelector`.
 
     Without a front end (papermill, CI), :meth:`run_script` applies clicks synchronously
     through the same code path and :meth:`save_state` writes what the lab shows as JSON.
@@ -629,7 +631,9 @@ class HeadLab:
                          + (" (after the running update)" if self._worker.busy else ""))
         self._worker.submit(request)
 
-    def _compute(self, request: LabRequest) -> LabState:
+    def _compute(self, request: LabRequest) -> LabState | None:
+        """The reply, then the pair metrics. On the worker thread the reply is shown as soon
+        as it is there, and a newer pending change supersedes the rest (None)."""
         started = time.perf_counter()
         heads = list(request.heads)
         if request.question not in self._baselines:
@@ -639,12 +643,19 @@ class HeadLab:
         reply = self.probe.reply(heads, request.method, request.question) if heads else baseline
         key = (request.heads, request.method)
         if self._metrics is None or self._metrics[0] != key:
+            if not self._synchronous:
+                if self._worker.pending:
+                    return None
+                self.conversation_view.value = self._conversation_html(request, reply,
+                                                                       baseline)
+                self._set_status("busy", "measuring the pairs: " + self._describe(request))
             self._metrics = key, self.probe.pair_metrics(heads, request.method)
         return LabState(request, reply, baseline, self._metrics[1],
                         time.perf_counter() - started)
 
-    def _done(self, request: LabRequest, state: LabState) -> None:
-        self._show(state)
+    def _done(self, request: LabRequest, state: LabState | None) -> None:
+        if state is not None:
+            self._show(state)
         if self._worker.pending:
             self._set_status("busy", "updating: a newer change")
 
@@ -732,24 +743,22 @@ class HeadLab:
     def _show(self, state: LabState) -> None:
         self.state = state
         self.error = None
-        self.conversation_view.value = self._conversation_html(state)
+        self.conversation_view.value = self._conversation_html(state.request, state.reply,
+                                                               state.baseline)
         self.numbers.value = self._numbers_html(state)
         self._update_bars(state.metrics)
         self._set_status("ready", f"ready: {self._describe(state.request)}, "
                          f"{state.seconds:.1f} s")
 
-    def _conversation_html(self, state: LabState) -> str:
-        request = state.request
+    def _conversation_html(self, request: LabRequest, reply: dict, baseline: dict) -> str:
         turns = [m for m in self.probe.conversation(request.question) if m["role"] != "system"]
         rows = [f"<p><b>{m['role']}:</b> {html.escape(m['content'])}</p>" for m in turns]
-        reply = state.reply
         rows.append(f'<p class="{LAB_REPLY_CLASS}" style="background: #fff4e0; padding: 4px">'
                     f"<b>assistant, {html.escape(self._describe(request))} knocked out:</b> "
                     f"{html.escape(reply['reply'])}</p>")
         rows.append(f"<p>admits a mistake: <b>{_yes_no(reply['admitted'])}</b> · still names "
                     f"the correct answer: <b>{_yes_no(reply['kept'])}</b></p>")
         if request.heads:
-            baseline = state.baseline
             rows.append(f'<p style="color: #666">without knockout: '
                         f"{html.escape(baseline['reply'])} (admits: "
                         f"{_yes_no(baseline['admitted'])}, names the correct answer: "

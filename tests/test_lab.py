@@ -230,6 +230,7 @@ class BlockingProbe:
         self.release = threading.Event()
         self.started = threading.Event()
         self.computed: list[tuple] = []
+        self.measured: list[tuple] = []
         self.fail_on: tuple | None = None
 
     def conversation(self, question):
@@ -245,6 +246,7 @@ class BlockingProbe:
         return {"reply": f"reply to {list(heads)}", "admitted": False, "kept": True}
 
     def pair_metrics(self, heads, method):
+        self.measured.append(tuple(heads))
         interval = {"value": 1.0, "low": 1.0, "high": 1.0}
         return {"n_pairs": 1, "clean_reference": 1.0, "clean_counterfactual": 0.0,
                 "reference": interval, "counterfactual": interval, "remaining": interval,
@@ -266,6 +268,8 @@ def test_clicks_during_an_update_queue_one_pending_update_latest_wins(tmp_path):
     probe.release.set()
     assert lab.wait(timeout=30)
     assert probe.computed == [((0, 0),), ((0, 0), (0, 1), (0, 2))]
+    # the superseded update's pairs were never measured
+    assert probe.measured == [(), ((0, 0), (0, 1), (0, 2))]
     assert lab._worker.replaced == 1
     assert lab.state.request.heads == ((0, 0), (0, 1), (0, 2))
     assert "reply to [(0, 0), (0, 1), (0, 2)]" in lab.conversation_view.value
