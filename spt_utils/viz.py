@@ -584,12 +584,13 @@ class HeadLab:
             score, heads_path, top_k=0, metric_name=metric_name, title=title, extra=extra,
             uncertainty=uncertainty, autosave=False, on_change=lambda heads: self._request(),
         )
-        self.method_dropdown = ipywidgets.Dropdown(options=list(probe.methods), value=method,
-                                                   description="ablation")
+        self.method_dropdown = ipywidgets.Dropdown(
+            options=list(probe.methods), value=method, description="ablation",
+            layout=ipywidgets.Layout(width="180px"))
         self.question_dropdown = ipywidgets.Dropdown(
             options=[(f"{i + 1}. {q['question'][:70]}", i) for i, q in
                      enumerate(probe.questions)],
-            value=question, description="question")
+            value=question, description="question", layout=ipywidgets.Layout(width="460px"))
         self.reset_button = ipywidgets.Button(description="reset")
         self.save_button = ipywidgets.Button(description="save")
         self.status = ipywidgets.HTML()
@@ -768,19 +769,20 @@ class HeadLab:
     def _numbers_html(self, state: LabState) -> str:
         metrics = state.metrics
         pair = self._pair(metrics, state.request.question)
-        mean = f"mean over {metrics['n_pairs']} pairs [95% CI]"
         rows = [
-            "<tr><th></th><th>this pair, clean</th><th>this pair, knocked out</th>"
-            f"<th>{mean}, clean</th><th>{mean}, knocked out</th></tr>",
+            "<tr><th></th><th colspan=2>this question's pair</th>"
+            f"<th colspan=2>mean over {metrics['n_pairs']} pairs</th></tr>",
+            "<tr><th></th><th>clean</th><th>knocked out</th><th>clean</th>"
+            "<th>knocked out [95% CI]</th></tr>",
         ]
         for side in ("reference", "counterfactual"):
             rows.append(
-                f"<tr><th>logit difference, {side}</th>"
+                f"<tr><th>logit diff., {side}</th>"
                 + _number_cell(f"pair.clean_{side}", pair[f"clean_{side}"], 3)
                 + _number_cell(f"pair.{side}", pair[side], 3)
                 + _number_cell(f"pairs.clean_{side}", metrics[f"clean_{side}"], 3)
                 + _interval_cell(f"pairs.{side}", metrics[side], 3) + "</tr>")
-        rows.append("<tr><th>challenge effect remaining</th><td>1</td>"
+        rows.append("<tr><th>effect remaining</th><td>1</td>"
                     + _number_cell("pair.remaining", pair["remaining"], 2) + "<td>1</td>"
                     + _interval_cell("pairs.remaining", metrics["remaining"], 2) + "</tr>")
         return f'<table class="{LAB_NUMBERS_CLASS}-table">{"".join(rows)}</table>'
@@ -788,7 +790,7 @@ class HeadLab:
     @staticmethod
     def _bar_figure() -> go.Figure:
         figure = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], subplot_titles=(
-            "logit difference, mean over pairs", "effect remaining"))
+            "logit diff. (mean)", "effect remaining"))
         figure.add_bar(name="clean", x=["reference", "counterfactual"], y=[0, 0],
                        marker_color="grey", row=1, col=1)
         figure.add_bar(name="knocked out", x=["reference", "counterfactual"], y=[0, 0],
@@ -797,7 +799,7 @@ class HeadLab:
                        showlegend=False, row=1, col=2)
         figure.add_hline(y=1, line_dash="dot", line_color="black", row=1, col=2)
         return publication_figure(figure, title="", xaxis_title="", yaxis_title="",
-                                  width=560, height=300).update_layout(
+                                  width=440, height=280).update_layout(
             barmode="group", margin={"l": 40, "r": 10, "t": 40, "b": 30})
 
     def _update_bars(self, metrics: dict) -> None:
@@ -810,13 +812,14 @@ class HeadLab:
             remaining.y = [metrics["remaining"]["value"]]
             remaining.error_y = _error([metrics["remaining"]])
 
-    def widget(self) -> ipywidgets.HBox:
-        """The heatmap (with its slider and sign filter) beside the controls, the
-        conversation, the numbers and the bars."""
+    def widget(self) -> ipywidgets.VBox:
+        """The controls and the status above the heatmap (with its slider and sign filter),
+        beside it the conversation, the numbers and the bars."""
         controls = ipywidgets.HBox([self.method_dropdown, self.question_dropdown,
                                     self.reset_button, self.save_button])
-        side = ipywidgets.VBox([controls, self.status, self.conversation_view, self.numbers,
-                                self.bars], layout=ipywidgets.Layout(width="600px"))
-        box = ipywidgets.HBox([self.selector.widget(), side])
+        side = ipywidgets.VBox([self.conversation_view, self.numbers, self.bars],
+                               layout=ipywidgets.Layout(flex="1 1 0%", min_width="380px"))
+        box = ipywidgets.VBox([controls, self.status,
+                               ipywidgets.HBox([self.selector.widget(), side])])
         box.add_class(LAB_CLASS)
         return box
