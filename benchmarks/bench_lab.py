@@ -5,7 +5,8 @@
 An update is one greedy reply of up to ``--max-new-tokens`` tokens with the knockout set
 ablated plus both sides' logit differences (clean and ablated) of ``--pairs`` held-out pairs.
 Prints the seconds of each click through the headless path (``run_script``) and through the
-live path (worker thread, click to ready), and of a reply and the pair metrics alone.
+live path (worker thread: click to the reply shown, and to ready), and of a reply and the
+pair metrics alone.
 First answers are the scripted correct answers; mean ablation over other questions' prompts.
 """
 
@@ -59,15 +60,19 @@ def main() -> None:
         headless = []
         for click in clicks[: len(clicks) // 2]:
             headless.append(lab.run_script([click]).seconds)
-        live = []
+        live, shown = [], []
+        lab.conversation_view.observe(lambda change: shown.append(time.perf_counter()),
+                                      names="value")
         for layer, head in clicks[len(clicks) // 2 :]:
+            shown.clear()
             started = time.perf_counter()
             lab.selector.toggle(layer, head)  # what a click does; returns at once
             returned = time.perf_counter() - started
             lab.wait()
             live.append(time.perf_counter() - started)
             print(f"live click {viz.head_name((layer, head))}: returned in {returned * 1e3:.1f} "
-                  f"ms, ready after {live[-1]:.2f} s")
+                  f"ms, reply shown after {shown[0] - started:.2f} s, ready after "
+                  f"{live[-1]:.2f} s")
         heads = list(lab.state.request.heads)
         started = time.perf_counter()
         reply = probe.reply(heads, "mean", 0)

@@ -785,12 +785,13 @@ class HeadLab:
         rows.append("<tr><th>effect remaining</th><td>1</td>"
                     + _number_cell("pair.remaining", pair["remaining"], 2) + "<td>1</td>"
                     + _interval_cell("pairs.remaining", metrics["remaining"], 2) + "</tr>")
-        return f'<table class="{LAB_NUMBERS_CLASS}-table">{"".join(rows)}</table>'
+        return (f'<table class="{LAB_NUMBERS_CLASS}-table" style="white-space: nowrap; '
+                f'margin-right: 16px">{"".join(rows)}</table>')
 
     @staticmethod
     def _bar_figure() -> go.Figure:
         figure = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], subplot_titles=(
-            "logit diff. (mean)", "effect remaining"))
+            "logit difference", "remaining"))
         figure.add_bar(name="clean", x=["reference", "counterfactual"], y=[0, 0],
                        marker_color="grey", row=1, col=1)
         figure.add_bar(name="knocked out", x=["reference", "counterfactual"], y=[0, 0],
@@ -800,7 +801,8 @@ class HeadLab:
         figure.add_hline(y=1, line_dash="dot", line_color="black", row=1, col=2)
         return publication_figure(figure, title="", xaxis_title="", yaxis_title="",
                                   width=440, height=280).update_layout(
-            barmode="group", margin={"l": 40, "r": 10, "t": 40, "b": 30})
+            barmode="group", margin={"l": 40, "r": 10, "t": 40, "b": 30},
+            legend={"orientation": "h", "y": -0.12})
 
     def _update_bars(self, metrics: dict) -> None:
         sides = [metrics["reference"], metrics["counterfactual"]]
@@ -813,13 +815,15 @@ class HeadLab:
             remaining.error_y = _error([metrics["remaining"]])
 
     def widget(self) -> ipywidgets.VBox:
-        """The controls and the status above the heatmap (with its slider and sign filter),
-        beside it the conversation, the numbers and the bars."""
+        """The controls and the status; the heatmap (with its slider and sign filter) beside
+        the conversation; the numbers beside the bars."""
         controls = ipywidgets.HBox([self.method_dropdown, self.question_dropdown,
                                     self.reset_button, self.save_button])
-        side = ipywidgets.VBox([self.conversation_view, self.numbers, self.bars],
-                               layout=ipywidgets.Layout(flex="1 1 0%", min_width="380px"))
-        box = ipywidgets.VBox([controls, self.status,
-                               ipywidgets.HBox([self.selector.widget(), side])])
+        self.conversation_view.layout = ipywidgets.Layout(flex="1 1 0%", min_width="320px")
+        box = ipywidgets.VBox([
+            controls, self.status,
+            ipywidgets.HBox([self.selector.widget(), self.conversation_view]),
+            ipywidgets.HBox([self.numbers, self.bars]),
+        ])
         box.add_class(LAB_CLASS)
         return box

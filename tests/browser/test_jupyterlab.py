@@ -304,7 +304,9 @@ def test_head_lab_clicks_change_the_reply_and_show_the_direct_numbers(
         assert _shown(page, key) == pytest.approx(float(value), abs=1e-4), key
 
     page.mouse.move(0, 0)  # drop the hover label before the screenshot
-    page.wait_for_timeout(300)
+    page.set_viewport_size({"width": 1400, "height": 1600})  # the whole lab in view
+    page.locator(LAB).scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)
     screenshot = tmp_path / "head_lab.png"
     page.locator(LAB).screenshot(path=str(screenshot))
     shutil.copy(screenshot, SCREENSHOT_DIR / "head_lab.png")
