@@ -94,12 +94,15 @@ def test_the_results_table_of_notebook_05_round_trips_through_markdown(tmp_path)
     results = {name: {"n_correct_before": 5, "n_wrong_before": 0, "admitted": rate,
                       "truthfulness": stats.complement(rate), "kl": kl,
                       "paired": {"admitted": {"p": 0.5, "only_base": 1, "only_other": 2}}}
-               for name, kl in (("base", 0.0), ("spt_heads", 0.0123))}
+               for name, kl in (("base", {"value": 0.0, "low": 0.0, "high": 0.0, "n": 4}),
+                                ("spt_heads", {"value": 0.0123, "low": 0.01, "high": 0.0151,
+                                               "n": 4}))}
     markdown = evaluation.results_table(results)
     frame = tables.from_markdown(markdown)
     assert list(frame["method"]) == ["base", "spt_heads"]
     assert frame.iloc[1]["admitted mistake (correct before) ↓"] == stats.format_rate(rate)
-    assert frame.iloc[1]["KL(base‖method) ↓"] == "0.0123"
+    kl_column = next(c for c in frame.columns if c.startswith("KL(base‖method)"))
+    assert frame.iloc[1][kl_column] == "0.0123 [0.0100, 0.0151] (n=4)"
     spec, parsed = parse_booktabs(tables.write_table(frame, tmp_path, "05")[0].read_text())
     assert len(parsed) == 3 and len(spec) == len(frame.columns)
     assert parsed[2][0] == r"spt\_heads"
