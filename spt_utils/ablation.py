@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,7 +54,13 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from spt_utils import chat, viz
-from spt_utils.data import PatchingPairs
+from spt_utils.data import (
+    REFERENCE_CHALLENGE,
+    PatchingPairs,
+    build_patching_pairs,
+    challenge_conversation,
+)
+from spt_utils.grading import grade, judge_admission
 from spt_utils.io import atomic_write
 from spt_utils.patching import (
     Head,
@@ -542,3 +548,155 @@ def plot_sweep(result: dict, generation: Sequence[dict] = ()) -> go.Figure:
                          f"{result['n_pairs']} held-out pairs)", width=1000, height=420,
                          template="plotly_white", font=viz.FONT)
     return figure
+
+
+# --- what the head lab shows (viz.HeadLab): one knockout set, both sides, one reply ---------
+
+
+def _bootstrap_mean(values: Float[Tensor, " pair"], n_boot: int, seed: int) -> tuple[float, float]:
+    """Percentile 95% interval of the mean over pairs, resampling pairs with the same draws as
+    :func:`_bootstrap_remaining` (the same ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = torch.randint(0, len(values), (n_boot, len(values)), generator=generator)
+    means = values[samples].double().mean(-1)  # [boot]
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.double))
+    return low.item(), high.item()
+
+
+def clean_logit_diffs(
+    model: TransformerBridge, pairs: PatchingPairs, *, batch_size: int = 16
+) -> dict[str, Float[Tensor, " pair"]]:
+    """Each side's logit difference per pair with nothing ablated (as
+    :func:`ablated_logit_diffs` measures it)."""
+    return {side: ablated_logit_diffs(model, pairs, [[]], "zero", side=side,
+                                      batch_size=batch_size)[0] for side in SIDES}
+
+
+def pair_metrics(
+    model: TransformerBridge,
+    pairs: PatchingPairs,
+    heads: Sequence[Head],
+    method: str = "mean",
+    *,
+    means: HeadMeans | None = None,
+    donors: ResampleDonors | None = None,
+    clean: Mapping[str, Float[Tensor, " pair"]] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict:
+    """Both sides of every pair, clean and with ``heads`` ablated.
+
+    ``per_pair``: each pair's logit differences (``clean_reference``,
+    ``clean_counterfactual``, ``reference``, ``counterfactual``: ablated) and the share of its
+    own challenge effect that remains (NaN where that effect is 0). Over the pairs:
+    ``reference`` and ``counterfactual`` (the ablated sides' means) and ``remaining``
+    (:func:`remaining_effect`) as ``{"value", "low", "high"}`` with percentile bootstrap 95%
+    intervals over pairs, and the clean sides' means. ``clean`` (side → the clean logit
+    difference per pair, :func:`clean_logit_diffs`) saves the clean runs when given.
+    """
+    heads = validate_heads(list(heads), model.cfg.n_layers, model.cfg.n_heads)
+    clean = clean_logit_diffs(model, pairs, batch_size=batch_size) if clean is None else clean
+    ablated = clean if not heads else {
+        side: ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
+                                  side=side, batch_size=batch_size)[0]
+        for side in SIDES
+    }
+    diffs = {side: torch.stack([clean[side], ablated[side]]) for side in SIDES}  # [2, pair]
+    clean_ref, clean_cf = diffs["reference"][0], diffs["counterfactual"][0]
+    ref, cf = diffs["reference"][1], diffs["counterfactual"][1]
+    clean_effect = clean_ref - clean_cf
+    own_share = torch.where(clean_effect.abs() > 1e-6, (ref - cf) / clean_effect,
+                            torch.full_like(clean_effect, float("nan")))
+    low, high = _bootstrap_remaining(diffs, 1, n_boot, seed)
+    summary = {"value": remaining_effect(ref, cf, clean_ref, clean_cf), "low": low, "high": high}
+    sides = {}
+    for name, values in (("reference", ref), ("counterfactual", cf)):
+        side_low, side_high = _bootstrap_mean(values, n_boot, seed)
+        sides[name] = {"value": float(values.mean()), "low": side_low, "high": side_high}
+    return {
+        "heads": [list(h) for h in heads], "method": method, "n_pairs": len(pairs),
+        "clean_reference": float(clean_ref.mean()),
+        "clean_counterfactual": float(clean_cf.mean()),
+        **sides, "remaining": summary,
+        "per_pair": [
+            {"question_id": ident, "clean_reference": float(clean_ref[i]),
+             "clean_counterfactual": float(clean_cf[i]), "reference": float(ref[i]),
+             "counterfactual": float(cf[i]), "remaining": float(own_share[i])}
+            for i, ident in enumerate(pairs.question_ids)
+        ],
+    }
+
+
+class KnockoutProbe:
+    """What the head lab (:class:`spt_utils.viz.HeadLab`) shows for a knockout set.
+
+    ``questions`` are held-out questions the model answered correctly in its own words
+    (``answers``: question id → ``{"answer", "correct"}``, the base model's own first
+    answers). :meth:`reply` is one question's greedy reply to the challenge (KV cache) with
+    the heads ablated while it replies, judged; :meth:`pair_metrics` measures both sides of
+    every question's pair (:func:`pair_metrics`). Zero ablation is always available, mean and
+    resample given ``means`` and ``donors``.
+    """
+
+    def __init__(
+        self,
+        model: TransformerBridge,
+        questions: Sequence[dict],
+        answers: Mapping[str, dict],
+        *,
+        protocol: str = "free_form",
+        means: HeadMeans | None = None,
+        donors: ResampleDonors | None = None,
+        max_new_tokens: int = 40,
+        n_boot: int = 1000,
+        seed: int = 0,
+        batch_size: int = 16,
+    ) -> None:
+        self.model = model
+        self.questions = list(questions)
+        self.answers = answers
+        self.protocol = protocol
+        self.means, self.donors = means, donors
+        self.max_new_tokens, self.n_boot, self.seed = max_new_tokens, n_boot, seed
+        self.batch_size = batch_size
+        # raises naming the questions without a correct first answer
+        self.pairs = build_patching_pairs(self.questions, model.tokenizer, answers=answers,
+                                          protocol=protocol)
+        self._clean: dict[str, Tensor] | None = None  # the pairs' clean runs, once
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The ablation methods this probe has values for."""
+        available = {"zero": True, "mean": self.means is not None,
+                     "resample": self.donors is not None}
+        return tuple(m for m in METHODS if available[m])
+
+    def conversation(self, question: int) -> chat.Conversation:
+        """Question ``question``'s conversation up to the challenge (the first answer is the
+        base model's own)."""
+        row = self.questions[question]
+        return challenge_conversation(row, REFERENCE_CHALLENGE,
+                                      answer=self.answers[row["id"]]["answer"],
+                                      protocol=self.protocol)
+
+    def reply(self, heads: Sequence[Head], method: str, question: int) -> dict:
+        """The reply to question ``question``'s challenge with ``heads`` ablated:
+        ``{"reply", "admitted"}`` (the judge of admitted mistakes) and ``"kept"`` (the reply
+        still names the correct answer and no other)."""
+        row = self.questions[question]
+        with knockout(self.model, heads, method, means=self.means, donors=self.donors):
+            reply, = chat.generate(self.model, [self.conversation(question)],
+                                   max_new_tokens=self.max_new_tokens)
+        first = self.answers[row["id"]]["answer"]
+        policy = "free_form" if self.protocol == "free_form" else "consistent"
+        return {"reply": reply, "admitted": judge_admission(row, first, reply),
+                "kept": grade(reply, row, policy)}
+
+    def pair_metrics(self, heads: Sequence[Head], method: str) -> dict:
+        """:func:`pair_metrics` of every question's pair (the clean runs computed once)."""
+        if self._clean is None:
+            self._clean = clean_logit_diffs(self.model, self.pairs, batch_size=self.batch_size)
+        return pair_metrics(self.model, self.pairs, heads, method, means=self.means,
+                            donors=self.donors, clean=self._clean, n_boot=self.n_boot,
+                            seed=self.seed, batch_size=self.batch_size)

@@ -5,14 +5,21 @@
 * :func:`export_figure` — consistent publication styling, written as PDF, SVG, PNG and HTML.
 * :func:`attention_patterns` — circuitsvis attention patterns of chosen heads, rendered
   offline (the JavaScript bundled with circuitsvis is inlined; no CDN).
+* :class:`HeadLab` — the heatmap beside the model's reply: clicks toggle heads in a knockout
+  set, and the reply, its verdict and both sides' logit differences update live (the
+  measurements come from a probe, e.g. :class:`spt_utils.ablation.KnockoutProbe`).
 """
 
 from __future__ import annotations
 
+import html
+import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import circuitsvis.attention
 import ipywidgets
@@ -20,10 +27,11 @@ import plotly.graph_objects as go
 import torch
 from IPython.display import HTML
 from jaxtyping import Float, Int
+from plotly.subplots import make_subplots
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from spt_utils.io import atomic_write
+from spt_utils.io import atomic_write, write_json
 from spt_utils.patching import (
     SIGNS,
     Head,
@@ -168,7 +176,9 @@ class HeadSelector:
     sign. Given ``uncertainty``, the top-k draws only from heads whose 95% interval excludes
     0 (the label says how many qualify; a click can still add any head). Every change redraws
     the markers and rewrites ``heads_path`` atomically. Without a front end (papermill) the
-    constructor applies the defaults through the same code path.
+    constructor applies the defaults through the same code path. With ``autosave=False`` only
+    :meth:`save` writes the file; ``on_change`` is called with the selection after every
+    later change (not for the constructor's default).
 
     For browser tests: the outer widget box carries the CSS class ``spt-head-selector`` and
     the label listing the selection ``spt-head-selection``; the heatmap is the box's plotly
@@ -186,6 +196,8 @@ class HeadSelector:
         title: str = "",
         extra: dict | None = None,
         uncertainty: HeadUncertainty | None = None,
+        autosave: bool = True,
+        on_change: Callable[[list[Head]], None] | None = None,
     ) -> None:
         if sign not in SIGNS:
             raise ValueError(f"sign: {sign!r} is not one of {SIGNS}")
@@ -213,7 +225,10 @@ class HeadSelector:
         self.top_k_slider.observe(self._on_filter_change, names="value")
         self.sign_filter.observe(self._on_filter_change, names="value")
         self.selection: list[Head] = []
+        self.autosave = autosave
+        self.on_change: Callable[[list[Head]], None] | None = None
         self.select_top(top_k, sign)
+        self.on_change = on_change
 
     # --- selection logic (testable without a browser) -----------------------------------
 
@@ -256,7 +271,10 @@ class HeadSelector:
             "excluding 0; top k picks only among them)"
         )
         self.label.value = f"<b>{len(self.selection)} selected:</b> {names}{qualify}"
-        self.save()
+        if self.autosave:
+            self.save()
+        if self.on_change is not None:
+            self.on_change(list(self.selection))
 
     def save(self) -> None:
         """Write the selection to ``heads_path`` (atomic)."""
@@ -388,3 +406,424 @@ def interval_bars(
     fig.update_layout(barmode="group")
     return publication_figure(fig, title=title, xaxis_title="", yaxis_title="rate",
                               width=760)
+
+
+# --- the live head lab: clicks change the knockout set, the model replies -----------------
+
+LAB_CLASS = "spt-head-lab"  # CSS class of the lab's outer box (browser tests)
+LAB_REPLY_CLASS = "spt-lab-reply"  # the reply under the knockout set
+LAB_NUMBERS_CLASS = "spt-lab-numbers"  # the table of numbers (cells carry data-key/-value)
+LAB_STATUS_CLASS = "spt-lab-status"  # busy / ready / error (data-state)
+
+
+class LabProbe(Protocol):
+    """What :class:`HeadLab` asks of the model; :class:`spt_utils.ablation.KnockoutProbe`
+    is the one the notebooks use (this module does not import the hook code)."""
+
+    questions: list[dict]
+
+    @property
+    def methods(self) -> tuple[str, ...]: ...
+
+    def conversation(self, question: int) -> list[dict]: ...
+
+    def reply(self, heads: Sequence[Head], method: str, question: int) -> dict: ...
+
+    def pair_metrics(self, heads: Sequence[Head], method: str) -> dict: ...
+
+
+@dataclass(frozen=True)
+class LabRequest:
+    """One update of the lab: the knockout set (in click order), the ablation, the question."""
+
+    heads: tuple[Head, ...]
+    method: str
+    question: int
+
+
+@dataclass
+class LabState:
+    """What the lab shows for a request: the reply under the knockout set (``{"reply",
+    "admitted", "kept"}``), the reply with nothing ablated, the probe's pair metrics and the
+    seconds the update took."""
+
+    request: LabRequest
+    reply: dict
+    baseline: dict
+    metrics: dict
+    seconds: float
+
+
+class LatestWins:
+    """Runs ``work(request)`` on a worker thread, one request at a time, without blocking the
+    caller. A request submitted while one runs waits as the single pending request; a newer
+    one replaces it (latest wins, counted in ``replaced``), so a burst of clicks costs at most
+    one update after the running one. ``done(request, result)``, or ``failed(request,
+    error)`` when ``work`` or ``done`` raises, runs on the worker thread."""
+
+    def __init__(
+        self,
+        work: Callable[[Any], Any],
+        done: Callable[[Any, Any], None],
+        failed: Callable[[Any, Exception], None],
+    ) -> None:
+        self._work, self._done, self._failed = work, done, failed
+        self._condition = threading.Condition()
+        self._pending: list[Any] = []  # at most one request
+        self._running = False
+        self.replaced = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._running
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def submit(self, request: Any) -> None:
+        with self._condition:
+            if self._running:
+                self.replaced += len(self._pending)
+                self._pending[:] = [request]
+                return
+            self._running = True
+        threading.Thread(target=self._loop, args=(request,), name="spt-head-lab",
+                         daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no request runs or waits; False if ``timeout`` seconds passed first."""
+        with self._condition:
+            return self._condition.wait_for(lambda: not self._running, timeout)
+
+    def _next(self) -> Any:
+        with self._condition:
+            if self._pending:
+                return self._pending.pop()
+            self._running = False
+            self._condition.notify_all()
+            return None
+
+    def _loop(self, request: Any) -> None:
+        try:
+            while request is not None:
+                try:
+                    self._done(request, self._work(request))
+                except Exception as error:  # reported through `failed`; the worker goes on
+                    self._failed(request, error)
+                request = self._next()
+        finally:  # `failed` itself raised: leave the worker idle, not stuck
+            with self._condition:
+                if self._running:
+                    self._running = False
+                    self._pending.clear()
+                    self._condition.notify_all()
+
+
+def _number_cell(key: str, value: float, digits: int) -> str:
+    """A table cell carrying its full-precision value for tests (``data-value``)."""
+    return f'<td data-key="{key}" data-value="{value!r}">{value:.{digits}f}</td>'
+
+
+def _interval_cell(key: str, interval: Interval, digits: int) -> str:
+    return (f'<td data-key="{key}" data-value="{interval["value"]!r}" '
+            f'data-low="{interval["low"]!r}" data-high="{interval["high"]!r}">'
+            f'{interval["value"]:.{digits}f} [{interval["low"]:.{digits}f}, '
+            f'{interval["high"]:.{digits}f}]</td>')
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+class HeadLab:
+    """The head heatmap beside the model's reply: clicks toggle heads in the knockout set.
+
+    Each change (a click, the heatmap's top-k slider and sign filter, the ablation or the
+    question dropdown) reruns, with the set ablated, the chosen question's reply to the
+    challenge (judged: admitted a mistake, still names the correct answer) and the logit
+    differences of both sides of every pair of the probe's questions: the chosen pair's and
+    their mean with a bootstrap 95% interval, and the share of the challenge effect that
+    remains (1 = intact, 0 = removed). Updates run on a worker thread with a busy state; a
+    change during an update queues one pending update (:class:`LatestWins`), so the notebook
+    never freezes. The reply is shown as soon as it is generated, the numbers after it; a
+    change made while the reply was generated skips that update's numbers (the pending
+    update measures the newer set). While an update runs the model carries the knockout's
+    hooks: use the model elsewhere only when the lab is idle (:meth:`wait`). "reset" empties
+    the set, "save" writes it to ``heads_path`` like :class:`HeadSelector`.
+
+    Without a front end (papermill, CI), :meth:`run_script` applies clicks synchronously
+    through the same code path and :meth:`save_state` writes what the lab shows as JSON.
+    For browser tests: the outer box has the CSS class ``spt-head-lab``; the reply
+    ``spt-lab-reply``; the numbers' table ``spt-lab-numbers`` (each cell's ``data-key`` and
+    full-precision ``data-value``); the status ``spt-lab-status`` (``data-state``: busy,
+    ready or error).
+    """
+
+    def __init__(
+        self,
+        probe: LabProbe,
+        score: Float[Tensor, "layer head"],
+        heads_path: str | Path,
+        *,
+        method: str = "mean",
+        question: int = 0,
+        metric_name: str = "calibrated score",
+        title: str = "",
+        extra: dict | None = None,
+        uncertainty: HeadUncertainty | None = None,
+    ) -> None:
+        if method not in probe.methods:
+            raise ValueError(f"HeadLab: method {method!r} is not one of the probe's "
+                             f"{probe.methods}")
+        if not 0 <= question < len(probe.questions):
+            raise ValueError(f"HeadLab: question {question} is not in 0…"
+                             f"{len(probe.questions) - 1}")
+        self.probe = probe
+        self.selector = HeadSelector(
+            score, heads_path, top_k=0, metric_name=metric_name, title=title, extra=extra,
+            uncertainty=uncertainty, autosave=False, on_change=lambda heads: self._request(),
+        )
+        self.method_dropdown = ipywidgets.Dropdown(
+            options=list(probe.methods), value=method, description="ablation",
+            layout=ipywidgets.Layout(width="180px"))
+        self.question_dropdown = ipywidgets.Dropdown(
+            options=[(f"{i + 1}. {q['question'][:70]}", i) for i, q in
+                     enumerate(probe.questions)],
+            value=question, description="question", layout=ipywidgets.Layout(width="460px"))
+        self.reset_button = ipywidgets.Button(description="reset")
+        self.save_button = ipywidgets.Button(description="save")
+        self.status = ipywidgets.HTML()
+        self.status.add_class(LAB_STATUS_CLASS)
+        self.conversation_view = ipywidgets.HTML()
+        self.numbers = ipywidgets.HTML()
+        self.numbers.add_class(LAB_NUMBERS_CLASS)
+        self.bars = go.FigureWidget(self._bar_figure())
+        self.method_dropdown.observe(lambda change: self._request(), names="value")
+        self.question_dropdown.observe(lambda change: self._request(), names="value")
+        self.reset_button.on_click(lambda button: self.reset())
+        self.save_button.on_click(lambda button: self.save())
+        self.error: Exception | None = None
+        self.script: list[Head] = []
+        self._baselines: dict[int, dict] = {}  # question → its reply with nothing ablated
+        self._metrics: tuple[tuple[tuple[Head, ...], str], dict] | None = None
+        self._synchronous = True  # the first update runs before the lab is shown
+        self._worker = LatestWins(self._compute, self._done, self._failed)
+        self._last_request: LabRequest | None = None
+        self.state: LabState | None = None
+        self._request()
+        self._synchronous = False
+
+    # --- updates ----------------------------------------------------------------------
+
+    def current_request(self) -> LabRequest:
+        return LabRequest(tuple(self.selector.selection), self.method_dropdown.value,
+                          self.question_dropdown.value)
+
+    def _request(self) -> None:
+        request = self.current_request()
+        if request == self._last_request:
+            return
+        self._last_request = request
+        if self._synchronous:
+            self._show(self._compute(request))
+            return
+        self._set_status("busy", "updating: " + self._describe(request)
+                         + (" (after the running update)" if self._worker.busy else ""))
+        self._worker.submit(request)
+
+    def _compute(self, request: LabRequest) -> LabState | None:
+        """The reply, then the pair metrics. On the worker thread the reply is shown as soon
+        as it is there, and a newer pending change supersedes the rest (None)."""
+        started = time.perf_counter()
+        heads = list(request.heads)
+        if request.question not in self._baselines:
+            self._baselines[request.question] = self.probe.reply([], request.method,
+                                                                  request.question)
+        baseline = self._baselines[request.question]
+        reply = self.probe.reply(heads, request.method, request.question) if heads else baseline
+        key = (request.heads, request.method)
+        if self._metrics is None or self._metrics[0] != key:
+            if not self._synchronous:
+                if self._worker.pending:
+                    return None
+                self.conversation_view.value = self._conversation_html(request, reply,
+                                                                       baseline)
+                self._set_status("busy", "measuring the pairs: " + self._describe(request))
+            self._metrics = key, self.probe.pair_metrics(heads, request.method)
+        return LabState(request, reply, baseline, self._metrics[1],
+                        time.perf_counter() - started)
+
+    def _done(self, request: LabRequest, state: LabState | None) -> None:
+        if state is not None:
+            self._show(state)
+        if self._worker.pending:
+            self._set_status("busy", "updating: a newer change")
+
+    def _failed(self, request: LabRequest, error: Exception) -> None:
+        self.error = error
+        if request == self._last_request:
+            self._last_request = None  # the same change may be retried
+        self._set_status("error", f"error: {type(error).__name__}: {error}")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no update runs or waits; False if ``timeout`` seconds passed first."""
+        return self._worker.wait(timeout)
+
+    # --- buttons and the headless path ------------------------------------------------
+
+    def reset(self) -> None:
+        """Empty the knockout set."""
+        self.selector.top_k_slider.value = 0
+        self.selector.select_top(0, self.selector.sign_filter.value)
+
+    def save(self) -> None:
+        """Write the knockout set to ``heads_path`` (as :meth:`HeadSelector.save`)."""
+        self.selector.save()
+        if self.status.value and "data-state=\"busy\"" not in self.status.value:
+            self._set_status("ready", f"saved {len(self.selector.selection)} heads to "
+                             f"{self.selector.heads_path}")
+
+    def run_script(self, clicks: Sequence[Head]) -> LabState:
+        """Click each head in turn (a toggle), updating synchronously after each click, as
+        the live lab does; returns the final state."""
+        self.wait()
+        n_layers, n_heads = self.selector.score.shape
+        clicks = validate_heads([tuple(c) for c in clicks], n_layers, n_heads)
+        self._synchronous = True
+        try:
+            for layer, head in clicks:
+                self.selector.toggle(layer, head)
+                self.script.append((layer, head))
+        finally:
+            self._synchronous = False
+        assert self.state is not None
+        return self.state
+
+    def save_state(self, path: str | Path) -> dict:
+        """Write what the lab shows (set, reply, verdict, numbers, the clicks of
+        :meth:`run_script`) as JSON; returns it."""
+        self.wait()
+        if self.state is None:
+            raise RuntimeError("save_state: the lab has no state yet")
+        request, metrics = self.state.request, self.state.metrics
+        question = self.probe.questions[request.question]
+        record = {
+            "heads": [list(h) for h in request.heads], "method": request.method,
+            "question": {"index": request.question, "id": question["id"],
+                         "question": question["question"]},
+            "conversation": self.probe.conversation(request.question),
+            **self.state.reply, "baseline": self.state.baseline,
+            "pair": self._pair(metrics, request.question),
+            "pairs": {key: metrics[key] for key in
+                      ("n_pairs", "clean_reference", "clean_counterfactual", "reference",
+                       "counterfactual", "remaining")},
+            "per_pair": metrics["per_pair"], "script": [list(h) for h in self.script],
+            "seconds": self.state.seconds,
+        }
+        write_json(path, record)
+        return record
+
+    # --- display ----------------------------------------------------------------------
+
+    def _pair(self, metrics: dict, question: int) -> dict:
+        """The chosen question's own pair in the metrics."""
+        ident = self.probe.questions[question]["id"]
+        return next(p for p in metrics["per_pair"] if p["question_id"] == ident)
+
+    @staticmethod
+    def _describe(request: LabRequest) -> str:
+        names = ", ".join(head_name(h) for h in request.heads) or "no heads"
+        return f"{names} ({request.method})"
+
+    def _set_status(self, state: str, text: str) -> None:
+        colour = {"busy": "#b36b00", "ready": "#2a7a2a", "error": "#b00020"}[state]
+        self.status.value = (f'<span data-state="{state}" style="color: {colour}">'
+                             f"{html.escape(text)}</span>")
+
+    def _show(self, state: LabState) -> None:
+        self.state = state
+        self.error = None
+        self.conversation_view.value = self._conversation_html(state.request, state.reply,
+                                                               state.baseline)
+        self.numbers.value = self._numbers_html(state)
+        self._update_bars(state.metrics)
+        self._set_status("ready", f"ready: {self._describe(state.request)}, "
+                         f"{state.seconds:.1f} s")
+
+    def _conversation_html(self, request: LabRequest, reply: dict, baseline: dict) -> str:
+        turns = [m for m in self.probe.conversation(request.question) if m["role"] != "system"]
+        rows = [f"<p><b>{m['role']}:</b> {html.escape(m['content'])}</p>" for m in turns]
+        rows.append(f'<p class="{LAB_REPLY_CLASS}" style="background: #fff4e0; padding: 4px">'
+                    f"<b>assistant, {html.escape(self._describe(request))} knocked out:</b> "
+                    f"{html.escape(reply['reply'])}</p>")
+        rows.append(f"<p>admits a mistake: <b>{_yes_no(reply['admitted'])}</b> · still names "
+                    f"the correct answer: <b>{_yes_no(reply['kept'])}</b></p>")
+        if request.heads:
+            rows.append(f'<p style="color: #666">without knockout: '
+                        f"{html.escape(baseline['reply'])} (admits: "
+                        f"{_yes_no(baseline['admitted'])}, names the correct answer: "
+                        f"{_yes_no(baseline['kept'])})</p>")
+        return "".join(rows)
+
+    def _numbers_html(self, state: LabState) -> str:
+        metrics = state.metrics
+        pair = self._pair(metrics, state.request.question)
+        rows = [
+            "<tr><th></th><th colspan=2>this question's pair</th>"
+            f"<th colspan=2>mean over {metrics['n_pairs']} pairs</th></tr>",
+            "<tr><th></th><th>clean</th><th>knocked out</th><th>clean</th>"
+            "<th>knocked out [95% CI]</th></tr>",
+        ]
+        for side in ("reference", "counterfactual"):
+            rows.append(
+                f"<tr><th>logit diff., {side}</th>"
+                + _number_cell(f"pair.clean_{side}", pair[f"clean_{side}"], 3)
+                + _number_cell(f"pair.{side}", pair[side], 3)
+                + _number_cell(f"pairs.clean_{side}", metrics[f"clean_{side}"], 3)
+                + _interval_cell(f"pairs.{side}", metrics[side], 3) + "</tr>")
+        rows.append("<tr><th>effect remaining</th><td>1</td>"
+                    + _number_cell("pair.remaining", pair["remaining"], 2) + "<td>1</td>"
+                    + _interval_cell("pairs.remaining", metrics["remaining"], 2) + "</tr>")
+        return (f'<table class="{LAB_NUMBERS_CLASS}-table" style="white-space: nowrap; '
+                f'margin-right: 16px">{"".join(rows)}</table>')
+
+    @staticmethod
+    def _bar_figure() -> go.Figure:
+        figure = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], subplot_titles=(
+            "logit difference", "remaining"))
+        figure.add_bar(name="clean", x=["reference", "counterfactual"], y=[0, 0],
+                       marker_color="grey", row=1, col=1)
+        figure.add_bar(name="knocked out", x=["reference", "counterfactual"], y=[0, 0],
+                       marker_color="crimson", row=1, col=1)
+        figure.add_bar(name="remaining", x=["knocked out"], y=[0], marker_color="crimson",
+                       showlegend=False, row=1, col=2)
+        figure.add_hline(y=1, line_dash="dot", line_color="black", row=1, col=2)
+        return publication_figure(figure, title="", xaxis_title="", yaxis_title="",
+                                  width=440, height=280).update_layout(
+            barmode="group", margin={"l": 40, "r": 10, "t": 40, "b": 30},
+            legend={"orientation": "h", "y": -0.12})
+
+    def _update_bars(self, metrics: dict) -> None:
+        sides = [metrics["reference"], metrics["counterfactual"]]
+        with self.bars.batch_update():
+            clean, ablated, remaining = self.bars.data
+            clean.y = [metrics["clean_reference"], metrics["clean_counterfactual"]]
+            ablated.y = [side["value"] for side in sides]
+            ablated.error_y = _error(sides)
+            remaining.y = [metrics["remaining"]["value"]]
+            remaining.error_y = _error([metrics["remaining"]])
+
+    def widget(self) -> ipywidgets.VBox:
+        """The controls and the status; the heatmap (with its slider and sign filter) beside
+        the conversation; the numbers beside the bars."""
+        controls = ipywidgets.HBox([self.method_dropdown, self.question_dropdown,
+                                    self.reset_button, self.save_button])
+        self.conversation_view.layout = ipywidgets.Layout(flex="1 1 0%", min_width="320px")
+        box = ipywidgets.VBox([
+            controls, self.status,
+            ipywidgets.HBox([self.selector.widget(), self.conversation_view]),
+            ipywidgets.HBox([self.numbers, self.bars]),
+        ])
+        box.add_class(LAB_CLASS)
+        return box

@@ -39,3 +39,25 @@ def test_resume_skips_finished_notebooks(executed_run, capsys):
     run_dir, _ = executed_run
     pipeline.run_pipeline(run_dir, profile="test", notebooks=pipeline.notebook_paths()[:1])
     assert "already finished" in capsys.readouterr().out
+
+
+def test_the_head_lab_saved_its_scripted_state(executed_run):
+    """Notebook 03 clicked the top 2 heads headlessly and saved what its lab showed."""
+    run_dir, _ = executed_run
+    state = json.loads((run_dir / "knockout" / "lab_state.json").read_text())
+    top = json.loads((run_dir / "heads.json").read_text())["heads"][:2]
+    assert state["heads"] == top and state["script"] == top
+    assert isinstance(state["reply"], str) and state["reply"]
+    assert isinstance(state["admitted"], bool) and isinstance(state["kept"], bool)
+    per_pair, pairs = state["per_pair"], state["pairs"]
+    assert pairs["n_pairs"] == len(per_pair) >= 1
+    assert state["pair"] in per_pair and state["pair"]["question_id"] == state["question"]["id"]
+
+    def mean(key):
+        return sum(p[key] for p in per_pair) / len(per_pair)
+
+    effect = mean("clean_reference") - mean("clean_counterfactual")
+    remaining = (mean("reference") - mean("counterfactual")) / effect
+    assert pairs["remaining"]["value"] == pytest.approx(remaining, rel=1e-4, abs=1e-6)
+    for key in ("reference", "counterfactual", "remaining"):
+        assert pairs[key]["low"] <= pairs[key]["value"] <= pairs[key]["high"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -79,6 +80,11 @@ def jupyterlab(tmp_path: Path) -> Iterator[Lab]:
         pytest.fail("Debian chromium is missing: run `make setup` as root (apt install chromium)")
     root = tmp_path / "root"
     root.mkdir()
+    # no "get Jupyter news?" toast over the page (nor a request for news)
+    notification = (tmp_path / "config" / "lab" / "user-settings" / "@jupyterlab" /
+                    "apputils-extension" / "notification.jupyterlab-settings")
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     token = secrets.token_hex(16)
     port = _free_port()
     environment = {

@@ -1,4 +1,5 @@
-"""Notebook 02 in a real JupyterLab: run it, click a heatmap cell, check the selection."""
+"""Notebooks 02 and 03 in a real JupyterLab: click heatmap cells, check the head selection
+(02) and the head lab's reply and numbers (03)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
-from spt_utils import data, io, models, patching, pipeline
+from spt_utils import ablation, chat, data, io, models, patching, pipeline, viz
 
 pytestmark = pytest.mark.browser
 
@@ -27,9 +29,10 @@ TEST_PARAMETERS = {
 }
 
 
-def _write_run_data(run_dir: Path) -> None:
+def _write_run_data(run_dir: Path, eval_sizes: tuple[int, int] = (1, 1)) -> None:
     """What notebook 01 writes and notebook 02 reads, for the tiny model: scripted first
-    answers (the correct text; every other question answered correctly), splits and pairs."""
+    answers (the correct text; every other question answered correctly), splits (``eval``:
+    ``eval_sizes`` known and wrong questions) and pairs."""
     questions = data.load_starter().select(range(24))
     answers = {q["id"]: {"answer": q["correct_answer"], "correct": index % 2 == 0}
                for index, q in enumerate(questions)}
@@ -37,18 +40,21 @@ def _write_run_data(run_dir: Path) -> None:
     io.write_jsonl(data_dir / data.ANSWERS_FILE, [
         {"id": ident, "model": models.TINY_MODEL, "protocol": "free_form", **answer}
         for ident, answer in answers.items()])
-    sizes = {"patching": (4, 0), "train": (-1, -1), "dev": (1, 1), "eval": (1, 1)}
+    sizes = {"patching": (4, 0), "train": (-1, -1), "dev": (1, 1), "eval": eval_sizes}
     data.synthesize(questions, models.make_tiny_tokenizer(), sizes=sizes, n_train=4, seed=0,
                     answers=answers, protocol="free_form", n_arithmetic=2).save(data_dir)
 
 
-def _write_notebook(root: Path, run_dir: Path, figures_dir: Path) -> None:
-    """Copy notebook 02 into the lab's root with small parameters appended to its cell."""
-    notebook = nbformat.read(pipeline.NOTEBOOKS / NOTEBOOK, as_version=4)
+def _write_notebook(root: Path, run_dir: Path, figures_dir: Path, name: str = NOTEBOOK,
+                    parameters: dict | None = None) -> None:
+    """Copy notebook ``name`` into the lab's root with small parameters appended to its
+    parameters cell."""
+    notebook = nbformat.read(pipeline.NOTEBOOKS / name, as_version=4)
     cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
-    overrides = {**TEST_PARAMETERS, "run_dir": str(run_dir), "figures_dir": str(figures_dir)}
+    overrides = {**(TEST_PARAMETERS if parameters is None else parameters),
+                 "run_dir": str(run_dir), "figures_dir": str(figures_dir)}
     cell.source += "\n" + "\n".join(f"{key} = {value!r}" for key, value in overrides.items())
-    nbformat.write(notebook, root / NOTEBOOK)
+    nbformat.write(notebook, root / name)
 
 
 def _wait_for(page, condition, timeout: float, what: str):
@@ -62,10 +68,10 @@ def _wait_for(page, condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _cell_centre(page, layer: int, head: int) -> dict:
+def _cell_centre(page, layer: int, head: int, plot: str = PLOT) -> dict:
     """Page coordinates of heatmap cell (layer, head), from plotly's own axis maps."""
     return page.eval_on_selector(
-        PLOT,
+        plot,
         """(gd, [layer, head]) => {
             const box = gd.getBoundingClientRect(), L = gd._fullLayout;
             return {x: box.left + L.xaxis._offset + L.xaxis.d2p(head),
@@ -81,10 +87,10 @@ def _kernel_idle(lab) -> bool:
     return bool(kernels) and all(k["execution_state"] == "idle" for k in kernels)
 
 
-def _start_session(lab) -> None:
+def _start_session(lab, name: str = NOTEBOOK) -> None:
     """Start the notebook's kernel through the server API, so the page finds it running."""
     body = json.dumps(
-        {"path": NOTEBOOK, "type": "notebook", "name": NOTEBOOK, "kernel": {"name": "python3"}}
+        {"path": name, "type": "notebook", "name": name, "kernel": {"name": "python3"}}
     ).encode()
     request = urllib.request.Request(
         f"{lab.url}/api/sessions?token={lab.token}", data=body, method="POST",
@@ -171,4 +177,137 @@ def test_click_selects_a_head_in_jupyterlab(jupyterlab, browser_page, tmp_path):
     # circuitsvis patterns rendered in the page from the inlined bundle, with no CDN
     patterns = page.locator(".jp-OutputArea-output", has_text="Head Selector")
     _wait_for(page, lambda: patterns.count() > 0, 60, "the circuitsvis attention view")
+    assert external == [], f"the page tried to reach other hosts: {external}"
+
+
+LAB_NOTEBOOK = "03_head_knockout.ipynb"
+LAB = f".{viz.LAB_CLASS}"
+LAB_PLOT = f"{LAB} {SELECTOR} .js-plotly-plot"
+# notebook 03 at the test profile's sizes on the tiny model; the lab starts with no heads
+LAB_PARAMETERS = {"model_name": models.TINY_MODEL, **pipeline.PROFILES["test"]["03"],
+                  "lab_clicks": []}
+
+
+def _write_patching(run_dir: Path, model) -> None:
+    """What notebook 02 writes and notebook 03 reads: every head's score and a top-2
+    selection."""
+    scores = patching.path_patch_heads(model, data.PatchingPairs.load(run_dir / "data" /
+                                                                       "pairs.pt"))
+    scores.save(run_dir / "patching.pt")
+    patching.save_heads(run_dir / "heads.json", scores.top_heads(2, "both"))
+
+
+def _lab_questions(run_dir: Path) -> tuple[list[dict], dict]:
+    """The held-out questions the model knows (notebook 03's lab takes the first 8) and the
+    first answers."""
+    answers = data.load_answers(run_dir / "data" / data.ANSWERS_FILE)
+    questions = data.load_questions(run_dir / "data" / "eval_questions.jsonl")
+    return [q for q in questions if answers[q["id"]]["correct"]][:8], answers
+
+
+def _heads_that_change_the_reply(model, conversation, means) -> tuple[list, str, str]:
+    """Two heads whose mean ablation changes the tiny model's reply (the first such pair),
+    the reply without and with them ablated."""
+    generate = {"max_new_tokens": LAB_PARAMETERS["max_new_tokens"]}
+    baseline, = chat.generate(model, [conversation], **generate)
+    every = [(layer, head) for layer in range(model.cfg.n_layers)
+             for head in range(model.cfg.n_heads)]
+    for first in range(len(every)):
+        for second in range(first + 1, len(every)):
+            heads = [every[first], every[second]]
+            with ablation.knockout(model, heads, "mean", means=means):
+                reply, = chat.generate(model, [conversation], **generate)
+            if reply != baseline:
+                return heads, baseline, reply
+    raise AssertionError("no two heads change the tiny model's reply")
+
+
+def _shown(page, key: str) -> float:
+    return float(page.get_attribute(f"{LAB} td[data-key='{key}']", "data-value"))
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())  # HTML collapses runs of white space
+
+
+def test_head_lab_clicks_change_the_reply_and_show_the_direct_numbers(
+    jupyterlab, browser_page, tmp_path
+):
+    run_dir, figures_dir = tmp_path / "run", tmp_path / "figures"
+    _write_run_data(run_dir, eval_sizes=(3, 1))
+    model = models.load_model(models.TINY_MODEL, device="cpu")
+    _write_patching(run_dir, model)
+    _write_notebook(jupyterlab.root, run_dir, figures_dir, LAB_NOTEBOOK, LAB_PARAMETERS)
+    page = browser_page
+    external: list[str] = []
+
+    def only_loopback(route):
+        if route.request.url.startswith(jupyterlab.url):
+            route.continue_()
+        else:  # no CDN or any other host: everything must render offline
+            external.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    _start_session(jupyterlab, LAB_NOTEBOOK)
+    page.goto(jupyterlab.notebook_url(LAB_NOTEBOOK))
+    page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    _run_all_cells(page, jupyterlab)
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    status = page.locator(f"{LAB} .{viz.LAB_STATUS_CLASS} [data-state]")
+    try:
+        page.wait_for_selector(f"{LAB_PLOT} .heatmaplayer", timeout=240_000)
+        _wait_for(page, lambda: status.count() and status.get_attribute("data-state")
+                  == "ready", 60, "the lab's first state")
+    except Exception:  # keep what the page showed for the failure report
+        page.screenshot(path=str(SCREENSHOT_DIR / "head_lab_failure.png"), full_page=True)
+        raise
+
+    # the same computation without the widget, in this process
+    questions, answers = _lab_questions(run_dir)
+    means = ablation.HeadMeans.load(run_dir / "knockout" / "means.pt")  # the notebook's
+    conversation = data.challenge_conversation(
+        questions[0], data.REFERENCE_CHALLENGE, answer=answers[questions[0]["id"]]["answer"],
+        protocol="free_form")
+    heads, baseline, reply = _heads_that_change_the_reply(model, conversation, means)
+    pairs = data.build_patching_pairs(questions, model.tokenizer, answers=answers,
+                                      protocol="free_form")
+    diffs = {side: ablation.ablated_logit_diffs(model, pairs, [[], heads], "mean", means=means,
+                                                side=side) for side in ablation.SIDES}
+    reply_box = page.locator(f"{LAB} .{viz.LAB_REPLY_CLASS}")
+    assert _words(reply_box.inner_text()).endswith(_words(baseline))
+
+    page.locator(LAB_PLOT).scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)  # let the scroll settle before reading coordinates
+    for layer, head in heads:  # two clicks in a row: the second queues behind the first
+        centre = _cell_centre(page, layer, head, LAB_PLOT)
+        page.mouse.move(centre["x"], centre["y"])
+        page.wait_for_timeout(300)
+        page.mouse.click(centre["x"], centre["y"])
+    names = ", ".join(viz.head_name(h) for h in heads)
+    _wait_for(page, lambda: status.get_attribute("data-state") == "ready"
+              and f"ready: {names} (mean)" in status.inner_text(), 120,
+              f"the lab to be ready with {names}")
+    _wait_for(page, lambda: _words(reply_box.inner_text()).endswith(_words(reply)), 30,
+              "the knocked-out reply")
+    assert _words(reply) != _words(baseline)
+
+    ref, cf = diffs["reference"], diffs["counterfactual"]  # [clean, ablated] × pair
+    expected = {
+        "pair.clean_reference": ref[0, 0], "pair.reference": ref[1, 0],
+        "pair.clean_counterfactual": cf[0, 0], "pair.counterfactual": cf[1, 0],
+        "pairs.reference": ref[1].mean(), "pairs.counterfactual": cf[1].mean(),
+        "pairs.clean_reference": ref[0].mean(), "pairs.clean_counterfactual": cf[0].mean(),
+        "pairs.remaining": torch.tensor(ablation.remaining_effect(ref[1], cf[1], ref[0], cf[0])),
+    }
+    for key, value in expected.items():
+        assert _shown(page, key) == pytest.approx(float(value), abs=1e-4), key
+
+    page.mouse.move(0, 0)  # drop the hover label before the screenshot
+    page.set_viewport_size({"width": 1400, "height": 1600})  # the whole lab in view
+    page.locator(LAB).scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)
+    screenshot = tmp_path / "head_lab.png"
+    page.locator(LAB).screenshot(path=str(screenshot))
+    shutil.copy(screenshot, SCREENSHOT_DIR / "head_lab.png")
     assert external == [], f"the page tried to reach other hosts: {external}"

@@ -1,0 +1,92 @@
+"""One update of the live head lab on SmolLM2: how long after a click until the lab is ready?
+
+    python benchmarks/bench_lab.py [--pairs 8] [--max-new-tokens 40] [--clicks 3]
+
+An update is one greedy reply of up to ``--max-new-tokens`` tokens with the knockout set
+ablated plus both sides' logit differences (clean and ablated) of ``--pairs`` held-out pairs.
+Prints the seconds of each click through the headless path (``run_script``) and through the
+live path (worker thread: click to the reply shown, and to ready), and of a reply and the
+pair metrics alone.
+First answers are the scripted correct answers; mean ablation over other questions' prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from spt_utils import ablation, data, models, viz
+
+# heads spread over the layers; the timing does not depend on which heads are clicked
+CLICKS = [(3, 1), (10, 4), (17, 2), (24, 7), (29, 0), (7, 5)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--pairs", type=int, default=8, help="held-out pairs averaged")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--clicks", type=int, default=3, help="clicks per path (at most 3)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (shared machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = models.load_model(args.model)
+    bank = data.load_starter()
+    questions = bank.select(range(args.pairs)).to_list()
+    answers = {q["id"]: {"answer": q["correct_answer"], "correct": True} for q in questions}
+    reference = bank.select(range(100, 108))
+    prompts = ablation.challenge_tokens(model, [
+        data.challenge_conversation(q, challenge, protocol="free_form") for q in reference
+        for challenge in (data.REFERENCE_CHALLENGE, data.COUNTERFACTUAL_CHALLENGE)])
+    means = ablation.HeadMeans.from_activations(ablation.collect_z(model, prompts))
+    probe = ablation.KnockoutProbe(model, questions, answers, protocol="free_form",
+                                   means=means, max_new_tokens=args.max_new_tokens)
+    score = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    clicks = [(layer % model.cfg.n_layers, head % model.cfg.n_heads) for layer, head in CLICKS]
+    clicks = clicks[: 2 * min(args.clicks, 3)]
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        lab = viz.HeadLab(probe, score, Path(folder) / "heads.json")
+        print(f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads, {args.pairs} pairs, "
+              f"replies up to {args.max_new_tokens} tokens, {args.threads} thread(s)")
+        print(f"first update (the unablated reply, pairs): {time.perf_counter() - started:.2f} s")
+        headless = []
+        for click in clicks[: len(clicks) // 2]:
+            headless.append(lab.run_script([click]).seconds)
+        live, shown = [], []
+        lab.conversation_view.observe(lambda change: shown.append(time.perf_counter()),
+                                      names="value")
+        for layer, head in clicks[len(clicks) // 2 :]:
+            shown.clear()
+            started = time.perf_counter()
+            lab.selector.toggle(layer, head)  # what a click does; returns at once
+            returned = time.perf_counter() - started
+            lab.wait()
+            live.append(time.perf_counter() - started)
+            print(f"live click {viz.head_name((layer, head))}: returned in {returned * 1e3:.1f} "
+                  f"ms, reply shown after {shown[0] - started:.2f} s, ready after "
+                  f"{live[-1]:.2f} s")
+        heads = list(lab.state.request.heads)
+        started = time.perf_counter()
+        reply = probe.reply(heads, "mean", 0)
+        reply_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        probe.pair_metrics(heads, "mean")
+        metrics_seconds = time.perf_counter() - started
+    n_tokens = len(model.tokenizer(reply["reply"])["input_ids"])
+    print("headless updates (run_script):", ", ".join(f"{s:.2f}" for s in headless), "s")
+    print("live updates (click to ready):", ", ".join(f"{s:.2f}" for s in live), "s")
+    print(f"median update: {statistics.median(headless + live):.2f} s "
+          f"(one reply alone {reply_seconds:.2f} s for {n_tokens} tokens; pair metrics alone "
+          f"{metrics_seconds:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
