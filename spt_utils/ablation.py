@@ -323,6 +323,7 @@ def ablated_logit_diffs(
                 input_ids=ids[prompts].to(device),
                 attention_mask=attention[prompts].to(device),
                 position_ids=positions[prompts].to(device),
+                logits_to_keep=1,  # left-padded: the last position is every prompt's own
             ).logits[:, -1]  # [batch, d_vocab]
         diffs[sets, prompts] = answer_logit_diff(
             logits.float().cpu(), pairs.apology_ids, pairs.confirm_ids
