@@ -76,7 +76,8 @@ class Measure:
         metrics = evaluation.sycophancy_metrics(records)
         paired = evaluation.paired_tests(self.base_records, records)
         paired["general"] = stats.mcnemar(self.base_general, general)
-        return {key: metrics[key] for key in ("admitted", "corrected", "truthfulness")} | {
+        keys = ("admitted", "c_to_i", "apology_words", "corrected", "truthfulness")
+        return {key: metrics[key] for key in keys} | {
             "general": stats.rate(general), "kl": kl, "paired": paired}
 
     def base_row(self) -> dict[str, Any]:
@@ -131,16 +132,29 @@ def random_draws(setting: tuning.SweepSetting, n_layers: int, n_heads: int, draw
             for draw, heads in enumerate(head_sets)]
 
 
-def choose(rows: list[dict], slack: float) -> tuple[dict, dict | None]:
-    """The chosen SPT row and the matched SFT row (see the module docstring)."""
+TARGETS = {"admitted": "admitted mistake", "c_to_i": "C→I (lost a correct answer)"}
+
+
+def rate_of(row: dict, target: str) -> dict:
+    """``row``'s rate of ``target``; C→I from truthfulness in rows saved without it."""
+    if target == "c_to_i" and "c_to_i" not in row:
+        return stats.complement(row["truthfulness"])
+    return row[target]
+
+
+def choose(rows: list[dict], slack: float, target: str = "admitted") -> tuple[dict, dict | None]:
+    """The chosen SPT row and the matched SFT row (see the module docstring), by the dev
+    rate of ``target``."""
+    def value(row: dict) -> float:
+        return rate_of(row, target)["value"]
+
     spt = [r for r in rows if r["method"] == "spt" and not r["label"]]
     sft = [r for r in rows if r["method"] == "sft"]
-    bound = (min(r["admitted"]["value"] for r in sft) if sft else 0.0) + slack
-    reaching = [r for r in spt if r["admitted"]["value"] <= bound]
+    bound = (min(value(r) for r in sft) if sft else 0.0) + slack
+    reaching = [r for r in spt if value(r) <= bound]
     chosen = (min(reaching, key=lambda r: r["kl"]["value"]) if reaching
-              else min(spt, key=lambda r: (r["admitted"]["value"], r["kl"]["value"])))
-    matched_pool = [r for r in sft if r["admitted"]["value"] <= chosen["admitted"]["value"]
-                    + slack] or sft
+              else min(spt, key=lambda r: (value(r), r["kl"]["value"])))
+    matched_pool = [r for r in sft if value(r) <= value(chosen) + slack] or sft
     matched = min(matched_pool, key=lambda r: r["kl"]["value"]) if sft else None
     return chosen, matched
 
@@ -151,18 +165,18 @@ def _cell(value: dict | None) -> str:
     return stats.format_rate(value) if "k" in value else evaluation.format_kl(value)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], target: str = "admitted") -> str:
     """Markdown: one row per setting, rates with exact intervals, KL with its bootstrap
-    interval, McNemar p of the admitted rate against base."""
-    header = ["setting", "admitted (known) ↓", "corrected (wrong) ↑", "general ↑",
-              "KL per token ↓", "p admitted", "train s"]
+    interval, McNemar p of the ``target`` rate against base."""
+    header = ["setting", "admitted (known) ↓", "C→I (known) ↓", "corrected (wrong) ↑",
+              "general ↑", "KL per token ↓", f"p {target}", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        p = row.get("paired", {}).get("admitted")
+        p = row.get("paired", {}).get(target)
         lines.append("| " + " | ".join([
-            row["name"], _cell(row["admitted"]), _cell(row["corrected"]),
-            _cell(row["general"]), _cell(row["kl"]), "–" if p is None else f"{p['p']:.2g}",
-            str(row.get("train_s", "–"))]) + " |")
+            row["name"], _cell(row["admitted"]), _cell(rate_of(row, "c_to_i")),
+            _cell(row["corrected"]), _cell(row["general"]), _cell(row["kl"]),
+            "–" if p is None else f"{p['p']:.2g}", str(row.get("train_s", "–"))]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +198,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--slack", type=float, default=0.05)
+    parser.add_argument("--target", choices=sorted(TARGETS), default="admitted",
+                        help="the rate the settings are chosen to lower (c_to_i where base "
+                        "admits too few mistakes on dev to lower)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--eval", action="store_true", help="phase 2 on the eval split")
     parser.add_argument("--seed", type=int, default=0)
@@ -212,7 +229,7 @@ def main() -> None:
                       args.max_new_tokens, out / "base_dev.json")
     partial = out / "dev_rows.jsonl"
     rows = run_settings(bridge, examples, grid(profile, ranking), measure, partial, options)
-    chosen, matched = choose(rows, args.slack)
+    chosen, matched = choose(rows, args.slack, args.target)
     chosen_setting = tuning.SweepSetting("spt", chosen["lr"], chosen["steps"],
                                          [tuple(h) for h in chosen["heads"]],
                                          chosen["include_kv"])
@@ -221,11 +238,12 @@ def main() -> None:
     rows += run_settings(bridge, examples, draws, measure, partial, options)
     dev_rows = [{"name": "base", "method": "base", "label": "", **measure.base_row()}, *rows]
     for row in dev_rows:
-        row["group"] = group(row)
+        row["group"], row["target"] = group(row), rate_of(row, args.target)
     result: dict[str, Any] = {"dev": dev_rows, "chosen": chosen["name"],
                               "matched_sft": matched["name"] if matched else None,
-                              "n_kl_prompts_dev": len(dev_docs), "profile": args.profile}
-    text = f"## Dev split ({len(dev_docs)} KL prompts)\n\n" + table(dev_rows)
+                              "n_kl_prompts_dev": len(dev_docs), "profile": args.profile,
+                              "target": args.target}
+    text = f"## Dev split ({len(dev_docs)} KL prompts)\n\n" + table(dev_rows, args.target)
     text += f"\nchosen SPT: {chosen['name']}; matched SFT: {result['matched_sft']}\n"
 
     if args.eval:
@@ -239,15 +257,17 @@ def main() -> None:
                      *run_settings(bridge, examples, settings, final,
                                    out / "eval_rows.jsonl", options)]
         for row in eval_rows:
-            row["group"] = group(row)
+            row["group"], row["target"] = group(row), rate_of(row, args.target)
         result["eval"] = eval_rows
         result["n_kl_prompts_eval"] = len(eval_docs)
-        text += f"\n## Eval split ({len(eval_docs)} KL prompts)\n\n" + table(eval_rows)
+        text += f"\n## Eval split ({len(eval_docs)} KL prompts)\n\n" + table(eval_rows, args.target)
     write_json(out / "sweep.json", result)
     (out / "sweep.md").write_text(text)
     shown = [row for row in result.get("eval", dev_rows) if row["method"] != "base"]
-    figure = viz.pareto_figure(shown, title="Admitted mistakes against KL drift (base: "
-                               f"{_cell(dev_rows[0]['admitted'])} on dev)")
+    label = TARGETS[args.target]
+    figure = viz.pareto_figure(shown, y="target", yaxis_title=f"{label} rate",
+                               title=f"{label} against KL drift (base: "
+                               f"{_cell(dev_rows[0]['target'])} on dev)")
     print("wrote", *viz.export_figure(figure, out, "sweep_pareto"))
     print(text)
 
