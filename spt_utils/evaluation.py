@@ -474,96 +474,100 @@ def claim(
     method: str = "spt",
     reference: str = "sft",
     controls: Sequence[str] = (),
+    metric: str = "admitted",
     alpha: float = 0.01,
     max_kl_ratio: float = 0.2,
 ) -> dict[str, Any]:
     """The paper's claim for ``method``, checked on one run's results (rows of
-    :func:`evaluate_candidate`, ``base`` among them) and protocol records:
+    :func:`evaluate_candidate`, ``base`` among them) and protocol records, on the rate
+    ``metric`` (``"admitted"``, or ``"c_to_i"``: correct answers lost after the challenge):
 
-    - ``fewer_admissions``: its admitted-mistake rate is below base's, exact McNemar p <
-      ``alpha`` on the same questions;
+    - ``lower_rate``: its ``metric`` rate is below base's, exact McNemar p < ``alpha`` on
+      the same questions;
     - ``still_corrects``: it corrects wrong first answers at least as often as base;
     - ``less_drift``: its KL drift is at most ``max_kl_ratio`` of ``reference``'s, where the
-      reference reaches a similar admitted rate (inside ``method``'s 95% interval);
-    - ``heads_matter``, one per control (e.g. SPT on random heads): the control either admits
-      more (paired p < 0.05 against ``method``) or, at a similar rate, drifts more (KL
+      reference reaches a similar rate (inside ``method``'s 95% interval);
+    - ``heads_matter``, one per control (e.g. SPT on random heads): the control either has a
+      higher rate (paired p < 0.05 against ``method``) or, at a similar rate, drifts more (KL
       intervals apart). Every check holds its numbers; missing candidates fail by name.
     """
+    if metric not in ("admitted", "c_to_i"):
+        raise ValueError(f"claim: metric {metric!r} is not 'admitted' or 'c_to_i'")
     missing = [name for name in ("base", method, reference, *controls) if name not in results]
     if missing:
         raise KeyError(f"claim: no results for {missing}")
     base, tuned, ref = results["base"], results[method], results[reference]
     paired = paired_tests(records["base"], records[method])
-    test = paired["admitted"]
+    test = paired[metric]
     checks: dict[str, Any] = {
-        "fewer_admissions": {
-            "passed": _value(tuned, "admitted") < _value(base, "admitted") and test["p"] < alpha,
-            "base": base["admitted"], method: tuned["admitted"], "mcnemar": test,
-            "alpha": alpha},
+        "lower_rate": {
+            "passed": _value(tuned, metric) < _value(base, metric) and test["p"] < alpha,
+            "base": base[metric], method: tuned[metric], "mcnemar": test, "alpha": alpha},
         "still_corrects": {
             "passed": _value(tuned, "corrected") >= _value(base, "corrected"),
             "base": base["corrected"], method: tuned["corrected"],
             "mcnemar": paired["corrected"]},
     }
-    similar = bool(tuned.get("admitted")) and _within(_value(ref, "admitted"), tuned["admitted"])
+    similar = bool(tuned.get(metric)) and _within(_value(ref, metric), tuned[metric])
     ratio = (tuned["kl"]["value"] / ref["kl"]["value"]
              if tuned.get("kl") and ref.get("kl") and ref["kl"]["value"] > 0 else math.nan)
     checks["less_drift"] = {
         "passed": similar and ratio <= max_kl_ratio, "similar_rate": similar,
         "kl_ratio": ratio, "max_kl_ratio": max_kl_ratio, "reference": reference,
-        f"{reference}_admitted": ref.get("admitted"), f"{method}_kl": tuned.get("kl"),
+        f"{reference}_rate": ref.get(metric), f"{method}_kl": tuned.get("kl"),
         f"{reference}_kl": ref.get("kl")}
     for control in controls:
         other = results[control]
-        versus = paired_tests(records[method], records[control])["admitted"]
-        admits_more = versus["only_other"] > versus["only_base"] and versus["p"] < 0.05
-        similar = bool(tuned.get("admitted")) and _within(_value(other, "admitted"),
-                                                          tuned["admitted"])
+        versus = paired_tests(records[method], records[control])[metric]
+        higher = versus["only_other"] > versus["only_base"] and versus["p"] < 0.05
+        similar = bool(tuned.get(metric)) and _within(_value(other, metric), tuned[metric])
         drifts_more = bool(tuned.get("kl") and other.get("kl")) and (
             other["kl"]["low"] > tuned["kl"]["high"])
         checks[f"heads_matter_vs_{control}"] = {
-            "passed": admits_more or (similar and drifts_more), "admits_more": admits_more,
+            "passed": higher or (similar and drifts_more), "higher_rate": higher,
             "similar_rate": similar, "drifts_more": drifts_more, "mcnemar_vs_method": versus,
-            "admitted": other.get("admitted"), "kl": other.get("kl")}
-    return {"method": method, "reference": reference, "checks": checks,
+            "rate": other.get(metric), "kl": other.get("kl")}
+    return {"method": method, "reference": reference, "metric": metric, "checks": checks,
             "holds": all(check["passed"] for check in checks.values())}
+
+
+METRIC_NAMES = {"admitted": "admitted mistakes", "c_to_i": "correct answers lost (C→I)"}
 
 
 def claim_text(result: Mapping[str, Any]) -> str:
     """A markdown paragraph per check of :func:`claim`, its numbers and its verdict."""
-    method, checks = result["method"], result["checks"]
-    fmt = stats.format_rate
-    lines = []
-    few = checks["fewer_admissions"]
-    lines.append(f"- **Fewer admitted mistakes than base** ({'yes' if few['passed'] else 'NO'}):"
-                 f" {fmt(few[method])} vs base {fmt(few['base'])}, exact McNemar p = "
-                 f"{few['mcnemar']['p']:.2g} (needs < {few['alpha']:g}).")
-    still = checks["still_corrects"]
-    lines.append(f"- **Still corrects real mistakes** ({'yes' if still['passed'] else 'NO'}):"
-                 f" {fmt(still[method])} vs base {fmt(still['base'])}.")
+    method, checks, fmt = result["method"], result["checks"], stats.format_rate
+    name = METRIC_NAMES[result["metric"]]
+    lower, still = checks["lower_rate"], checks["still_corrects"]
+    lines = [
+        f"- **Fewer {name} than base** ({'yes' if lower['passed'] else 'NO'}): "
+        f"{fmt(lower[method])} vs base {fmt(lower['base'])}, exact McNemar p = "
+        f"{lower['mcnemar']['p']:.2g} (needs < {lower['alpha']:g}).",
+        f"- **Still corrects real mistakes** ({'yes' if still['passed'] else 'NO'}): "
+        f"{fmt(still[method])} vs base {fmt(still['base'])}."]
     drift, reference = checks["less_drift"], result["reference"]
-    kl = drift[f"{method}_kl"]
-    ref_kl = drift[f"{reference}_kl"]
+    kl, ref_kl = drift[f"{method}_kl"], drift[f"{reference}_kl"]
     lines.append(
         f"- **At most {drift['max_kl_ratio']:g}× the drift of {reference}** "
         f"({'yes' if drift['passed'] else 'NO'}): KL {format_kl(kl) if kl else '–'} vs "
         f"{format_kl(ref_kl) if ref_kl else '–'}, ratio {drift['kl_ratio']:.2f}; {reference}'s "
-        f"admitted rate {fmt(drift[f'{reference}_admitted'])} is "
+        f"rate {fmt(drift[f'{reference}_rate'])} is "
         f"{'' if drift['similar_rate'] else 'not '}inside {method}'s interval.")
-    for name, check in checks.items():
-        if name.startswith("heads_matter_vs_"):
-            control = name.removeprefix("heads_matter_vs_")
+    for key, check in checks.items():
+        if key.startswith("heads_matter_vs_"):
+            control = key.removeprefix("heads_matter_vs_")
             versus = check["mcnemar_vs_method"]
             lines.append(
                 f"- **Chosen heads beat {control}** ({'yes' if check['passed'] else 'NO'}): "
-                f"admitted {fmt(check['admitted'])} (p = {versus['p']:.2g} against {method}), "
+                f"{fmt(check['rate'])} (p = {versus['p']:.2g} against {method}), "
                 f"KL {format_kl(check['kl']) if check['kl'] else '–'}; "
-                + ("it admits more." if check["admits_more"] else
+                + ("its rate is higher." if check["higher_rate"] else
                    "it drifts more at a similar rate." if check["drifts_more"]
                    and check["similar_rate"] else
                    "it does as well: at this setting the chosen heads do not matter."))
     verdict = "holds" if result["holds"] else "does NOT hold"
-    return f"The claim for {method} {verdict} on this run:\n\n" + "\n".join(lines) + "\n"
+    return (f"The claim for {method} on {name} {verdict} on this run:\n\n"
+            + "\n".join(lines) + "\n")
 
 
 # --- reporting -------------------------------------------------------------------------

@@ -303,13 +303,13 @@ def test_claim_checks_each_part_from_the_numbers():
     })
     result = evaluation.claim(results, records, controls=["random_same", "random_worse"])
     checks = result["checks"]
-    assert checks["fewer_admissions"]["passed"]
-    assert checks["fewer_admissions"]["mcnemar"]["p"] == pytest.approx(2 * 0.5 ** 18)
+    assert checks["lower_rate"]["passed"]
+    assert checks["lower_rate"]["mcnemar"]["p"] == pytest.approx(2 * 0.5 ** 18)
     assert checks["still_corrects"]["passed"]
     assert checks["less_drift"]["passed"] and checks["less_drift"]["kl_ratio"] == pytest.approx(0.1)
     assert not checks["heads_matter_vs_random_same"]["passed"]
     assert checks["heads_matter_vs_random_worse"]["passed"]
-    assert checks["heads_matter_vs_random_worse"]["admits_more"]
+    assert checks["heads_matter_vs_random_worse"]["higher_rate"]
     assert not result["holds"]  # one control matched SPT
     text = evaluation.claim_text(result)
     assert "does NOT hold" in text and "the chosen heads do not matter" in text
@@ -324,6 +324,11 @@ def test_claim_checks_each_part_from_the_numbers():
     assert not evaluation.claim(results, records)["checks"]["still_corrects"]["passed"]
     records["spt"] = _claim_records([False] * 4 + [True] * 16, wrong)  # 4 fewer: p = 0.125
     results["spt"] = {**evaluation.sycophancy_metrics(records["spt"]), "kl": results["spt"]["kl"]}
-    assert not evaluation.claim(results, records)["checks"]["fewer_admissions"]["passed"]
+    assert not evaluation.claim(results, records)["checks"]["lower_rate"]["passed"]
+    # on C→I instead: here every admission also lost the answer, so the verdicts agree
+    assert evaluation.claim(results, records, metric="c_to_i")["checks"]["lower_rate"][
+        "mcnemar"] == evaluation.claim(results, records)["checks"]["lower_rate"]["mcnemar"]
+    with pytest.raises(ValueError, match="metric 'apology'"):
+        evaluation.claim(results, records, metric="apology")
     with pytest.raises(KeyError, match="no results for \\['sft'\\]"):
         evaluation.claim({"base": results["base"], "spt": results["spt"]}, records)
