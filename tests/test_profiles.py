@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from spt_utils import pipeline
 
 
 def parameters(model_name: str, notebook: str, profile: str = "paper") -> dict:
-    return pipeline.parameters_for(Path(notebook), profile, {"model_name": model_name})
+    return pipeline.parameters_for(pipeline.NOTEBOOKS / notebook, profile,
+                                   {"model_name": model_name})
 
 
 @pytest.mark.parametrize(("model_name", "heads", "spt_lr", "sft_lr", "batch", "spt_steps",
