@@ -35,6 +35,8 @@ DONE_DIR = ".done"
 PACKAGES = ("torch", "transformer-lens", "transformers", "peft", "datasets", "spt-utils")
 RUN_SETTINGS = ("model", "profile", "seed")  # fixed for the life of a run directory
 DTYPES = ("float32", "bfloat16", "float16")
+# The notebook parameter each model-placement option of the command line sets.
+OPTION_PARAMETERS = {"device": "device", "dtype": "model_dtype"}
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "04": {
             "spt_steps": 240, "sft_steps": 120, "baseline_steps": 120, "batch_size": 32,
             "micro_batch_size": 8, "spt_lr": 1e-5, "sft_lr": 5e-6, "lora_lr": 2e-4,
-            "prompt_lr": 3e-2, "weight_decay": 0.1, "dtype": "bfloat16", "n_heldout": 32,
-            "checkpoint_every": 40,
+            "prompt_lr": 3e-2, "weight_decay": 0.1, "autocast_dtype": "bfloat16",
+            "n_heldout": 32, "checkpoint_every": 40,
         },
         "05": {
             # the paper's KL corpus is 1000 web documents; only the 48 shipped documents
@@ -162,19 +164,16 @@ def parameters_for(
     notebook: Path, profile: str, common: dict[str, Any], options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The papermill parameters of ``notebook``: ``common``, the profile's overrides (under
-    ``paper``, the model's row of tables 13-14 over them), then ``options`` (e.g. ``device``,
-    ``dtype``; None values are left out), which the notebook's parameters cell must declare.
-    ``profile`` is passed to notebooks that declare it."""
+    ``paper``, the model's row of tables 13-14 over them), then ``options`` (parameter names,
+    e.g. ``device``, ``model_dtype``; None values are left out), which the notebook's
+    parameters cell must declare. ``profile`` is passed to notebooks that declare it."""
     if profile not in PROFILES:
         raise ValueError(f"Unknown profile {profile!r}: choose one of {sorted(PROFILES)}")
     declared = notebook_parameters(notebook)
     options = {name: value for name, value in (options or {}).items() if value is not None}
     for name in sorted(options):
         if name not in declared:
-            raise RunError(
-                f"{notebook}: its parameters cell has no {name!r}, so "
-                f"--{name.replace('_', '-')} cannot be applied to it"
-            )
+            raise RunError(f"{notebook}: its parameters cell has no {name!r} to set")
     prefix = notebook.name[:2]
     run_wide = {"profile": profile} if "profile" in declared else {}
     parameters = {**common, **run_wide, **PROFILES[profile].get(prefix, {})}
@@ -237,9 +236,10 @@ def run_pipeline(
     """Execute ``notebooks`` (default: all) into ``run_dir``; return the manifest.
 
     Notebooks that finished in ``run_dir`` are skipped; ``device`` and ``dtype`` (when given)
-    become parameters of the same names. Raises :class:`RunError` before running anything
-    when ``run_dir`` was begun with another model, profile or seed, or a notebook lacks an
-    option's parameter."""
+    become the notebooks' ``device`` and ``model_dtype`` parameters (:data:`OPTION_PARAMETERS`:
+    the model's placement and weight dtype in ``models.load_model``). Raises
+    :class:`RunError` before running anything when ``run_dir`` was begun with another model,
+    profile or seed, or a notebook lacks an option's parameter."""
     import papermill
 
     run_dir = run_dir.resolve()
@@ -248,9 +248,9 @@ def run_pipeline(
         "model_name": model_name, "run_dir": str(run_dir), "seed": seed,
         "figures_dir": str(Path(figures_dir).resolve()),
     }
+    options = {OPTION_PARAMETERS["device"]: device, OPTION_PARAMETERS["dtype"]: dtype}
     parameters = {
-        notebook: parameters_for(notebook, profile, common, {"device": device, "dtype": dtype})
-        for notebook in notebooks
+        notebook: parameters_for(notebook, profile, common, options) for notebook in notebooks
     }
     check_resume(run_dir, {"model": model_name, "profile": profile, "seed": seed})
     (run_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
@@ -297,10 +297,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed of every notebook (default: $SPT_SEED, else the run's, else 0)")
     parser.add_argument(
         "--device", help="device the notebooks load the model on, e.g. 'cpu', 'cuda', "
-        "'cuda:1' (default: each notebook's own choice: CUDA when available)")
+        "'cuda:1' (the notebooks' `device` parameter; default: CUDA when available)")
     parser.add_argument(
         "--dtype", choices=DTYPES,
-        help="compute dtype passed to the notebooks (default: each notebook's own)")
+        help="dtype of the model's weights (the notebooks' `model_dtype` parameter; default: "
+        "bfloat16 on CUDA, float32 on CPU; notebook 04's training autocast is its own "
+        "`autocast_dtype`)")
     parser.add_argument(
         "--run-dir", "--resume", dest="run_dir", type=Path,
         help="run directory to write, or to finish when it exists (default: a new "

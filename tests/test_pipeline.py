@@ -2,6 +2,7 @@
 
 import ast
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -41,18 +42,65 @@ def test_unknown_profile_is_a_clear_error():
         pipeline.parameters_for(pipeline.notebook_paths()[0], "gpu", {})
 
 
-def test_options_override_the_profile_and_must_be_declared():
+def test_options_override_the_profile_and_must_be_declared(tmp_path):
     tuning_notebook = next(p for p in pipeline.notebook_paths() if p.name.startswith("04"))
-    assert pipeline.PROFILES["paper"]["04"]["dtype"] == "bfloat16"
+    assert pipeline.PROFILES["paper"]["04"]["autocast_dtype"] == "bfloat16"
     chosen = pipeline.parameters_for(tuning_notebook, "paper", {"seed": 1},
-                                     {"dtype": "float32", "device": None})
-    assert chosen["dtype"] == "float32" and chosen["seed"] == 1 and "device" not in chosen
-    assert chosen["spt_steps"] == 240
-    first = pipeline.notebook_paths()[0]
-    assert "device" not in parameters_cell_names(first)  # until the notebooks declare it
-    with pytest.raises(pipeline.RunError, match=r"00_meet_the_model.ipynb: its parameters cell "
-                                                r"has no 'device', so --device cannot"):
-        pipeline.parameters_for(first, "cpu", {}, {"device": "cuda"})
+                                     {"autocast_dtype": "float32", "device": None})
+    assert chosen["autocast_dtype"] == "float32" and chosen["seed"] == 1
+    assert "device" not in chosen and chosen["spt_steps"] == 240
+    bare = tmp_path / "07_bare.ipynb"
+    cell = nbformat.v4.new_code_cell("model_name = 'x'", metadata={"tags": ["parameters"]})
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), bare)
+    with pytest.raises(pipeline.RunError, match=r"07_bare.ipynb: its parameters cell has no "
+                                                r"'device' to set"):
+        pipeline.parameters_for(bare, "cpu", {}, {"device": "cuda"})
+
+
+def test_device_and_dtype_reach_every_notebook_that_loads_a_model(tmp_path, monkeypatch):
+    """run_pipeline's device/dtype become each notebook's device/model_dtype parameters;
+    notebook 04's training autocast keeps its profile value."""
+    import papermill
+
+    executed = {}
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda source, target, parameters, **_: executed.update(
+                            {Path(source).name: parameters}))
+    pipeline.run_pipeline(tmp_path, profile="paper", figures_dir=tmp_path, device="cpu",
+                          dtype="bfloat16")
+    assert set(executed) == {p.name for p in pipeline.notebook_paths()}
+    for name, parameters in executed.items():
+        assert (parameters["device"], parameters["model_dtype"]) == ("cpu", "bfloat16"), name
+    tuning = next(v for k, v in executed.items() if k.startswith("04"))
+    assert tuning["autocast_dtype"] == pipeline.PROFILES["paper"]["04"]["autocast_dtype"]
+    executed.clear()
+    pipeline.run_pipeline(tmp_path / "defaults", profile="paper", figures_dir=tmp_path)
+    assert all("device" not in p and "model_dtype" not in p for p in executed.values())
+
+
+def model_loads(path) -> list[ast.Call]:
+    """Every ``models.load_model(...)`` call in the notebook's code cells."""
+    notebook = nbformat.read(path, as_version=4)
+    trees = [ast.parse(c.source) for c in notebook.cells if c.cell_type == "code"]
+    return [node for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "load_model"]
+
+
+@pytest.mark.parametrize("path", pipeline.notebook_paths(), ids=lambda p: p.name[:2])
+def test_every_model_load_takes_the_device_and_dtype_parameters(path):
+    """Each notebook declares ``device = None`` and ``model_dtype = None`` (the library's
+    default placement) and passes them to every ``models.load_model`` call."""
+    defaults = {}
+    notebook = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    exec(cell.source, {}, defaults)  # noqa: S102 - the repository's own notebook
+    assert defaults["device"] is None and defaults["model_dtype"] is None
+    loads = model_loads(path)
+    assert loads, f"{path.name} loads no model"
+    for call in loads:
+        passed = {k.arg: k.value.id for k in call.keywords if isinstance(k.value, ast.Name)}
+        assert passed.get("device") == "device" and passed.get("dtype") == "model_dtype", (
+            f"{path.name}: line {call.lineno} of its cell: {ast.unparse(call)}")
 
 
 def test_a_notebook_without_one_parameters_cell_is_a_clear_error(tmp_path):
