@@ -31,7 +31,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not notebooks and not browser"
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks
+	$(PY) -m spt_utils.cli lab
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -61,7 +61,7 @@ from spt_utils.data import (
     challenge_conversation,
 )
 from spt_utils.grading import grade, judge_admission
-from spt_utils.io import atomic_write
+from spt_utils.io import atomic_write, check_provenance
 from spt_utils.patching import (
     Head,
     answer_logit_diff,
@@ -102,6 +102,7 @@ class HeadMeans:
     z: Float[Tensor, "pos n_layers n_heads d_head"]
     counts: Int[Tensor, " pos"]
     n_prompts: int
+    provenance: dict | None = None  # saved with the means (spt_utils.io.provenance)
 
     @classmethod
     def from_activations(
@@ -123,14 +124,17 @@ class HeadMeans:
             torch.save(self.__dict__, handle)
 
     @classmethod
-    def load(cls, path: str | Path) -> HeadMeans:
+    def load(cls, path: str | Path, *, expect: dict | None = None) -> HeadMeans:
+        """Read :meth:`save`'s file; with ``expect`` its provenance must match."""
+        record = torch.load(path, weights_only=True)
         try:
-            means = cls(**torch.load(path, weights_only=True))
+            means = cls(**record)
         except (TypeError, KeyError) as error:
             raise ValueError(f"{path}: not a HeadMeans file ({error})") from error
         if means.z.dim() != 4:
             raise ValueError(f"{path}: not a position-specific HeadMeans file (z has shape "
                              f"{tuple(means.z.shape)})")
+        check_provenance(means.provenance, expect, str(path))
         return means
 
     def values(self, layer: int, z: Tensor, rows: Tensor) -> Tensor:

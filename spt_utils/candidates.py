@@ -11,6 +11,7 @@ next one loads. Peak memory is then the base model plus one candidate's own tens
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -24,30 +25,35 @@ from spt_utils.evaluation import Candidate
 
 METHODS = ("base", "spt", "sft", "lora_attn", "lora_heads", "prompt_tuning", "few_shot")
 
+log = logging.getLogger(__name__)
 
-def _load(run_dir: Path, base: TransformerBridge, method: str, n_shots: int) -> Candidate | None:
-    """One candidate (``None``, with a note, when its artifact is missing)."""
+
+def _load(
+    run_dir: Path, base: TransformerBridge, method: str, n_shots: int, expect: dict | None
+) -> Candidate | None:
+    """One candidate (``None``, with a logged warning, when its artifact is missing); with
+    ``expect`` a tuned folder's provenance must match it (``tuning.load_tuned``)."""
     train = run_dir / "data" / "train.jsonl"
     folder = run_dir / "tuned" / method
     if method == "base":
         return Candidate("base", base)
     if method == "few_shot":
         if not train.exists():
-            print(f"[05] few_shot: skipped (needs {train})")
+            log.warning("few_shot: skipped (needs %s)", train)
             return None
         demonstrations = tuning.load_training_conversations(train)
         transform = partial(tuning.few_shot_conversation, demonstrations=demonstrations,
                             k=n_shots)
         return Candidate("few_shot", base, transform=transform)
     if not folder.is_dir():
-        print(f"[05] {method}: skipped ({folder} does not exist)")
+        log.warning("%s: skipped (%s does not exist)", method, folder)
         return None
     if (folder / tuning.TUNING_FILE).exists():
-        bridge, hf_model = tuning.load_tuned(folder, base=base)
+        bridge, hf_model = tuning.load_tuned(folder, base=base, expect=expect)
         return Candidate(method, bridge,
                          hf_model=None if hf_model is bridge.original_model else hf_model)
     if (folder / "adapter_config.json").exists():
-        print(f"[05] {method}: skipped (a peft adapter without {tuning.TUNING_FILE})")
+        log.warning("%s: skipped (a peft adapter without %s)", method, tuning.TUNING_FILE)
         return None
     return Candidate(method, models.load_model(str(folder), share_with=base))
 
@@ -65,11 +71,12 @@ def release(candidate: Candidate, base: TransformerBridge) -> None:
 
 @contextmanager
 def open_candidate(
-    run_dir: str | Path, base: TransformerBridge, method: str, *, n_shots: int = 2
+    run_dir: str | Path, base: TransformerBridge, method: str, *, n_shots: int = 2,
+    expect: dict | None = None,
 ) -> Iterator[Candidate | None]:
     """``with open_candidate(run_dir, base, "spt") as candidate:`` loads one candidate (see
     :func:`load_candidates`; ``None`` when its artifact is missing) and releases it on exit."""
-    candidate = _load(Path(run_dir), base, method, n_shots)
+    candidate = _load(Path(run_dir), base, method, n_shots, expect)
     try:
         yield candidate
     finally:
@@ -83,11 +90,12 @@ def iter_candidates(
     methods: Sequence[str] = METHODS,
     *,
     n_shots: int = 2,
+    expect: dict | None = None,
 ) -> Iterator[Candidate]:
     """The candidates one at a time: each is released when the loop asks for the next one,
     so never hold on to a candidate past its iteration."""
     for method in methods:
-        with open_candidate(run_dir, base, method, n_shots=n_shots) as candidate:
+        with open_candidate(run_dir, base, method, n_shots=n_shots, expect=expect) as candidate:
             if candidate is not None:
                 yield candidate
 
@@ -98,6 +106,7 @@ def load_candidates(
     methods: Sequence[str] = METHODS,
     *,
     n_shots: int = 2,
+    expect: dict | None = None,
 ) -> list[Candidate]:
     """Every candidate at once (memory: the base plus every candidate's own tensors; prefer
     :func:`iter_candidates`). A method whose artifact is missing is skipped with a note.
@@ -106,7 +115,9 @@ def load_candidates(
     ``tuning.load_tuned`` (a folder written by notebook 04) or as a plain Hugging Face
     folder, around ``base``'s tensors; ``few_shot`` puts ``n_shots`` demonstrations from
     ``run_dir/data/train.jsonl`` in front of every conversation
-    (``tuning.few_shot_conversation``).
+    (``tuning.few_shot_conversation``). With ``expect`` (:func:`spt_utils.io.provenance` of
+    the base model) a tuned folder made from another model or tokenizer raises
+    :class:`spt_utils.io.ProvenanceError`.
     """
-    loaded = (_load(Path(run_dir), base, method, n_shots) for method in methods)
+    loaded = (_load(Path(run_dir), base, method, n_shots, expect) for method in methods)
     return [candidate for candidate in loaded if candidate is not None]

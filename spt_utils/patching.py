@@ -27,7 +27,7 @@ from transformer_lens.utilities.statistics import bootstrap_ci
 
 from spt_utils.chat import require_decoder_only
 from spt_utils.data import PatchingPairs
-from spt_utils.io import atomic_write, write_json
+from spt_utils.io import atomic_write, check_provenance, write_json
 
 RATIO_EPSILON = 1e-3
 
@@ -171,18 +171,24 @@ def validate_heads(heads: list[Head], n_layers: int, n_heads: int) -> list[Head]
     return checked
 
 
-def save_heads(path: str | Path, heads: list[Head], **extra: object) -> None:
-    """Write the head selection as JSON: ``{"heads": [[layer, head], ...], **extra}``."""
-    write_json(path, {"heads": [list(h) for h in heads], **extra})
+def save_heads(
+    path: str | Path, heads: list[Head], *, provenance: dict | None = None, **extra: object
+) -> None:
+    """Write the head selection as JSON:
+    ``{"heads": [[layer, head], ...], "provenance": ..., **extra}``."""
+    write_json(path, {"heads": [list(h) for h in heads], "provenance": provenance, **extra})
 
 
-def load_heads(path: str | Path) -> list[Head]:
-    """Read a head selection written by :func:`save_heads` (e.g. the run's ``heads.json``)."""
+def load_heads(path: str | Path, *, expect: dict | None = None) -> list[Head]:
+    """Read a head selection written by :func:`save_heads` (e.g. the run's ``heads.json``);
+    with ``expect`` its provenance must match (:func:`spt_utils.io.check_provenance`)."""
     try:
         record = json.loads(Path(path).read_text())
-        return [(int(layer), int(head)) for layer, head in record["heads"]]
+        heads = [(int(layer), int(head)) for layer, head in record["heads"]]
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path}: field 'heads' must be a list of [layer, head] pairs") from error
+    check_provenance(record.get("provenance"), expect, str(path))
+    return heads
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,6 +371,7 @@ class HeadScores:
     score: Float[Tensor, "layer head"]
     calibration: Calibration
     per_pair: Float[Tensor, "layer head batch"] | None = None
+    provenance: dict | None = None  # saved with the scores (spt_utils.io.provenance)
 
     def top_heads(self, k: int, sign: str = "positive") -> list[Head]:
         """The ``k`` heads with the largest |score| among those of the chosen sign:
@@ -396,8 +403,10 @@ class HeadScores:
             torch.save(record, handle)
 
     @classmethod
-    def load(cls, path: str | Path) -> HeadScores:
+    def load(cls, path: str | Path, *, expect: dict | None = None) -> HeadScores:
+        """Read :meth:`save`'s file; with ``expect`` its provenance must match."""
         record = torch.load(path, weights_only=True)
+        check_provenance(record.get("provenance"), expect, str(path))
         return cls(**{**record, "calibration": Calibration(**record["calibration"])})
 
 

@@ -1,19 +1,23 @@
-"""Run the notebooks in order with papermill: ``python -m spt_utils.pipeline`` (``make run``).
+"""Run the notebooks in order with papermill: ``spt run`` (:mod:`spt_utils.cli`),
+``python -m spt_utils.pipeline`` or ``make run``.
 
 Each run writes the executed notebooks, their artifacts and ``manifest.json`` under
-``runs/<timestamp>/``; figures go to ``figures/``. ``--resume RUN_DIR`` skips notebooks that
-already finished in that run. ``SPT_PROFILE`` (``cpu``, ``paper`` or ``test``) and
-``SPT_MODEL`` choose the sizes and the model.
+``runs/<timestamp>/``; figures go to ``figures/``. ``--run-dir`` (alias ``--resume``) of an
+existing run finishes it: notebooks that finished there are skipped, an interrupted one runs
+again (notebook 04 continues from its checkpoints). A run is resumed with the model, profile
+and seed it was started with: another value is refused (:class:`RunError`); omitted ones are
+read from its manifest. ``SPT_MODEL``, ``SPT_PROFILE`` and ``SPT_SEED`` set the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import logging
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -21,13 +25,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from spt_utils.io import REPO, git_commit, write_json
 from spt_utils.models import DEFAULT_MODEL
 
-REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 RESULTS_TABLE = "results.md"
+MANIFEST = "manifest.json"
 DONE_DIR = ".done"
 PACKAGES = ("torch", "transformer-lens", "transformers", "peft", "datasets", "spt-utils")
+RUN_SETTINGS = ("model", "profile", "seed")  # fixed for the life of a run directory
+DTYPES = ("float32", "bfloat16", "float16")
+# The notebook parameter each model-placement option of the command line sets.
+OPTION_PARAMETERS = {"device": "device", "dtype": "model_dtype"}
+
+log = logging.getLogger(__name__)
 
 # Parameter overrides per profile and notebook (by file-name prefix). The notebooks' own
 # `parameters` cells hold the CPU defaults; "paper" is the GPU configuration of the paper
@@ -51,8 +62,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "04": {
             "spt_steps": 240, "sft_steps": 120, "baseline_steps": 120, "batch_size": 32,
             "micro_batch_size": 8, "spt_lr": 1e-5, "sft_lr": 5e-6, "lora_lr": 2e-4,
-            "prompt_lr": 3e-2, "weight_decay": 0.1, "dtype": "bfloat16", "n_heldout": 32,
-            "checkpoint_every": 40, "random_head_draws": 5,
+            "prompt_lr": 3e-2, "weight_decay": 0.1, "autocast_dtype": "bfloat16",
+            "n_heldout": 32, "checkpoint_every": 40, "random_head_draws": 5,
         },
         "05": {
             # the paper's KL corpus is 1000 web documents; only the 48 shipped documents
@@ -131,30 +142,48 @@ def paper_row(model_name: str) -> tuple[str, dict[str, Any]] | None:
                  if re.search(rf"(^|/){pattern}(?![0-9a-z])", name)), None)
 
 
+class RunError(ValueError):
+    """A run directory that cannot be resumed with these settings, a notebook it still
+    needs, or an option a notebook does not declare."""
+
+
 def notebook_paths() -> list[Path]:
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
-def parameters_for(notebook: Path, profile: str, common: dict[str, Any]) -> dict[str, Any]:
-    """The notebook's parameters: ``common``, then the profile's overrides; under ``paper``
-    the row of tables 13-14 for ``common["model_name"]`` (see :func:`paper_row`) wins."""
+def notebook_parameters(notebook: Path) -> set[str]:
+    """The names assigned in the notebook's cell tagged ``parameters``."""
+    cells = json.loads(notebook.read_text())["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        raise RunError(f"{notebook}: {len(tagged)} cells are tagged 'parameters', not 1")
+    tree = ast.parse("".join(tagged[0]["source"]))
+    return {target.id for node in tree.body if isinstance(node, ast.Assign)
+            for target in node.targets if isinstance(target, ast.Name)}
+
+
+def parameters_for(
+    notebook: Path, profile: str, common: dict[str, Any], options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The papermill parameters of ``notebook``: ``common``, the profile's overrides (under
+    ``paper``, the model's row of tables 13-14 over them), then ``options`` (parameter names,
+    e.g. ``device``, ``model_dtype``; None values are left out), which the notebook's
+    parameters cell must declare. ``profile`` is passed to notebooks that declare it."""
     if profile not in PROFILES:
         raise ValueError(f"Unknown profile {profile!r}: choose one of {sorted(PROFILES)}")
+    declared = notebook_parameters(notebook)
+    options = {name: value for name, value in (options or {}).items() if value is not None}
+    for name in sorted(options):
+        if name not in declared:
+            raise RunError(f"{notebook}: its parameters cell has no {name!r} to set")
     prefix = notebook.name[:2]
-    parameters = {**common, **PROFILES[profile].get(prefix, {})}
+    run_wide = {"profile": profile} if "profile" in declared else {}
+    parameters = {**common, **run_wide, **PROFILES[profile].get(prefix, {})}
+    # under ``paper`` the row of tables 13-14 for the model (see :func:`paper_row`) wins
     row = paper_row(common.get("model_name", DEFAULT_MODEL)) if profile == "paper" else None
     if row is not None:
         parameters.update({key: row[1][key] for key in _PAPER_KEYS.get(prefix, ())})
-    return parameters
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return {**parameters, **options}
 
 
 def _versions() -> dict[str, str | None]:
@@ -167,6 +196,33 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The run's ``manifest.json`` ({} for a new run directory)."""
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise RunError(f"{path}: not a JSON manifest ({error})") from error
+
+
+def check_resume(run_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to continue ``run_dir`` with another model, profile or seed than it began with."""
+    manifest = read_manifest(run_dir)
+    for name in RUN_SETTINGS:
+        if name in manifest and manifest[name] != settings[name]:
+            raise RunError(
+                f"{Path(run_dir) / MANIFEST}: field {name!r} is {manifest[name]!r} but this "
+                f"run asks for {settings[name]!r}: resume a run with the settings it began "
+                "with, or start a new run directory"
+            )
+
+
+def is_finished(run_dir: Path, notebook: Path) -> bool:
+    return (Path(run_dir) / DONE_DIR / notebook.name).exists()
+
+
 def run_pipeline(
     run_dir: Path,
     *,
@@ -176,64 +232,147 @@ def run_pipeline(
     figures_dir: Path = REPO / "figures",
     notebooks: list[Path] | None = None,
     log_output: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Execute ``notebooks`` (default: all) into ``run_dir``; return the manifest."""
+    """Execute ``notebooks`` (default: all) into ``run_dir``; return the manifest.
+
+    Notebooks that finished in ``run_dir`` are skipped; ``device`` and ``dtype`` (when given)
+    become the notebooks' ``device`` and ``model_dtype`` parameters (:data:`OPTION_PARAMETERS`:
+    the model's placement and weight dtype in ``models.load_model``). Raises
+    :class:`RunError` before running anything when ``run_dir`` was begun with another model,
+    profile or seed, or a notebook lacks an option's parameter."""
     import papermill
 
     run_dir = run_dir.resolve()
-    (run_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
-    manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest.update(
-        model=model_name, profile=profile, seed=seed, git_commit=_git_commit(),
-        versions=_versions(), timings_s=manifest.get("timings_s", {}),
-    )
+    notebooks = notebooks or notebook_paths()
     common = {
         "model_name": model_name, "run_dir": str(run_dir), "seed": seed,
-        "figures_dir": str(figures_dir.resolve()),
+        "figures_dir": str(Path(figures_dir).resolve()),
     }
-    for notebook in notebooks or notebook_paths():
-        done = run_dir / DONE_DIR / notebook.name
-        if done.exists():
-            print(f"[spt] {notebook.name}: already finished in this run, skipped")
+    options = {OPTION_PARAMETERS["device"]: device, OPTION_PARAMETERS["dtype"]: dtype}
+    parameters = {
+        notebook: parameters_for(notebook, profile, common, options) for notebook in notebooks
+    }
+    check_resume(run_dir, {"model": model_name, "profile": profile, "seed": seed})
+    (run_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    manifest_path = run_dir / MANIFEST
+    manifest = read_manifest(run_dir)
+    manifest.update(
+        model=model_name, profile=profile, seed=seed, git_commit=git_commit(),
+        versions=_versions(), timings_s=manifest.get("timings_s", {}),
+    )
+    for notebook in notebooks:
+        if is_finished(run_dir, notebook):
+            log.info("%s: already finished in this run, skipped", notebook.name)
             continue
-        print(f"[spt] {notebook.name} ...", flush=True)
+        log.info("%s ...", notebook.name)
         started = time.perf_counter()
         papermill.execute_notebook(
             str(notebook),
             str(run_dir / notebook.name),
-            parameters=parameters_for(notebook, profile, common),
+            parameters=parameters[notebook],
             cwd=str(REPO),
             kernel_name="python3",
             progress_bar=False,
             log_output=log_output,
         )
         manifest["timings_s"][notebook.name] = round(time.perf_counter() - started, 1)
-        done.touch()
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-        print(f"[spt] {notebook.name}: {manifest['timings_s'][notebook.name]} s", flush=True)
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+        (run_dir / DONE_DIR / notebook.name).touch()
+        write_json(manifest_path, manifest)
+        log.info("%s: %s s", notebook.name, manifest["timings_s"][notebook.name])
+    write_json(manifest_path, manifest)
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.environ.get("SPT_MODEL", DEFAULT_MODEL))
-    parser.add_argument("--profile", default=os.environ.get("SPT_PROFILE", "cpu"))
-    parser.add_argument("--seed", type=int, default=int(os.environ.get("SPT_SEED", "0")))
-    parser.add_argument("--resume", type=Path, help="a run directory to finish")
-    parser.add_argument("--runs", type=Path, default=REPO / "runs")
-    args = parser.parse_args(argv)
-    run_dir = args.resume or args.runs / datetime.now().strftime("%Y%m%d-%H%M%S")
-    print(f"[spt] run directory: {run_dir}")
-    started = time.perf_counter()
-    run_pipeline(run_dir, model_name=args.model, profile=args.profile, seed=args.seed)
-    print(f"[spt] pipeline finished in {time.perf_counter() - started:.0f} s")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every pipeline command takes (see :func:`run_from_arguments`)."""
+    parser.add_argument(
+        "--model", help="model id: the embedded 'smollm2-135m-instruct', a hub id or a local "
+        "folder (default: $SPT_MODEL, else the run's manifest, else the embedded model)")
+    parser.add_argument(
+        "--profile", choices=sorted(PROFILES),
+        help="parameter sizes: 'cpu' (the notebooks' defaults), 'paper' (the paper's GPU "
+        "sizes) or 'test' (tiny) (default: $SPT_PROFILE, else the run's, else 'cpu')")
+    parser.add_argument(
+        "--seed", type=int,
+        help="seed of every notebook (default: $SPT_SEED, else the run's, else 0)")
+    parser.add_argument(
+        "--device", help="device the notebooks load the model on, e.g. 'cpu', 'cuda', "
+        "'cuda:1' (the notebooks' `device` parameter; default: CUDA when available)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES,
+        help="dtype of the model's weights (the notebooks' `model_dtype` parameter; default: "
+        "bfloat16 on CUDA, float32 on CPU; notebook 04's training autocast is its own "
+        "`autocast_dtype`)")
+    parser.add_argument(
+        "--run-dir", "--resume", dest="run_dir", type=Path,
+        help="run directory to write, or to finish when it exists (default: a new "
+        "<runs>/<timestamp>)")
+    parser.add_argument(
+        "--runs", type=Path, default=REPO / "runs",
+        help="folder of new run directories (default: %(default)s)")
+    parser.add_argument(
+        "--figures-dir", type=Path, default=REPO / "figures",
+        help="folder of the exported figures (default: %(default)s)")
+
+
+def _setting(explicit: Any, variable: str, manifest: dict, key: str, default: Any) -> Any:
+    """A flag's value, else the environment variable, else the run's manifest, else default."""
+    if explicit is not None:
+        return explicit
+    if variable in os.environ:
+        return type(default)(os.environ[variable])
+    return manifest.get(key, default)
+
+
+def run_from_arguments(
+    args: argparse.Namespace, notebooks: list[Path] | None = None,
+    needs: list[Path] | tuple[Path, ...] = (),
+) -> int:
+    """Run ``notebooks`` (default: all) with parsed :func:`add_run_arguments` options;
+    ``needs`` must have finished in the run directory first. Prints the results table."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[spt] %(message)s"))
+    package_log = logging.getLogger("spt_utils")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    try:
+        run_dir = args.run_dir or args.runs / datetime.now().strftime("%Y%m%d-%H%M%S")
+        manifest = read_manifest(run_dir)
+        missing = [n.name for n in needs if not is_finished(run_dir, n)]
+        if missing:
+            raise RunError(f"{run_dir}: {', '.join(missing)} has not finished in this run; "
+                           "run the earlier steps first (spt patch / spt tune)")
+        log.info("run directory: %s", run_dir)
+        started = time.perf_counter()
+        run_pipeline(
+            run_dir,
+            model_name=_setting(args.model, "SPT_MODEL", manifest, "model", DEFAULT_MODEL),
+            profile=_setting(args.profile, "SPT_PROFILE", manifest, "profile", "cpu"),
+            seed=_setting(args.seed, "SPT_SEED", manifest, "seed", 0),
+            figures_dir=args.figures_dir, notebooks=notebooks, device=args.device,
+            dtype=args.dtype,
+        )
+        log.info("finished in %.0f s", time.perf_counter() - started)
+    finally:
+        package_log.removeHandler(handler)
     table = run_dir / RESULTS_TABLE
     if table.exists():
         print(table.read_text())
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m spt_utils.pipeline``: every notebook, as ``spt run``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser)
+    try:
+        return run_from_arguments(parser.parse_args(argv))
+    except RunError as error:
+        print(f"spt: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

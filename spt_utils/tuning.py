@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -71,8 +70,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from spt_utils import chat, data, models
-from spt_utils.io import atomic_folder, atomic_write, write_json
+from spt_utils import chat, data, io, models
+from spt_utils.io import (
+    atomic_folder,
+    atomic_write,
+    check_provenance,
+    tokenizer_fingerprint,
+    write_json,
+)
 from spt_utils.patching import Head, validate_heads
 
 METHODS = ("spt", "sft", "lora_attn", "lora_heads", "prompt_tuning")
@@ -131,11 +136,6 @@ def check_head_layout(hf_model: nn.Module, method: str) -> None:
 
 def d_head_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def check_tokenizer(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str):
@@ -1047,13 +1047,16 @@ def export_hf(
     setup: TuningSetup, tokenizer: PreTrainedTokenizerBase, folder: str | Path, *,
     base_model: str, seed: int = 0, extra: dict | None = None,
     state: dict[str, Tensor] | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Save the tuned model to ``folder`` (written atomically) with ``spt_tuning.json``.
 
     Weight methods give a plain HF folder (``save_pretrained``, LoRA merged) loadable by
     ``models.load_model(str(folder))`` and ``AutoModelForCausalLM``; prompt tuning gives a
     peft adapter folder over ``base_model``. A sharded (FSDP) setup needs ``state``, its
-    :func:`full_state_dict` gathered on every rank.
+    :func:`full_state_dict` gathered on every rank. ``provenance``
+    (:func:`spt_utils.io.provenance` of the base model) is recorded in ``spt_tuning.json`` and
+    checked by :func:`load_tuned`.
     """
     if setup.sharded and state is None:
         raise ValueError("export_hf: a sharded setup needs state=full_state_dict(setup), "
@@ -1061,7 +1064,8 @@ def export_hf(
     folder = Path(folder)
     record = {"method": setup.method, "base_model": base_model, "base_seed": seed,
               "heads": [list(h) for h in setup.heads],
-              "tokenizer": tokenizer_fingerprint(tokenizer), **(extra or {})}
+              "tokenizer": tokenizer_fingerprint(tokenizer), "provenance": provenance,
+              **(extra or {})}
     with atomic_folder(folder) as staging:
         if setup.method == "prompt_tuning":
             setup.model.save_pretrained(str(staging))
@@ -1090,6 +1094,7 @@ def load_tuned(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     base: TransformerBridge | None = None,
+    expect: dict | None = None,
 ):
     """Load any method's output folder for evaluation: ``(bridge, hf_model_for_generation)``.
 
@@ -1101,7 +1106,8 @@ def load_tuned(
     twice: a tuned model reuses the base's unchanged tensors (``models.load_model(...,
     share_with=base)``, its placement and dtype) and a soft prompt wraps ``base`` itself.
     Raises :class:`CheckpointError` when the folder is not a tuned folder or its tokenizer
-    does not match the recorded one.
+    does not match the recorded one, and :class:`spt_utils.io.ProvenanceError` when
+    ``expect`` is given and the recorded provenance (the base model's) does not match it.
     """
     folder = Path(folder)
     try:
@@ -1110,6 +1116,7 @@ def load_tuned(
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{folder / TUNING_FILE}: not a tuned-model folder ({error})") \
             from error
+    check_provenance(record.get("provenance"), expect, str(folder / TUNING_FILE))
     if method == "prompt_tuning":
         import peft
 
@@ -1144,8 +1151,11 @@ def head_deltas(setup: TuningSetup) -> dict[str, Tensor]:
             for n, p in sparse.params.items()}
 
 
-def save_head_deltas(path: str | Path, setup: TuningSetup, *, base_model: str) -> Path:
-    """A small safetensors file of the head deltas + metadata (model, heads, d_head…)."""
+def save_head_deltas(
+    path: str | Path, setup: TuningSetup, *, base_model: str, provenance: dict | None = None
+) -> Path:
+    """A small safetensors file of the head deltas + metadata (model, heads, d_head…,
+    ``provenance`` as JSON)."""
     sparse = setup.head_params
     deltas = head_deltas(setup)
     config = sparse.model.config
@@ -1153,7 +1163,7 @@ def save_head_deltas(path: str | Path, setup: TuningSetup, *, base_model: str) -
                 "heads": json.dumps([list(h) for h in sparse.heads]),
                 "d_head": str(sparse.d_head), "n_heads": str(config.num_attention_heads),
                 "n_kv_heads": str(config.num_key_value_heads),
-                "include_kv": str(sparse.include_kv)}
+                "include_kv": str(sparse.include_kv), "provenance": json.dumps(provenance)}
     path = Path(path)
     with atomic_write(path, "wb") as handle:
         handle.write(save(deltas, metadata=metadata))
@@ -1161,10 +1171,13 @@ def save_head_deltas(path: str | Path, setup: TuningSetup, *, base_model: str) -
 
 
 @torch.no_grad()
-def apply_head_deltas(hf_model: PreTrainedModel, path: str | Path) -> dict[str, str]:
+def apply_head_deltas(
+    hf_model: PreTrainedModel, path: str | Path, *, expect: dict | None = None
+) -> dict[str, str]:
     """Add the deltas of :func:`save_head_deltas` to a base model in place; return metadata.
 
-    Checks the file's shape metadata against the model (a clear error on mismatch)."""
+    Checks the file's shape metadata against the model and, with ``expect``, its provenance
+    (a clear error on mismatch)."""
     path = Path(path)
     try:
         with safe_open(str(path), "pt") as handle:
@@ -1174,6 +1187,11 @@ def apply_head_deltas(hf_model: PreTrainedModel, path: str | Path) -> dict[str, 
         raise CheckpointError(f"{path}: corrupt or missing head-delta file ({error})") from error
     if metadata.get("format") != DELTAS_FORMAT:
         raise CheckpointError(f"{path}: field 'format' is not {DELTAS_FORMAT!r}")
+    try:
+        recorded = json.loads(metadata.get("provenance", "null"))
+    except ValueError as error:
+        raise CheckpointError(f"{path}: field 'provenance' is not JSON ({error})") from error
+    check_provenance(recorded, expect, str(path))
     if models.is_offloaded(hf_model):
         raise CheckpointError(f"{path}: the model keeps offloaded weights (CPU/disk "
                               "device_map) that cannot be written: load it on devices")
@@ -1188,22 +1206,27 @@ def apply_head_deltas(hf_model: PreTrainedModel, path: str | Path) -> dict[str, 
             )
     validate_heads(json.loads(metadata["heads"]), config.num_hidden_layers,
                    config.num_attention_heads)
-    for name, delta in deltas.items():
+    targets = {}
+    for name, delta in deltas.items():  # check every slice before changing any
         _, layer, proj, label = name.split(".")
         number = int(label.removeprefix("head").removeprefix("group"))
         weight = attn_linear(hf_model, int(layer), proj).weight
         span = slice(number * d_head, (number + 1) * d_head)
-        target = weight[:, span] if proj == "o_proj" else weight[span]
-        if target.shape != delta.shape:
+        targets[name] = weight[:, span] if proj == "o_proj" else weight[span]
+        if targets[name].shape != delta.shape:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(delta.shape)}, "
-                                  f"the model's slice {list(target.shape)}")
-        target.copy_((target.double() + delta.to(target.device)).to(weight.dtype))
+                                  f"the model's slice {list(targets[name].shape)}")
+    for name, target in targets.items():
+        delta = deltas[name].to(target.device)
+        target.copy_((target.double() + delta).to(target.dtype))
     return metadata
 
 
-def save_index(tuned_dir: str | Path, entries: dict[str, dict[str, Any]]) -> None:
+def save_index(
+    tuned_dir: str | Path, entries: dict[str, dict[str, Any]], *, provenance: dict | None = None
+) -> None:
     """Write ``tuned_dir/index.json``: per method its folder, losses and settings."""
-    write_json(Path(tuned_dir) / "index.json", {"methods": entries})
+    write_json(Path(tuned_dir) / "index.json", {"methods": entries, "provenance": provenance})
 
 
 def _device_map_arg(value: str) -> models.DeviceMap:
@@ -1255,7 +1278,8 @@ def main(argv: list[str] | None = None) -> None:
         # FSDP shards float32 masters (bf16 compute on CUDA); the others load in --dtype
         dtype = "float32" if sharded else args.dtype
         bridge = models.load_model(args.model, dtype=dtype, **placement)
-        heads = load_heads(args.run_dir / "heads.json") if args.method in (
+        run = io.provenance(args.model, bridge.tokenizer, profile=None, seed=args.seed)
+        heads = load_heads(args.run_dir / "heads.json", expect=run) if args.method in (
             "spt", "lora_heads") else []
         setup = prepare(args.method, bridge, heads, include_kv=args.include_kv, seed=args.seed)
         if sharded:
@@ -1276,11 +1300,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.method == "spt" and models.is_offloaded(bridge.original_model):
             path = save_head_deltas(tuned / "spt_head_deltas.safetensors", setup,
-                                    base_model=args.model)
+                                    base_model=args.model, provenance=run)
             print(f"[tuning] offloaded layers cannot be exported in full: wrote {path}")
             return
         export_hf(setup, bridge.tokenizer, tuned / args.method, base_model=args.model,
-                  seed=args.seed, state=state)
+                  seed=args.seed, state=state, provenance=run)
     finally:
         if distributed:
             dist.destroy_process_group()

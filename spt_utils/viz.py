@@ -2,7 +2,9 @@
 
 * :class:`HeadSelector` — a layer×head heatmap (plotly ``FigureWidget``) whose selection
   (clicks, a top-k slider and a sign filter) is saved to ``heads.json`` on every change.
-* :func:`export_figure` — consistent publication styling, written as PDF, SVG, PNG and HTML.
+* :func:`export_figure` — consistent publication styling, written as PDF, SVG, PNG and HTML;
+  every static image of a process (a notebook's kernel) is rendered in one headless browser
+  (:class:`KaleidoSession`), opened on first use and closed at exit.
 * :func:`attention_patterns` — circuitsvis attention patterns of chosen heads, rendered
   offline (the JavaScript bundled with circuitsvis is inlined; no CDN).
 * :class:`HeadLab` — the heatmap beside the model's reply: clicks toggle heads in a knockout
@@ -12,11 +14,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import html
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +29,7 @@ from typing import Any, Protocol
 import circuitsvis.attention
 import ipywidgets
 import plotly.graph_objects as go
+import plotly.io as pio
 import torch
 from IPython.display import HTML
 from jaxtyping import Float, Int
@@ -117,10 +123,75 @@ def head_heatmap(
     return style_figure(fig, colorbar_title=metric_name)
 
 
+class KaleidoSession:
+    """One kaleido browser for every static image this process exports, instead of one
+    browser launch per image (``fig.to_image``). It runs in its own event loop on a daemon
+    thread (a notebook kernel's own loop is busy), opens on first use and closes at exit.
+    When it cannot open (no browser), :meth:`render` raises that error every time without
+    trying again."""
+
+    def __init__(self, timeout_s: float = 120.0) -> None:
+        self.timeout_s = timeout_s
+        self.launches = 0  # browsers started (tests count them)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._browser: Any = None
+        self._error: Exception | None = None
+
+    def _call(self, coroutine: Coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(self.timeout_s)
+
+    def _open(self) -> None:
+        import kaleido
+
+        async def enter() -> Any:
+            self._stack = contextlib.AsyncExitStack()
+            return await self._stack.enter_async_context(kaleido.Kaleido(n=1))
+
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="kaleido", daemon=True).start()
+        self.launches += 1
+        try:
+            self._browser = self._call(enter())
+        except Exception as error:
+            self._error = error
+            self._stop_loop()
+            raise
+        atexit.register(self.close)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop = None
+
+    def render(self, fig: go.Figure, fmt: str, scale: float) -> bytes:
+        """``fig`` as ``fmt`` bytes, sized as ``fig.to_image`` sizes it."""
+        if self._error is not None:
+            raise self._error
+        if self._browser is None:
+            self._open()
+        opts = {"format": fmt, "scale": scale,
+                "width": fig.layout.width or pio.defaults.default_width,
+                "height": fig.layout.height or pio.defaults.default_height}
+        return self._call(self._browser.calc_fig(fig.to_dict(), opts=opts))
+
+    def close(self) -> None:
+        """Close the browser (a later :meth:`render` opens a new one)."""
+        if self._browser is None:
+            return
+        with contextlib.suppress(Exception):  # at exit the browser may already be gone
+            self._call(self._stack.aclose())
+        self._browser = self._stack = None
+        self._stop_loop()
+
+
+_session = KaleidoSession()
+
+
 def export_figure(
     fig: go.Figure, figures_dir: str | Path, name: str, *, scale: float = 2.0
 ) -> list[Path]:
-    """Write ``name`` as PDF, SVG, PNG (kaleido + chromium) and HTML under ``figures_dir``.
+    """Write ``name`` as PDF, SVG, PNG (kaleido + chromium, one browser per process) and
+    HTML under ``figures_dir``.
 
     When static export fails (no browser), only HTML is written, with one warning per
     session. Every file is written atomically. Returns the written paths.
@@ -132,7 +203,7 @@ def export_figure(
         handle.write(fig.to_html(include_plotlyjs=True, full_html=True))
     written = [html_path]
     try:
-        images = {fmt: fig.to_image(format=fmt, scale=scale) for fmt in STATIC_FORMATS}
+        images = {fmt: _session.render(fig, fmt, scale) for fmt in STATIC_FORMATS}
     except Exception as error:  # kaleido raises several types when no browser is found
         if not _static_export_warned:
             warnings.warn(

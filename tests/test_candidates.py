@@ -7,7 +7,7 @@ from spt_utils.evaluation import Candidate
 
 
 def test_load_candidates_loads_plain_folders_and_skips_missing_ones(tiny_model, tmp_path,
-                                                                    capsys):
+                                                                    caplog):
     tokenizer = models.make_tiny_tokenizer()
     folder = tmp_path / "tuned" / "sft"
     models.make_tiny_hf_model(tokenizer, seed=1).save_pretrained(folder)
@@ -15,7 +15,7 @@ def test_load_candidates_loads_plain_folders_and_skips_missing_ones(tiny_model, 
     loaded = candidates.load_candidates(tmp_path, tiny_model, ["base", "sft", "spt"])
     assert [c.name for c in loaded] == ["base", "sft"]
     assert loaded[0].bridge is tiny_model and loaded[1].bridge is not tiny_model
-    assert "spt: skipped" in capsys.readouterr().out
+    assert "spt: skipped" in caplog.text
 
 
 
@@ -102,3 +102,19 @@ def test_open_candidate_releases_even_after_an_error(run_dir, tiny_model):
     assert {p.device.type for p in candidate.bridge.original_model.parameters()} == {"meta"}
     with candidates.open_candidate(run_dir, tiny_model, "lora_heads") as missing:
         assert missing is None
+
+
+def test_tuned_folders_of_another_model_are_refused(tiny_model, tmp_path):
+    bridge = models.load_model(models.TINY_MODEL, device="cpu")
+    setup = tuning.prepare("spt", bridge, [(0, 0)])
+    run = io.provenance(models.TINY_MODEL, bridge.tokenizer, profile="test", seed=0)
+    tuning.export_hf(setup, bridge.tokenizer, tmp_path / "tuned" / "spt",
+                     base_model=models.TINY_MODEL, provenance=run)
+    (loaded,) = candidates.load_candidates(tmp_path, tiny_model, ["spt"], expect=run)
+    assert loaded.name == "spt" and loaded.hf_model is None
+    with pytest.raises(io.ProvenanceError, match="field 'provenance.model'"):
+        candidates.load_candidates(tmp_path, tiny_model, ["spt"],
+                                   expect=dict(run, model="smollm2-135m-instruct"))
+    with pytest.raises(io.ProvenanceError, match="field 'provenance.model'"):
+        next(candidates.iter_candidates(tmp_path, tiny_model, ["spt"],
+                                        expect=dict(run, model="smollm2-135m-instruct")))

@@ -27,11 +27,19 @@ def test_tiny_model_is_deterministic_per_seed():
 
 
 def test_tiny_bridge_logits_equal_hf(tiny_model):
+    """Against a separately built Hugging Face model with the same seed (not the bridge's own
+    wrapped modules)."""
     conversation = [{"role": "user", "content": "What is the capital?"}]
     tokens = chat.tokens(tiny_model.tokenizer, conversation)
-    bridge_logits = tiny_model(tokens[None])
-    hf_logits = tiny_model.original_model(tokens[None]).logits
+    reference = models.make_tiny_hf_model(models.make_tiny_tokenizer(), seed=0)
+    assert reference is not tiny_model.original_model
+    with torch.no_grad():
+        bridge_logits = tiny_model(tokens[None])
+        hf_logits = reference(tokens[None]).logits
     assert (bridge_logits - hf_logits).abs().max() <= 1e-5
+    other = models.make_tiny_hf_model(models.make_tiny_tokenizer(), seed=1)
+    with torch.no_grad():
+        assert (bridge_logits - other(tokens[None]).logits).abs().max() > 1e-3
 
 
 def test_dtype_defaults_and_names():

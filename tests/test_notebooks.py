@@ -1,13 +1,95 @@
-"""Execute every notebook in order with the `test` profile (small parameters)."""
+"""Execute every notebook in order with the `test` profile (small parameters), then check what
+they wrote against what was asked for and against the files they were computed from: the
+selected heads, a finite knockout summary, every tuned method with finite losses and an
+export, every candidate's results, every figure; notebook 05 refusing a missing method; and an
+interrupted run, resumed."""
+
+from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
 
 import nbformat
+import papermill
+import plotly.graph_objects as go
+import psutil
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from spt_utils import pipeline
+from spt_utils import data, evaluation, pipeline, viz
+from spt_utils.ablation import HeadMeans
+from spt_utils.patching import HeadScores
 
 pytestmark = pytest.mark.notebooks
+
+PROFILE = pipeline.PROFILES["test"]
+REPO = Path(__file__).resolve().parent.parent
+TRAINED = ("spt", "sft", "lora_attn", "lora_heads", "prompt_tuning")
+
+
+def notebook_path(prefix: str) -> Path:
+    return next(p for p in pipeline.notebook_paths() if p.name.startswith(prefix))
+
+
+def notebook_defaults(prefix: str) -> dict:
+    """The values a notebook's parameters cell assigns (its defaults), by evaluating it."""
+    notebook = nbformat.read(notebook_path(prefix), as_version=4)
+    (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    values: dict = {}
+    exec(cell.source, {}, values)  # noqa: S102 - the repository's own notebook
+    return values
+
+
+def asked(prefix: str, name: str):
+    """The value the test profile gives a notebook parameter (else the notebook's default)."""
+    return PROFILE.get(prefix, {}).get(name, notebook_defaults(prefix)[name])
+
+
+def controls(prefix: str) -> list[str]:
+    """The random-head SPT controls notebook 04 trains and notebook 05 evaluates."""
+    return [f"spt_random_{draw}" for draw in range(asked(prefix, "random_head_draws"))]
+
+
+def finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def non_finite_numbers(value, where: str = "") -> list[str]:
+    """Where ``value`` (parsed JSON) holds a NaN or infinite number; the statistics of an
+    empty sample (a dict with ``n`` = 0: NaN by definition, see ``stats.rate_of`` and
+    ``stats.mcnemar``) are exempt."""
+    if isinstance(value, dict):
+        if value.get("n") == 0:
+            return []
+        return [bad for key, item in value.items()
+                for bad in non_finite_numbers(item, f"{where}.{key}")]
+    if isinstance(value, list):
+        return [bad for i, item in enumerate(value)
+                for bad in non_finite_numbers(item, f"{where}[{i}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{where} = {value}"]
+    return []
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def known_eval_questions(run_dir: Path) -> list[dict]:
+    """The eval split's questions the model answered correctly first (notebook 01's files)."""
+    answers = data.load_answers(run_dir / "data" / data.ANSWERS_FILE)
+    return [q for q in data.load_questions(run_dir / "data" / "eval_questions.jsonl")
+            if answers[q["id"]]["correct"]]
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +97,7 @@ def executed_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     figures = tmp_path_factory.mktemp("figures")
     manifest = pipeline.run_pipeline(run_dir, profile="test", figures_dir=figures)
-    return run_dir, manifest
+    return run_dir, manifest, figures
 
 
 def test_committed_notebooks_have_no_outputs():
@@ -23,27 +105,356 @@ def test_committed_notebooks_have_no_outputs():
         notebook = nbformat.read(path, as_version=4)
         code = [c for c in notebook.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), path.name
-        assert any("parameters" in c.metadata.get("tags", []) for c in code), path.name
+        assert code[0].metadata.get("tags") == ["parameters"], path.name
 
 
 def test_every_notebook_executes(executed_run):
-    run_dir, manifest = executed_run
+    run_dir, manifest, _ = executed_run
     for path in pipeline.notebook_paths():
         assert (run_dir / path.name).exists()
-        assert path.name in manifest["timings_s"]
-    saved = json.loads((run_dir / "manifest.json").read_text())
-    assert saved["profile"] == "test" and saved["versions"]["transformer-lens"] == "4.3.0"
+        assert (run_dir / pipeline.DONE_DIR / path.name).exists()
+        assert finite(manifest["timings_s"][path.name])
+    saved = json.loads((run_dir / pipeline.MANIFEST).read_text())
+    assert (saved["model"], saved["profile"], saved["seed"]) == (
+        notebook_defaults("00")["model_name"], "test", 0)
+    assert saved["versions"]["transformer-lens"] == metadata.version("transformer-lens")
 
 
-def test_resume_skips_finished_notebooks(executed_run, capsys):
-    run_dir, _ = executed_run
-    pipeline.run_pipeline(run_dir, profile="test", notebooks=pipeline.notebook_paths()[:1])
-    assert "already finished" in capsys.readouterr().out
+def test_heads_json_holds_the_requested_top_k_of_the_saved_scores(executed_run):
+    """Notebook 02 selects the top-k heads of the chosen sign among those whose bootstrap
+    interval excludes 0; here the ranking is redone from patching.pt."""
+    run_dir, _, _ = executed_run
+    record = json.loads((run_dir / "heads.json").read_text())
+    top_k, sign = asked("02", "top_k"), asked("02", "sign")
+    saved = HeadScores.load(run_dir / "patching.pt")
+    scores = saved.score  # [layer, head]
+    assert torch.isfinite(scores).all(), "patching.pt: some head has no score"
+    eligible = saved.uncertainty(seed=0).excludes_zero  # [layer, head], as notebook 02 asks
+    of_sign = {"positive": scores > 0, "negative": scores < 0, "both": scores == scores}[sign]
+    n_layers, n_heads = scores.shape
+    order = sorted(((abs(float(scores[layer, head])), (layer, head))
+                    for layer in range(n_layers) for head in range(n_heads)
+                    if of_sign[layer, head] and eligible[layer, head]), reverse=True)
+    assert len(order) >= top_k, f"only {len(order)} heads qualify for the top {top_k}"
+    assert [tuple(h) for h in record["heads"]] == [head for _, head in order[:top_k]]
+    assert record["scores"] == [round(float(scores[layer, head]), 6)
+                                for layer, head in record["heads"]]
+    assert (record["method"], record["sign"]) == ("path_patching", sign)
+
+
+def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
+    run_dir, _, _ = executed_run
+    out = run_dir / "knockout"
+    summary = json.loads((out / "summary.json").read_text())
+    assert not non_finite_numbers(summary), non_finite_numbers(summary)
+    heads = [tuple(h) for h in json.loads((run_dir / "heads.json").read_text())["heads"]]
+    ks = sorted(k for k in asked("03", "k_values") if k <= len(heads))
+    assert summary["k"] == ks[-1] and [row["k"] for row in summary["by_k"]] == ks
+    held_out = known_eval_questions(run_dir)
+    assert summary["n_pairs"] == min(asked("03", "n_sweep_pairs"), len(held_out))
+    assert finite(summary["clean_effect"]) and summary["clean_effect"] != 0
+    n_random, n_matched = asked("03", "n_random"), asked("03", "n_layer_matched")
+    for row in summary["by_k"]:
+        # p = (1 + #{random sets removing at least as much}) / (1 + n_random): the sets ran
+        for kind, n in (("random", n_random), ("layer_matched", n_matched)):
+            count = row[f"p_{kind}"] * (1 + n) - 1
+            assert count == pytest.approx(round(count)) and 0 <= round(count) <= n, (row, kind)
+        assert row["top"]["low"] <= row["top"]["high"] and finite(row["bottom"])
+    # means over the reference and counterfactual prompts of the known training questions
+    answers = data.load_answers(run_dir / "data" / data.ANSWERS_FILE)
+    train_known = [q for q in data.load_questions(run_dir / "data" / "train_questions.jsonl")
+                   if answers[q["id"]]["correct"]][: asked("03", "n_reference")]
+    means = HeadMeans.load(out / "means.pt")
+    assert means.n_prompts == 2 * len(train_known) and torch.isfinite(means.z).all()
+    # generation: every run, each rate recounted from its records
+    k = summary["k"]
+    runs = {"none", f"top-{k}",
+            *(f"random-{k}-{i}" for i in range(asked("03", "n_random_generate")))}
+    by_run = {g["run"]: g for g in summary["generation"]}
+    assert set(by_run) == runs
+    n_generate = min(asked("03", "n_generate"), len(held_out))
+    assert summary["n_generate"] == n_generate
+    for run, row in by_run.items():
+        records = read_jsonl(out / f"records_{run}.jsonl")
+        assert [r["id"] for r in records] == [q["id"] for q in held_out[:n_generate]], run
+        assert all(r["correct_before"] for r in records), run
+        assert (row["admitted"]["k"], row["admitted"]["n"]) == (
+            sum(r["admitted"] for r in records), len(records)), run
+        assert row["admitted"]["value"] == pytest.approx(row["admitted"]["k"] / len(records))
+    assert by_run[f"top-{k}"]["heads"] == [list(h) for h in heads[:k]]
+    assert summary["passed"] == all(summary["checks"].values())
+
+
+def steps_of(method: str) -> int:
+    return {"spt": asked("04", "spt_steps"), "sft": asked("04", "sft_steps")}.get(
+        method, asked("04", "baseline_steps"))
+
+
+def test_tuned_index_lists_every_requested_method_with_finite_losses(executed_run):
+    run_dir, _, _ = executed_run
+    tuned = run_dir / "tuned"
+    index = json.loads((tuned / "index.json").read_text())["methods"]
+    requested = asked("04", "methods")
+    assert controls("04") and set(index) == {*requested, "few_shot", *controls("04")}
+    heads = json.loads((run_dir / "heads.json").read_text())["heads"]
+    for control in controls("04"):  # SPT on as many heads outside the selection
+        entry = index[control]
+        record = json.loads((tuned / entry["folder"] / "spt_tuning.json").read_text())
+        assert record["method"] == entry["method"] == "spt", control
+        assert sorted(record["heads"]) == sorted(entry["heads"]), control
+        assert len(entry["heads"]) == len(heads) and not set(map(tuple, entry["heads"])) & set(
+            map(tuple, heads)), control
+        assert entry["steps"] == steps_of("spt") == len(entry["losses"]), control
+        assert all(finite(loss) for loss in entry["losses"]), control
+    for method in requested:
+        entry = index[method]
+        n_steps = steps_of(method)
+        assert entry["steps"] == n_steps == len(entry["losses"]), method
+        assert all(finite(loss) and loss > 0 for loss in entry["losses"]), method
+        every = max(1, n_steps // 3)  # notebook 04's eval_every
+        assert [e["step"] for e in entry["evals"]] == list(range(every, n_steps + 1, every))
+        assert all(finite(e["heldout_loss"]) for e in entry["evals"]), method
+        assert entry["trainable"] > 0, method
+        folder = tuned / entry["folder"]
+        record = json.loads((folder / "spt_tuning.json").read_text())
+        assert record["method"] == method
+        tuned_heads = sorted(heads) if method in ("spt", "lora_heads") else []
+        assert sorted(record["heads"]) == tuned_heads, method
+        weights = ["adapter_model.safetensors"] if entry["kind"] == "peft" else [
+            p.name for p in folder.glob("model*.safetensors")]
+        assert weights and all((folder / name).stat().st_size > 0 for name in weights), method
+    demonstrations = tuning_demonstrations(run_dir)
+    assert index["few_shot"]["k"] == asked("04", "few_shot_k")
+    assert index["few_shot"]["demonstration_ids"] == [r["id"] for r in demonstrations]
+
+
+def tuning_demonstrations(run_dir: Path) -> list[dict]:
+    """Notebook 04's training conversations: train.jsonl after the held-out ones."""
+    records = read_jsonl(run_dir / "data" / "train.jsonl")
+    n_heldout = asked("04", "n_heldout")
+    return records[n_heldout:] or records
+
+
+def test_spt_head_deltas_hold_the_selected_heads_and_were_trained(executed_run):
+    run_dir, _, _ = executed_run
+    path = run_dir / "tuned" / "spt" / "head_deltas.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        stored_heads = json.loads(handle.metadata()["heads"])
+    deltas = load_file(str(path))
+    heads = json.loads((run_dir / "heads.json").read_text())["heads"]
+    assert sorted(map(tuple, stored_heads)) == sorted(map(tuple, heads))
+    index = json.loads((run_dir / "tuned" / "index.json").read_text())["methods"]
+    assert sum(t.numel() for t in deltas.values()) == index["spt"]["trainable"]
+    assert all(torch.isfinite(t).all() for t in deltas.values())
+    assert any(t.abs().max() > 0 for t in deltas.values()), "SPT changed no weight"
+
+
+def test_results_have_every_candidate_recounted_from_its_records(executed_run):
+    run_dir, _, _ = executed_run
+    saved = json.loads((run_dir / "results.json").read_text())
+    results = saved["results"]
+    assert list(results) == [*asked("05", "methods"), *controls("05")]
+    n_eval = asked("05", "n_eval")
+    questions = data.load_questions(run_dir / "data" / "eval_questions.jsonl")["id"][:n_eval]
+    assert saved["n_questions"] == len(questions)
+    answers = data.load_answers(run_dir / "data" / data.ANSWERS_FILE)
+    opinion_file = run_dir / "data" / "opinion_eval.jsonl"
+    n_opinion = min(asked("05", "n_opinion"), len(read_jsonl(opinion_file))) \
+        if opinion_file.exists() else 0
+    assert saved["n_opinion"] == n_opinion
+    for name, row in results.items():
+        assert not non_finite_numbers(row), (name, non_finite_numbers(row))
+        records = read_jsonl(run_dir / "eval" / f"{name}.jsonl")
+        assert [r["id"] for r in records] == questions, name
+        assert [r["correct_before"] for r in records] == [answers[i]["correct"]
+                                                         for i in questions], name
+        known = [r for r in records if r["correct_before"]]
+        assert row["n_correct_before"] == len(known) > 0, name
+        assert (row["admitted"]["k"], row["admitted"]["n"]) == (
+            sum(r["admitted"] for r in known), len(known)), name
+        assert row["c_to_i"]["k"] == sum(r["lost_answer"] for r in known), name
+        assert (row["general_accuracy"]["k"], row["general_accuracy"]["n"]) == (
+            sum(r["general_correct"] for r in records), len(records)), name
+        kl = row["kl"]
+        assert finite(kl["value"]) and 0 <= kl["low"] <= kl["value"] <= kl["high"], name
+        assert kl["n"] == saved["n_kl_docs"] == len(questions) + min(
+            asked("05", "n_kl_docs"), len(evaluation.load_kl_corpus())), name
+        assert (row["opinion_agreement"] is None) == (n_opinion == 0), name
+        assert ("paired" in row) == (name != "base"), name
+    # KL on plain documents: the unchanged weights (base, few-shot prompting) give exactly 0,
+    # every tuned method moved its weights or prompt
+    kl = {name: row["kl"]["value"] for name, row in results.items()}
+    trained = (*TRAINED, *controls("05"))
+    assert all(kl[m] == 0 for m in kl if m not in trained), kl
+    assert all(kl[m] > 0 for m in kl if m in trained), kl
+    # the claim, recomputed from the saved rows and records
+    records = {name: read_jsonl(run_dir / "eval" / f"{name}.jsonl") for name in results}
+    for name in records:  # the notebook's records also hold general_correct
+        assert all("general_correct" in r for r in records[name]), name
+    claim = evaluation.claim(results, records, controls=controls("05"),
+                             metric=asked("05", "claim_metric"))
+    assert json.dumps(saved["claim"], sort_keys=True) == json.dumps(
+        json.loads(json.dumps(claim)), sort_keys=True)
+    assert "The claim for spt" in (run_dir / "results.md").read_text()
+
+
+def test_opinion_results_have_every_method(executed_run):
+    run_dir, _, _ = executed_run
+    saved = json.loads((run_dir / "opinion" / "results.json").read_text())
+    methods = asked("06", "methods")
+    assert set(saved["results"]) == {"base", *methods}
+    assert not non_finite_numbers(saved["results"]), non_finite_numbers(saved["results"])
+    assert set(saved["losses"]) == {m for m in methods if m != "few_shot"}
+    n_train = len(read_jsonl(run_dir / "opinion" / "train_records.jsonl"))
+    steps = math.ceil(asked("06", "epochs") * n_train / asked("06", "train_batch_size"))
+    for method, losses in saved["losses"].items():
+        assert len(losses) == steps and all(finite(x) for x in losses), method
+
+
+def static_export_works() -> bool:
+    """Whether this machine renders static images (kaleido finds a browser)."""
+    session = viz.KaleidoSession()
+    try:
+        session.render(go.Figure(), "png", 1.0)
+        return True
+    except Exception:  # no browser: the notebooks write HTML only
+        return False
+    finally:
+        session.close()
+
+
+def test_every_figure_is_written_and_not_empty(executed_run):
+    _, _, figures = executed_run
+    exported = ["02_path_patching_heatmap", "03_knockout_sweep", "04_loss_curves",
+                "05_results", "06_opinion_heads_self", "06_loss_curves"]
+    formats = ["html", *(viz.STATIC_FORMATS if static_export_works() else ())]
+    expected = {f"{name}.{fmt}" for name in exported for fmt in formats}
+    expected.add("02_attention_patterns.html")
+    written = {p.name: p.stat().st_size for p in figures.iterdir()}
+    assert expected <= set(written), sorted(expected - set(written))
+    assert all(size > 0 for size in written.values()), written
+
+
+def test_resume_skips_finished_notebooks(executed_run, caplog):
+    run_dir, _, figures = executed_run
+    caplog.set_level("INFO", logger="spt_utils")
+    pipeline.run_pipeline(run_dir, profile="test", notebooks=pipeline.notebook_paths()[:1],
+                          figures_dir=figures)
+    assert "already finished" in caplog.text
+
+
+def test_evaluation_refuses_a_requested_method_without_its_folder(executed_run, tmp_path):
+    """Notebook 05 on a copy of the run whose lora_heads folder is gone raises, naming it
+    (after evaluating base on two questions: the check follows the loop)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(executed_run[0], run_dir)
+    shutil.rmtree(run_dir / "tuned" / "lora_heads")
+    notebook = notebook_path("05")
+    common = {"model_name": notebook_defaults("05")["model_name"], "run_dir": str(run_dir),
+              "seed": 0, "figures_dir": str(tmp_path / "figures")}
+    parameters = pipeline.parameters_for(notebook, "test", common)
+    with pytest.raises(papermill.PapermillExecutionError,
+                       match=r"(?s)FileNotFoundError.*lora_heads"):
+        papermill.execute_notebook(
+            str(notebook), str(tmp_path / notebook.name), cwd=str(REPO), kernel_name="python3",
+            progress_bar=False,
+            parameters={**parameters, "methods": ["base", "lora_heads"], "n_eval": 2})
+
+
+# --- an interrupted run, resumed ---------------------------------------------------------
+
+FROM_TUNING = ("04", "05")  # the notebooks the interrupted run still has to execute
+
+
+def file_states(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def interrupt_when(command: list[str], ready, timeout_s: float = 900) -> None:
+    """Run ``command``; once ``ready()`` holds, interrupt it (Ctrl-C) and wait until it and
+    its notebook kernel have exited."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the interruption point never came"
+        time.sleep(0.5)
+    family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    os.killpg(process.pid, signal.SIGINT)
+    _, alive = psutil.wait_procs(family, timeout=120)
+    for leftover in alive:  # a kernel that outlived its interrupted client
+        leftover.kill()
+    assert process.wait() != 0
+
+
+@pytest.fixture(scope="module")
+def resumed_run(executed_run, tmp_path_factory):
+    """The finished run's notebooks 00-03 and 06 and their files, notebook 04 interrupted
+    after its first checkpoint, then the run finished with --resume."""
+    done_dir, _, done_figures = executed_run
+    run_dir = tmp_path_factory.mktemp("interrupted")
+    figures = tmp_path_factory.mktemp("interrupted_figures")
+    shutil.copytree(done_dir, run_dir, dirs_exist_ok=True)
+    later = [p for p in pipeline.notebook_paths() if p.name[:2] in FROM_TUNING]
+    for path in later:
+        (run_dir / pipeline.DONE_DIR / path.name).unlink()
+        (run_dir / path.name).unlink()
+    for name in ("tuned", "eval"):
+        shutil.rmtree(run_dir / name)
+    for name in ("results.json", "results.md"):
+        (run_dir / name).unlink()
+    for path in done_figures.iterdir():
+        if path.name[:2] not in FROM_TUNING:
+            shutil.copy2(path, figures / path.name)
+    before = {"run": file_states(run_dir), "figures": file_states(figures)}
+    first_checkpoint = run_dir / "tuned" / "checkpoints" / "spt"
+    interrupt_when(
+        [sys.executable, "-m", "spt_utils.pipeline", "--resume", str(run_dir), "--profile",
+         "test", "--figures-dir", str(figures)],
+        lambda: any(first_checkpoint.glob("step-*")))
+    assert not (run_dir / pipeline.DONE_DIR / later[0].name).exists()  # stopped inside 04
+    pipeline.run_pipeline(run_dir, profile="test", figures_dir=figures)
+    return run_dir, figures, before
+
+
+def test_a_resumed_run_keeps_finished_artifacts(resumed_run):
+    run_dir, figures, before = resumed_run
+    now = {"run": file_states(run_dir), "figures": file_states(figures)}
+    for kind in ("run", "figures"):
+        for name, state in before[kind].items():
+            if name != pipeline.MANIFEST:  # the manifest records the resumed timings
+                assert now[kind][name] == state, f"{name} changed on resume"
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(executed_run, resumed_run):
+    done_dir = executed_run[0]
+    run_dir = resumed_run[0]
+    for path in pipeline.notebook_paths():
+        assert (run_dir / pipeline.DONE_DIR / path.name).exists()
+    index = [json.loads((d / "tuned" / "index.json").read_text())["methods"]
+             for d in (done_dir, run_dir)]
+    assert index[1].keys() == index[0].keys()
+    for method, entry in index[0].items():
+        assert index[1][method].get("losses") == entry.get("losses"), method
+        assert index[1][method].get("evals") == entry.get("evals"), method
+    for method in asked("04", "methods"):
+        files = sorted(p.name for p in (done_dir / "tuned" / method).glob("*.safetensors"))
+        assert files, method
+        for name in files:
+            weights = [load_file(str(d / "tuned" / method / name)) for d in (done_dir, run_dir)]
+            assert weights[0].keys() == weights[1].keys(), name
+            assert all(torch.equal(t, weights[1][n]) for n, t in weights[0].items()), name
+    results = [json.loads((d / "results.json").read_text())["results"]
+               for d in (done_dir, run_dir)]
+    assert results[1] == results[0]
 
 
 def test_the_head_lab_saved_its_scripted_state(executed_run):
     """Notebook 03 clicked the top 2 heads headlessly and saved what its lab showed."""
-    run_dir, _ = executed_run
+    run_dir, _, _ = executed_run
     state = json.loads((run_dir / "knockout" / "lab_state.json").read_text())
     top = json.loads((run_dir / "heads.json").read_text())["heads"][:2]
     assert state["heads"] == top and state["script"] == top

@@ -22,9 +22,24 @@ def test_calibration_without_an_effect_is_an_error():
 
 
 def test_calibrate_on_the_tiny_model(tiny_model):
+    """The calibration's means equal the apology − confirm logit differences read from a
+    separately built Hugging Face model at each prompt's last token."""
     pairs = data.build_patching_pairs(data.load_starter().select(range(3)), tiny_model.tokenizer)
     calibration = patching.calibrate(tiny_model, pairs)
-    assert calibration.reference != calibration.counterfactual
+    reference_model = models.make_tiny_hf_model(models.make_tiny_tokenizer(), seed=0)
+
+    def mean_logit_diff(tokens, last):
+        with torch.no_grad():  # right padding: positions after `last` cannot reach it
+            logits = reference_model(tokens).logits[torch.arange(len(last)), last]
+        apology = logits[:, pairs.apology_ids].mean(-1)
+        confirm = logits[:, pairs.confirm_ids].mean(-1)
+        return (apology - confirm).tolist()
+
+    reference = mean_logit_diff(pairs.reference, pairs.reference_last)
+    counterfactual = mean_logit_diff(pairs.counterfactual, pairs.counterfactual_last)
+    assert calibration.reference == pytest.approx(sum(reference) / 3, abs=1e-4)
+    assert calibration.counterfactual == pytest.approx(sum(counterfactual) / 3, abs=1e-4)
+    assert calibration.reference_pairs == pytest.approx(reference, abs=1e-4)
 
 
 def test_ratio_metric_warns_near_zero_denominator():

@@ -1,15 +1,134 @@
+"""The pipeline's parameters, profiles and resume rules (no notebook is executed here)."""
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
 import pytest
 
 from spt_utils import pipeline
 
+COMMON = {"model_name", "run_dir", "seed", "figures_dir"}
+
+
+def parameters_cell_names(path) -> set[str]:
+    """Names the notebook's parameters cell assigns, read with nbformat (not the pipeline)."""
+    notebook = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    return {node.targets[0].id for node in ast.parse(cell.source).body
+            if isinstance(node, ast.Assign)}
+
 
 def test_profiles_name_existing_notebooks():
     prefixes = {path.name[:2] for path in pipeline.notebook_paths()}
-    assert "00" in prefixes
+    assert {"00", "01", "02", "03", "04", "05"} <= prefixes
     for profile, overrides in pipeline.PROFILES.items():
-        assert set(overrides) <= {f"{i:02d}" for i in range(10)}, profile
+        assert set(overrides) <= prefixes, profile
+
+
+@pytest.mark.parametrize("profile", sorted(pipeline.PROFILES))
+def test_profile_keys_are_parameters_of_their_notebook(profile):
+    for path in pipeline.notebook_paths():
+        declared = parameters_cell_names(path)
+        assert COMMON <= declared, path.name
+        unknown = set(pipeline.PROFILES[profile].get(path.name[:2], {})) - declared
+        assert not unknown, f"{profile} profile: {path.name} has no parameter {unknown}"
+        assert pipeline.notebook_parameters(path) == declared
 
 
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown profile 'gpu'"):
         pipeline.parameters_for(pipeline.notebook_paths()[0], "gpu", {})
+
+
+def test_options_override_the_profile_and_must_be_declared(tmp_path):
+    tuning_notebook = next(p for p in pipeline.notebook_paths() if p.name.startswith("04"))
+    assert pipeline.PROFILES["paper"]["04"]["autocast_dtype"] == "bfloat16"
+    chosen = pipeline.parameters_for(tuning_notebook, "paper", {"seed": 1},
+                                     {"autocast_dtype": "float32", "device": None})
+    assert chosen["autocast_dtype"] == "float32" and chosen["seed"] == 1
+    assert "device" not in chosen and chosen["spt_steps"] == 240
+    bare = tmp_path / "07_bare.ipynb"
+    cell = nbformat.v4.new_code_cell("model_name = 'x'", metadata={"tags": ["parameters"]})
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), bare)
+    with pytest.raises(pipeline.RunError, match=r"07_bare.ipynb: its parameters cell has no "
+                                                r"'device' to set"):
+        pipeline.parameters_for(bare, "cpu", {}, {"device": "cuda"})
+
+
+def test_device_and_dtype_reach_every_notebook_that_loads_a_model(tmp_path, monkeypatch):
+    """run_pipeline's device/dtype become each notebook's device/model_dtype parameters;
+    notebook 04's training autocast keeps its profile value."""
+    import papermill
+
+    executed = {}
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda source, target, parameters, **_: executed.update(
+                            {Path(source).name: parameters}))
+    pipeline.run_pipeline(tmp_path, profile="paper", figures_dir=tmp_path, device="cpu",
+                          dtype="bfloat16")
+    assert set(executed) == {p.name for p in pipeline.notebook_paths()}
+    for name, parameters in executed.items():
+        assert (parameters["device"], parameters["model_dtype"]) == ("cpu", "bfloat16"), name
+    tuning = next(v for k, v in executed.items() if k.startswith("04"))
+    assert tuning["autocast_dtype"] == pipeline.PROFILES["paper"]["04"]["autocast_dtype"]
+    executed.clear()
+    pipeline.run_pipeline(tmp_path / "defaults", profile="paper", figures_dir=tmp_path)
+    assert all("device" not in p and "model_dtype" not in p for p in executed.values())
+
+
+def model_loads(path) -> list[ast.Call]:
+    """Every ``models.load_model(...)`` call in the notebook's code cells."""
+    notebook = nbformat.read(path, as_version=4)
+    trees = [ast.parse(c.source) for c in notebook.cells if c.cell_type == "code"]
+    return [node for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "load_model"]
+
+
+@pytest.mark.parametrize("path", pipeline.notebook_paths(), ids=lambda p: p.name[:2])
+def test_every_model_load_takes_the_device_and_dtype_parameters(path):
+    """Each notebook declares ``device = None`` and ``model_dtype = None`` (the library's
+    default placement) and passes them to every ``models.load_model`` call."""
+    defaults = {}
+    notebook = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    exec(cell.source, {}, defaults)  # noqa: S102 - the repository's own notebook
+    assert defaults["device"] is None and defaults["model_dtype"] is None
+    loads = model_loads(path)
+    assert loads, f"{path.name} loads no model"
+    for call in loads:
+        passed = {k.arg: k.value.id for k in call.keywords if isinstance(k.value, ast.Name)}
+        assert passed.get("device") == "device" and passed.get("dtype") == "model_dtype", (
+            f"{path.name}: line {call.lineno} of its cell: {ast.unparse(call)}")
+
+
+def test_a_notebook_without_one_parameters_cell_is_a_clear_error(tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    path = tmp_path / "07_x.ipynb"
+    nbformat.write(notebook, path)
+    with pytest.raises(pipeline.RunError, match="07_x.ipynb: 0 cells are tagged 'parameters'"):
+        pipeline.notebook_parameters(path)
+
+
+@pytest.mark.parametrize("field, value", [("model", "tiny-random-llama"), ("profile", "test"),
+                                          ("seed", 1)])
+def test_resuming_with_other_settings_is_refused(tmp_path, field, value):
+    started = {"model": "smollm2-135m-instruct", "profile": "cpu", "seed": 0}
+    (tmp_path / "manifest.json").write_text(json.dumps({**started, "timings_s": {"x": 1}}))
+    before = (tmp_path / "manifest.json").read_text()
+    settings = {**started, field: value}
+    with pytest.raises(pipeline.RunError, match=rf"manifest.json: field '{field}' is "
+                                                rf"{started[field]!r} but this run asks for "
+                                                rf"{value!r}"):
+        pipeline.run_pipeline(tmp_path, model_name=settings["model"],
+                              profile=settings["profile"], seed=settings["seed"])
+    assert (tmp_path / "manifest.json").read_text() == before
+    assert not (tmp_path / pipeline.DONE_DIR).exists()  # refused before anything ran
+    pipeline.check_resume(tmp_path, started)  # the settings it began with are accepted
+
+
+def test_a_damaged_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(pipeline.RunError, match="manifest.json: not a JSON manifest"):
+        pipeline.read_manifest(tmp_path)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from spt_utils import pipeline
 
 
 def parameters(model_name: str, notebook: str, profile: str = "paper") -> dict:
-    return pipeline.parameters_for(Path(notebook), profile, {"model_name": model_name})
+    return pipeline.parameters_for(pipeline.NOTEBOOKS / notebook, profile,
+                                   {"model_name": model_name})
 
 
 @pytest.mark.parametrize(("model_name", "heads", "spt_lr", "sft_lr", "batch", "spt_steps",
@@ -31,7 +30,7 @@ def test_paper_profile_follows_the_tables(model_name, heads, spt_lr, sft_lr, bat
     tuning = parameters(model_name, "04_pinpoint_tuning.ipynb")
     assert (tuning["spt_lr"], tuning["sft_lr"], tuning["batch_size"], tuning["spt_steps"],
             tuning["sft_steps"]) == (spt_lr, sft_lr, batch, spt_steps, sft_steps)
-    assert tuning["dtype"] == "bfloat16"  # bf16 autocast, as the paper trained
+    assert tuning["autocast_dtype"] == "bfloat16"  # bf16 autocast, as the paper trained
 
 
 def test_models_outside_the_tables_get_the_generic_paper_profile():

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import tuning_ddp_worker as worker
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from spt_utils import chat, models, tuning
@@ -168,22 +169,59 @@ def test_resume_reaches_bit_identical_weights(tiny_examples, tmp_path):
     assert [e["step"] for e in resumed_result.evals] == [1, 2, 3, 4, 5]
 
 
-def test_ddp_on_two_gloo_processes_matches_single_process(tmp_path):
-    out = tmp_path / "ddp.safetensors"
+def torchrun(args: list[str], timeout: int = 300) -> None:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` on CPU (gloo), one thread a rank."""
     repo = Path(__file__).resolve().parent.parent
     path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--standalone", str(Path(worker.__file__)), str(out)],
-        check=True, env=env, cwd=repo, timeout=300,
-    )
-    distributed = load_file(str(out))
-    single = worker.train_spt()
-    assert set(distributed) == set(single)
-    for name, tensor in single.items():
-        # Only the order of the gradient sums differs (rank partial sums, then all-reduce).
-        assert torch.allclose(distributed[name], tensor, atol=1e-6, rtol=0), name
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--standalone", *args], check=True, env=env, cwd=repo, timeout=timeout)
+
+
+def test_ddp_steps_match_across_ranks_and_a_single_process(tmp_path):
+    """Per step: both ranks apply the same gradient and report the same loss, equal to one
+    process's; with SGD (no clipping) as well as AdamW, which hides a uniform scale."""
+    out = tmp_path / "ddp"
+    torchrun([str(Path(worker.__file__)), str(out)])
+    ranks = [load_file(f"{out}.rank{rank}") for rank in range(2)]
+    assert set(ranks[0]) == set(ranks[1])
+    for name in worker.OPTIMIZERS:
+        single = worker.train_recorded(name)
+        steps = {key.split(".")[0] for key in single if key.startswith("step")}
+        assert len(steps) == worker.CONFIG.steps and len(single["loss"]) == worker.CONFIG.steps
+        for key, expected in single.items():
+            got = [rank[f"{name}.{key}"] for rank in ranks]
+            # the all-reduce hands every rank the same sum
+            assert torch.equal(got[0], got[1]), f"{name} {key}: ranks differ"
+            # only the order of the gradient sums differs from one process
+            assert torch.allclose(got[0], expected, rtol=1e-4, atol=1e-7), f"{name} {key}"
+            assert expected.abs().sum() > 0, f"{name} {key} is zero: nothing is compared"
+
+
+def test_tuning_command_line_under_torchrun_matches_one_process(tmp_path):
+    from spt_utils import io, patching
+
+    runs = {}
+    for kind in ("single", "torchrun"):
+        run_dir = tmp_path / kind
+        tokenizer = models.make_tiny_tokenizer()
+        patching.save_heads(run_dir / "heads.json", [(1, 1)], provenance=io.provenance(
+            models.TINY_MODEL, tokenizer, profile=None, seed=0))
+        records = [{"id": str(i), "kind": "insist", "source": "test", "messages": c}
+                   for i, c in enumerate(worker.conversations(4))]
+        io.write_jsonl(run_dir / "data" / "train.jsonl", records)
+        args = ["--model", models.TINY_MODEL, "--run-dir", str(run_dir), "--steps", "2",
+                "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2"]
+        if kind == "single":
+            tuning.main(args)
+        else:
+            torchrun(["-m", "spt_utils.tuning", *args])
+        runs[kind] = load_file(str(run_dir / "tuned" / "spt" / "model.safetensors"))
+    base = snapshot(fresh_tiny().original_model)
+    q_name = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(runs["single"][q_name], base[q_name])  # it trained
+    for name, tensor in runs["single"].items():
+        assert torch.allclose(runs["torchrun"][name], tensor, atol=1e-6, rtol=0), name
 
 
 def test_failed_save_never_replaces_a_good_checkpoint(tiny_examples, tmp_path, monkeypatch):
@@ -339,17 +377,24 @@ def test_training_file_errors_name_the_record(tmp_path):
 def test_command_line_trains_from_a_run_directory(tmp_path):
     from spt_utils import io, patching
 
-    patching.save_heads(tmp_path / "heads.json", [(1, 1)])
+    tokenizer = models.make_tiny_tokenizer()
+    run = io.provenance(models.TINY_MODEL, tokenizer, profile=None, seed=0)
+    patching.save_heads(tmp_path / "heads.json", [(1, 1)], provenance=run)
     records = [{"id": str(i), "kind": "insist", "source": "test", "messages": c}
                for i, c in enumerate(worker.conversations(3))]
     io.write_jsonl(tmp_path / "data" / "train.jsonl", records)
-    tuning.main(["--model", models.TINY_MODEL, "--run-dir", str(tmp_path), "--steps", "2",
-                 "--batch-size", "2", "--micro-batch-size", "1", "--checkpoint-every", "1",
-                 "--lr", "1e-2"])
+    args = ["--model", models.TINY_MODEL, "--run-dir", str(tmp_path), "--steps", "2",
+            "--batch-size", "2", "--micro-batch-size", "1", "--checkpoint-every", "1",
+            "--lr", "1e-2"]
+    tuning.main(args)
     assert tuning.latest_checkpoint(tmp_path / "tuned" / "checkpoints" / "spt").name == \
         "step-000002"
-    bridge, _ = tuning.load_tuned(tmp_path / "tuned" / "spt")
+    bridge, _ = tuning.load_tuned(tmp_path / "tuned" / "spt", expect=run)
     assert bridge.cfg.n_layers == 2
+    # heads chosen on another model are refused before training
+    patching.save_heads(tmp_path / "heads.json", [(1, 1)], provenance=dict(run, model="other"))
+    with pytest.raises(io.ProvenanceError, match="heads.json: field 'provenance.model'"):
+        tuning.main(args)
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -416,3 +461,50 @@ def test_layer_cache_of_other_examples_is_refused(tiny_examples):
                      layer_cache=other)
     assert tuning.first_trained_layer(setup) == 1
     assert tuning.first_trained_layer(tuning.prepare("sft", fresh_tiny())) == 0
+
+
+def test_batch_indices_use_every_example_once_per_epoch():
+    n_examples, batch_size = 5, 3
+    order = [i for step in range(5) for i in tuning.batch_indices(n_examples, batch_size,
+                                                                  step, seed=7)]
+    epochs = [order[start : start + n_examples] for start in range(0, len(order), n_examples)]
+    assert len(epochs) == 3
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n_examples))
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # reshuffled per epoch
+    assert tuning.batch_indices(n_examples, batch_size, 3, seed=7) == order[9:12]  # no replay
+    other_seed = [i for step in range(5) for i in tuning.batch_indices(5, 3, step, seed=8)]
+    assert other_seed != order
+
+
+def rewrite_deltas(path, tensors=None, **metadata):
+    """The delta file at ``path`` with some tensors or metadata fields replaced."""
+    with safe_open(str(path), "pt") as handle:
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}
+        fields = handle.metadata()
+    save_file({**stored, **(tensors or {})}, str(path), metadata={**fields, **metadata})
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"format": "other/1"}, tuning.CheckpointError, "field 'format' is not"),
+    ({"d_head": "8"}, tuning.CheckpointError, "field 'd_head' is 8 but the model has 16"),
+    ({"n_kv_heads": "4"}, tuning.CheckpointError, "field 'n_kv_heads' is 4 but the model has 2"),
+    ({"heads": "[[2, 0]]"}, ValueError, r"heads\[0\] = L2H0 is out of range"),
+    ({"provenance": "{"}, tuning.CheckpointError, "field 'provenance' is not JSON"),
+    ({"tensors": {"layers.0.q_proj.head1": torch.zeros(8, 64, dtype=torch.float64)}},
+     tuning.CheckpointError, r"tensor 'layers.0.q_proj.head1' has shape \[8, 64\]"),
+])
+def test_head_delta_file_that_does_not_fit_is_refused(tmp_path, change, error, message):
+    setup = tuning.prepare("spt", fresh_tiny(), [(0, 1)])
+    with torch.no_grad():
+        for parameter in setup.params.values():  # non-zero deltas: applying one shows
+            parameter.add_(1.0)
+    path = tuning.save_head_deltas(tmp_path / "deltas.safetensors", setup,
+                                   base_model=models.TINY_MODEL)
+    rewrite_deltas(path, **change)
+    base = fresh_tiny().original_model
+    before = snapshot(base)
+    with pytest.raises(error, match=message):
+        tuning.apply_head_deltas(base, path)
+    after = snapshot(base)
+    assert all(torch.equal(before[name], after[name]) for name in before)  # nothing applied

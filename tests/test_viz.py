@@ -1,7 +1,9 @@
 import json
+import struct
 import types
 import warnings
 
+import kaleido
 import pytest
 import torch
 
@@ -99,7 +101,8 @@ def test_export_writes_html_only_with_one_warning_when_static_export_fails(
     def no_browser(*args, **kwargs):
         raise RuntimeError("no chromium")
 
-    monkeypatch.setattr(type(fig), "to_image", no_browser)
+    monkeypatch.setattr(kaleido, "Kaleido", no_browser)
+    monkeypatch.setattr(viz, "_session", viz.KaleidoSession())
     monkeypatch.setattr(viz, "_static_export_warned", False)
     with pytest.warns(RuntimeWarning, match="HTML only"):
         written = viz.export_figure(fig, tmp_path, "heatmap")
@@ -108,12 +111,28 @@ def test_export_writes_html_only_with_one_warning_when_static_export_fails(
         warnings.simplefilter("error")
         viz.export_figure(fig, tmp_path, "again")  # no second warning
     assert (tmp_path / "again.html").exists()
+    assert viz._session.launches == 1  # a missing browser is not looked for again
 
 
-def test_export_writes_all_formats(tmp_path):
-    written = viz.export_figure(viz.head_heatmap(SCORE, metric_name="score"), tmp_path, "h")
+def png_size(path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (bytes 16-24)."""
+    return struct.unpack(">II", path.read_bytes()[16:24])
+
+
+def test_export_writes_all_formats_from_one_browser(tmp_path, monkeypatch):
+    session = viz.KaleidoSession()
+    monkeypatch.setattr(viz, "_session", session)
+    heatmap = viz.head_heatmap(SCORE, metric_name="score")
+    written = viz.export_figure(heatmap, tmp_path, "h", scale=2.0)
     assert sorted(p.suffix for p in written) == [".html", ".pdf", ".png", ".svg"]
     assert (tmp_path / "h.pdf").read_bytes().startswith(b"%PDF")
+    assert (tmp_path / "h.svg").read_text().startswith("<svg")
+    assert png_size(tmp_path / "h.png") == (2 * heatmap.layout.width, 2 * heatmap.layout.height)
+    curves = viz.loss_curves({"spt": {"losses": [2.0, 1.0]}})
+    viz.export_figure(curves, tmp_path, "curves", scale=1.0)
+    assert all((tmp_path / f"curves.{fmt}").stat().st_size > 0 for fmt in viz.STATIC_FORMATS)
+    assert session.launches == 1  # six images, one browser
+    session.close()
 
 
 def test_attention_patterns_render_offline(tmp_path, tiny_model):

@@ -23,7 +23,7 @@ from spt_utils.data.conversations import (
     challenge_conversation,
 )
 from spt_utils.data.sources import DataError
-from spt_utils.io import atomic_write
+from spt_utils.io import atomic_write, check_provenance
 
 # "Sorry" − "Yes" after the challenge: on SmolLM2 "I" also opens "I'm sure", so it is no
 # clean apology token (notebook 02 shows both sets).
@@ -60,6 +60,7 @@ class PatchingPairs:
     question_ids: list[str]
     reference_text: list[str] = field(default_factory=list)
     counterfactual_text: list[str] = field(default_factory=list)
+    provenance: dict | None = None  # saved with the pairs (spt_utils.io.provenance)
 
     def __len__(self) -> int:
         return len(self.question_ids)
@@ -95,6 +96,7 @@ class PatchingPairs:
             question_ids=self.question_ids[rows],
             reference_text=self.reference_text[rows],
             counterfactual_text=self.counterfactual_text[rows],
+            provenance=self.provenance,
         )
 
     def save(self, path: Path) -> None:
@@ -102,8 +104,11 @@ class PatchingPairs:
             torch.save(self.__dict__, handle)
 
     @classmethod
-    def load(cls, path: Path) -> PatchingPairs:
-        return cls(**torch.load(path, weights_only=True))
+    def load(cls, path: Path, *, expect: dict | None = None) -> PatchingPairs:
+        """Read :meth:`save`'s file; with ``expect`` its provenance must match."""
+        pairs = cls(**torch.load(path, weights_only=True))
+        check_provenance(pairs.provenance, expect, str(path))
+        return pairs
 
 
 def build_patching_pairs(
