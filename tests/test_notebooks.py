@@ -382,12 +382,14 @@ def interrupt_when(command: list[str], ready, timeout_s: float = 900) -> None:
         assert process.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline, "the interruption point never came"
         time.sleep(0.5)
-    family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    kernels = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGINT)
-    _, alive = psutil.wait_procs(family, timeout=120)
+    # the run's own exit status through Popen (psutil would reap it and hide the status)
+    returncode = process.wait(timeout=120)
+    _, alive = psutil.wait_procs(kernels, timeout=120)
     for leftover in alive:  # a kernel that outlived its interrupted client
         leftover.kill()
-    assert process.wait() != 0
+    assert returncode != 0, "the interrupted run reported success"
 
 
 @pytest.fixture(scope="module")
