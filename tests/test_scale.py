@@ -228,7 +228,8 @@ def test_command_line_trains_spt_on_a_split_model(tmp_path, split_map):
 
     from spt_utils import io, patching
 
-    patching.save_heads(tmp_path / "heads.json", [(0, 1)])
+    run = io.provenance(models.TINY_MODEL, models.make_tiny_tokenizer(), profile=None, seed=0)
+    patching.save_heads(tmp_path / "heads.json", [(0, 1)], provenance=run)
     records = [{"id": str(i), "kind": "insist", "source": "test", "messages": c}
                for i, c in enumerate(worker.conversations(3))]
     io.write_jsonl(tmp_path / "data" / "train.jsonl", records)
