@@ -116,21 +116,28 @@ def _run_all_cells(page, lab) -> None:
     raise AssertionError("Run All Cells never started the kernel")
 
 
+def _only_loopback(page, lab) -> list[str]:
+    """Abort every request to another host than the lab's (no CDN: everything must render
+    offline); the returned list collects the aborted URLs."""
+    external: list[str] = []
+
+    def route_request(route):
+        if route.request.url.startswith(lab.url):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", route_request)
+    return external
+
+
 def test_click_selects_a_head_in_jupyterlab(jupyterlab, browser_page, tmp_path):
     run_dir, figures_dir = tmp_path / "run", tmp_path / "figures"
     _write_run_data(run_dir)
     _write_notebook(jupyterlab.root, run_dir, figures_dir)
     page = browser_page
-    external: list[str] = []
-
-    def only_loopback(route):
-        if route.request.url.startswith(jupyterlab.url):
-            route.continue_()
-        else:  # no CDN or any other host: everything must render offline
-            external.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_loopback)
+    external = _only_loopback(page, jupyterlab)
     _start_session(jupyterlab)
     page.goto(jupyterlab.notebook_url(NOTEBOOK))
     page.wait_for_selector(".jp-Notebook", timeout=60_000)
@@ -239,16 +246,7 @@ def test_head_lab_clicks_change_the_reply_and_show_the_direct_numbers(
     _write_patching(run_dir, model)
     _write_notebook(jupyterlab.root, run_dir, figures_dir, LAB_NOTEBOOK, LAB_PARAMETERS)
     page = browser_page
-    external: list[str] = []
-
-    def only_loopback(route):
-        if route.request.url.startswith(jupyterlab.url):
-            route.continue_()
-        else:  # no CDN or any other host: everything must render offline
-            external.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_loopback)
+    external = _only_loopback(page, jupyterlab)
     _start_session(jupyterlab, LAB_NOTEBOOK)
     page.goto(jupyterlab.notebook_url(LAB_NOTEBOOK))
     page.wait_for_selector(".jp-Notebook", timeout=60_000)
