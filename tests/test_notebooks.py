@@ -385,7 +385,11 @@ def interrupt_when(command: list[str], ready, timeout_s: float = 900) -> None:
     kernels = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGINT)
     # the run's own exit status through Popen (psutil would reap it and hide the status)
-    returncode = process.wait(timeout=120)
+    try:
+        returncode = process.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # a loaded machine can keep a kernel busy: hard stop
+        os.killpg(process.pid, signal.SIGKILL)
+        returncode = process.wait()
     _, alive = psutil.wait_procs(kernels, timeout=120)
     for leftover in alive:  # a kernel that outlived its interrupted client
         leftover.kill()
