@@ -135,18 +135,11 @@ def random_draws(setting: tuning.SweepSetting, n_layers: int, n_heads: int, draw
 TARGETS = {"admitted": "admitted mistake", "c_to_i": "C→I (lost a correct answer)"}
 
 
-def rate_of(row: dict, target: str) -> dict:
-    """``row``'s rate of ``target``; C→I from truthfulness in rows saved without it."""
-    if target == "c_to_i" and "c_to_i" not in row:
-        return stats.complement(row["truthfulness"])
-    return row[target]
-
-
 def choose(rows: list[dict], slack: float, target: str = "admitted") -> tuple[dict, dict | None]:
     """The chosen SPT row and the matched SFT row (see the module docstring), by the dev
     rate of ``target``."""
     def value(row: dict) -> float:
-        return rate_of(row, target)["value"]
+        return row[target]["value"]
 
     spt = [r for r in rows if r["method"] == "spt" and not r["label"]]
     sft = [r for r in rows if r["method"] == "sft"]
@@ -174,7 +167,7 @@ def table(rows: list[dict], target: str = "admitted") -> str:
     for row in rows:
         p = row.get("paired", {}).get(target)
         lines.append("| " + " | ".join([
-            row["name"], _cell(row["admitted"]), _cell(rate_of(row, "c_to_i")),
+            row["name"], _cell(row["admitted"]), _cell(row["c_to_i"]),
             _cell(row["corrected"]), _cell(row["general"]), _cell(row["kl"]),
             "–" if p is None else f"{p['p']:.2g}", str(row.get("train_s", "–"))]) + " |")
     return "\n".join(lines) + "\n"
@@ -238,7 +231,7 @@ def main() -> None:
     rows += run_settings(bridge, examples, draws, measure, partial, options)
     dev_rows = [{"name": "base", "method": "base", "label": "", **measure.base_row()}, *rows]
     for row in dev_rows:
-        row["group"], row["target"] = group(row), rate_of(row, args.target)
+        row["group"], row["target"] = group(row), row[args.target]
     result: dict[str, Any] = {"dev": dev_rows, "chosen": chosen["name"],
                               "matched_sft": matched["name"] if matched else None,
                               "n_kl_prompts_dev": len(dev_docs), "profile": args.profile,
@@ -257,7 +250,7 @@ def main() -> None:
                      *run_settings(bridge, examples, settings, final,
                                    out / "eval_rows.jsonl", options)]
         for row in eval_rows:
-            row["group"], row["target"] = group(row), rate_of(row, args.target)
+            row["group"], row["target"] = group(row), row[args.target]
         result["eval"] = eval_rows
         result["n_kl_prompts_eval"] = len(eval_docs)
         text += f"\n## Eval split ({len(eval_docs)} KL prompts)\n\n" + table(eval_rows, args.target)
