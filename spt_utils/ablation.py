@@ -119,9 +119,11 @@ class HeadMeans:
         z = (sums / counts[:, None, None, None]).to(activations[0].dtype)
         return cls(z, counts=counts, n_prompts=len(activations))
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, provenance: dict | None = None) -> None:
+        """Write the means with ``provenance`` (default: the one they hold)."""
+        record = self.__dict__ | ({"provenance": provenance} if provenance else {})
         with atomic_write(path, "wb") as handle:
-            torch.save(self.__dict__, handle)
+            torch.save(record, handle)
 
     @classmethod
     def load(cls, path: str | Path, *, expect: dict | None = None) -> HeadMeans:

@@ -455,6 +455,18 @@ def _load_hf(
     return model.eval(), tokenizer
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """``name``'s tokenizer without its model (the vocabulary of ``load_model(name)``'s), e.g.
+    for a run's provenance before any model is loaded."""
+    if name == TINY_T5 or name in TINY_MODELS:
+        return make_tiny_tokenizer()
+    source = name if is_seq2seq_name(name) else _source_of(name)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as error:  # no such file; a folder without a tokenizer
+        raise ModelLoadError(f"Could not load the tokenizer of {name!r}: {error}") from error
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,

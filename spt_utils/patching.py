@@ -397,8 +397,11 @@ class HeadScores:
         return HeadUncertainty(low=low, high=high, same_sign=same_sign.mean(-1),
                                n_pairs=pair_scores.shape[-1])
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, provenance: dict | None = None) -> None:
+        """Write the scores with ``provenance`` (default: the one they hold)."""
         record = {**self.__dict__, "calibration": self.calibration.__dict__}
+        if provenance:
+            record["provenance"] = provenance
         with atomic_write(path, "wb") as handle:
             torch.save(record, handle)
 

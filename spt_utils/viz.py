@@ -269,6 +269,7 @@ class HeadSelector:
         uncertainty: HeadUncertainty | None = None,
         autosave: bool = True,
         on_change: Callable[[list[Head]], None] | None = None,
+        provenance: dict | None = None,
     ) -> None:
         if sign not in SIGNS:
             raise ValueError(f"sign: {sign!r} is not one of {SIGNS}")
@@ -276,6 +277,7 @@ class HeadSelector:
         self.uncertainty = uncertainty
         self.heads_path = Path(heads_path)
         self.extra = extra or {}
+        self.provenance = provenance  # saved with the selection (spt_utils.io.provenance)
         self.metric_name = metric_name
         n_layers, n_heads = self.score.shape
         self.figure = go.FigureWidget(
@@ -352,6 +354,7 @@ class HeadSelector:
         save_heads(
             self.heads_path,
             self.selection,
+            provenance=self.provenance,
             metric=self.metric_name,
             scores=[round(float(self.score[h]), 6) for h in self.selection],
             **self.extra,

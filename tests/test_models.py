@@ -224,3 +224,24 @@ def test_smollm2_logits_equal_an_independent_hf_load_of_the_gguf(smollm2):
 def test_smollm2_config(smollm2):
     cfg = smollm2.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head) == (30, 9, 3, 64)
+
+
+@pytest.mark.parametrize("name", [models.TINY_MODEL, models.TINY_T5])
+def test_load_tokenizer_gives_the_models_vocabulary(name):
+    assert models.load_tokenizer(name).get_vocab() == models.load_model(
+        name, device="cpu").tokenizer.get_vocab()
+
+
+def test_load_tokenizer_of_an_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(models.ModelLoadError, match="Unknown model 'smollm'"):
+        models.load_tokenizer("smollm")
+    with pytest.raises(models.ModelLoadError, match="Could not load the tokenizer of"):
+        models.load_tokenizer(str(tmp_path))  # a folder without a tokenizer
+
+
+@pytest.mark.integration
+def test_smollm2_tokenizer_alone_is_the_gguf_tokenizer(smollm2):
+    gguf = models.embedded_gguf_path()
+    reference = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert models.load_tokenizer().get_vocab() == reference.get_vocab()
+    assert smollm2.tokenizer.get_vocab() == reference.get_vocab()

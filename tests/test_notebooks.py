@@ -6,6 +6,7 @@ interrupted run, resumed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from spt_utils import data, evaluation, pipeline, viz
+from spt_utils import data, evaluation, models, pipeline, viz
 from spt_utils.ablation import HeadMeans
 from spt_utils.patching import HeadScores
 
@@ -333,6 +334,52 @@ def test_every_figure_is_written_and_not_empty(executed_run):
     written = {p.name: p.stat().st_size for p in figures.iterdir()}
     assert expected <= set(written), sorted(expected - set(written))
     assert all(size > 0 for size in written.values()), written
+
+
+def saved_provenance(run_dir: Path) -> dict[str, object]:
+    """The provenance record of every saved result of a run, by file."""
+    def torch_record(name: str) -> object:
+        return torch.load(run_dir / name, weights_only=True).get("provenance")
+
+    def json_record(name: str) -> object:
+        return json.loads((run_dir / name).read_text()).get("provenance")
+
+    def deltas_record(name: str) -> object:
+        with safe_open(str(run_dir / name), "pt") as handle:
+            return json.loads(handle.metadata()["provenance"])
+
+    opinion_scores = [f"opinion/{p.name}" for p in (run_dir / "opinion").glob("patching_*.pt")]
+    assert opinion_scores
+    records = {name: torch_record(name) for name in (
+        "data/pairs.pt", "patching.pt", "patching_attribution.pt", "knockout/means.pt",
+        *opinion_scores)}
+    records |= {name: json_record(name) for name in (
+        "data/synthesis.json", "heads.json", "knockout/summary.json", "tuned/index.json",
+        "results.json", "opinion/heads.json", "opinion/results.json")}
+    for method in [*TRAINED, *controls("04")]:
+        name = f"tuned/{method}/spt_tuning.json"
+        records[name] = json_record(name)
+    records["tuned/spt/head_deltas.safetensors"] = deltas_record(
+        "tuned/spt/head_deltas.safetensors")
+    return records
+
+
+def test_every_saved_result_records_the_runs_provenance(executed_run):
+    """Pairs, patching scores, heads, means, tuned folders and results record the model, a
+    hash of its tokenizer's vocabulary, the TransformerLens version, the profile, the seed
+    and the commit; each value derived here without spt_utils.io."""
+    run_dir = executed_run[0]
+    model_name = notebook_defaults("00")["model_name"]
+    vocab = sorted(models.load_tokenizer(model_name).get_vocab().items())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    expected = {
+        "model": model_name, "profile": "test", "seed": 0, "git_commit": commit,
+        "tokenizer": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16],
+        "transformer_lens": metadata.version("transformer-lens"),
+    }
+    for name, record in saved_provenance(run_dir).items():
+        assert record == expected, name
 
 
 def test_resume_skips_finished_notebooks(executed_run, caplog):

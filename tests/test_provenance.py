@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from spt_utils import ablation, data, io, models, patching, tuning
+from spt_utils import ablation, data, io, models, patching, tuning, viz
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,9 +86,9 @@ def test_heads_json(tmp_path, run, other_tokenizer_run):
 def test_patching_scores(tmp_path, run, other_tokenizer_run):
     path = tmp_path / "patching.pt"
     score = torch.tensor([[0.2, -0.1], [0.4, 0.0]])
-    scores = patching.HeadScores("path", score, score, patching.Calibration(0.0, 1.0),
-                                 provenance=run)
-    scores.save(path)
+    scores = patching.HeadScores("path", score, score, patching.Calibration(0.0, 1.0))
+    scores.save(path, provenance=run)  # the keyword records it; the scores keep none
+    assert scores.provenance is None
     assert torch.load(path, weights_only=True)["provenance"] == run
     expect_round_trip(patching.HeadScores.load, path, run, other_tokenizer_run)
     assert patching.HeadScores.load(path).provenance == run
@@ -103,15 +103,39 @@ def test_head_means(tmp_path, run, other_tokenizer_run):
     ablation.HeadMeans(torch.randn(5, 2, 4, 16), counts=torch.ones(5), n_prompts=1).save(path)
     with pytest.raises(io.ProvenanceError, match="means.pt: no provenance recorded"):
         ablation.HeadMeans.load(path, expect=run)
+    means.save(path, provenance=other_tokenizer_run)  # the keyword wins over the field
+    assert ablation.HeadMeans.load(path).provenance == other_tokenizer_run
 
 
 def test_patching_pairs(tmp_path, tokenizer, run, other_tokenizer_run):
     path = tmp_path / "pairs.pt"
     pairs = data.build_patching_pairs(data.load_starter().select(range(2)), tokenizer)
-    pairs.provenance = run
-    pairs.save(path)
+    pairs.save(path, provenance=run)
     expect_round_trip(data.PatchingPairs.load, path, run, other_tokenizer_run)
     assert data.PatchingPairs.load(path).first(1).provenance == run
+
+
+def test_synthesized_data_records_provenance(tokenizer, tmp_path, run, other_tokenizer_run):
+    questions = data.load_starter().select(range(30))
+    answers = {q["id"]: {"answer": f"It is {q['correct_answer']}.", "correct": i % 2 == 0}
+               for i, q in enumerate(questions)}
+    synthesized = data.synthesize(
+        questions, tokenizer, sizes={"patching": (2, 0), "train": (2, 2), "dev": (1, 1),
+                                     "eval": (1, 1)},
+        n_train=4, seed=0, answers=answers, protocol="free_form", n_arithmetic=1)
+    paths = synthesized.save(tmp_path, provenance=run)
+    assert json.loads(paths["synthesis"].read_text())["provenance"] == run
+    expect_round_trip(data.PatchingPairs.load, paths["pairs"], run, other_tokenizer_run)
+
+
+def test_head_selector_saves_its_provenance(tmp_path, run, other_tokenizer_run):
+    path = tmp_path / "heads.json"
+    selector = viz.HeadSelector(torch.tensor([[0.5, -0.2], [0.1, 0.3]]), path, top_k=1,
+                                provenance=run)
+    selector.toggle(1, 1)  # a click rewrites the file, still with the provenance
+    assert patching.load_heads(path, expect=run) == [(0, 0), (1, 1)]
+    with pytest.raises(io.ProvenanceError, match="heads.json: field 'provenance.tokenizer'"):
+        patching.load_heads(path, expect=other_tokenizer_run)
 
 
 @pytest.fixture(scope="module")

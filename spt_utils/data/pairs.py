@@ -99,9 +99,11 @@ class PatchingPairs:
             provenance=self.provenance,
         )
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, provenance: dict | None = None) -> None:
+        """Write the pairs with ``provenance`` (default: the one they hold)."""
+        record = self.__dict__ | ({"provenance": provenance} if provenance else {})
         with atomic_write(path, "wb") as handle:
-            torch.save(self.__dict__, handle)
+            torch.save(record, handle)
 
     @classmethod
     def load(cls, path: Path, *, expect: dict | None = None) -> PatchingPairs:

@@ -123,8 +123,10 @@ class SynthesizedData:
     opinion: list[dict]
     protocol: str
 
-    def save(self, data_dir: str | Path) -> dict[str, Path]:
-        """Write every file of the run-directory contract under ``data_dir`` (atomically)."""
+    def save(self, data_dir: str | Path, *, provenance: dict | None = None) -> dict[str, Path]:
+        """Write every file of the run-directory contract under ``data_dir`` (atomically);
+        ``provenance`` (:func:`spt_utils.io.provenance`) goes with the pairs and
+        ``synthesis.json``."""
         data_dir = Path(data_dir)
         paths = {name: data_dir / DATA_FILES[name] for name in SPLITS}
         for name in SPLITS:
@@ -135,8 +137,8 @@ class SynthesizedData:
             "opinion": data_dir / "opinion_eval.jsonl",
             "synthesis": data_dir / SYNTHESIS_FILE,
         }
-        write_json(paths["synthesis"], {"protocol": self.protocol})
-        self.pairs.save(paths["pairs"])
+        write_json(paths["synthesis"], {"protocol": self.protocol, "provenance": provenance})
+        self.pairs.save(paths["pairs"], provenance=provenance)
         write_jsonl(paths["training"], self.training)
         write_jsonl(paths["opinion"], self.opinion)
         return paths
