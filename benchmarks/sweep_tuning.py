@@ -6,9 +6,11 @@ same base weights (``tuning.sweep``), measured on the dev questions: admitted-mi
 the known ones, corrected rate on the wrong ones, general ability (the model's own first
 answers, free-form) and per-token KL drift with a bootstrap interval over held-out prompts
 (the patching and dev questions' prompts and the shipped KL corpus; never the eval split).
-The chosen SPT setting is the one with the lowest KL among those whose dev admitted rate is
-within ``--slack`` of the best SFT rate (else the lowest rate); the matched SFT setting the
-lowest-KL SFT within the same bound. Random-head draws of the chosen k, lr and steps follow.
+The chosen SPT setting is the one with the lowest KL among those whose dev target rate is
+within ``--slack`` of the best SFT rate (else the lowest rate, ties broken by KL), among the SPT
+settings whose general ability is not significantly below base's (McNemar p < 0.05; all of
+them when none is); the matched SFT setting the lowest-KL SFT within the same bound.
+Random-head draws of the chosen k, lr and steps follow.
 
 Phase 2 (``--eval``): the chosen SPT, the matched SFT and the random draws are retrained and
 measured once on the eval split (KL on the eval questions' prompts and the corpus), with
@@ -135,13 +137,23 @@ def random_draws(setting: tuning.SweepSetting, n_layers: int, n_heads: int, draw
 TARGETS = {"admitted": "admitted mistake", "c_to_i": "C→I (lost a correct answer)"}
 
 
+def keeps_general(row: dict, alpha: float = 0.05) -> bool:
+    """Is the row's general ability (its own first answers on dev) not significantly below
+    base's (exact McNemar, ``alpha``)?"""
+    test = row["paired"]["general"]
+    return not (test["difference"] < 0 and test["p"] < alpha)
+
+
 def choose(rows: list[dict], slack: float, target: str = "admitted") -> tuple[dict, dict | None]:
     """The chosen SPT row and the matched SFT row (see the module docstring), by the dev
-    rate of ``target``."""
+    rate of ``target``. SPT settings that lose general ability (:func:`keeps_general`) are
+    passed over while any other remains: a lower rate bought by a model that no longer
+    answers plain questions is not the goal."""
     def value(row: dict) -> float:
         return row[target]["value"]
 
     spt = [r for r in rows if r["method"] == "spt" and not r["label"]]
+    spt = [r for r in spt if keeps_general(r)] or spt
     sft = [r for r in rows if r["method"] == "sft"]
     bound = (min(value(r) for r in sft) if sft else 0.0) + slack
     reaching = [r for r in spt if value(r) <= bound]
@@ -237,7 +249,11 @@ def main() -> None:
                               "n_kl_prompts_dev": len(dev_docs), "profile": args.profile,
                               "target": args.target}
     text = f"## Dev split ({len(dev_docs)} KL prompts)\n\n" + table(dev_rows, args.target)
-    text += f"\nchosen SPT: {chosen['name']}; matched SFT: {result['matched_sft']}\n"
+    result["lost_general"] = [r["name"] for r in rows if r["method"] == "spt"
+                              and not r["label"] and not keeps_general(r)]
+    text += (f"\nchosen SPT: {chosen['name']}; matched SFT: {result['matched_sft']}; "
+             "SPT settings passed over for losing general ability (McNemar p < 0.05): "
+             f"{', '.join(result['lost_general']) or 'none'}\n")
 
     if args.eval:
         eval_docs = evaluation.question_prompts(base.tokenizer, split["eval"], protocol) + corpus

@@ -64,6 +64,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "micro_batch_size": 8, "spt_lr": 1e-5, "sft_lr": 5e-6, "lora_lr": 2e-4,
             "prompt_lr": 3e-2, "weight_decay": 0.1, "autocast_dtype": "bfloat16",
             "n_heldout": 32, "checkpoint_every": 40, "random_head_draws": 5,
+            "spt_top_k": None,  # the heads of notebook 02's selection (top_k above)
         },
         "05": {
             # the paper's KL corpus is 1000 web documents; only the 48 shipped documents

@@ -191,13 +191,25 @@ def steps_of(method: str) -> int:
         method, asked("04", "baseline_steps"))
 
 
+def tuned_heads(run_dir: Path) -> list[list[int]]:
+    """The heads notebook 04 tunes: heads.json when ``spt_top_k`` is None, else the top
+    ``spt_top_k`` positive scores of patching.pt (ranked here from the scores)."""
+    k = asked("04", "spt_top_k")
+    if k is None:
+        return json.loads((run_dir / "heads.json").read_text())["heads"]
+    score = HeadScores.load(run_dir / "patching.pt").score  # [layer, head]
+    flat = score.flatten().tolist()
+    ranked = sorted((i for i, value in enumerate(flat) if value > 0), key=lambda i: -flat[i])
+    return [[i // score.shape[1], i % score.shape[1]] for i in ranked[:k]]
+
+
 def test_tuned_index_lists_every_requested_method_with_finite_losses(executed_run):
     run_dir, _, _ = executed_run
     tuned = run_dir / "tuned"
     index = json.loads((tuned / "index.json").read_text())["methods"]
     requested = asked("04", "methods")
     assert controls("04") and set(index) == {*requested, "few_shot", *controls("04")}
-    heads = json.loads((run_dir / "heads.json").read_text())["heads"]
+    heads = tuned_heads(run_dir)
     for control in controls("04"):  # SPT on as many heads outside the selection
         entry = index[control]
         record = json.loads((tuned / entry["folder"] / "spt_tuning.json").read_text())
@@ -219,8 +231,8 @@ def test_tuned_index_lists_every_requested_method_with_finite_losses(executed_ru
         folder = tuned / entry["folder"]
         record = json.loads((folder / "spt_tuning.json").read_text())
         assert record["method"] == method
-        tuned_heads = sorted(heads) if method in ("spt", "lora_heads") else []
-        assert sorted(record["heads"]) == tuned_heads, method
+        expected_heads = sorted(heads) if method in ("spt", "lora_heads") else []
+        assert sorted(record["heads"]) == expected_heads, method
         weights = ["adapter_model.safetensors"] if entry["kind"] == "peft" else [
             p.name for p in folder.glob("model*.safetensors")]
         assert weights and all((folder / name).stat().st_size > 0 for name in weights), method
@@ -242,7 +254,7 @@ def test_spt_head_deltas_hold_the_selected_heads_and_were_trained(executed_run):
     with safe_open(str(path), "pt") as handle:
         stored_heads = json.loads(handle.metadata()["heads"])
     deltas = load_file(str(path))
-    heads = json.loads((run_dir / "heads.json").read_text())["heads"]
+    heads = tuned_heads(run_dir)
     assert sorted(map(tuple, stored_heads)) == sorted(map(tuple, heads))
     index = json.loads((run_dir / "tuned" / "index.json").read_text())["methods"]
     assert sum(t.numel() for t in deltas.values()) == index["spt"]["trainable"]

@@ -1,0 +1,52 @@
+"""The sweep's choice of settings on the dev split (``benchmarks/sweep_tuning.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sweep_tuning.py"
+
+
+@pytest.fixture(scope="module")
+def sweep_script():
+    spec = importlib.util.spec_from_file_location("sweep_tuning", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(name: str, method: str, rate: float, kl: float, general_p: float = 1.0,
+        general_difference: float = 0.0, label: str = "") -> dict:
+    return {"name": name, "method": method, "label": label, "c_to_i": {"value": rate},
+            "kl": {"value": kl},
+            "paired": {"general": {"p": general_p, "difference": general_difference}}}
+
+
+def test_the_lowest_rate_wins_when_none_reaches_sft(sweep_script):
+    rows = [row("a", "spt", 0.40, 0.01), row("b", "spt", 0.30, 0.05),
+            row("c", "spt", 0.30, 0.02), row("sft", "sft", 0.10, 0.2)]
+    chosen, matched = sweep_script.choose(rows, slack=0.05, target="c_to_i")
+    assert (chosen["name"], matched["name"]) == ("c", "sft")  # tie on rate: lower KL
+
+
+def test_the_lowest_kl_within_reach_of_sft_wins(sweep_script):
+    rows = [row("a", "spt", 0.12, 0.01), row("b", "spt", 0.10, 0.05),
+            row("r", "spt", 0.0, 0.0, label="random 0"), row("sft", "sft", 0.10, 0.2)]
+    chosen, _ = sweep_script.choose(rows, slack=0.05, target="c_to_i")
+    assert chosen["name"] == "a"  # the random draw is never chosen
+
+
+def test_a_setting_that_loses_general_ability_is_passed_over(sweep_script):
+    rows = [row("broken", "spt", 0.10, 0.1, general_p=0.001, general_difference=-0.4),
+            row("better", "spt", 0.10, 0.2, general_p=0.001, general_difference=+0.1),
+            row("kept", "spt", 0.40, 0.02, general_p=0.2, general_difference=-0.1),
+            row("sft", "sft", 0.25, 0.3)]
+    chosen, _ = sweep_script.choose(rows, slack=0.05, target="c_to_i")
+    assert chosen["name"] == "better"  # a significant gain in general ability is fine
+    rows = [r for r in rows if r["name"] != "better"]
+    assert sweep_script.choose(rows, slack=0.05, target="c_to_i")[0]["name"] == "kept"
+    only_broken = [rows[0], rows[-1]]  # none keeps it: the rule falls back to all
+    assert sweep_script.choose(only_broken, slack=0.05, target="c_to_i")[0]["name"] == "broken"
