@@ -27,6 +27,8 @@ TEST_PARAMETERS = {
     "model_name": models.TINY_MODEL, "top_k": 2, "n_oracle_layers": 1,
     "n_check_pairs": 2, "n_receiver_pairs": 1, "n_pattern_heads": 2,
 }
+# what the notebooks' loaders expect of the files written here (they check model and tokenizer)
+RUN = io.provenance(models.TINY_MODEL, models.make_tiny_tokenizer(), profile=None, seed=0)
 
 
 def _write_run_data(run_dir: Path, eval_sizes: tuple[int, int] = (1, 1)) -> None:
@@ -41,8 +43,10 @@ def _write_run_data(run_dir: Path, eval_sizes: tuple[int, int] = (1, 1)) -> None
         {"id": ident, "model": models.TINY_MODEL, "protocol": "free_form", **answer}
         for ident, answer in answers.items()])
     sizes = {"patching": (4, 0), "train": (-1, -1), "dev": (1, 1), "eval": eval_sizes}
-    data.synthesize(questions, models.make_tiny_tokenizer(), sizes=sizes, n_train=4, seed=0,
-                    answers=answers, protocol="free_form", n_arithmetic=2).save(data_dir)
+    synthesized = data.synthesize(questions, models.make_tiny_tokenizer(), sizes=sizes,
+                                  n_train=4, seed=0, answers=answers, protocol="free_form",
+                                  n_arithmetic=2)
+    synthesized.save(data_dir, provenance=RUN)
 
 
 def _write_notebook(root: Path, run_dir: Path, figures_dir: Path, name: str = NOTEBOOK,
@@ -200,8 +204,8 @@ def _write_patching(run_dir: Path, model) -> None:
     selection."""
     scores = patching.path_patch_heads(model, data.PatchingPairs.load(run_dir / "data" /
                                                                        "pairs.pt"))
-    scores.save(run_dir / "patching.pt")
-    patching.save_heads(run_dir / "heads.json", scores.top_heads(2, "both"))
+    scores.save(run_dir / "patching.pt", provenance=RUN)
+    patching.save_heads(run_dir / "heads.json", scores.top_heads(2, "both"), provenance=RUN)
 
 
 def _lab_questions(run_dir: Path) -> tuple[list[dict], dict]:
