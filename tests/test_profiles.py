@@ -37,11 +37,11 @@ def test_models_outside_the_tables_get_the_generic_paper_profile():
     generic = pipeline.PROFILES["paper"]
     for name in ("smollm2-135m-instruct", "Qwen/Qwen2.5-0.5B-Instruct", "google/gemma-2-9b-it"):
         assert pipeline.paper_row(name) is None
-        assert parameters(name, "04_pinpoint_tuning.ipynb") == {"model_name": name,
-                                                                 **generic["04"]}
-    # the cpu profile never takes the tables' values
+        assert parameters(name, "04_pinpoint_tuning.ipynb") == {
+            "model_name": name, "profile": "paper", **generic["04"]}
+    # the cpu profile never takes the tables' values (the profile's name is recorded)
     cpu = parameters("meta-llama/Llama-2-70b-chat-hf", "02_path_patching.ipynb", "cpu")
-    assert cpu == {"model_name": "meta-llama/Llama-2-70b-chat-hf"}
+    assert cpu == {"model_name": "meta-llama/Llama-2-70b-chat-hf", "profile": "cpu"}
 
 
 def test_paper_kl_corpus_is_what_ships():
