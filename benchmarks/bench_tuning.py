@@ -7,7 +7,9 @@ without it (``cache_frozen_layers=False``, every layer runs every step).
 
 Each method runs in its own child process so that peak memory (CPU: ``ru_maxrss``; CUDA:
 ``torch.cuda.max_memory_allocated``) is its own. Usage: ``python benchmarks/bench_tuning.py``
-(``--steps``, ``--micro-batch``, ``--model``).
+(``--steps``, ``--micro-batch``, ``--model``). The fixed head set below starts at layer 10;
+``--heads-from RUN`` times the heads a pipeline run tuned instead (``RUN/tuned/index.json``),
+whose lowest layer sets how much of the model SPT runs.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ HEADS = [(10, 2), (14, 5), (17, 1), (19, 4), (21, 0), (23, 7), (25, 3), (27, 6)]
 RUNS = {"spt": ("spt", True), "spt_uncached": ("spt", False), "sft": ("sft", True)}
 
 
-def measure(run: str, model_name: str, steps: int, micro_batch: int) -> dict:
+def run_heads(run_dir: Path) -> list[tuple[int, int]]:
+    """The heads notebook 04 tuned with SPT in ``run_dir``."""
+    index = run_dir / "tuned" / "index.json"
+    try:
+        heads = json.loads(index.read_text())["methods"]["spt"]["heads"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"--heads-from: {index} holds no SPT heads ({error!r})") from error
+    return [(int(layer), int(head)) for layer, head in heads]
+
+
+def measure(
+    run: str, model_name: str, steps: int, micro_batch: int, heads: list[tuple[int, int]]
+) -> dict:
     sys.path.insert(0, str(REPO))
     from spt_utils import data, models, tuning
 
     method, cache = RUNS[run]
     bridge = models.load_model(model_name)
-    setup = tuning.prepare(method, bridge, HEADS if method == "spt" else ())
+    setup = tuning.prepare(method, bridge, heads if method == "spt" else ())
     records = data.build_training_data(data.load_starter(), micro_batch, seed=0)
     examples = tuning.prepare_examples(bridge.tokenizer, [r["messages"] for r in records])
     layer_cache = tuning.LayerCache(examples)
@@ -69,25 +83,32 @@ def measure(run: str, model_name: str, steps: int, micro_batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--heads-from", type=Path, metavar="RUN",
+                        help="time SPT on the heads this run tuned (default: the fixed set)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--heads", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.model, args.steps, args.micro_batch)))
+        heads = [tuple(h) for h in json.loads(args.heads)]
+        print(json.dumps(measure(args.child, args.model, args.steps, args.micro_batch, heads)))
         return
+    heads = run_heads(args.heads_from) if args.heads_from else HEADS
     rows = {}
     for run in RUNS:
         output = subprocess.run(
             [sys.executable, __file__, "--child", run, "--model", args.model,
-             "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)],
+             "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
+             "--heads", json.dumps(heads)],
             check=True, capture_output=True, text=True,
         ).stdout
         rows[run] = json.loads(output.strip().splitlines()[-1])
     spt, sft = rows["spt"], rows["sft"]
     print(f"model {args.model} on {spt['device']}, {args.steps} timed steps of "
           f"{args.micro_batch} conversations ({spt['tokens_per_step']} tokens), "
-          f"SPT on {len(HEADS)} heads")
+          f"SPT on {len(heads)} heads from layer {min(h[0] for h in heads)} "
+          f"({'of ' + str(args.heads_from) if args.heads_from else 'the fixed set'})")
     print(f"{'method':14}{'trainable':>14}{'optimizer MB':>14}{'step s':>10}{'peak MB':>10}")
     for row in rows.values():
         state_mb, peak_mb = row["optimizer_state_bytes"] / 2**20, row["peak_bytes"] / 2**20
