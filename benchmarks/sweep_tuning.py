@@ -272,11 +272,13 @@ def main() -> None:
         text += f"\n## Eval split ({len(eval_docs)} KL prompts)\n\n" + table(eval_rows, args.target)
     write_json(out / "sweep.json", result)
     (out / "sweep.md").write_text(text)
-    shown = [row for row in result.get("eval", dev_rows) if row["method"] != "base"]
-    label = TARGETS[args.target]
-    figure = viz.pareto_figure(shown, y="target", yaxis_title=f"{label} rate",
-                               title=f"{label} against KL drift (base: "
-                               f"{_cell(dev_rows[0]['target'])} on dev)")
+    rows = result.get("eval", dev_rows)
+    shown = [row for row in rows if row["method"] != "base"]
+    base = next(row for row in rows if row["method"] == "base")
+    split = "eval" if "eval" in result else "dev"
+    figure = viz.pareto_figure(shown, y="target", yaxis_title=f"{TARGETS[args.target]} rate",
+                               title=f"Sweep on the {split} split: effect against drift",
+                               base=base["target"])
     print("wrote", *viz.export_figure(figure, out, "sweep_pareto"))
     print(text)
 

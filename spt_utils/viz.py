@@ -438,11 +438,12 @@ def _error(values: Sequence[Interval]) -> dict[str, Any]:
 def pareto_figure(
     rows: Sequence[dict[str, Any]], *, x: str = "kl", y: str = "admitted",
     xaxis_title: str = "KL(base‖tuned) per token", yaxis_title: str = "admitted-mistake rate",
-    title: str = "Effect against drift",
+    title: str = "Effect against drift", base: Interval | None = None,
 ) -> go.Figure:
     """Each row (``group``, ``name``, and intervals under ``x`` and ``y``) as a point with
     95% intervals on both axes, one colour per group; the lower-left front of the rows
-    (no other row lower on both) is joined by a dashed line."""
+    (no other row lower on both) is joined by a dashed line. ``base``: the untuned model's
+    ``y`` interval, a dotted line named by its value and interval."""
     fig = go.Figure()
     for group in dict.fromkeys(row["group"] for row in rows):
         members = [row for row in rows if row["group"] == group]
@@ -460,6 +461,12 @@ def pareto_figure(
     fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines",
                              line={"dash": "dash", "color": "grey"}, name="front",
                              hoverinfo="skip"))
+    if base is not None:  # across the rows' x extent (a log axis: positive ends only)
+        ends = [v for r in rows for v in (r[x]["low"], r[x]["high"]) if v > 0]
+        fig.add_trace(go.Scatter(
+            x=[min(ends), max(ends)], y=[base["value"]] * 2, mode="lines",
+            line={"dash": "dot", "color": "black"}, hoverinfo="skip",
+            name=f"base {base['value']:.2f} [{base['low']:.2f}, {base['high']:.2f}]"))
     fig.update_xaxes(type="log")
     return publication_figure(fig, title=title, xaxis_title=xaxis_title,
                               yaxis_title=yaxis_title)

@@ -30,6 +30,15 @@ def test_pareto_figure_marks_intervals_groups_and_the_front():
     assert fig.layout.font.family == viz.FONT["family"]
 
 
+def test_pareto_figure_draws_base_as_a_labelled_line():
+    rows = [_row("spt", "a", (0.1, 0.05, 0.2), (0.5, 0.4, 0.6))]
+    assert [trace.name for trace in viz.pareto_figure(rows).data] == ["spt", "front"]
+    fig = viz.pareto_figure(rows, base=_point(0.28, 0.15, 0.44))
+    line = fig.data[-1]
+    assert line.name == "base 0.28 [0.15, 0.44]"
+    assert list(line.y) == [0.28, 0.28] and list(line.x) == [0.05, 0.2]  # the rows' KL span
+
+
 def test_interval_bars_leave_out_missing_metrics():
     rows = {"base": {"admitted": _point(0.5, 0.3, 0.7)},
             "spt": {"admitted": _point(0.2, 0.1, 0.4), "corrected": _point(0.1, 0.0, 0.3)}}
