@@ -144,6 +144,11 @@ def keeps_general(row: dict, alpha: float = 0.05) -> bool:
     return not (test["difference"] < 0 and test["p"] < alpha)
 
 
+def lost_general(rows: list[dict]) -> list[dict]:
+    """The SPT settings on the top heads whose general ability falls (:func:`keeps_general`)."""
+    return [r for r in rows if r["method"] == "spt" and not r["label"] and not keeps_general(r)]
+
+
 def choose(rows: list[dict], slack: float, target: str = "admitted") -> tuple[dict, dict | None]:
     """The chosen SPT row and the matched SFT row (see the module docstring), by the dev
     rate of ``target``. SPT settings that lose general ability (:func:`keeps_general`) are
@@ -153,7 +158,8 @@ def choose(rows: list[dict], slack: float, target: str = "admitted") -> tuple[di
         return row[target]["value"]
 
     spt = [r for r in rows if r["method"] == "spt" and not r["label"]]
-    spt = [r for r in spt if keeps_general(r)] or spt
+    lost = lost_general(rows)
+    spt = [r for r in spt if r not in lost] or spt
     sft = [r for r in rows if r["method"] == "sft"]
     bound = (min(value(r) for r in sft) if sft else 0.0) + slack
     reaching = [r for r in spt if value(r) <= bound]
@@ -249,8 +255,7 @@ def main() -> None:
                               "n_kl_prompts_dev": len(dev_docs), "profile": args.profile,
                               "target": args.target}
     text = f"## Dev split ({len(dev_docs)} KL prompts)\n\n" + table(dev_rows, args.target)
-    result["lost_general"] = [r["name"] for r in rows if r["method"] == "spt"
-                              and not r["label"] and not keeps_general(r)]
+    result["lost_general"] = [r["name"] for r in lost_general(rows)]
     text += (f"\nchosen SPT: {chosen['name']}; matched SFT: {result['matched_sft']}; "
              "SPT settings passed over for losing general ability (McNemar p < 0.05): "
              f"{', '.join(result['lost_general']) or 'none'}\n")

@@ -50,3 +50,11 @@ def test_a_setting_that_loses_general_ability_is_passed_over(sweep_script):
     assert sweep_script.choose(rows, slack=0.05, target="c_to_i")[0]["name"] == "kept"
     only_broken = [rows[0], rows[-1]]  # none keeps it: the rule falls back to all
     assert sweep_script.choose(only_broken, slack=0.05, target="c_to_i")[0]["name"] == "broken"
+
+
+def test_the_settings_passed_over_are_the_top_head_spt_ones_that_lose_general(sweep_script):
+    lose = {"general_p": 0.001, "general_difference": -0.4}
+    rows = [row("broken", "spt", 0.10, 0.1, **lose), row("kept", "spt", 0.40, 0.02),
+            row("random", "spt", 0.10, 0.1, label="random 0", **lose),
+            row("sft", "sft", 0.10, 0.3, **lose)]
+    assert [r["name"] for r in sweep_script.lost_general(rows)] == ["broken"]
