@@ -397,13 +397,11 @@ def _load_seq2seq(
     name: str, device: str, dtype: torch.dtype, seed: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The tiny T5, or an encoder-decoder model and its tokenizer from a folder or the hub."""
+    tokenizer = load_tokenizer(name)
     if name == TINY_T5:
-        tokenizer = make_tiny_tokenizer()
-        tokenizer.pad_token = tokenizer.unk_token  # T5 starts decoding from pad: not EOS
         model = make_tiny_t5(tokenizer, seed=seed)
         return model.to(device=device, dtype=dtype), tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         model = AutoModelForSeq2SeqLM.from_pretrained(
             name, dtype=dtype, attn_implementation="eager", trust_remote_code=False
         )
@@ -428,8 +426,8 @@ def _load_hf(
     """Load an HF causal LM and its tokenizer from the cache, a local folder or the hub."""
     source = _source_of(name)
     _check_offload_folder(device_map, offload_folder)
+    tokenizer = _tokenizer_from(name, source, seq2seq=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         if share_with is not None:
             folder = Path(source)
             if not folder.is_dir() or not _safetensors_files(folder):
@@ -450,21 +448,36 @@ def _load_hf(
             "unreachable: download the model on a machine with access and pass its local "
             f"folder, or use the embedded default {DEFAULT_MODEL!r}."
         ) from error
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
-    """``name``'s tokenizer without its model (the vocabulary of ``load_model(name)``'s), e.g.
-    for a run's provenance before any model is loaded."""
-    if name == TINY_T5 or name in TINY_MODELS:
+    """``name``'s tokenizer, the one :func:`load_model` gives its model (a causal LM without
+    a pad token pads with EOS; T5 with its own pad, from which it starts decoding). Alone it
+    serves e.g. a run's provenance before any model is loaded."""
+    if name == TINY_T5:
+        tokenizer = make_tiny_tokenizer()
+        tokenizer.pad_token = tokenizer.unk_token  # T5 starts decoding from pad: not EOS
+        return tokenizer
+    if name in TINY_MODELS:
         return make_tiny_tokenizer()
-    source = name if is_seq2seq_name(name) else _source_of(name)
+    seq2seq = is_seq2seq_name(name)
+    return _tokenizer_from(name, name if seq2seq else _source_of(name), seq2seq)
+
+
+def _tokenizer_from(name: str, source: str, seq2seq: bool) -> PreTrainedTokenizerBase:
+    """:func:`load_tokenizer` of a folder or hub id ``source`` (``name``'s)."""
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as error:  # no such file; a folder without a tokenizer
-        raise ModelLoadError(f"Could not load the tokenizer of {name!r}: {error}") from error
+        raise ModelLoadError(
+            f"Could not load the tokenizer of {name!r}: {error}\nIf this is a hub id, the hub "
+            "may be unreachable: pass a local folder holding the model, or use the embedded "
+            f"default {DEFAULT_MODEL!r}."
+        ) from error
+    if tokenizer.pad_token is None and not seq2seq:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model(

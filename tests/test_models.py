@@ -227,9 +227,10 @@ def test_smollm2_config(smollm2):
 
 
 @pytest.mark.parametrize("name", [models.TINY_MODEL, models.TINY_T5])
-def test_load_tokenizer_gives_the_models_vocabulary(name):
-    assert models.load_tokenizer(name).get_vocab() == models.load_model(
-        name, device="cpu").tokenizer.get_vocab()
+def test_load_tokenizer_gives_the_models_tokenizer(name):
+    alone, loaded = models.load_tokenizer(name), models.load_model(name, device="cpu").tokenizer
+    assert alone.get_vocab() == loaded.get_vocab()
+    assert alone.pad_token == loaded.pad_token
 
 
 def test_load_tokenizer_of_an_unknown_model_is_a_clear_error(tmp_path):
