@@ -435,7 +435,11 @@ def interrupt_when(command: list[str], ready, timeout_s: float = 900) -> None:
     its notebook kernel have exited."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True)
+    # Ctrl-C reaches a run started from a terminal with SIGINT's default action; a test run
+    # launched in the background (`make test &`) inherits SIGINT ignored, so restore it
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout_s
     while not ready():
         assert process.poll() is None, "the run ended before it could be interrupted"
