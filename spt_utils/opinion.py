@@ -16,8 +16,8 @@ decoder-only models alike.
   self- and cross-attention) from the prompt without the opinion into the prompt with the wrong
   opinion, read at the answer letter.
 
-Rates carry 95% Wilson score intervals (``n``: the rate's denominator); the accuracy drop, a
-paired difference, a percentile bootstrap interval over claims.
+Rates carry exact (Clopper-Pearson) 95% intervals with their k and n (:mod:`spt_utils.stats`);
+the accuracy drop, a paired difference over the same claims, its exact McNemar p-value.
 """
 
 from __future__ import annotations
