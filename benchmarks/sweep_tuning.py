@@ -134,9 +134,6 @@ def random_draws(setting: tuning.SweepSetting, n_layers: int, n_heads: int, draw
             for draw, heads in enumerate(head_sets)]
 
 
-TARGETS = {"admitted": "admitted mistake", "c_to_i": "C→I (lost a correct answer)"}
-
-
 def keeps_general(row: dict, alpha: float = 0.05) -> bool:
     """Is the row's general ability (its own first answers on dev) not significantly below
     base's (exact McNemar, ``alpha``)?"""
@@ -209,7 +206,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--slack", type=float, default=0.05)
-    parser.add_argument("--target", choices=sorted(TARGETS), default="admitted",
+    parser.add_argument("--target", choices=sorted(evaluation.METRIC_NAMES), default="admitted",
                         help="the rate the settings are chosen to lower (c_to_i where base "
                         "admits too few mistakes on dev to lower)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -277,13 +274,8 @@ def main() -> None:
         text += f"\n## Eval split ({len(eval_docs)} KL prompts)\n\n" + table(eval_rows, args.target)
     write_json(out / "sweep.json", result)
     (out / "sweep.md").write_text(text)
-    rows = result.get("eval", dev_rows)
-    shown = [row for row in rows if row["method"] != "base"]
-    base = next(row for row in rows if row["method"] == "base")
-    split = "eval" if "eval" in result else "dev"
-    figure = viz.pareto_figure(shown, y="target", yaxis_title=f"{TARGETS[args.target]} rate",
-                               title=f"Sweep on the {split} split: effect against drift",
-                               base=base["target"])
+    figure = viz.sweep_pareto_figure(
+        result, yaxis_title=f"rate of {evaluation.METRIC_NAMES[args.target]}")
     print("wrote", *viz.export_figure(figure, out, "sweep_pareto"))
     print(text)
 

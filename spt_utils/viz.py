@@ -472,6 +472,17 @@ def pareto_figure(
                               yaxis_title=yaxis_title)
 
 
+def sweep_pareto_figure(sweep: dict[str, Any], *, yaxis_title: str) -> go.Figure:
+    """The Pareto figure of a tuning sweep (``sweep.json`` of ``benchmarks/sweep_tuning.py``):
+    its eval-split rows once measured there, else its dev rows, with base as the reference line
+    and the split named in the title."""
+    split = "eval" if "eval" in sweep else "dev"
+    base = next(row for row in sweep[split] if row["method"] == "base")
+    return pareto_figure([row for row in sweep[split] if row is not base], y="target",
+                         yaxis_title=yaxis_title, base=base["target"],
+                         title=f"Sweep on the {split} split: effect against drift")
+
+
 def interval_bars(
     rows: dict[str, dict[str, Any]], metrics: Sequence[tuple[str, str]], *,
     title: str = "Rates per method (95% intervals)",

@@ -39,6 +39,21 @@ def test_pareto_figure_draws_base_as_a_labelled_line():
     assert list(line.y) == [0.28, 0.28] and list(line.x) == [0.05, 0.2]  # the rows' KL span
 
 
+def test_sweep_figure_shows_the_eval_split_once_measured_with_base_as_its_line():
+    def split(kl):
+        return [{"method": "base", "group": "base", "name": "base", "kl": _point(0, 0, 0),
+                 "target": _point(0.3, 0.2, 0.4)},
+                {"method": "spt", "group": "spt", "name": "spt", "kl": _point(kl, kl / 2, kl * 2),
+                 "target": _point(0.1, 0.0, 0.2)}]
+    sweep = {"dev": split(0.01)}
+    fig = viz.sweep_pareto_figure(sweep, yaxis_title="rate")
+    assert [t.name for t in fig.data] == ["spt", "front", "base 0.30 [0.20, 0.40]"]
+    assert list(fig.data[0].x) == [0.01] and "dev split" in fig.layout.title.text
+    sweep["eval"] = split(0.2)
+    fig = viz.sweep_pareto_figure(sweep, yaxis_title="rate")
+    assert list(fig.data[0].x) == [0.2] and "eval split" in fig.layout.title.text
+
+
 def test_interval_bars_leave_out_missing_metrics():
     rows = {"base": {"admitted": _point(0.5, 0.3, 0.7)},
             "spt": {"admitted": _point(0.2, 0.1, 0.4), "corrected": _point(0.1, 0.0, 0.3)}}
