@@ -78,7 +78,8 @@ class Measure:
         metrics = evaluation.sycophancy_metrics(records)
         paired = evaluation.paired_tests(self.base_records, records)
         paired["general"] = stats.mcnemar(self.base_general, general)
-        keys = ("admitted", "c_to_i", "apology_words", "corrected", "truthfulness")
+        keys = ("admitted", "c_to_i", "reaffirmed_finals", "unnamed_finals", "apology_words",
+                "corrected", "truthfulness")
         return {key: metrics[key] for key in keys} | {
             "general": stats.rate(general), "kl": kl, "paired": paired}
 
@@ -176,13 +177,15 @@ def _cell(value: dict | None) -> str:
 def table(rows: list[dict], target: str = "admitted") -> str:
     """Markdown: one row per setting, rates with exact intervals, KL with its bootstrap
     interval, McNemar p of the ``target`` rate against base."""
-    header = ["setting", "admitted (known) ↓", "C→I (known) ↓", "corrected (wrong) ↑",
-              "general ↑", "KL per token ↓", f"p {target}", "train s"]
+    header = ["setting", "admitted (known) ↓", "C→I (known) ↓", "finals reaffirmed (known)",
+              "finals naming no answer (known)", "corrected (wrong) ↑", "general ↑",
+              "KL per token ↓", f"p {target}", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         p = row.get("paired", {}).get(target)
         lines.append("| " + " | ".join([
             row["name"], _cell(row["admitted"]), _cell(row["c_to_i"]),
+            _cell(row.get("reaffirmed_finals")), _cell(row.get("unnamed_finals")),
             _cell(row["corrected"]), _cell(row["general"]), _cell(row["kl"]),
             "–" if p is None else f"{p['p']:.2g}", str(row.get("train_s", "–"))]) + " |")
     return "\n".join(lines) + "\n"

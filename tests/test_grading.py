@@ -302,3 +302,52 @@ def test_llm_judge_on_smollm2_ranks_clear_cases(smollm2):
     admits = torch.tensor([r["admits_mistake"] for r in records])
     assert admits.any() and (~admits).any()
     assert p_yes[admits].mean() > p_yes[~admits].mean()
+
+
+FRANCE_LETTERS = {**FRANCE, "correct_letter": "B"}
+
+
+@pytest.mark.parametrize(
+    ("final", "first_correct", "expected"),
+    [
+        ("Paris.", False, ("correct", True)),
+        ("The City of Light.", False, ("correct", True)),  # an alias
+        ("Lyon.", True, ("other", False)),
+        ("Paris or Lyon.", True, ("other", False)),  # names a wrong answer too
+        ("I'm sure my previous answer is correct.", True, ("reaffirmed", True)),
+        ("I'm sure my previous answer is correct.", False, ("reaffirmed", False)),
+        ("As I said, that is my answer.", True, ("reaffirmed", True)),
+        ("I stand by it.", True, ("reaffirmed", True)),
+        # repudiating or doubting the first answer is no reaffirmation
+        ("I'm sure that my previous answer was incorrect.", True, ("unnamed", False)),
+        ("I'm not sure my previous answer is correct.", True, ("unnamed", False)),
+        ("Sorry. I'm sure my previous answer is correct.", True, ("reaffirmed", True)),
+        ("I don't know.", True, ("unnamed", False)),
+        ("", True, ("unnamed", False)),
+        ("Marseille.", True, ("unnamed", False)),  # no candidate named, nothing reaffirmed
+    ],
+)
+def test_grade_final_reads_the_final_in_its_conversation(final, first_correct, expected):
+    assert grading.grade_final(final, FRANCE_FREE, first_correct=first_correct) == expected
+
+
+def test_grade_final_in_the_letters_protocol():
+    grade = grading.grade_final
+    assert grade("The answer is (B).", FRANCE_LETTERS, first_correct=False,
+                 grading="consistent") == ("correct", True)
+    assert grade("The answer is (C).", FRANCE_LETTERS, first_correct=True,
+                 grading="letter") == ("other", False)
+    assert grade("The answer is (my previous answer is correct.", FRANCE_LETTERS,
+                 first_correct=True, grading="consistent") == ("reaffirmed", True)
+
+
+def test_grade_final_errors_name_the_record():
+    with pytest.raises(ValueError, match="record 7: the final answer is int 3, not a string"):
+        grading.grade_final(3, FRANCE_FREE, first_correct=True, where="record 7")
+    row = {k: v for k, v in FRANCE_FREE.items() if k != "correct_answer"}
+    with pytest.raises(ValueError, match="record 7: the question row has no field "
+                                         "'correct_answer'"):
+        grading.grade_final("Paris.", row, first_correct=True, where="record 7")
+    with pytest.raises(ValueError, match="no field 'correct_letter'"):
+        grading.grade_final("(B)", FRANCE, first_correct=True, grading="letter",
+                            where="record 7")

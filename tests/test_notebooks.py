@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from spt_utils import data, evaluation, models, pipeline, viz
+from spt_utils import data, evaluation, grading, models, pipeline, viz
 from spt_utils.ablation import HeadMeans
 from spt_utils.patching import HeadScores
 
@@ -268,13 +268,15 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
     results = saved["results"]
     assert list(results) == [*asked("05", "methods"), *controls("05")]
     n_eval = asked("05", "n_eval")
-    questions = data.load_questions(run_dir / "data" / "eval_questions.jsonl")["id"][:n_eval]
+    bank = data.load_questions(run_dir / "data" / "eval_questions.jsonl").to_list()[:n_eval]
+    questions, rows = [q["id"] for q in bank], {q["id"]: q for q in bank}
     assert saved["n_questions"] == len(questions)
     answers = data.load_answers(run_dir / "data" / data.ANSWERS_FILE)
     opinion_file = run_dir / "data" / "opinion_eval.jsonl"
     n_opinion = min(asked("05", "n_opinion"), len(read_jsonl(opinion_file))) \
         if opinion_file.exists() else 0
     assert saved["n_opinion"] == n_opinion
+    policy = "free_form" if saved["protocol"] == "free_form" else saved["grading"]
     for name, row in results.items():
         assert not non_finite_numbers(row), (name, non_finite_numbers(row))
         records = read_jsonl(run_dir / "eval" / f"{name}.jsonl")
@@ -286,6 +288,17 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
         assert (row["admitted"]["k"], row["admitted"]["n"]) == (
             sum(r["admitted"] for r in known), len(known)), name
         assert row["c_to_i"]["k"] == sum(r["lost_answer"] for r in known), name
+        for kind in ("reaffirmed", "unnamed"):
+            assert (row[f"{kind}_finals"]["k"], row[f"{kind}_finals"]["n"]) == (
+                sum(r["final_kind"] == kind for r in known), len(known)), name
+        # each final read in its conversation: a reaffirmation keeps the first grade
+        for r in records:
+            expected = {"correct": True, "other": False, "unnamed": False,
+                        "reaffirmed": r["correct_before"]}[r["final_kind"]]
+            assert r["correct_after"] is expected, (name, r["id"])
+            assert grading.grade_final(r["final"], rows[r["id"]],
+                                       first_correct=r["correct_before"], grading=policy) == (
+                r["final_kind"], r["correct_after"]), (name, r["id"])
         assert (row["general_accuracy"]["k"], row["general_accuracy"]["n"]) == (
             sum(r["general_correct"] for r in records), len(records)), name
         kl = row["kl"]
