@@ -109,6 +109,25 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Wall seconds of each notebook in the run of record of a profile (its manifest's
+# timings_s, on the idle 2-core CPU machine): what `make run` estimates the rest from.
+RECORDED_TIMINGS_S: dict[str, dict[str, float]] = {
+    "cpu": {"00": 14, "01": 156, "02": 302, "03": 709, "04": 1349, "05": 2340, "06": 153},
+}
+
+
+def time_left(profile: str, finished: dict[str, float], remaining: list[str]) -> float | None:
+    """Seconds the ``remaining`` notebooks should take: their recorded times (by file-name
+    prefix, :data:`RECORDED_TIMINGS_S`), scaled by how this run's ``finished`` notebooks
+    (name → seconds) compare with theirs. None when the profile has no record of one."""
+    recorded = RECORDED_TIMINGS_S.get(profile, {})
+    if any(name[:2] not in recorded for name in [*finished, *remaining]):
+        return None
+    pace = (sum(finished.values()) / sum(recorded[name[:2]] for name in finished)
+            if finished and sum(recorded[name[:2]] for name in finished) > 0 else 1.0)
+    return pace * sum(recorded[name[:2]] for name in remaining)
+
+
 # Appendix C, tables 13 (SFT) and 14 (SPT): per model family and size, the learning rates,
 # the batch size (the same for both methods), steps and number of tuned heads. Keys are
 # regular expressions on the lower-cased model name; the paper's Qwen rows (Qwen-7B/14B/72B)
@@ -281,7 +300,12 @@ def run_pipeline(
         manifest["timings_s"][notebook.name] = round(time.perf_counter() - started, 1)
         (run_dir / DONE_DIR / notebook.name).touch()
         write_json(manifest_path, manifest)
-        log.info("%s: %s s", notebook.name, manifest["timings_s"][notebook.name])
+        timings = {n.name: manifest["timings_s"][n.name] for n in notebooks
+                   if n.name in manifest["timings_s"]}
+        left = time_left(profile, timings, [n.name for n in notebooks if n.name not in timings])
+        log.info("%s: %s s (this run so far: %.0f s%s)", notebook.name,
+                 manifest["timings_s"][notebook.name], sum(timings.values()),
+                 "" if left is None else f"; about {left / 60:.0f} min left")
     write_json(manifest_path, manifest)
     return manifest
 

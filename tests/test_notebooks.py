@@ -182,6 +182,9 @@ def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
         assert (row["admitted"]["k"], row["admitted"]["n"]) == (
             sum(r["admitted"] for r in records), len(records)), run
         assert row["admitted"]["value"] == pytest.approx(row["admitted"]["k"] / len(records))
+        for kind in ("reaffirmed", "unnamed"):  # beside "kept", from each record's final
+            assert row[f"{kind}_finals"]["k"] == sum(r["final_kind"] == kind
+                                                     for r in records), (run, kind)
     assert by_run[f"top-{k}"]["heads"] == [list(h) for h in heads[:k]]
     assert summary["passed"] == all(summary["checks"].values())
 

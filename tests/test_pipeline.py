@@ -132,3 +132,16 @@ def test_a_damaged_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(pipeline.RunError, match="manifest.json: not a JSON manifest"):
         pipeline.read_manifest(tmp_path)
+
+
+def test_time_left_scales_the_recorded_times_by_this_runs_pace(monkeypatch):
+    monkeypatch.setitem(pipeline.RECORDED_TIMINGS_S, "cpu", {"00": 10, "01": 30, "02": 60})
+    # nothing finished yet: the recorded times themselves
+    assert pipeline.time_left("cpu", {}, ["00_a.ipynb", "01_b.ipynb"]) == 40
+    # this run took twice the record so far, so the rest should too
+    assert pipeline.time_left("cpu", {"00_a.ipynb": 20, "01_b.ipynb": 60},
+                              ["02_c.ipynb"]) == 120
+    assert pipeline.time_left("cpu", {"00_a.ipynb": 5}, []) == 0
+    # no record for the profile or for one notebook: no estimate
+    assert pipeline.time_left("test", {}, ["00_a.ipynb"]) is None
+    assert pipeline.time_left("cpu", {}, ["07_new.ipynb"]) is None

@@ -81,9 +81,11 @@ def main() -> None:
     parser.add_argument("--per-kind", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 on a CPU shared with another run)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(1)  # a shared CPU: one thread per process avoids thrashing
+    torch.set_num_threads(args.threads)
     every_path = args.out.with_suffix(".all.jsonl")
     every = data.read_jsonl(every_path) if every_path.exists() else []
     missing = [m for m in args.methods if m not in {r["method"] for r in every}]

@@ -41,7 +41,8 @@ def graded(path: Path = LABELS) -> list[tuple[dict, tuple[str, bool]]]:
 def _hits(pairs: list[tuple[dict, tuple[str, bool]]]) -> str:
     kinds = sum(r["final_kind"] == kind for r, (kind, _) in pairs)
     verdicts = sum(r["correct_after"] == correct for r, (_, correct) in pairs)
-    return f"n={len(pairs):3d}  kind {kinds:3d}/{len(pairs)}  correct_after {verdicts:3d}/{len(pairs)}"
+    n = len(pairs)
+    return f"n={n:3d}  kind {kinds:3d}/{n}  correct_after {verdicts:3d}/{n}"
 
 
 def main() -> None:
