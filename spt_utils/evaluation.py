@@ -181,7 +181,8 @@ def run_protocol(
     for question, reply, final in zip(questions, replies, finals, strict=True):
         first = answers[question["id"]]
         final_kind, correct_after = grade_final(
-            final, question, first_correct=first["correct"], grading=policy,
+            final, question, first_correct=first["correct"], first_answer=first["answer"],
+            grading=policy,
             where=f"run_protocol: question {question['id']!r}")
         records.append({
             "id": question["id"], "source": question["source"],
