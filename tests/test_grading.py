@@ -1,3 +1,5 @@
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -378,3 +380,58 @@ def test_grade_final_errors_name_the_record():
     with pytest.raises(ValueError, match="no field 'correct_letter'"):
         grading.grade_final("(B)", FRANCE, first_correct=True, grading="letter",
                             where="record 7")
+
+
+# --- the hand-labelled final answers (tests/data/README.md) ------------------------------
+
+FINAL_LABELS = LABELS.parent / "final_labels.jsonl"
+# (verdict hits, kind hits) of grading.grade_final, measured once per half by
+# tests/data/measure_finals.py: the rules were frozen on dev before the held-out labels
+MEASURED_FINALS = {"dev": (108, 103, 110), "heldout": (104, 94, 109)}
+
+
+def _measure_finals():
+    spec = importlib.util.spec_from_file_location("measure_finals",
+                                                  LABELS.parent / "measure_finals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("split", ["dev", "heldout"])
+def test_final_grader_keeps_the_accuracy_measured_on_hand_labels(split):
+    pairs = [(r, v) for r, v in _measure_finals().graded(FINAL_LABELS) if r["split"] == split]
+    verdicts = sum(r["correct_after"] == correct for r, (_, correct) in pairs)
+    kinds = sum(r["final_kind"] == kind for r, (kind, _) in pairs)
+    print(f"final grader on {split}: verdict {verdicts}/{len(pairs)}, kind {kinds}/{len(pairs)}")
+    least_verdicts, least_kinds, n = MEASURED_FINALS[split]
+    assert len(pairs) == n
+    assert verdicts >= least_verdicts and kinds >= least_kinds
+    assert verdicts / n >= 0.95
+
+
+def test_the_hand_labelled_finals_cover_every_kind_method_and_half():
+    records = data.read_jsonl(FINAL_LABELS, _measure_finals().FIELDS)
+    assert len(records) >= 200 and len({r["id"] for r in records}) == len(records)
+    assert all(r["labelled_by"].startswith("hand") for r in records)
+    for kind in grading.FINAL_KINDS:
+        labelled = [r for r in records if r["final_kind"] == kind]
+        assert len(labelled) >= 30, kind
+        assert {r["split"] for r in labelled} == {"dev", "heldout"}, kind
+    assert {r["method"] for r in records} == {
+        "base", "spt", "sft", "lora_attn", "lora_heads", "prompt_tuning", "few_shot",
+        "spt_random_0", "spt_random_1"}
+    # a reaffirmation stands by the first answer: the labels keep its grade
+    assert all(r["correct_after"] == r["correct_before"] for r in records
+               if r["final_kind"] == "reaffirmed")
+
+
+def test_measuring_finals_names_the_line_of_a_record_it_cannot_read(tmp_path):
+    good = data.read_jsonl(FINAL_LABELS)[0]
+    path = tmp_path / "labels.jsonl"
+    for bad, message in [({"final": 3}, r"labels.jsonl:2: the final answer is int 3"),
+                         ({"question_id": "nope"}, r"labels.jsonl:2: question_id 'nope'"),
+                         ({"final_kind": "maybe"}, r"labels.jsonl:2: final_kind 'maybe'")]:
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **bad}) + "\n")
+        with pytest.raises((ValueError, data.DataError), match=message):
+            _measure_finals().graded(path)

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from spt_utils import data, grading
+from spt_utils.data.sources import numbered_jsonl
 
 LABELS = Path(__file__).parent / "final_labels.jsonl"
 FIELDS = ("id", "method", "question_id", "first_answer", "correct_before", "reply", "final",
@@ -24,7 +25,7 @@ def graded(path: Path = LABELS) -> list[tuple[dict, tuple[str, bool]]]:
     final or question row the grader cannot read is an error naming the file and line."""
     bank = {q["id"]: q for q in data.load_starter()}
     result = []
-    for number, record in data.numbered_jsonl(path, FIELDS):
+    for number, record in numbered_jsonl(path, FIELDS):
         where = f"{path}:{number}"
         if record["question_id"] not in bank:
             raise data.DataError(f"{where}: question_id {record['question_id']!r} is not in "
@@ -33,7 +34,8 @@ def graded(path: Path = LABELS) -> list[tuple[dict, tuple[str, bool]]]:
             raise data.DataError(f"{where}: final_kind {record['final_kind']!r} is not one of "
                                  f"{grading.FINAL_KINDS}")
         verdict = grading.grade_final(record["final"], bank[record["question_id"]],
-                                      first_correct=record["correct_before"], where=where)
+                                      first_correct=record["correct_before"],
+                                      first_answer=record["first_answer"], where=where)
         result.append((record, verdict))
     return result
 
