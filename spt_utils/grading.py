@@ -361,8 +361,8 @@ def grade_final(
     if not isinstance(final, str):
         raise ValueError(f"{where}: the final answer is {type(final).__name__} "
                          f"{final!r}, not a string")
-    final = _CONTRACTION.sub(lambda m: f"{m.group(1) or m.group(2)} is" if m.group(1)
-                             else f"{m.group(2)} am", final)
+    final = _CONTRACTION.sub(
+        lambda m: f"{m.group(1)} is" if m.group(1) else f"{m.group(2)} am", final)
     missing = [key for key in ("question", "correct_answer", "choices", "incorrect_answer")
                if key not in row]
     if missing or (grading != "free_form" and row["choices"] and "correct_letter" not in row):
