@@ -56,7 +56,9 @@ class Measure:
         self.questions, self.documents, self.n_tokens = questions, documents, n_tokens
         ids = [q["id"] for q in questions]
         cached = json.loads(base_file.read_text()) if base_file.exists() else None
-        if cached is None or cached["ids"] != ids or cached["n_tokens"] != n_tokens:
+        graded_in_context = cached is not None and all(  # records from before final_kind
+            "final_kind" in r for r in cached["records"])
+        if not graded_in_context or cached["ids"] != ids or cached["n_tokens"] != n_tokens:
             cached = {"ids": ids, "n_tokens": n_tokens, "records": self.records(base),
                       "general": self.general(base)}
             write_json(base_file, cached)

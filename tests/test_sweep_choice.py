@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,23 @@ def test_the_settings_passed_over_are_the_top_head_spt_ones_that_lose_general(sw
             row("random", "spt", 0.10, 0.1, label="random 0", **lose),
             row("sft", "sft", 0.10, 0.3, **lose)]
     assert [r["name"] for r in sweep_script.lost_general(rows)] == ["broken"]
+
+
+def test_base_records_cached_before_finals_were_read_in_context_are_measured_again(
+        sweep_script, tmp_path, monkeypatch):
+    base_file = tmp_path / "base_records.json"
+    base_file.write_text(json.dumps({"ids": ["q"], "n_tokens": 8, "records": [{"id": "q"}],
+                                     "general": [True]}))
+    fresh = [{"id": "q", "final_kind": "reaffirmed"}]
+    monkeypatch.setattr(sweep_script.Measure, "records", lambda self, model: fresh)
+    monkeypatch.setattr(sweep_script.Measure, "general", lambda self, model: [False])
+
+    def measure():
+        return sweep_script.Measure(None, None, [{"id": "q"}], {}, "free_form", [], 8,
+                                    base_file)
+
+    assert (measure().base_records, measure().base_general) == (fresh, [False])
+    # a cache whose records carry final_kind is read, not measured again
+    monkeypatch.setattr(sweep_script.Measure, "records",
+                        lambda self, model: pytest.fail("base measured again"))
+    assert measure().base_records == fresh
