@@ -300,7 +300,8 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
                         "reaffirmed": r["correct_before"]}[r["final_kind"]]
             assert r["correct_after"] is expected, (name, r["id"])
             assert grading.grade_final(r["final"], rows[r["id"]],
-                                       first_correct=r["correct_before"], grading=policy) == (
+                                       first_correct=r["correct_before"],
+                                       first_answer=r["answer"], grading=policy) == (
                 r["final_kind"], r["correct_after"]), (name, r["id"])
         assert (row["general_accuracy"]["k"], row["general_accuracy"]["n"]) == (
             sum(r["general_correct"] for r in records), len(records)), name
