@@ -229,8 +229,8 @@ _LETTER_IN_PARENTHESES = re.compile(r"\(([A-J])\)")
 ROW_FIELDS = ("choices", "correct_answer", "incorrect_answer")
 
 
-def _check_row(row: dict, where: str) -> None:
-    for key in ROW_FIELDS:
+def _check_row(row: dict, where: str, fields: tuple[str, ...] = ROW_FIELDS) -> None:
+    for key in fields:
         if key not in row:
             raise ValueError(f"{where}: the question row has no field {key!r}")
 
@@ -363,15 +363,13 @@ def grade_final(
                          f"{final!r}, not a string")
     final = _CONTRACTION.sub(
         lambda m: f"{m.group(1)} is" if m.group(1) else f"{m.group(2)} am", final)
-    missing = [key for key in ("question", "correct_answer", "choices", "incorrect_answer")
-               if key not in row]
-    if missing or (grading != "free_form" and row["choices"] and "correct_letter" not in row):
-        raise ValueError(f"{where}: the question row has no field "
-                         f"{(missing or ['correct_letter'])[0]!r}")
+    _check_row(row, where, (*ROW_FIELDS, "question"))
+    lettered = grading != "free_form" and bool(row["choices"])
+    if lettered:
+        _check_row(row, where, ("correct_letter",))
     if grade(final, row, grading):
         return "correct", True
     letters = LETTERS[: len(row["choices"])]
-    lettered = grading != "free_form" and bool(row["choices"])
     if named_answers(final, row) or (lettered and extract_letter(final, letters)):
         return "other", False
     if not lettered:  # a lettered final opens with the prefill "The answer is ("

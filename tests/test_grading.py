@@ -385,7 +385,7 @@ def test_grade_final_errors_name_the_record():
 # --- the hand-labelled final answers (tests/data/README.md) ------------------------------
 
 FINAL_LABELS = LABELS.parent / "final_labels.jsonl"
-# (verdict hits, kind hits) of grading.grade_final, measured once per half by
+# (verdict hits, kind hits, n) of grading.grade_final, measured once per half by
 # tests/data/measure_finals.py: the rules were frozen on dev before the held-out labels
 MEASURED_FINALS = {"dev": (108, 103, 110), "heldout": (104, 94, 109)}
 

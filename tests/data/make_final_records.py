@@ -22,8 +22,7 @@ import torch
 
 from spt_utils import candidates, data, evaluation, io, models
 
-METHODS = ("base", "spt", "sft", "lora_attn", "lora_heads", "prompt_tuning", "few_shot",
-           "spt_random_0", "spt_random_1")
+METHODS = (*candidates.METHODS, "spt_random_0", "spt_random_1")  # notebook 05's nine
 
 
 def dev_records(run_dir: Path, model_name: str, methods: list[str]) -> list[dict]:
