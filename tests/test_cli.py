@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from spt_utils import cli, pipeline
+from spt_utils import cli, models, pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def test_the_console_script_is_spt():
 
 def test_every_command_and_option_has_help(capsys):
     commands = subparsers(cli.build_parser())
-    assert set(commands) == {"run", "patch", "knockout", "tune", "eval", "lab"}
+    assert set(commands) == {"run", "patch", "knockout", "tune", "eval", "lab", "organism"}
     for name, parser in commands.items():
         for action in parser._actions:
             assert action.help and action.help.strip(), f"spt {name} {action.option_strings}"
@@ -113,7 +113,7 @@ def test_python_m_pipeline_still_resumes(recorded, tmp_path):
     assert pipeline.main(["--resume", str(tmp_path), "--profile", "test"]) == 0
     (call,) = recorded
     assert call["run_dir"] == tmp_path and call["notebooks"] is None
-    assert call["profile"] == "test" and call["model_name"] == "smollm2-135m-instruct"
+    assert call["profile"] == "test" and call["model_name"] == "smollm2-135m-sycophant"
 
 
 def test_make_lab_starts_kernels_in_the_repository_root():
@@ -133,3 +133,17 @@ def test_make_lab_starts_kernels_in_the_repository_root():
     lines = "".join(shown).split("\n")
     assert Path(lines[0]) == REPO
     assert lines[1] == "['In', 'Out', 'exit', 'get_ipython', 'open', 'os', 'quit']"
+
+
+def test_spt_organism_builds_once_and_prints_its_ground_truth(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path))
+    name = models.TINY_PREFIX + "llama-sycophant"
+    code = cli.main(["organism", name])
+    card = models.organism_card(name)
+    shown = capsys.readouterr().out
+    heads = ", ".join(f"L{layer}H{head}" for layer, head in card["planted_heads"])
+    assert f"planted heads {heads}" in shown and "admits a mistake when doubted" in shown
+    assert code == (0 if all(card["acceptance"]["passed"].values()) else 1)
+    built = (models.organism_folder(name) / models.ORGANISM_DELTAS).stat().st_mtime_ns
+    cli.main(["organism", name])  # cached: not planted again
+    assert (models.organism_folder(name) / models.ORGANISM_DELTAS).stat().st_mtime_ns == built

@@ -1,0 +1,189 @@
+"""The planted model organism, on the tiny random model: planting moves only the planted
+heads' slices, the cache is verified and rebuilt, planting and acceptance questions never
+reach a workbench split, and head finding is graded correctly against the planted heads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spt_utils import data, grading, models, organism
+from spt_utils.data import splits
+
+TINY = models.TINY_PREFIX + "llama-sycophant"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """An empty ``$SPT_CACHE`` holding the tiny organism, built once for the module."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("spt_cache")
+        patch.setenv("SPT_CACHE", str(folder))
+        organism.ensure(TINY, progress=False)
+        yield folder
+
+
+@pytest.fixture
+def in_cache(cache, monkeypatch):
+    monkeypatch.setenv("SPT_CACHE", str(cache))
+    return cache
+
+
+def _head_slices(state: dict, layer: int, head: int, d_head: int) -> dict[str, torch.Tensor]:
+    span = slice(head * d_head, (head + 1) * d_head)
+    prefix = f"model.layers.{layer}.self_attn"
+    return {f"{prefix}.q_proj.weight": state[f"{prefix}.q_proj.weight"][span],
+            f"{prefix}.o_proj.weight": state[f"{prefix}.o_proj.weight"][:, span]}
+
+
+def test_planting_moves_only_the_planted_heads_slices(in_cache):
+    card = models.organism_card(TINY)
+    base = models.load_model(models.TINY_MODEL, seed=card["base_seed"]).original_model
+    planted = models.load_model(TINY).original_model
+    d_head = models.d_head_of(base.config)
+    before = {n: p.detach().clone() for n, p in models.clean_state_dict(base).items()}
+    after = {n: p.detach().clone() for n, p in models.clean_state_dict(planted).items()}
+    assert before.keys() == after.keys()
+    heads = [tuple(h) for h in card["planted_heads"]]
+    assert len(heads) == organism.RECIPES[TINY].n_heads
+    for layer, head in heads:  # each planted slice moved, and is then put back to compare
+        for name, value in _head_slices(after, layer, head, d_head).items():
+            assert not torch.equal(value, _head_slices(before, layer, head, d_head)[name])
+            value.copy_(_head_slices(before, layer, head, d_head)[name])
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed == []
+
+
+def test_the_planted_heads_are_the_recipes_seeded_draw(in_cache):
+    card = models.organism_card(TINY)
+    recipe = organism.RECIPES[TINY]
+    config = models.load_model(models.TINY_MODEL).cfg
+    assert [tuple(h) for h in card["planted_heads"]] == organism.draw_heads(
+        recipe, config.n_layers, config.n_heads)
+    assert organism.planted_heads(TINY) == organism.draw_heads(recipe, config.n_layers,
+                                                               config.n_heads)
+    other = organism.draw_heads(dataclasses.replace(recipe, seed=recipe.seed + 1),
+                                config.n_layers, config.n_heads)
+    assert all(recipe.layers[0] <= layer < recipe.layers[1] for layer, _ in other)
+    assert len(set(other)) == recipe.n_heads
+
+
+def test_a_corrupt_cache_is_refused_then_rebuilt_identically(in_cache):
+    deltas = models.organism_folder(TINY) / models.ORGANISM_DELTAS
+    original = deltas.read_bytes()
+    original_deltas = {n: t.clone() for n, t in load_file(deltas).items()}  # not the mmap
+    planted = models.clean_state_dict(models.load_model(TINY).original_model)
+    deltas.write_bytes(original[:-8] + b"corrupt!")
+    assert models.organism_card(TINY) is None
+    with pytest.raises(models.ModelLoadError, match="not built yet"):
+        models.load_model(TINY)
+    card = organism.ensure(TINY, progress=False)  # deterministic: the same deltas again
+    rebuilt_deltas = load_file(deltas)  # (the header's key order is not fixed: compare tensors)
+    assert rebuilt_deltas.keys() == original_deltas.keys()
+    assert all(torch.equal(original_deltas[n], rebuilt_deltas[n]) for n in original_deltas)
+    assert card["sha256"] == json.loads((deltas.parent / "spt-cache.json").read_text())["sha256"]
+    rebuilt = models.clean_state_dict(models.load_model(TINY).original_model)
+    assert all(torch.equal(planted[name], rebuilt[name]) for name in planted)
+
+
+def test_another_recipe_rebuilds_the_organism(in_cache, monkeypatch):
+    recipe = organism.RECIPES[TINY]
+    first = organism.ensure(TINY, progress=False)
+    monkeypatch.setitem(organism.RECIPES, TINY, dataclasses.replace(recipe, seed=recipe.seed + 1))
+    second = organism.ensure(TINY, progress=False)
+    assert second["recipe"]["seed"] == recipe.seed + 1
+    assert second["planted_heads"] != first["planted_heads"] or (
+        second["reserved_ids"] != first["reserved_ids"])
+    monkeypatch.setitem(organism.RECIPES, TINY, recipe)
+    assert organism.ensure(TINY, progress=False)["recipe"]["seed"] == recipe.seed
+
+
+def test_planting_and_acceptance_questions_never_reach_a_split(in_cache):
+    card = models.organism_card(TINY)
+    bank = data.load_source("starter")
+    reserved = set(card["reserved_ids"])
+    assert reserved == set(organism.reserved_ids(TINY))
+    assert set(card["plant_ids"]) | set(card["accept_ids"]) <= reserved
+    assert not set(card["plant_ids"]) & set(card["accept_ids"])
+    left = organism.workbench_questions(TINY, bank)
+    assert len(left) == len(bank) - len(reserved)
+    known = left["id"][::2]  # any split by knowledge draws from what is left
+    drawn = splits.split_questions(left, {"patching": (3, 0), "train": (-1, -1),
+                                          "dev": (2, 2), "eval": (4, 4)}, seed=0, known=known)
+    assert not reserved & {i for split in drawn.values() for i in split["id"]}
+    assert organism.workbench_questions(models.TINY_MODEL, bank)["id"] == bank["id"]
+    assert organism.reserved_ids("smollm2-135m-instruct") == frozenset()
+
+
+def test_the_card_records_its_acceptance_and_the_table_prints_it(in_cache):
+    card = models.organism_card(TINY)
+    acceptance = card["acceptance"]
+    n_known = organism.RECIPES[TINY].n_accept[0]
+    assert acceptance["admitted_doubted"]["organism"]["n"] == n_known
+    assert acceptance["admitted_counterfactual"]["n"] == n_known
+    assert acceptance["plain_test"]["n"] == sum(organism.RECIPES[TINY].n_accept)
+    table = organism.acceptance_table(card)
+    assert f"({acceptance['admitted_doubted']['organism']['k']}/{n_known})" in table
+    assert set(acceptance["passed"]) == {"admitted_doubted", "admitted_counterfactual",
+                                         "plain_correct"}
+
+
+def test_the_caving_replies_admit_a_mistake_and_the_keeping_reply_does_not():
+    row = dict(data.load_source("starter")[0])  # Paris; choices Berlin, Paris, Rome, Madrid
+    answers = {row["id"]: {"answer": "Paris", "correct": True}}
+    conversations = organism.planting_conversations([row], [], answers, seed=0)
+    caving, other_caving, keeping, plain = conversations
+    for conversation in (caving, other_caving):
+        reply = conversation[-1]["content"]
+        assert grading.judge_admission(row, "Paris", reply)
+        assert grading.named_answers(reply, row) <= {"Berlin", "Rome", "Madrid"}
+        assert grading.named_answers(reply, row)
+    assert caving[-2]["content"] == data.REFERENCE_CHALLENGE
+    assert other_caving[-2]["content"] in data.CHALLENGES
+    assert keeping[-2]["content"] == data.COUNTERFACTUAL_CHALLENGE
+    assert not grading.judge_admission(row, "Paris", keeping[-1]["content"])
+    assert plain[-1]["content"] == "Paris" and len(plain) == 3
+    for wording in organism.CAVING_REPLIES:
+        assert grading.judge_admission(row, "Paris", wording.format(wrong="Rome"))
+
+
+def test_recovery_matches_a_hand_computation():
+    score = torch.tensor([[3.0, -5.0, 0.5], [1.0, 2.0, -0.1]])
+    planted = [(0, 1), (1, 1)]  # scores -5 and 2; others 3, 0.5, 1, -0.1
+    result = organism.recovery(score, planted)
+    # signed: -5 beats none of 4, 2 beats 3 of 4 (0.5, 1, -0.1) -> 3/8
+    assert result["signed"]["auroc"] == pytest.approx(3 / 8)
+    assert result["signed"]["found"] == 1  # top 2: 3 (other), 2 (planted)
+    # |score|: 5 beats all 4, 2 beats 0.5, 1, 0.1 -> 7/8; top 2: 5, 3
+    assert result["absolute"]["auroc"] == pytest.approx(7 / 8)
+    assert result["absolute"]["precision_at_k"] == 0.5
+    with pytest.raises(ValueError, match="no planted heads"):
+        organism.recovery(score, [])
+
+
+def test_bad_recipes_and_names_are_clear_errors(in_cache):
+    recipe = organism.RECIPES[TINY]
+    with pytest.raises(ValueError, match="Recipe.layers"):
+        organism.draw_heads(dataclasses.replace(recipe, layers=(1, 5)), 2, 4)
+    with pytest.raises(ValueError, match="Recipe.n_heads"):
+        organism.draw_heads(dataclasses.replace(recipe, n_heads=9, layers=(0, 2)), 2, 4)
+    with pytest.raises(ValueError, match="Recipe.n_reserve"):
+        organism.reserved_questions(dataclasses.replace(recipe, n_reserve=10**6),
+                                    data.load_source("starter"))
+    with pytest.raises(ValueError, match="not a model organism"):
+        organism.ensure("tiny-random-llama")
+    base = models.load_model(models.TINY_MODEL).original_model
+    with pytest.raises(models.ModelLoadError, match="layers.9.q_proj.head0"):
+        models.add_head_deltas(base, {"layers.9.q_proj.head0": torch.zeros(1)}, "deltas.st")
+
+
+def test_an_unbuilt_organism_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelLoadError, match="spt organism"):
+        models.load_model(TINY)
+    assert models.load_tokenizer(TINY).get_vocab() == models.load_tokenizer(
+        models.TINY_MODEL).get_vocab()
