@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from spt_utils import data, evaluation, grading, models, pipeline, viz
+from spt_utils import data, evaluation, grading, models, organism, pipeline, viz
 from spt_utils.ablation import HeadMeans
 from spt_utils.patching import HeadScores
 
@@ -59,6 +59,25 @@ def asked(prefix: str, name: str):
 def controls(prefix: str) -> list[str]:
     """The random-head SPT controls notebook 04 trains and notebook 05 evaluates."""
     return [f"spt_random_{draw}" for draw in range(asked(prefix, "random_head_draws"))]
+
+
+def planted() -> list[list[int]]:
+    """The planted heads when the notebooks' default model is an organism (else none): the
+    knockout and SPT runs on them that notebooks 03-05 add."""
+    name = notebook_defaults("00")["model_name"]
+    return [list(h) for h in organism.planted_heads(name)] if name in organism.RECIPES else []
+
+
+def upper_bound() -> list[str]:
+    """SPT on the planted heads (notebooks 04-05), on an organism."""
+    return ["spt_planted"] if planted() else []
+
+
+def claim_metric() -> str:
+    """Notebook 05's claim rate: the profile's, else admitted mistakes (c_to_i for the
+    natural SmolLM2)."""
+    return asked("05", "claim_metric") or (
+        "c_to_i" if notebook_defaults("05")["model_name"] == models.DEFAULT_MODEL else "admitted")
 
 
 def finite(value) -> bool:
@@ -170,7 +189,8 @@ def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
     # generation: every run, each rate recounted from its records
     k = summary["k"]
     runs = {"none", f"top-{k}",
-            *(f"random-{k}-{i}" for i in range(asked("03", "n_random_generate")))}
+            *(f"random-{k}-{i}" for i in range(asked("03", "n_random_generate"))),
+            *([f"planted-{len(planted())}"] if planted() else [])}
     by_run = {g["run"]: g for g in summary["generation"]}
     assert set(by_run) == runs
     n_generate = min(asked("03", "n_generate"), len(held_out))
@@ -186,6 +206,8 @@ def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
             assert row[f"{kind}_finals"]["k"] == sum(r["final_kind"] == kind
                                                      for r in records), (run, kind)
     assert by_run[f"top-{k}"]["heads"] == [list(h) for h in heads[:k]]
+    if planted():
+        assert by_run[f"planted-{len(planted())}"]["heads"] == planted()
     assert summary["passed"] == all(summary["checks"].values())
 
 
@@ -211,7 +233,12 @@ def test_tuned_index_lists_every_requested_method_with_finite_losses(executed_ru
     tuned = run_dir / "tuned"
     index = json.loads((tuned / "index.json").read_text())["methods"]
     requested = asked("04", "methods")
-    assert controls("04") and set(index) == {*requested, "few_shot", *controls("04")}
+    assert controls("04") and set(index) == {*requested, "few_shot", *controls("04"),
+                                             *upper_bound()}
+    if planted():  # SPT on the planted heads, as long as SPT on the found ones
+        assert index["spt_planted"]["heads"] == planted()
+        assert index["spt_planted"]["steps"] == steps_of("spt") == len(
+            index["spt_planted"]["losses"])
     heads = tuned_heads(run_dir)
     for control in controls("04"):  # SPT on as many heads outside the selection
         entry = index[control]
@@ -269,7 +296,7 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
     run_dir, _, _ = executed_run
     saved = json.loads((run_dir / "results.json").read_text())
     results = saved["results"]
-    assert list(results) == [*asked("05", "methods"), *controls("05")]
+    assert list(results) == [*asked("05", "methods"), *controls("05"), *upper_bound()]
     n_eval = asked("05", "n_eval")
     bank = data.load_questions(run_dir / "data" / "eval_questions.jsonl").to_list()[:n_eval]
     questions, rows = [q["id"] for q in bank], {q["id"]: q for q in bank}
@@ -314,15 +341,14 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
     # KL on plain documents: the unchanged weights (base, few-shot prompting) give exactly 0,
     # every tuned method moved its weights or prompt
     kl = {name: row["kl"]["value"] for name, row in results.items()}
-    trained = (*TRAINED, *controls("05"))
+    trained = (*TRAINED, *controls("05"), *upper_bound())
     assert all(kl[m] == 0 for m in kl if m not in trained), kl
     assert all(kl[m] > 0 for m in kl if m in trained), kl
     # the claim, recomputed from the saved rows and records
     records = {name: read_jsonl(run_dir / "eval" / f"{name}.jsonl") for name in results}
     for name in records:  # the notebook's records also hold general_correct
         assert all("general_correct" in r for r in records[name]), name
-    claim = evaluation.claim(results, records, controls=controls("05"),
-                             metric=asked("05", "claim_metric"))
+    claim = evaluation.claim(results, records, controls=controls("05"), metric=claim_metric())
     assert json.dumps(saved["claim"], sort_keys=True) == json.dumps(
         json.loads(json.dumps(claim)), sort_keys=True)
     assert "The claim for spt" in (run_dir / "results.md").read_text()
