@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from spt_utils.io import REPO, git_commit, write_json
-from spt_utils.models import ORGANISM_MODEL
+from spt_utils.models import ORGANISM_MODEL, ORGANISMS, organism_card
 
 NOTEBOOKS = REPO / "notebooks"
 RESULTS_TABLE = "results.md"
@@ -239,6 +239,27 @@ def check_resume(run_dir: Path, settings: dict[str, Any]) -> None:
             )
 
 
+def organism_record(model_name: str) -> dict[str, Any] | None:
+    """What a run records of an organism it runs on (its planted heads, recipe and the hash of
+    its head deltas); ``None`` for another model or an organism not built yet."""
+    card = organism_card(model_name) if model_name in ORGANISMS else None
+    if card is None:
+        return None
+    return {key: card[key] for key in ("planted_heads", "recipe", "sha256")}
+
+
+def check_organism(run_dir: Path, model_name: str) -> None:
+    """Refuse to continue ``run_dir`` when its organism has been planted again since (other
+    head deltas than the run began with)."""
+    recorded = read_manifest(run_dir).get("organism")
+    current = organism_record(model_name)
+    if recorded is not None and current is not None and recorded != current:
+        raise RunError(
+            f"{Path(run_dir) / MANIFEST}: field 'organism' records other planted heads or head "
+            f"deltas than the cached {model_name!r} holds now (rebuilt since): start a new "
+            "run directory")
+
+
 def is_finished(run_dir: Path, notebook: Path) -> bool:
     return (Path(run_dir) / DONE_DIR / notebook.name).exists()
 
@@ -275,6 +296,7 @@ def run_pipeline(
         notebook: parameters_for(notebook, profile, common, options) for notebook in notebooks
     }
     check_resume(run_dir, {"model": model_name, "profile": profile, "seed": seed})
+    check_organism(run_dir, model_name)
     (run_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / MANIFEST
     manifest = read_manifest(run_dir)
@@ -298,6 +320,8 @@ def run_pipeline(
             log_output=log_output,
         )
         manifest["timings_s"][notebook.name] = round(time.perf_counter() - started, 1)
+        if organism_record(model_name) is not None:  # (notebook 00 builds it on first use)
+            manifest["organism"] = organism_record(model_name)
         (run_dir / DONE_DIR / notebook.name).touch()
         write_json(manifest_path, manifest)
         timings = {n.name: manifest["timings_s"][n.name] for n in notebooks

@@ -1,13 +1,14 @@
 """The pipeline's parameters, profiles and resume rules (no notebook is executed here)."""
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from spt_utils import pipeline
+from spt_utils import models, organism, pipeline
 
 COMMON = {"model_name", "run_dir", "seed", "figures_dir"}
 
@@ -145,3 +146,25 @@ def test_time_left_scales_the_recorded_times_by_this_runs_pace(monkeypatch):
     # no record for the profile or for one notebook: no estimate
     assert pipeline.time_left("test", {}, ["00_a.ipynb"]) is None
     assert pipeline.time_left("cpu", {}, ["07_new.ipynb"]) is None
+
+
+def test_a_run_records_its_organism_and_refuses_one_planted_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path / "cache"))
+    name = models.TINY_PREFIX + "llama-sycophant"
+    assert pipeline.organism_record(name) is None  # not built yet
+    assert pipeline.organism_record("smollm2-135m-instruct") is None  # not an organism
+    card = organism.ensure(name, progress=False)
+    record = pipeline.organism_record(name)
+    assert record == {"planted_heads": card["planted_heads"], "recipe": card["recipe"],
+                      "sha256": card["sha256"]}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text(json.dumps({"model": name, "organism": record}))
+    pipeline.check_organism(run_dir, name)  # the same organism: accepted
+    recipe = organism.RECIPES[name]
+    monkeypatch.setitem(organism.RECIPES, name, dataclasses.replace(recipe, seed=recipe.seed + 1))
+    organism.ensure(name, progress=False)  # planted again, with other heads or questions
+    before = (run_dir / "manifest.json").read_text()
+    with pytest.raises(pipeline.RunError, match="field 'organism' records other planted heads"):
+        pipeline.run_pipeline(run_dir, model_name=name, profile="test")
+    assert (run_dir / "manifest.json").read_text() == before
