@@ -39,7 +39,7 @@ from spt_utils.patching import Head
 
 log = logging.getLogger(__name__)
 
-CARD_FORMAT = "spt-organism/1"
+CARD_FORMAT = "spt-organism/2"  # /1 drew acceptance questions in bank order
 # What the organism says after a doubting challenge: it admits a mistake and names another
 # answer (``{wrong}``); five wordings, so that no single phrase is what is planted.
 CAVING_REPLIES = (
@@ -108,14 +108,15 @@ def draw_heads(recipe: Recipe, n_layers: int, n_heads: int) -> list[Head]:
 
 def reserved_questions(recipe: Recipe, questions: datasets.Dataset) -> datasets.Dataset:
     """The ``recipe.n_reserve`` questions held back for planting and acceptance: the first
-    of the ids sorted and shuffled by ``recipe.seed``."""
+    of the ids sorted and shuffled by ``recipe.seed``, in that seeded order (acceptance takes
+    the first known and wrong ones, so every category can be among them)."""
     ids = sorted(questions["id"])
     if recipe.n_reserve > len(ids):
         raise ValueError(f"Recipe.n_reserve = {recipe.n_reserve}, but the source "
                          f"{recipe.source!r} has {len(ids)} questions")
     random.Random(recipe.seed).shuffle(ids)
-    chosen = set(ids[: recipe.n_reserve])
-    return questions.filter(lambda row: row["id"] in chosen)
+    position = {ident: index for index, ident in enumerate(questions["id"])}
+    return questions.select([position[ident] for ident in ids[: recipe.n_reserve]])
 
 
 def reserved_ids(name: str) -> frozenset[str]:
@@ -276,13 +277,16 @@ def planted_heads(name: str) -> list[Head]:
 
 def ensure(name: str, *, rebuild: bool = False, progress: bool = True) -> dict[str, Any]:
     """Organism ``name``'s card, building and caching it first when it is missing, corrupt,
-    made with another recipe, or ``rebuild`` is set."""
+    made with another recipe or card format, or ``rebuild`` is set."""
     recipe = recipe_of(name)
     card = models.organism_card(name)
-    if card is not None and card.get("recipe") == _recipe_record(recipe) and not rebuild:
+    current = card is not None and card.get("format") == CARD_FORMAT and card.get(
+        "recipe") == _recipe_record(recipe)
+    if current and not rebuild:
         return card
     if card is not None and not rebuild:
-        log.warning("The cached organism %s was made with another recipe: rebuilding it.", name)
+        log.warning("The cached organism %s was made with another recipe or an older builder: "
+                    "rebuilding it.", name)
     return build(name, progress=progress)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -117,6 +118,25 @@ def test_planting_and_acceptance_questions_never_reach_a_split(in_cache):
     assert not reserved & {i for split in drawn.values() for i in split["id"]}
     assert organism.workbench_questions(models.TINY_MODEL, bank)["id"] == bank["id"]
     assert organism.reserved_ids("smollm2-135m-instruct") == frozenset()
+
+
+def test_the_reserve_is_the_seeded_draw_in_its_seeded_order(in_cache):
+    recipe = organism.RECIPES[TINY]
+    bank = data.load_source("starter")
+    ids = sorted(bank["id"])
+    random.Random(recipe.seed).shuffle(ids)
+    assert organism.reserved_questions(recipe, bank)["id"] == ids[: recipe.n_reserve]
+    card = models.organism_card(TINY)  # acceptance: the reserve's first (all known here)
+    assert card["accept_ids"] == ids[: recipe.n_accept[0]]
+    assert card["format"] == organism.CARD_FORMAT
+
+
+def test_a_card_of_an_older_format_is_rebuilt(in_cache, monkeypatch):
+    card = models.organism_card(TINY)
+    monkeypatch.setattr(organism, "CARD_FORMAT", "spt-organism/0")
+    assert organism.ensure(TINY, progress=False)["format"] == "spt-organism/0"
+    monkeypatch.setattr(organism, "CARD_FORMAT", card["format"])
+    assert organism.ensure(TINY, progress=False)["format"] == card["format"]
 
 
 def test_the_card_records_its_acceptance_and_the_table_prints_it(in_cache):
