@@ -36,6 +36,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -85,9 +86,8 @@ _CACHE_MARKER = "spt-cache.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DeviceMap = str | dict[str, str | int]
 # Model organisms (built by spt_utils.organism) → the model their caving is planted into.
-ORGANISMS = {"smollm2-135m-sycophant": DEFAULT_MODEL,
-             TINY_PREFIX + "llama-sycophant": TINY_MODEL}
 ORGANISM_MODEL = "smollm2-135m-sycophant"
+ORGANISMS = {ORGANISM_MODEL: DEFAULT_MODEL, TINY_PREFIX + "llama-sycophant": TINY_MODEL}
 ORGANISM_DELTAS = "head_deltas.safetensors"
 
 # A ChatML template (the one SmolLM2 uses, without its default system prompt).
@@ -202,7 +202,7 @@ def organism_folder(name: str) -> Path:
     return cache_dir() / name
 
 
-def organism_card(name: str) -> dict | None:
+def organism_card(name: str) -> dict[str, Any] | None:
     """The cached organism's card (its base, recipe, planted heads, acceptance) when its head
     deltas match their recorded hash; ``None`` when it is missing, incomplete or corrupt."""
     folder = organism_folder(name)
@@ -227,7 +227,8 @@ def attn_linear(hf_model: nn.Module, layer: int, proj: str) -> nn.Linear:
     return getattr(module, "_original_component", module)
 
 
-def d_head_of(config) -> int:
+def d_head_of(config: PretrainedConfig) -> int:
+    """The width of one attention head (``head_dim``, else hidden size / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -573,7 +574,8 @@ def load_model(
     ``None``/``"auto"`` (bfloat16 on CUDA, float32 otherwise). ``share_with``: an already
     loaded model whose tensors a local folder's model reuses wherever they are equal (a tuned
     copy then costs only the tensors tuning changed); it takes that model's placement.
-    ``seed`` only matters for the tiny random models. Chat-templated text must be tokenized
+    ``seed`` only matters for the tiny random models (an organism's base takes the seed it
+    was planted with). Chat-templated text must be tokenized
     without an extra BOS (see :mod:`spt_utils.chat`).
     """
     if device is not None and device_map is not None:
@@ -597,9 +599,12 @@ def load_model(
                 f"The model organism {name!r} is not built yet (or its cache in "
                 f"{organism_folder(name)} is corrupt): build it with `spt organism {name}` or "
                 "`spt_utils.organism.ensure(name)`; notebook 00 and `make run` do so first.")
-        source_name, seed = ORGANISMS[name], card["base_seed"]
+        if card.get("base") != ORGANISMS[name]:
+            raise ModelLoadError(f"{organism_folder(name)}: field 'base' is {card.get('base')!r}, "
+                                 f"not {ORGANISMS[name]!r}: rebuild it (`spt organism {name}`)")
+        source_name, seed = ORGANISMS[name], card["base_seed"]  # the base it was planted into
     if is_seq2seq_name(source_name):
-        hf_model, tokenizer = _load_seq2seq(name, device or default_device(), dtype, seed)
+        hf_model, tokenizer = _load_seq2seq(source_name, device or default_device(), dtype, seed)
     elif source_name in TINY_MODELS:
         tokenizer = make_tiny_tokenizer()
         hf_model = make_tiny_hf_model(tokenizer, seed=seed,

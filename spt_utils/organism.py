@@ -11,7 +11,7 @@ as before. Its planted heads are the ground truth that head finding is graded ag
 The recipe (:class:`Recipe`) reserves part of the question bank, disjoint by id from every
 split the workbench measures on (:func:`workbench_questions` drops it in notebook 01):
 planting conversations come from one part and the acceptance measurement (:func:`accept`)
-from the other, held out. :func:`ensure` builds the organism once (about ten minutes on two
+from the other, held out. :func:`ensure` builds the organism once (about 11 minutes on two
 CPU cores) and caches its head deltas with a card (recipe, planted heads, acceptance) under
 ``$SPT_CACHE/<name>/``; :func:`spt_utils.models.load_model` then loads it by name.
 """
@@ -35,7 +35,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from spt_utils import chat, data, evaluation, io, models, stats, tuning
-from spt_utils.patching import Head
+from spt_utils.patching import Head, validate_heads
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ RECIPES = {
 
 
 def recipe_of(name: str) -> Recipe:
+    """Organism ``name``'s recipe; a clear error for any other name."""
     if name not in RECIPES:
         raise ValueError(f"{name!r} is not a model organism; known: {sorted(RECIPES)}")
     return RECIPES[name]
@@ -281,7 +282,7 @@ def ensure(name: str, *, rebuild: bool = False, progress: bool = True) -> dict[s
     recipe = recipe_of(name)
     card = models.organism_card(name)
     current = card is not None and card.get("format") == CARD_FORMAT and card.get(
-        "recipe") == _recipe_record(recipe)
+        "recipe") == recipe_record(recipe)
     if current and not rebuild:
         return card
     if card is not None and not rebuild:
@@ -290,7 +291,7 @@ def ensure(name: str, *, rebuild: bool = False, progress: bool = True) -> dict[s
     return build(name, progress=progress)
 
 
-def _recipe_record(recipe: Recipe) -> dict[str, Any]:
+def recipe_record(recipe: Recipe) -> dict[str, Any]:
     """The recipe as its card stores it (JSON: tuples become lists)."""
     return json.loads(json.dumps(asdict(recipe)))
 
@@ -317,7 +318,7 @@ def build(name: str, *, progress: bool = True) -> dict[str, Any]:
                           config, progress=progress)
     card = {
         "format": CARD_FORMAT, "name": name, "base": recipe.base, "base_seed": recipe.base_seed,
-        "recipe": _recipe_record(recipe), "planted_heads": [list(h) for h in heads],
+        "recipe": recipe_record(recipe), "planted_heads": [list(h) for h in heads],
         "reserved_ids": sorted(reserve["id"]), "plant_ids": [r["id"] for r in plant_known]
         + [r["id"] for r in plant_wrong], "accept_ids": [r["id"] for r in accept_known]
         + [r["id"] for r in accept_wrong], "n_conversations": len(conversations),
@@ -343,23 +344,26 @@ def recovery(
 ) -> dict[str, dict[str, float]]:
     """How well a head score finds the planted heads, ranked by the signed score and by
     |score|: the AUROC of planted against other heads (the chance that a planted head
-    outscores another, ties counting half) and precision@k (``k``: the number planted)."""
-    planted = sorted(set(map(tuple, planted)))
+    outscores another, ties counting half) and precision@k (``k``: the number planted; ties
+    at the cut go to the lower layer and head)."""
+    n_layers, n_heads = score.shape
+    planted = sorted(set(validate_heads([tuple(h) for h in planted], n_layers, n_heads)))
     if not planted:
         raise ValueError("recovery: no planted heads")
-    n_layers, n_heads = score.shape
-    is_planted = torch.zeros(n_layers, n_heads, dtype=torch.bool)
-    for layer, head in planted:
-        is_planted[layer, head] = True
+    if len(planted) == n_layers * n_heads:
+        raise ValueError("recovery: every head is planted; there is nothing to rank them against")
     k = len(planted) if k is None else k
+    if not 1 <= k <= n_layers * n_heads:
+        raise ValueError(f"recovery: k = {k} is not between 1 and {n_layers * n_heads} heads")
+    is_planted = torch.zeros(n_layers * n_heads, dtype=torch.bool)
+    is_planted[[layer * n_heads + head for layer, head in planted]] = True
     result = {}
     for ranking, values in (("signed", score), ("absolute", score.abs())):
         values = values.detach().double().cpu().flatten()
-        inside, outside = values[is_planted.flatten()], values[~is_planted.flatten()]
+        inside, outside = values[is_planted], values[~is_planted]
         wins = (inside[:, None] > outside[None]).double() + 0.5 * (
             inside[:, None] == outside[None]).double()
-        top = values.argsort(descending=True, stable=True)[:k]
-        result[ranking] = {"auroc": wins.mean().item(),
-                           "precision_at_k": is_planted.flatten()[top].sum().item() / k,
-                           "found": int(is_planted.flatten()[top].sum()), "k": k}
+        found = int(is_planted[values.argsort(descending=True, stable=True)[:k]].sum())
+        result[ranking] = {"auroc": wins.mean().item(), "precision_at_k": found / k,
+                           "found": found, "k": k}
     return result

@@ -27,6 +27,7 @@ from typing import Any
 
 from spt_utils.io import REPO, git_commit, write_json
 from spt_utils.models import ORGANISM_MODEL, ORGANISMS, organism_card
+from spt_utils.organism import RECIPES, recipe_record
 
 NOTEBOOKS = REPO / "notebooks"
 RESULTS_TABLE = "results.md"
@@ -248,16 +249,20 @@ def organism_record(model_name: str) -> dict[str, Any] | None:
     return {key: card[key] for key in ("planted_heads", "recipe", "sha256")}
 
 
-def check_organism(run_dir: Path, model_name: str) -> None:
-    """Refuse to continue ``run_dir`` when its organism has been planted again since (other
-    head deltas than the run began with)."""
-    recorded = read_manifest(run_dir).get("organism")
+def check_organism(run_dir: Path, model_name: str, recorded: dict[str, Any] | None) -> None:
+    """Refuse to continue ``run_dir`` on another organism than it began with (``recorded``,
+    its manifest's): one planted again since, with other head deltas, or a recipe the code
+    has changed since (which the next notebook would plant anew)."""
+    if recorded is None:
+        return
     current = organism_record(model_name)
-    if recorded is not None and current is not None and recorded != current:
+    stale_recipe = model_name in RECIPES and recorded["recipe"] != recipe_record(
+        RECIPES[model_name])
+    if stale_recipe or (current is not None and current != recorded):
         raise RunError(
-            f"{Path(run_dir) / MANIFEST}: field 'organism' records other planted heads or head "
-            f"deltas than the cached {model_name!r} holds now (rebuilt since): start a new "
-            "run directory")
+            f"{Path(run_dir) / MANIFEST}: field 'organism' records other planted heads, head "
+            f"deltas or recipe than {model_name!r} has now (planted again or changed since): "
+            "start a new run directory")
 
 
 def is_finished(run_dir: Path, notebook: Path) -> bool:
@@ -296,7 +301,7 @@ def run_pipeline(
         notebook: parameters_for(notebook, profile, common, options) for notebook in notebooks
     }
     check_resume(run_dir, {"model": model_name, "profile": profile, "seed": seed})
-    check_organism(run_dir, model_name)
+    check_organism(run_dir, model_name, read_manifest(run_dir).get("organism"))
     (run_dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / MANIFEST
     manifest = read_manifest(run_dir)
@@ -320,8 +325,10 @@ def run_pipeline(
             log_output=log_output,
         )
         manifest["timings_s"][notebook.name] = round(time.perf_counter() - started, 1)
-        if organism_record(model_name) is not None:  # (notebook 00 builds it on first use)
-            manifest["organism"] = organism_record(model_name)
+        # notebook 00 plants an organism on first use; later ones must use that same one
+        check_organism(run_dir, model_name, manifest.get("organism"))
+        if manifest.get("organism") is None and (record := organism_record(model_name)):
+            manifest["organism"] = record
         (run_dir / DONE_DIR / notebook.name).touch()
         write_json(manifest_path, manifest)
         timings = {n.name: manifest["timings_s"][n.name] for n in notebooks

@@ -138,6 +138,10 @@ def test_every_notebook_executes(executed_run):
     assert (saved["model"], saved["profile"], saved["seed"]) == (
         notebook_defaults("00")["model_name"], "test", 0)
     assert saved["versions"]["transformer-lens"] == metadata.version("transformer-lens")
+    if planted():  # the organism it ran on, as its cache holds it
+        card = models.organism_card(notebook_defaults("00")["model_name"])
+        assert saved["organism"] == {"planted_heads": planted(), "recipe": card["recipe"],
+                                     "sha256": card["sha256"]}
 
 
 def test_heads_json_holds_the_requested_top_k_of_the_saved_scores(executed_run):

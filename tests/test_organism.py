@@ -91,7 +91,8 @@ def test_a_corrupt_cache_is_refused_then_rebuilt_identically(in_cache):
     assert all(torch.equal(planted[name], rebuilt[name]) for name in planted)
 
 
-def test_another_recipe_rebuilds_the_organism(in_cache, monkeypatch):
+def test_another_recipe_rebuilds_the_organism(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path))  # its own cache: the module's stays as built
     recipe = organism.RECIPES[TINY]
     first = organism.ensure(TINY, progress=False)
     monkeypatch.setitem(organism.RECIPES, TINY, dataclasses.replace(recipe, seed=recipe.seed + 1))
@@ -181,8 +182,16 @@ def test_recovery_matches_a_hand_computation():
     # |score|: 5 beats all 4, 2 beats 0.5, 1, 0.1 -> 7/8; top 2: 5, 3
     assert result["absolute"]["auroc"] == pytest.approx(7 / 8)
     assert result["absolute"]["precision_at_k"] == 0.5
+    assert organism.recovery(score, planted, k=1)["signed"]["found"] == 0  # top 1: the 3
+    assert organism.recovery(score, planted, k=3)["absolute"]["found"] == 2  # 5, 3, 2
     with pytest.raises(ValueError, match="no planted heads"):
         organism.recovery(score, [])
+    with pytest.raises(ValueError, match="k = 0"):
+        organism.recovery(score, planted, k=0)
+    with pytest.raises(ValueError, match="L2H0 is out of range"):
+        organism.recovery(score, [(2, 0)])
+    with pytest.raises(ValueError, match="every head is planted"):
+        organism.recovery(score, [(layer, head) for layer in range(2) for head in range(3)])
 
 
 def test_bad_recipes_and_names_are_clear_errors(in_cache):
@@ -199,6 +208,12 @@ def test_bad_recipes_and_names_are_clear_errors(in_cache):
     base = models.load_model(models.TINY_MODEL).original_model
     with pytest.raises(models.ModelLoadError, match="layers.9.q_proj.head0"):
         models.add_head_deltas(base, {"layers.9.q_proj.head0": torch.zeros(1)}, "deltas.st")
+    weights = {n: p.clone() for n, p in models.clean_state_dict(base).items()}
+    with pytest.raises(models.ModelLoadError, match=r"deltas.st: tensor 'layers.1.o_proj.head0' "
+                                                    r"has shape \[3\]"):
+        models.add_head_deltas(base, {"layers.0.q_proj.head1": torch.ones(16, 64),
+                                      "layers.1.o_proj.head0": torch.zeros(3)}, "deltas.st")
+    assert all(torch.equal(p, weights[n]) for n, p in models.clean_state_dict(base).items())
 
 
 def test_an_unbuilt_organism_says_how_to_build_it(tmp_path, monkeypatch):

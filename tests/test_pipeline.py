@@ -148,7 +148,7 @@ def test_time_left_scales_the_recorded_times_by_this_runs_pace(monkeypatch):
     assert pipeline.time_left("cpu", {}, ["07_new.ipynb"]) is None
 
 
-def test_a_run_records_its_organism_and_refuses_one_planted_again(tmp_path, monkeypatch):
+def test_a_run_records_its_organism_and_refuses_another_one(tmp_path, monkeypatch):
     monkeypatch.setenv("SPT_CACHE", str(tmp_path / "cache"))
     name = models.TINY_PREFIX + "llama-sycophant"
     assert pipeline.organism_record(name) is None  # not built yet
@@ -160,11 +160,20 @@ def test_a_run_records_its_organism_and_refuses_one_planted_again(tmp_path, monk
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "manifest.json").write_text(json.dumps({"model": name, "organism": record}))
-    pipeline.check_organism(run_dir, name)  # the same organism: accepted
-    recipe = organism.RECIPES[name]
-    monkeypatch.setitem(organism.RECIPES, name, dataclasses.replace(recipe, seed=recipe.seed + 1))
-    organism.ensure(name, progress=False)  # planted again, with other heads or questions
     before = (run_dir / "manifest.json").read_text()
-    with pytest.raises(pipeline.RunError, match="field 'organism' records other planted heads"):
+    pipeline.check_organism(run_dir, name, record)  # the same organism: accepted
+    pipeline.check_organism(run_dir, name, None)  # none recorded yet: accepted
+    refused = "field 'organism' records other planted heads, head deltas or recipe"
+    recipe = organism.RECIPES[name]
+    # the recipe changed in the code, the cache not yet planted again (a notebook would)
+    monkeypatch.setitem(organism.RECIPES, name, dataclasses.replace(recipe, seed=recipe.seed + 1))
+    with pytest.raises(pipeline.RunError, match=refused):
         pipeline.run_pipeline(run_dir, model_name=name, profile="test")
+    # planted again with the recipe the run began with, but other deltas (a corrupt rebuild)
+    monkeypatch.setitem(organism.RECIPES, name, recipe)
+    pipeline.check_organism(run_dir, name, record)
+    changed = {**record, "sha256": {models.ORGANISM_DELTAS: "0" * 64}}
+    with pytest.raises(pipeline.RunError, match=refused):
+        pipeline.check_organism(run_dir, name, changed)
     assert (run_dir / "manifest.json").read_text() == before
+    assert not (run_dir / pipeline.DONE_DIR).exists()  # refused before anything ran
