@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab = commands.add_parser("lab", help="open JupyterLab on the notebooks (as make lab)",
                               description="open JupyterLab on the notebooks; relative paths "
                               "in them resolve to the repository root")
+    lab.add_argument("lab_args", nargs=argparse.REMAINDER,
+                     help="further arguments for jupyter lab, e.g. --no-browser")
     built = commands.add_parser(
         "organism", help="build the planted model organism (once) and print its ground truth "
         "and acceptance", description="build the planted model organism if its cache is "
@@ -79,8 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     built.add_argument("name", nargs="?", default=models.ORGANISM_MODEL,
                        choices=sorted(organism.RECIPES), help="default: %(default)s")
     built.add_argument("--rebuild", action="store_true", help="plant it again even if cached")
-    lab.add_argument("lab_args", nargs=argparse.REMAINDER,
-                     help="further arguments for jupyter lab, e.g. --no-browser")
     return parser
 
 

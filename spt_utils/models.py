@@ -593,6 +593,9 @@ def load_model(
     dtype = resolve_dtype(dtype, device or default_device())
     source_name, card = name, None
     if name in ORGANISMS:
+        if share_with is not None:  # its deltas are added in place: a shared tensor would change
+            raise ValueError(f"share_with= cannot load the organism {name!r}: its head deltas "
+                             "are written into the weights; load it on its own")
         card = organism_card(name)
         if card is None:
             raise ModelLoadError(

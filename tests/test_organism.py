@@ -216,6 +216,15 @@ def test_bad_recipes_and_names_are_clear_errors(in_cache):
     assert all(torch.equal(p, weights[n]) for n, p in models.clean_state_dict(base).items())
 
 
+def test_an_organism_is_not_loaded_around_a_shared_model(in_cache):
+    base = models.load_model(models.TINY_MODEL)
+    before = {n: p.clone() for n, p in models.clean_state_dict(base.original_model).items()}
+    with pytest.raises(ValueError, match="share_with= cannot load the organism"):
+        models.load_model(TINY, share_with=base)
+    after = models.clean_state_dict(base.original_model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
 def test_an_unbuilt_organism_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SPT_CACHE", str(tmp_path))
     with pytest.raises(models.ModelLoadError, match="spt organism"):
