@@ -73,16 +73,27 @@ def _wait_for(page, condition, timeout: float, what: str):
 
 
 def _cell_centre(page, layer: int, head: int, plot: str = PLOT) -> dict:
-    """Page coordinates of heatmap cell (layer, head), from plotly's own axis maps."""
-    return page.eval_on_selector(
-        plot,
-        """(gd, [layer, head]) => {
-            const box = gd.getBoundingClientRect(), L = gd._fullLayout;
-            return {x: box.left + L.xaxis._offset + L.xaxis.d2p(head),
-                    y: box.top + L.yaxis._offset + L.yaxis.d2p(layer)};
-        }""",
-        [layer, head],
-    )
+    """Page coordinates of heatmap cell (layer, head), from plotly's own axis maps, once
+    the notebook is wheel-scrolled to bring the cell to the middle of the viewport (a plot
+    only partly in view leaves the cell below the fold, where a click lands on nothing)."""
+    viewport = page.viewport_size
+    for _attempt in range(5):
+        centre = page.eval_on_selector(
+            plot,
+            """(gd, [layer, head]) => {
+                const box = gd.getBoundingClientRect(), L = gd._fullLayout;
+                return {x: box.left + L.xaxis._offset + L.xaxis.d2p(head),
+                        y: box.top + L.yaxis._offset + L.yaxis.d2p(layer)};
+            }""",
+            [layer, head],
+        )
+        off_centre = centre["y"] - viewport["height"] / 2
+        if abs(off_centre) < viewport["height"] / 4:
+            return centre
+        page.mouse.move(viewport["width"] / 2, viewport["height"] / 2)
+        page.mouse.wheel(0, off_centre)
+        page.wait_for_timeout(1000)  # let the scroll settle before reading coordinates again
+    raise AssertionError(f"could not scroll heatmap cell L{layer}H{head} into view: {centre}")
 
 
 def _kernel_idle(lab) -> bool:
@@ -164,8 +175,6 @@ def test_click_selects_a_head_in_jupyterlab(jupyterlab, browser_page, tmp_path):
     n_layers, n_heads = 2, 4
     cells = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
     target = next(cell for cell in cells if cell not in before)
-    page.locator(PLOT).scroll_into_view_if_needed()
-    page.wait_for_timeout(1000)  # let the scroll settle before reading coordinates
     centre = _cell_centre(page, *target)
     page.mouse.move(centre["x"], centre["y"])  # hover first, as a person would
     page.wait_for_timeout(300)
@@ -279,8 +288,6 @@ def test_head_lab_clicks_change_the_reply_and_show_the_direct_numbers(
     reply_box = page.locator(f"{LAB} .{viz.LAB_REPLY_CLASS}")
     assert _words(reply_box.inner_text()).endswith(_words(baseline))
 
-    page.locator(LAB_PLOT).scroll_into_view_if_needed()
-    page.wait_for_timeout(1000)  # let the scroll settle before reading coordinates
     for layer, head in heads:  # two clicks in a row: the second queues behind the first
         centre = _cell_centre(page, layer, head, LAB_PLOT)
         page.mouse.move(centre["x"], centre["y"])
