@@ -63,6 +63,7 @@ from spt_utils.data import (
 from spt_utils.grading import grade, judge_admission
 from spt_utils.io import atomic_write, check_provenance
 from spt_utils.patching import (
+    AnswerTokens,
     Head,
     answer_logit_diff,
     cache_before_unembed,
@@ -642,8 +643,9 @@ class KnockoutProbe:
     (``answers``: question id → ``{"answer", "correct"}``, the base model's own first
     answers). :meth:`reply` is one question's greedy reply to the challenge (KV cache) with
     the heads ablated while it replies, judged; :meth:`pair_metrics` measures both sides of
-    every question's pair (:func:`pair_metrics`). Zero ablation is always available, mean and
-    resample given ``means`` and ``donors``.
+    every question's pair (:func:`pair_metrics`), its answer tokens ``answer_tokens``
+    (default: the pairs' words). Zero ablation is always available, mean and resample given
+    ``means`` and ``donors``.
     """
 
     def __init__(
@@ -659,6 +661,7 @@ class KnockoutProbe:
         n_boot: int = 1000,
         seed: int = 0,
         batch_size: int = 16,
+        answer_tokens: AnswerTokens | None = None,
     ) -> None:
         self.model = model
         self.questions = list(questions)
@@ -670,6 +673,8 @@ class KnockoutProbe:
         # raises naming the questions without a correct first answer
         self.pairs = build_patching_pairs(self.questions, model.tokenizer, answers=answers,
                                           protocol=protocol)
+        if answer_tokens is not None:
+            self.pairs = answer_tokens.apply(self.pairs)
         self._clean: dict[str, Tensor] | None = None  # the pairs' clean runs, once
 
     @property

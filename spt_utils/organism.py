@@ -296,17 +296,39 @@ def recipe_record(recipe: Recipe) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(recipe)))
 
 
-def build(name: str, *, progress: bool = True) -> dict[str, Any]:
-    """Plant organism ``name`` by its recipe, measure its acceptance, cache it; the card."""
-    recipe = recipe_of(name)
-    started = time.perf_counter()
-    log.warning("Building the model organism %s (planting %d heads, %d steps)...",
-                name, recipe.n_heads, recipe.steps)
+@dataclass
+class Planted:
+    """An organism fresh from :func:`plant`: its base, the planted model (head-sparse
+    parameters still live), the planted heads and the reserve's split."""
+
+    base: TransformerBridge
+    organism: TransformerBridge
+    heads: list[Head]
+    setup: tuning.TuningSetup
+    answers: dict[str, dict]
+    accept_known: list[dict]
+    accept_wrong: list[dict]
+    plant_known: list[dict]
+    plant_wrong: list[dict]
+    n_conversations: int
+    losses: list[float]
+
+
+def plant(
+    recipe: Recipe, *, answers: dict[str, dict] | None = None, progress: bool = True
+) -> Planted:
+    """Plant caving into ``recipe``'s heads (nothing cached). ``answers``: the base's own
+    first answers to (at least) the reserve, when already known; else they are generated."""
     base = models.load_model(recipe.base, dtype="float32", seed=recipe.base_seed)
     organism = models.load_model(recipe.base, dtype="float32", seed=recipe.base_seed)
     heads = draw_heads(recipe, organism.cfg.n_layers, organism.cfg.n_heads)
     reserve = reserved_questions(recipe, data.load_source(recipe.source))
-    answers = _first_answers(base, recipe, reserve, progress)
+    if answers is None:
+        answers = _first_answers(base, recipe, reserve, progress)
+    missing = [ident for ident in reserve["id"] if ident not in answers]
+    if missing:
+        raise ValueError(f"plant: no first answer to {len(missing)} reserved question(s), "
+                         f"e.g. {missing[:3]}")
     accept_known, accept_wrong, plant_known, plant_wrong = _split_reserve(recipe, reserve,
                                                                           answers)
     conversations = planting_conversations(plant_known, plant_wrong, answers, seed=recipe.seed)
@@ -316,21 +338,34 @@ def build(name: str, *, progress: bool = True) -> dict[str, Any]:
                                 seed=recipe.seed)
     result = tuning.train(setup, tuning.prepare_examples(organism.tokenizer, conversations),
                           config, progress=progress)
+    return Planted(base, organism, heads, setup, answers, accept_known, accept_wrong,
+                   plant_known, plant_wrong, len(conversations), result.losses)
+
+
+def build(name: str, *, progress: bool = True) -> dict[str, Any]:
+    """Plant organism ``name`` by its recipe, measure its acceptance, cache it; the card."""
+    recipe = recipe_of(name)
+    started = time.perf_counter()
+    log.warning("Building the model organism %s (planting %d heads, %d steps)...",
+                name, recipe.n_heads, recipe.steps)
+    planted = plant(recipe, progress=progress)
+    reserve_ids = sorted(reserved_questions(recipe, data.load_source(recipe.source))["id"])
     card = {
         "format": CARD_FORMAT, "name": name, "base": recipe.base, "base_seed": recipe.base_seed,
-        "recipe": recipe_record(recipe), "planted_heads": [list(h) for h in heads],
-        "reserved_ids": sorted(reserve["id"]), "plant_ids": [r["id"] for r in plant_known]
-        + [r["id"] for r in plant_wrong], "accept_ids": [r["id"] for r in accept_known]
-        + [r["id"] for r in accept_wrong], "n_conversations": len(conversations),
-        "losses": result.losses, "git_commit": io.git_commit(),
+        "recipe": recipe_record(recipe), "planted_heads": [list(h) for h in planted.heads],
+        "reserved_ids": reserve_ids,
+        "plant_ids": [r["id"] for r in [*planted.plant_known, *planted.plant_wrong]],
+        "accept_ids": [r["id"] for r in [*planted.accept_known, *planted.accept_wrong]],
+        "n_conversations": planted.n_conversations, "losses": planted.losses,
+        "git_commit": io.git_commit(),
     }
     with tempfile.TemporaryDirectory() as scratch:
-        deltas = tuning.save_head_deltas(Path(scratch) / models.ORGANISM_DELTAS, setup,
+        deltas = tuning.save_head_deltas(Path(scratch) / models.ORGANISM_DELTAS, planted.setup,
                                          base_model=recipe.base)
-        tuning.finalize(setup)
+        tuning.finalize(planted.setup)
         card["acceptance"] = accept(
-            base, organism, accept_known, accept_wrong, answers,
-            kl_documents=evaluation.load_kl_corpus(), progress=progress)
+            planted.base, planted.organism, planted.accept_known, planted.accept_wrong,
+            planted.answers, kl_documents=evaluation.load_kl_corpus(), progress=progress)
         card["seconds"] = time.perf_counter() - started
         models.write_organism_cache(models.organism_folder(name), deltas, card)
     if not all(card["acceptance"]["passed"].values()):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.patching import get_act_patch_direct_path
 from transformer_lens.utilities.statistics import bootstrap_ci
+from transformers import PreTrainedTokenizerBase
 
 from spt_utils.chat import require_decoder_only
-from spt_utils.data import PatchingPairs
+from spt_utils.data import APOLOGY_WORDS, CONFIRM_WORDS, PatchingPairs, answer_token_ids
 from spt_utils.io import atomic_write, check_provenance, write_json
 
 RATIO_EPSILON = 1e-3
@@ -106,6 +108,116 @@ def calibrate(model: TransformerBridge, pairs: PatchingPairs) -> Calibration:
             )
         )
     )
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """The metric's answer tokens: ``apology_ids`` open the model's replies to the doubting
+    challenge, ``confirm_ids`` those to the counterfactual one. ``openings`` counts, per side
+    ("reference", "counterfactual"), how many greedy replies open with each token id;
+    ``source`` says per set ("apology", "confirm") whether the replies chose it ("replies")
+    or given words stand in ("words")."""
+
+    apology_ids: list[int]
+    confirm_ids: list[int]
+    openings: dict[str, dict[int, int]]
+    source: dict[str, str]
+    provenance: dict | None = None
+
+    @classmethod
+    def from_words(
+        cls, tokenizer: PreTrainedTokenizerBase, apology: Sequence[str], confirm: Sequence[str]
+    ) -> AnswerTokens:
+        """Answer tokens given as words (one token each), no replies counted."""
+        return cls(answer_token_ids(tokenizer, apology), answer_token_ids(tokenizer, confirm),
+                   {}, {"apology": "words", "confirm": "words"})
+
+    def apply(self, pairs: PatchingPairs) -> PatchingPairs:
+        """``pairs`` with these answer tokens."""
+        return replace(pairs, apology_ids=list(self.apology_ids),
+                       confirm_ids=list(self.confirm_ids))
+
+    def save(self, path: str | Path, *, provenance: dict | None = None) -> None:
+        record = asdict(self) | ({"provenance": provenance} if provenance else {})
+        record["openings"] = {side: {str(t): n for t, n in counts.items()}
+                              for side, counts in self.openings.items()}
+        write_json(path, record)
+
+    @classmethod
+    def load(cls, path: str | Path, *, expect: dict | None = None) -> AnswerTokens:
+        """Read :meth:`save`'s file; with ``expect`` its provenance must match."""
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+            record["openings"] = {side: {int(t): int(n) for t, n in counts.items()}
+                                  for side, counts in record["openings"].items()}
+            tokens = cls(**record)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{path}: not an answer-token file ({error!r})") from error
+        check_provenance(tokens.provenance, expect, str(path))
+        return tokens
+
+
+@torch.no_grad()
+def reply_openings(
+    model: TransformerBridge, pairs: PatchingPairs, *, batch_size: int = 16
+) -> dict[str, Int[Tensor, " batch"]]:
+    """The first token of the model's greedy reply to each side of each pair: the argmax of
+    the next-token logits at the end of the generation prompt."""
+    require_decoder_only(model, "patching.reply_openings")
+    openings = {}
+    for side, tokens, last in (("reference", pairs.reference, pairs.reference_last),
+                               ("counterfactual", pairs.counterfactual,
+                                pairs.counterfactual_last)):
+        openings[side] = torch.cat([
+            last_position_logits(model, tokens[start:start + batch_size],
+                                 last[start:start + batch_size]).argmax(-1).cpu()
+            for start in range(0, len(pairs), batch_size)])
+    return openings
+
+
+def answer_tokens_from_replies(
+    model: TransformerBridge,
+    pairs: PatchingPairs,
+    *,
+    min_share: float = 0.1,
+    fallback: tuple[Sequence[str], Sequence[str]] | None = (APOLOGY_WORDS, CONFIRM_WORDS),
+) -> AnswerTokens:
+    """Answer tokens chosen from how the model's own replies open: apology tokens open more
+    replies to the doubting challenge than to the counterfactual one, confirm tokens the
+    reverse; each opens at least ``min_share`` of its side's replies, most discriminating
+    first. Where no token tells a side apart, ``fallback``'s (apology, confirm) words stand
+    in for that set (``source`` says so); with ``fallback=None`` that is an error."""
+    if not 0 < min_share <= 1:
+        raise ValueError(f"min_share: {min_share} is not in (0, 1]")
+    if len(pairs) == 0:
+        raise ValueError("answer_tokens_from_replies: the pair set is empty")
+    opened = reply_openings(model, pairs)
+    counts = {side: Counter(ids.tolist()) for side, ids in opened.items()}
+
+    def distinguishing(side: str, other: str) -> list[int]:
+        ranked = sorted(counts[side], key=lambda t: (counts[other][t] - counts[side][t], t))
+        return [t for t in ranked if counts[side][t] > counts[other][t]
+                and counts[side][t] >= min_share * len(pairs)]
+
+    chosen = {"apology": distinguishing("reference", "counterfactual"),
+              "confirm": distinguishing("counterfactual", "reference")}
+    source = {name: "replies" if ids else "words" for name, ids in chosen.items()}
+    if "words" in source.values():
+        shown = {side: {model.tokenizer.decode([t]): n for t, n in c.most_common(3)}
+                 for side, c in counts.items()}
+        missing = [name for name, kind in source.items() if kind == "words"]
+        message = (f"answer_tokens_from_replies: over {len(pairs)} pairs no reply opening "
+                   f"token tells the {' and '.join(missing)} side apart (more common there, "
+                   f"opening >= {min_share:.0%} of its replies); openings: {shown}")
+        if fallback is None:
+            raise ValueError(message)
+        warnings.warn(f"{message}; the words {fallback} stand in", stacklevel=2)
+        for name, words in zip(("apology", "confirm"), fallback, strict=True):
+            if not chosen[name]:
+                chosen[name] = answer_token_ids(model.tokenizer, words)
+    return AnswerTokens(chosen["apology"], chosen["confirm"],
+                        {side: dict(c) for side, c in counts.items()}, source)
 
 
 def _checked_calibration(
@@ -791,3 +903,139 @@ def _keep_hook(activation: Tensor, hook: HookPoint, store: dict, key: str) -> Te
     store[key] = activation
     return activation
 
+
+
+# --- knockout attribution: which heads the challenge's effect needs (issue 26) -----------
+
+
+def _zero_heads_hook(
+    z: Float[Tensor, "batch pos head d_head"], hook: HookPoint, heads: list[int]
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Zero-ablate ``heads`` of this layer at every position."""
+    z = z.clone()
+    z[:, :, heads] = 0
+    return z
+
+
+def _zero_hooks(heads: Sequence[Head]) -> Hooks:
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    return [(z_name(layer), partial(_zero_heads_hook, heads=sorted(hs)))
+            for layer, hs in sorted(by_layer.items())]
+
+
+def _z_dot_grad(
+    model: TransformerBridge, tokens: Tensor, last: Tensor, pairs: PatchingPairs,
+    zeroed: Sequence[Head],
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, "layer head batch"]]:
+    """Each row's answer logit difference and, per head, ``Σ_pos z · ∂LD/∂z`` (minus the
+    first-order change of LD when the head is zeroed), with ``zeroed`` heads ablated.
+    Right padding needs no mask: later positions cannot reach the last one."""
+    z_names = [z_name(layer) for layer in range(model.cfg.n_layers)]
+    store: dict[str, Tensor] = {}
+    keep = [(name, partial(_keep_hook, store=store, key=name)) for name in z_names]
+    # the zeroing hooks run first, so the kept z (and its product) of a zeroed head is 0
+    with torch.enable_grad(), model.hooks(fwd_hooks=[*_zero_hooks(zeroed), *keep]):
+        logits = model(tokens.to(model.cfg.device), return_type="logits")  # [batch, pos, vocab]
+        per_row = _last_logit_diff(logits, last, pairs)
+        grads = torch.autograd.grad(per_row.sum(), [store[name] for name in z_names])
+    # z, grad: [batch, pos, head, d_head] -> [batch, head] per layer
+    products = torch.stack([(store[name].detach() * grad).sum((1, 3))
+                            for name, grad in zip(z_names, grads, strict=True)])
+    return per_row.detach().cpu(), products.transpose(1, 2).cpu()
+
+
+def knockout_attribution_heads(
+    model: TransformerBridge, pairs: PatchingPairs, *, zeroed: Sequence[Head] = ()
+) -> HeadScores:
+    """The first-order estimate of zero-ablating each head (every position, **both** sides
+    of every pair): a head's score is the share of the challenge's effect
+    (LD_ref − LD_cf) its knockout removes, so it finds heads the effect *needs* even where
+    their output hardly differs between the two prompts (which patching cannot see). One
+    forward and backward pass per side; ``zeroed`` heads are ablated throughout (their own
+    score is then 0). Any pairs (no equal lengths needed)."""
+    check_pairs(model, pairs, "knockout_attribution_heads")
+    zeroed = validate_heads([tuple(h) for h in zeroed], model.cfg.n_layers, model.cfg.n_heads)
+    reference_diff, reference_products = _z_dot_grad(
+        model, pairs.reference, pairs.reference_last, pairs, zeroed)
+    counterfactual_diff, counterfactual_products = _z_dot_grad(
+        model, pairs.counterfactual, pairs.counterfactual_last, pairs, zeroed)
+    # zeroing changes LD by about −z·∂LD/∂z on each side; the pair's effect by the difference
+    effect_change = counterfactual_products - reference_products  # [layer, head, batch]
+    calibration = _checked_calibration(reference_diff, counterfactual_diff)
+    return _scores("knockout_attribution", reference_diff + effect_change, calibration)
+
+
+@dataclass(frozen=True)
+class GreedyKnockout:
+    """A set found by :func:`greedy_knockout_heads`: ``heads`` in the order chosen and the
+    exact share of the challenge's effect that remains with the first i + 1 of them
+    zero-ablated on both sides (``remaining[i]``)."""
+
+    heads: list[Head]
+    remaining: list[float]
+
+    def ranking(self, rest: Float[Tensor, "layer head"]) -> Float[Tensor, "layer head"]:
+        """A score that ranks the chosen heads first, in their order, then the others by
+        ``rest`` (e.g. their knockout attribution)."""
+        score = rest.clone().float()
+        top = score.nan_to_num(0).abs().max().item() + 1
+        for index, head in enumerate(self.heads):
+            score[head] = top + len(self.heads) - index
+        return score
+
+
+def greedy_knockout_heads(
+    model: TransformerBridge, pairs: PatchingPairs, k: int
+) -> GreedyKnockout:
+    """A set-level search for the heads the challenge's effect needs: ``k`` times, add the
+    head whose zero ablation (with the heads already chosen ablated) removes the most of
+    the effect by :func:`knockout_attribution_heads`, then measure the remaining share
+    exactly. Redundant heads, each dispensable alone, show once the others are gone."""
+    n_all = model.cfg.n_layers * model.cfg.n_heads
+    if not 1 <= k < n_all:
+        raise ValueError(f"greedy_knockout_heads: k = {k} is not between 1 and {n_all - 1}")
+    calibration = calibrate(model, pairs)
+    effect = calibration.reference - calibration.counterfactual
+    chosen: list[Head] = []
+    remaining = []
+    for _ in range(k):
+        score = knockout_attribution_heads(model, pairs, zeroed=chosen).score.clone()
+        for head in chosen:
+            score[head] = -torch.inf
+        chosen.append(divmod(int(score.flatten().argmax()), model.cfg.n_heads))
+        with model.hooks(fwd_hooks=_zero_hooks(chosen)):
+            ablated = calibrate(model, pairs)
+        remaining.append((ablated.reference - ablated.counterfactual) / effect)
+    return GreedyKnockout(chosen, remaining)
+
+
+def _descending_ranks(score: Float[Tensor, "layer head"]) -> Float[Tensor, "layer head"]:
+    """Each head's rank by ``score``, 1 the largest (ties to the lower layer and head)."""
+    flat = score.flatten().nan_to_num(-torch.inf)
+    ranks = torch.empty_like(flat)
+    ranks[flat.argsort(descending=True, stable=True)] = torch.arange(
+        1, len(flat) + 1, dtype=flat.dtype)
+    return ranks.view_as(score)
+
+
+def combined_head_scores(path: HeadScores, knockout: HeadScores) -> Float[Tensor, "layer head"]:
+    """Rank fusion of two views of a head: carrying the challenge's effect straight to the
+    answer logits (path patching) and being needed for it (knockout attribution). A head's
+    combined score is ``n_heads_total + 1 − its combined rank``, the heads ordered by their
+    better rank (ties: by the worse rank, then by the path rank), so a head that either view
+    ranks high ranks high. Both scores must come from the same pairs."""
+    if path.score.shape != knockout.score.shape:
+        raise ValueError(f"combined_head_scores: score shapes {list(path.score.shape)} and "
+                         f"{list(knockout.score.shape)} differ")
+    if abs(path.calibration.reference - knockout.calibration.reference) > 1e-3 or abs(
+            path.calibration.counterfactual - knockout.calibration.counterfactual) > 1e-3:
+        raise ValueError("combined_head_scores: the two scores come from different pairs "
+                         "(their clean logit differences differ)")
+    path_rank, knockout_rank = _descending_ranks(path.score), _descending_ranks(knockout.score)
+    better = torch.minimum(path_rank, knockout_rank)
+    worse = torch.maximum(path_rank, knockout_rank)
+    span = path.score.numel() + 1
+    key = (better.long() * span + worse.long()) * span + path_rank.long()  # lexicographic
+    return _descending_ranks(-key.double()).neg() + span

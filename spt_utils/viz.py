@@ -79,10 +79,12 @@ def head_heatmap(
     title: str = "",
     selected: Sequence[Head] = (),
     uncertainty: HeadUncertainty | None = None,
+    outlined: Sequence[Head] = (),
 ) -> go.Figure:
     """A layer×head heatmap, diverging colours centred on 0, hover with head/score/rank (and,
     given ``uncertainty``, the 95% interval and the share of pairs with the score's sign);
-    ``selected`` heads are marked with open squares."""
+    ``selected`` heads are marked with open squares, ``outlined`` ones (e.g. an organism's
+    planted heads) with larger green ones."""
     values = score.detach().float().cpu()
     n_layers, n_heads = values.shape
     ranks = torch.empty(values.numel(), dtype=torch.long)
@@ -116,7 +118,14 @@ def head_heatmap(
         name="selected",
         showlegend=False,
     )
-    fig = go.Figure([heatmap, markers])
+    traces = [heatmap, markers]
+    if outlined:
+        traces.append(go.Scatter(
+            x=[h for _, h in outlined], y=[layer for layer, _ in outlined], mode="markers",
+            marker={"symbol": "square-open", "size": 20, "color": "#1a9850",
+                    "line": {"width": 2}},
+            hoverinfo="skip", name="planted", showlegend=False))
+    fig = go.Figure(traces)
     fig.update_layout(title=title, width=520, height=max(360, 18 * n_layers + 120))
     fig.update_xaxes(dtick=1, range=[-0.5, n_heads - 0.5])
     fig.update_yaxes(dtick=1, range=[-0.5, n_layers - 0.5])
@@ -270,11 +279,18 @@ class HeadSelector:
         autosave: bool = True,
         on_change: Callable[[list[Head]], None] | None = None,
         provenance: dict | None = None,
+        eligible: Tensor | None = None,
+        outlined: Sequence[Head] = (),
     ) -> None:
         if sign not in SIGNS:
             raise ValueError(f"sign: {sign!r} is not one of {SIGNS}")
         self.score = score.detach().float().cpu()
+        if eligible is not None and eligible.shape != self.score.shape:
+            raise ValueError(f"eligible: shape {list(eligible.shape)} is not the score's "
+                             f"{list(self.score.shape)}")
         self.uncertainty = uncertainty
+        self._eligible = eligible
+        self.outlined = list(outlined)
         self.heads_path = Path(heads_path)
         self.extra = extra or {}
         self.provenance = provenance  # saved with the selection (spt_utils.io.provenance)
@@ -282,7 +298,7 @@ class HeadSelector:
         n_layers, n_heads = self.score.shape
         self.figure = go.FigureWidget(
             head_heatmap(self.score, metric_name=metric_name, title=title,
-                         uncertainty=uncertainty)
+                         uncertainty=uncertainty, outlined=self.outlined)
         )
         self.figure.add_class(f"{SELECTOR_CLASS}-figure")
         for trace in self.figure.data:
@@ -307,7 +323,10 @@ class HeadSelector:
 
     @property
     def eligible(self) -> Tensor | None:
-        """Heads the top-k may choose: those whose interval excludes 0 (None: all)."""
+        """Heads the top-k may choose: those given, else those whose interval excludes 0
+        (None: all)."""
+        if self._eligible is not None:
+            return self._eligible
         return None if self.uncertainty is None else self.uncertainty.excludes_zero
 
     def select_top(self, k: int, sign: str) -> None:
@@ -372,7 +391,7 @@ class HeadSelector:
         """A plain (non-widget) copy of the heatmap with the current selection, for export."""
         return head_heatmap(
             self.score, metric_name=self.metric_name, title=title, selected=self.selection,
-            uncertainty=self.uncertainty,
+            uncertainty=self.uncertainty, outlined=self.outlined,
         )
 
 

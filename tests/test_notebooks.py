@@ -146,24 +146,43 @@ def test_every_notebook_executes(executed_run):
 
 def test_heads_json_holds_the_requested_top_k_of_the_saved_scores(executed_run):
     """Notebook 02 selects the top-k heads of the chosen sign among those whose bootstrap
-    interval excludes 0; here the ranking is redone from patching.pt."""
+    interval excludes 0 (under path patching or, when ranked "combined", under either
+    score); here the ranking is redone from patching.pt and patching_knockout.pt, the rank
+    fusion by hand."""
     run_dir, _, _ = executed_run
     record = json.loads((run_dir / "heads.json").read_text())
-    top_k, sign = asked("02", "top_k"), asked("02", "sign")
-    saved = HeadScores.load(run_dir / "patching.pt")
-    scores = saved.score  # [layer, head]
-    assert torch.isfinite(scores).all(), "patching.pt: some head has no score"
-    eligible = saved.uncertainty(seed=0).excludes_zero  # [layer, head], as notebook 02 asks
+    top_k, sign, finding = asked("02", "top_k"), asked("02", "sign"), asked("02", "head_finding")
+    path = HeadScores.load(run_dir / "patching.pt")
+    knockout = HeadScores.load(run_dir / "patching_knockout.pt")
+    for saved in (path, knockout):
+        assert torch.isfinite(saved.score).all(), f"{saved.method}: some head has no score"
+    eligible = path.uncertainty(seed=0).excludes_zero  # [layer, head], as notebook 02 asks
+    n_layers, n_heads = path.score.shape
+    heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    if finding == "combined":
+        eligible = eligible | knockout.uncertainty(seed=0).excludes_zero
+
+        def ranks(score):  # 1 = the largest; ties to the lower layer and head
+            ordered = sorted(heads, key=lambda h: (-float(score[h]), h))
+            return {h: ordered.index(h) + 1 for h in heads}
+
+        path_ranks, knockout_ranks = ranks(path.score), ranks(knockout.score)
+        fused = sorted(heads, key=lambda h: (*sorted((path_ranks[h], knockout_ranks[h])),
+                                             path_ranks[h]))
+        scores = torch.zeros(n_layers, n_heads)
+        for rank, h in enumerate(fused, start=1):
+            scores[h] = len(heads) + 1 - rank
+        method = "combined"
+    else:
+        scores, method = path.score, "path_patching"
     of_sign = {"positive": scores > 0, "negative": scores < 0, "both": scores == scores}[sign]
-    n_layers, n_heads = scores.shape
-    order = sorted(((abs(float(scores[layer, head])), (layer, head))
-                    for layer in range(n_layers) for head in range(n_heads)
-                    if of_sign[layer, head] and eligible[layer, head]), reverse=True)
+    order = sorted(((abs(float(scores[h])), h) for h in heads
+                    if of_sign[h] and eligible[h]), key=lambda item: -item[0])
     assert len(order) >= top_k, f"only {len(order)} heads qualify for the top {top_k}"
     assert [tuple(h) for h in record["heads"]] == [head for _, head in order[:top_k]]
-    assert record["scores"] == [round(float(scores[layer, head]), 6)
-                                for layer, head in record["heads"]]
-    assert (record["method"], record["sign"]) == ("path_patching", sign)
+    assert record["scores"] == pytest.approx([float(scores[layer, head])
+                                              for layer, head in record["heads"]], abs=1e-4)
+    assert (record["method"], record["sign"]) == (method, sign)
 
 
 def test_knockout_summary_is_finite_and_follows_the_request(executed_run):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spt_utils import data, grading, models, organism
+from spt_utils import data, grading, models, organism, patching
 from spt_utils.data import splits
 
 TINY = models.TINY_PREFIX + "llama-sycophant"
@@ -231,3 +231,23 @@ def test_an_unbuilt_organism_says_how_to_build_it(tmp_path, monkeypatch):
         models.load_model(TINY)
     assert models.load_tokenizer(TINY).get_vocab() == models.load_tokenizer(
         models.TINY_MODEL).get_vocab()
+
+
+def _default_head_scores(model, pairs):
+    """Notebook 02's default: path patching and knockout attribution, rank-fused."""
+    return patching.combined_head_scores(patching.path_patch_heads(model, pairs),
+                                         patching.knockout_attribution_heads(model, pairs))
+
+
+def test_the_default_head_finding_recovers_the_planted_heads(in_cache):
+    """On the tiny organism the default ranks its two planted heads first (AUROC 1); on the
+    unplanted base the same pairs do not (so the planting is what is found)."""
+    planted = organism.planted_heads(TINY)
+    rows = list(organism.workbench_questions(TINY, data.load_source("starter")).select(range(16)))
+    found = {}
+    for name in (TINY, models.TINY_MODEL):
+        model = models.load_model(name)
+        pairs = data.build_patching_pairs(rows, model.tokenizer)
+        found[name] = organism.recovery(_default_head_scores(model, pairs), planted)["signed"]
+    assert found[TINY]["found"] == len(planted) and found[TINY]["auroc"] == 1.0
+    assert found[models.TINY_MODEL]["found"] < len(planted)

@@ -423,3 +423,173 @@ def test_path_patching_keeps_each_pairs_reference(tiny_model, tiny_pairs):
     assert torch.allclose(torch.tensor(scores.calibration.reference_pairs),
                           torch.tensor(reference.reference_pairs), atol=1e-4)
     assert torch.allclose(scores.pair_scores().mean(-1), scores.score, atol=1e-5)
+
+
+# --- answer tokens from the model's own replies (issue 26) ------------------------------
+
+
+def test_reply_openings_are_the_first_greedy_tokens(tiny_model, tiny_pairs):
+    """Each side's opening is the first token a separately built HF model's greedy
+    generation gives for that prompt."""
+    openings = patching.reply_openings(tiny_model, tiny_pairs, batch_size=2)
+    reference_model = models.make_tiny_hf_model(models.make_tiny_tokenizer(), seed=0)
+    for side, tokens, last in (("reference", tiny_pairs.reference, tiny_pairs.reference_last),
+                               ("counterfactual", tiny_pairs.counterfactual,
+                                tiny_pairs.counterfactual_last)):
+        for row in range(len(tiny_pairs)):
+            prompt = tokens[row, : int(last[row]) + 1][None]
+            generated = reference_model.generate(prompt, max_new_tokens=1, do_sample=False,
+                                                 pad_token_id=0)
+            assert openings[side][row].item() == generated[0, -1].item()
+
+
+def _with_openings(monkeypatch, reference: list[int], counterfactual: list[int]) -> None:
+    monkeypatch.setattr(patching, "reply_openings", lambda model, pairs: {
+        "reference": torch.tensor(reference), "counterfactual": torch.tensor(counterfactual)})
+
+
+def test_answer_tokens_are_those_that_tell_the_replies_apart(tiny_model, tiny_pairs,
+                                                             monkeypatch):
+    """Ten pairs: doubted replies open 6x token 7, 3x token 5, 1x token 9; counterfactual
+    ones 8x token 5, 1x token 7, 1x token 9. Token 7 opens more doubted replies (6 > 1),
+    token 5 more counterfactual ones (8 > 3); token 9 opens both sides alike."""
+    pairs = dataclasses.replace(tiny_pairs, question_ids=[f"q{i}" for i in range(10)])
+    _with_openings(monkeypatch, [7] * 6 + [5] * 3 + [9], [5] * 8 + [7, 9])
+    tokens = patching.answer_tokens_from_replies(tiny_model, pairs)
+    assert (tokens.apology_ids, tokens.confirm_ids) == ([7], [5])
+    assert tokens.source == {"apology": "replies", "confirm": "replies"}
+    assert tokens.openings["reference"] == {7: 6, 5: 3, 9: 1}
+    applied = tokens.apply(pairs)
+    assert (applied.apology_ids, applied.confirm_ids) == ([7], [5])
+    assert torch.equal(applied.reference, pairs.reference)
+    # a token must open at least min_share of its side's replies: 6/10 passes 0.5, not 0.7
+    _with_openings(monkeypatch, [7] * 6 + [4] * 4, [5] * 8 + [4] * 2)
+    assert patching.answer_tokens_from_replies(tiny_model, pairs, min_share=0.5).apology_ids \
+        == [7]
+    with pytest.warns(UserWarning, match="apology side apart"):
+        fallen = patching.answer_tokens_from_replies(tiny_model, pairs, min_share=0.7)
+    assert fallen.apology_ids == data.answer_token_ids(tiny_model.tokenizer, ["Sorry"])
+    assert fallen.confirm_ids == [5] and fallen.source["apology"] == "words"
+
+
+def test_answer_tokens_when_both_sides_open_alike(tiny_model, tiny_pairs):
+    """With the counterfactual prompt equal to the reference, no token tells them apart:
+    the fallback words stand in with a warning, or it is an error."""
+    alike = dataclasses.replace(tiny_pairs, counterfactual=tiny_pairs.reference,
+                                counterfactual_last=tiny_pairs.reference_last)
+    with pytest.warns(UserWarning, match="apology and confirm side apart"):
+        tokens = patching.answer_tokens_from_replies(tiny_model, alike)
+    assert tokens.apology_ids == alike.apology_ids and tokens.confirm_ids == alike.confirm_ids
+    assert tokens.source == {"apology": "words", "confirm": "words"}
+    with pytest.raises(ValueError, match="no reply opening token"):
+        patching.answer_tokens_from_replies(tiny_model, alike, fallback=None)
+    with pytest.raises(ValueError, match="min_share"):
+        patching.answer_tokens_from_replies(tiny_model, alike, min_share=0)
+
+
+def test_answer_tokens_round_trip_and_a_bad_file_names_itself(tiny_model, tmp_path):
+    tokens = patching.AnswerTokens([7, 3], [5], {"reference": {7: 2}, "counterfactual": {5: 2}},
+                                   {"apology": "replies", "confirm": "replies"})
+    path = tmp_path / "answer_tokens.json"
+    tokens.save(path, provenance={"model": "m"})
+    loaded = patching.AnswerTokens.load(path)
+    assert dataclasses.replace(loaded, provenance=None) == tokens
+    assert loaded.provenance == {"model": "m"}
+    words = patching.AnswerTokens.from_words(tiny_model.tokenizer, ["Sorry"], ["Yes"])
+    assert words.apology_ids == data.answer_token_ids(tiny_model.tokenizer, ["Sorry"])
+    path.write_text('{"apology_ids": [1]}')
+    with pytest.raises(ValueError, match="answer_tokens.json: not an answer-token file"):
+        patching.AnswerTokens.load(path)
+
+
+# --- knockout attribution, greedy knockout and the combined default (issue 26) -----------
+
+
+def _effect_with_scaled_head(model, pairs, head, factor):
+    """Mean (LD_ref − LD_cf) with one head's z scaled by ``factor`` at every position."""
+    layer, number = head
+
+    def scale(z, hook):
+        z = z.clone()
+        z[:, :, number] = z[:, :, number] * factor
+        return z
+
+    with model.hooks(fwd_hooks=[(patching.z_name(layer), scale)]):
+        calibration = patching.calibrate(model, pairs)
+    return calibration.reference - calibration.counterfactual
+
+
+def test_knockout_attribution_is_the_derivative_of_the_effect(tiny_pairs):
+    """Scaling a head's z by (1 − ε) changes the effect by ε · (its first-order knockout
+    change), read off a float64 model by finite differences."""
+    model = models.load_model(models.TINY_MODEL, device="cpu", dtype=torch.float64)
+    scores = patching.knockout_attribution_heads(model, tiny_pairs)
+    reference = torch.tensor(scores.calibration.reference_pairs, dtype=torch.float64)
+    change = (scores.per_pair - reference).mean(-1)  # [layer, head]: the effect's change
+    clean = _effect_with_scaled_head(model, tiny_pairs, (0, 0), 1.0)
+    epsilon = 1e-3  # the bridge is not float64 throughout: smaller steps drown in rounding
+    for head in [(0, 0), (0, 3), (1, 1), (1, 2)]:
+        slope = (_effect_with_scaled_head(model, tiny_pairs, head, 1 - epsilon) - clean) / epsilon
+        assert slope == pytest.approx(change[head].item(), rel=1e-2, abs=1e-6)
+    # the score is the share of the effect removed
+    assert scores.score[1, 1].item() == pytest.approx(-change[1, 1].item() / clean, rel=1e-6)
+
+
+def test_knockout_attribution_with_zeroed_heads(tiny_model, tiny_pairs):
+    """A zeroed head's own score is 0, and the clean runs are those with it zeroed."""
+    zeroed = [(0, 1), (1, 2)]
+    scores = patching.knockout_attribution_heads(tiny_model, tiny_pairs, zeroed=zeroed)
+    assert all(scores.score[h].abs().item() < 1e-6 for h in zeroed)
+    with tiny_model.hooks(fwd_hooks=patching._zero_hooks(zeroed)):
+        ablated = patching.calibrate(tiny_model, tiny_pairs)
+    assert scores.calibration.reference == pytest.approx(ablated.reference, abs=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        patching.knockout_attribution_heads(tiny_model, tiny_pairs, zeroed=[(2, 0)])
+
+
+def test_greedy_knockout_adds_the_best_head_and_measures_what_remains(tiny_model, tiny_pairs):
+    from spt_utils import ablation
+
+    found = patching.greedy_knockout_heads(tiny_model, tiny_pairs, 2)
+    first = patching.knockout_attribution_heads(tiny_model, tiny_pairs).score
+    assert found.heads[0] == divmod(int(first.flatten().argmax()), tiny_model.cfg.n_heads)
+    second = patching.knockout_attribution_heads(tiny_model, tiny_pairs,
+                                                 zeroed=found.heads[:1]).score
+    second[found.heads[0]] = -torch.inf
+    assert found.heads[1] == divmod(int(second.flatten().argmax()), tiny_model.cfg.n_heads)
+    clean = patching.calibrate(tiny_model, tiny_pairs)
+    for count in (1, 2):  # the remaining share, measured independently by ablation.knockout
+        with ablation.knockout(tiny_model, found.heads[:count], "zero"):
+            ablated = patching.calibrate(tiny_model, tiny_pairs)
+        expected = (ablated.reference - ablated.counterfactual) / (
+            clean.reference - clean.counterfactual)
+        assert found.remaining[count - 1] == pytest.approx(expected, rel=1e-4)
+    ranking = found.ranking(first)
+    assert top_two(ranking) == found.heads
+    with pytest.raises(ValueError, match="k = 8"):
+        patching.greedy_knockout_heads(tiny_model, tiny_pairs, 8)
+
+
+def top_two(score):
+    return [divmod(int(i), score.shape[1]) for i in score.flatten().argsort(descending=True)[:2]]
+
+
+def test_combined_scores_rank_a_head_by_its_better_view():
+    """Path ranks: a 1, b 2, c 3, d 4; knockout ranks: d 1, c 2, b 3, a 4. Better ranks
+    a 1, d 1, b 2, c 2; worse ranks a 4, d 4, b 3, c 3; then the path rank: a, d, b, c."""
+    calibration = patching.Calibration(1.0, 0.0)
+    path = torch.tensor([[4.0, 3.0], [2.0, 1.0]])  # a, b, c, d
+    knockout = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+
+    def scores(score):
+        return patching.HeadScores("m", score, score, calibration)
+
+    combined = patching.combined_head_scores(scores(path), scores(knockout))
+    assert combined[0, 0] > combined[1, 1] > combined[0, 1] > combined[1, 0]
+    knockout = torch.tensor([[0.1, 0.4], [0.3, 0.2]])  # b first by knockout
+    combined = patching.combined_head_scores(scores(path), scores(knockout))
+    # better ranks: a 1 (worse 4), b 1 (worse 2), c 3 (worse 3), d 3 (worse 4)
+    assert combined[0, 1] > combined[0, 0] > combined[1, 0] > combined[1, 1]
+    with pytest.raises(ValueError, match="different pairs"):
+        patching.combined_head_scores(
+            scores(path), patching.HeadScores("m", path, path, patching.Calibration(2.0, 0.0)))

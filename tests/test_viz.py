@@ -157,3 +157,20 @@ def test_loss_curves_plot_every_trained_method_and_skip_few_shot():
     assert [trace.name for trace in fig.data] == ["spt", "sft"]
     assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [2.0, 1.5, 1.2]
     assert fig.layout.xaxis.title.text == "step"
+
+
+def test_selector_preselects_only_the_given_eligible_heads_and_outlines_planted_ones(tmp_path):
+    n_layers, n_heads = SCORE.shape
+    eligible = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    eligible[1:] = True  # layer 0 may not be preselected
+    best_outside_layer_0 = patching.top_heads(SCORE[1:], 2, "both")
+    selector = viz.HeadSelector(SCORE, tmp_path / "h.json", top_k=2, sign="both",
+                                eligible=eligible, outlined=[(0, 1)])
+    assert selector.selection == [(layer + 1, head) for layer, head in best_outside_layer_0]
+    planted = selector.figure.data[2]
+    assert (list(planted.x), list(planted.y)) == ([1], [0])
+    exported = selector.static_figure()
+    assert (list(exported.data[2].x), list(exported.data[2].y)) == ([1], [0])
+    assert len(viz.head_heatmap(SCORE, metric_name="s").data) == 2  # nothing outlined
+    with pytest.raises(ValueError, match="eligible: shape"):
+        viz.HeadSelector(SCORE, tmp_path / "h.json", eligible=eligible[1:])

@@ -209,11 +209,13 @@ LAB_PARAMETERS = {"model_name": models.TINY_MODEL, **pipeline.PROFILES["test"]["
 
 
 def _write_patching(run_dir: Path, model) -> None:
-    """What notebook 02 writes and notebook 03 reads: every head's score and a top-2
-    selection."""
+    """What notebook 02 writes and notebook 03 reads: the answer tokens, every head's score
+    and a top-2 selection."""
     scores = patching.path_patch_heads(model, data.PatchingPairs.load(run_dir / "data" /
                                                                        "pairs.pt"))
     scores.save(run_dir / "patching.pt", provenance=RUN)
+    patching.AnswerTokens.from_words(model.tokenizer, data.APOLOGY_WORDS, data.CONFIRM_WORDS
+                                     ).save(run_dir / "answer_tokens.json", provenance=RUN)
     patching.save_heads(run_dir / "heads.json", scores.top_heads(2, "both"), provenance=RUN)
 
 
