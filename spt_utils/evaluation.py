@@ -322,8 +322,9 @@ def kl_per_document(
         mask = torch.arange(input_ids.shape[1], device=device)[None] <= last.to(device)[:, None]
         base_logp = _document_logits(base, input_ids)
         tuned_logp = _document_logits(tuned, input_ids)
-        # per_token: [batch, pos]
-        per_token = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1) * mask
+        # per_token: [batch, pos]; KL >= 0, so a float sum rounding below 0 (two nearly
+        # equal networks) is 0
+        per_token = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1).clamp(min=0) * mask
         result += [(float(row.sum()), int(row_mask.sum()))
                    for row, row_mask in zip(per_token, mask, strict=True)]
     return result

@@ -352,3 +352,16 @@ def test_claim_checks_each_part_from_the_numbers():
         evaluation.claim(results, records, metric="apology")
     with pytest.raises(KeyError, match="no results for \\['sft'\\]"):
         evaluation.claim({"base": results["base"], "spt": results["spt"]}, records)
+
+
+def test_kl_of_two_nearly_equal_networks_is_never_below_zero():
+    """A weight nudged by 1e-7 leaves the two networks' distributions equal up to float
+    rounding, which would sum a token's KL slightly below 0; it counts as 0."""
+    base = models.load_model(models.TINY_MODEL, device="cpu")
+    nudged = models.load_model(models.TINY_MODEL, device="cpu")
+    with torch.no_grad():
+        next(nudged.original_model.parameters()).add_(1e-7)
+    rows = evaluation.kl_per_document(base, nudged, DOCS)
+    assert all(total >= 0 for total, _ in rows)
+    interval = evaluation.kl_interval(rows)
+    assert 0 <= interval["low"] <= interval["value"] <= interval["high"] < 1e-5
