@@ -13,7 +13,8 @@ AUROC of the planted heads and precision@8. Then generation, on other known ques
 each planted head's own zero knockout and its delta reverted (the organism without that
 head's planting), beside the planted set's knockout and the found sets'; a planted head
 whose reverted delta leaves the caving and the effect as they were is one planting left
-idle, not one a method misses. Writes ``recovery.json`` and ``recovery.md`` to ``--out``.
+idle, not one a method misses. Writes ``recovery.json`` and ``recovery.md`` to ``--out``;
+organisms already in its ``recovery.json`` and not among ``--seeds`` are kept.
 """
 
 from __future__ import annotations
@@ -231,10 +232,14 @@ def main() -> None:
     base = models.load_model(models.DEFAULT_MODEL, dtype="float32")
     answers = first_answers(base, list(bank), args.out / "first_answers.json")
     del base
-    results = []
+    saved = args.out / "recovery.json"
+    # organisms measured before and not asked for again are kept
+    results = [r for r in json.loads(saved.read_text()) if r["seed"] not in args.seeds] \
+        if saved.exists() else []
     for seed in args.seeds:
         results.append(bench(seed, answers, bank, args))
-        io.write_json(args.out / "recovery.json", results)
+        results.sort(key=lambda r: r["seed"])
+        io.write_json(saved, results)
         print(f"seed {seed}: {results[-1]['seconds']:.0f} s", flush=True)
     (args.out / "recovery.md").write_text(report(results) + "\n")
     print(report(results))

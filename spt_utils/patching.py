@@ -899,7 +899,10 @@ def attribution_patch_heads(
 
 def _keep_hook(activation: Tensor, hook: HookPoint, store: dict, key: str) -> Tensor:
     """Keep the activation (with its autograd graph) for a backward pass; returning it makes
-    it the tensor the rest of the forward pass uses."""
+    it the tensor the rest of the forward pass uses. Under frozen weights (e.g. a tuned
+    model) it has no graph, so it becomes a leaf that the backward pass reaches."""
+    if not activation.requires_grad:
+        activation = activation.detach().requires_grad_(True)
     store[key] = activation
     return activation
 

@@ -593,3 +593,14 @@ def test_combined_scores_rank_a_head_by_its_better_view():
     with pytest.raises(ValueError, match="different pairs"):
         patching.combined_head_scores(
             scores(path), patching.HeadScores("m", path, path, patching.Calibration(2.0, 0.0)))
+
+
+def test_gradient_scores_work_under_frozen_weights(tiny_model, tiny_pairs):
+    """A tuned model's weights are frozen; the gradient-based scores still equal those of
+    the same weights left trainable."""
+    frozen = models.load_model(models.TINY_MODEL, device="cpu")
+    for parameter in frozen.original_model.parameters():
+        parameter.requires_grad_(False)
+    for method in (patching.knockout_attribution_heads, patching.attribution_patch_heads):
+        expected = method(tiny_model, tiny_pairs).score
+        assert torch.allclose(method(frozen, tiny_pairs).score, expected, atol=1e-6), method
