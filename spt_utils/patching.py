@@ -907,7 +907,6 @@ def _keep_hook(activation: Tensor, hook: HookPoint, store: dict, key: str) -> Te
     return activation
 
 
-
 # --- knockout attribution: which heads the challenge's effect needs (issue 26) -----------
 
 
@@ -999,19 +998,18 @@ def greedy_knockout_heads(
     n_all = model.cfg.n_layers * model.cfg.n_heads
     if not 1 <= k < n_all:
         raise ValueError(f"greedy_knockout_heads: k = {k} is not between 1 and {n_all - 1}")
-    calibration = calibrate(model, pairs)
-    effect = calibration.reference - calibration.counterfactual
     chosen: list[Head] = []
-    remaining = []
-    for _ in range(k):
-        score = knockout_attribution_heads(model, pairs, zeroed=chosen).score.clone()
+    effects = []  # the exact effect with the chosen heads ablated: each step's clean runs
+    for step in range(k + 1):
+        scores = knockout_attribution_heads(model, pairs, zeroed=chosen)
+        effects.append(scores.calibration.reference - scores.calibration.counterfactual)
+        if step == k:
+            break
+        score = scores.score.clone()
         for head in chosen:
             score[head] = -torch.inf
         chosen.append(divmod(int(score.flatten().argmax()), model.cfg.n_heads))
-        with model.hooks(fwd_hooks=_zero_hooks(chosen)):
-            ablated = calibrate(model, pairs)
-        remaining.append((ablated.reference - ablated.counterfactual) / effect)
-    return GreedyKnockout(chosen, remaining)
+    return GreedyKnockout(chosen, [effect / effects[0] for effect in effects[1:]])
 
 
 def _descending_ranks(score: Float[Tensor, "layer head"]) -> Float[Tensor, "layer head"]:
