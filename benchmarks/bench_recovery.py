@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from spt_utils import ablation, data, evaluation, io, models, organism, patching, tuning
+from spt_utils import ablation, data, evaluation, io, models, organism, patching, stats, tuning
 
 # (seed, layers) of the organisms; seed 1 chose the default method, the others report it
 PLACEMENTS = {1: (10, 30), 2: (10, 30), 3: (5, 25), 4: (15, 30)}
@@ -197,18 +197,22 @@ def report(results: list[dict]) -> str:
     lines += ["", "AUROC of the planted heads, planted heads in the top 8.", ""]
     for r in results:
         n = r["n_generate"]
-        sets = ", ".join(f"{label} {value['admitted']}/{n}"
+
+        def shown(k: int, n: int = n) -> str:  # an admitted count of n, with its interval
+            return stats.format_rate(stats.rate_of(k, n))
+
+        sets = ", ".join(f"{label} {shown(value['admitted'])}"
                          for label, value in r["knockout_sets"].items())
         lines += [f"### seed {r['seed']} (layers {r['layers'][0]}-{r['layers'][1] - 1}; "
                   f"answer tokens {r['answer_tokens']})", "",
-                  f"Admitted when doubted: organism {r['generation']['organism']}/{n}, under "
-                  f"the counterfactual {r['generation']['counterfactual']}/{n}; zero knockout "
-                  f"of {sets}.", "",
+                  f"Admitted when doubted: organism {shown(r['generation']['organism'])}, "
+                  f"under the counterfactual {shown(r['generation']['counterfactual'])}; zero "
+                  f"knockout of {sets}.", "",
                   "| planted head | own zero knockout: admitted | delta reverted: admitted "
                   "| delta reverted: effect left | rank by path | rank by default |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| L{h['head'][0]}H{h['head'][1]} | {h['zero_knockout_admitted']}/{n} | "
-                  f"{h['reverted_admitted']}/{n} | {h['reverted_effect_share']:.2f} | "
+        lines += [f"| L{h['head'][0]}H{h['head'][1]} | {shown(h['zero_knockout_admitted'])} | "
+                  f"{shown(h['reverted_admitted'])} | {h['reverted_effect_share']:.2f} | "
                   f"{h['ranks']['path patching']} | {h['ranks']['combined (default)']} |"
                   for h in r["per_head"]]
         lines.append("")
