@@ -7,14 +7,17 @@ holds the template's own start tokens, so it is always tokenized without an auto
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
@@ -160,6 +163,42 @@ def next_token_logits(
     return logits[torch.arange(len(last)), last]
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """``module`` with every bridge component replaced by the original it wraps: shallow copies
+    down to the first unchanged subtree, sharing every parameter, buffer and torch hook."""
+    while isinstance(module, GeneralizedComponent) and (
+            module._modules.get("_original_component") is not None):
+        module = module._modules["_original_component"]
+    children = {name: None if child is None else _unwrapped(child)
+                for name, child in module._modules.items()}
+    if all(children[name] is child for name, child in module._modules.items()):
+        return module
+    clone = copy.copy(module)  # shares _parameters, _buffers and the hook dicts
+    clone.__dict__["_modules"] = children
+    return clone
+
+
+def has_bridge_hooks(model: TransformerBridge) -> bool:
+    """Whether a hook is registered on one of the bridge's own modules (its hook points and
+    wrapping components), e.g. a knockout: generation must then run through the bridge. The
+    capture hooks TransformerLens's blocks install for themselves do not count."""
+    modules = list(model.modules())
+    internal = {handle.id for module in modules
+                for handle in getattr(module, "_capture_hook_handles", ())}
+    return any(
+        (module._forward_hooks.keys() | module._forward_pre_hooks.keys()) - internal
+        for module in modules if isinstance(module, GeneralizedComponent | HookPoint)
+    )
+
+
+def plain_hf_model(model: TransformerBridge) -> nn.Module:
+    """The bridge's Hugging Face model as it was before the bridge wrapped it: the same
+    weights and the same hooks on its own modules, without the bridge's hook points in the
+    forward pass (a plain transformers model's speed). Hooks added to the bridge do not fire
+    in it (see :func:`has_bridge_hooks`)."""
+    return _unwrapped(model.original_model)
+
+
 @torch.no_grad()
 def generate(
     model: TransformerBridge,
@@ -174,13 +213,17 @@ def generate(
 ) -> list[str]:
     """Greedy replies to each conversation, batched with left padding.
 
-    Runs the bridge's underlying Hugging Face model (or ``hf_model``, e.g. a peft wrapper of
-    it), so hooks added to the bridge (e.g. a knockout) are active during generation.
-    ``prefill`` starts the assistant's reply (e.g. ``"The answer is ("``); replies include it.
+    Runs ``hf_model`` when given (e.g. a peft wrapper of the bridge's model). Otherwise,
+    while a hook is registered on the bridge (e.g. a knockout), its underlying Hugging Face
+    model runs through the bridge, so the hooks act during generation; with none, the same
+    model without the bridge's wrapping (:func:`plain_hf_model`: the same tokens at a plain
+    transformers model's speed). ``prefill`` starts the assistant's reply (e.g. ``"The answer
+    is ("``); replies include it.
     """
     require_decoder_only(model, "chat.generate (KV-cache generation)")
     tokenizer = model.tokenizer
-    hf_model = hf_model or model.original_model
+    if hf_model is None:
+        hf_model = model.original_model if has_bridge_hooks(model) else plain_hf_model(model)
     device = model.cfg.device
     replies: list[str] = []
     starts = range(0, len(conversations), batch_size)

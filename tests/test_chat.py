@@ -1,5 +1,7 @@
 import pytest
 import torch
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 from spt_utils import chat, models
 
@@ -80,6 +82,64 @@ def test_batched_generation_equals_one_at_a_time(tiny_model):
     batched = chat.generate(tiny_model, conversations, max_new_tokens=6)
     alone = [chat.generate(tiny_model, [c], max_new_tokens=6)[0] for c in conversations]
     assert batched == alone
+
+
+def _zero_z(z: torch.Tensor, hook) -> torch.Tensor:
+    # z: [batch, pos, head, d_head]
+    return torch.zeros_like(z)
+
+
+def test_plain_hf_model_is_the_model_before_the_bridge_wrapped_it(tiny_model):
+    plain = chat.plain_hf_model(tiny_model)
+    fresh = models.make_tiny_hf_model(tiny_model.tokenizer, seed=0)  # tiny_model's weights
+    assert type(plain) is type(fresh)
+    assert not any(isinstance(m, GeneralizedComponent | HookPoint) for m in plain.modules())
+    plain_state, fresh_state = plain.state_dict(), fresh.state_dict()
+    assert all(torch.equal(plain_state[name], fresh_state[name]) for name in fresh_state)
+    added = set(plain_state) - set(fresh_state)  # the bridge gives lm_head a zero bias
+    assert all(not plain_state[name].any() for name in added)
+    bridge_tensors = {p.data_ptr() for p in tiny_model.parameters()}
+    assert {p.data_ptr() for p in plain.parameters()} <= bridge_tensors  # shared, not copied
+    ids = chat.tokens(tiny_model.tokenizer, CONVERSATION)[None]
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, fresh(ids).logits)
+
+
+def test_generation_without_hooks_runs_plain_with_the_bridges_tokens(tiny_model):
+    conversations = [CONVERSATION, CONVERSATION[:1]]
+    assert not chat.has_bridge_hooks(tiny_model)
+    through_bridge = chat.generate(tiny_model, conversations, max_new_tokens=6,
+                                   hf_model=tiny_model.original_model)
+    assert chat.generate(tiny_model, conversations, max_new_tokens=6) == through_bridge
+
+
+def test_generation_under_a_bridge_hook_runs_through_the_bridge(tiny_model):
+    conversations = [CONVERSATION, CONVERSATION[:1]]
+    unhooked = chat.generate(tiny_model, conversations, max_new_tokens=6)
+    zeroed = [(f"blocks.{layer}.attn.hook_z", _zero_z) for layer in range(2)]
+    with tiny_model.hooks(fwd_hooks=zeroed):
+        assert chat.has_bridge_hooks(tiny_model)
+        hooked = chat.generate(tiny_model, conversations, max_new_tokens=6)
+        assert hooked == chat.generate(tiny_model, conversations, max_new_tokens=6,
+                                       hf_model=tiny_model.original_model)
+    assert hooked != unhooked  # every head zeroed: the hooks acted
+    assert not chat.has_bridge_hooks(tiny_model)
+
+
+def test_hooks_on_the_models_own_modules_also_act_in_the_plain_model(tiny_model):
+    """A torch hook on a Hugging Face module (as head-sparse tuning registers) is shared."""
+    ids = chat.tokens(tiny_model.tokenizer, CONVERSATION)[None]
+    plain = chat.plain_hf_model(tiny_model)
+    linear = models.attn_linear(tiny_model.original_model, 0, "o_proj")
+    with torch.no_grad():
+        unhooked = plain(ids).logits
+        handle = linear.register_forward_hook(lambda module, inputs, out: torch.zeros_like(out))
+        try:
+            hooked = plain(ids).logits
+            assert torch.equal(hooked, tiny_model.original_model(ids).logits)
+        finally:
+            handle.remove()
+    assert not torch.equal(hooked, unhooked)
 
 
 @pytest.mark.integration
