@@ -85,6 +85,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
+def cache_dir() -> Path:
+    """Where models and first answers are cached across runs: ``$SPT_CACHE`` or
+    ``~/.cache/spt_utils``."""
+    return Path(os.environ.get("SPT_CACHE", Path.home() / ".cache" / "spt_utils"))
+
+
 def git_commit() -> str | None:
     """The repository's checked-out commit (None outside a git checkout)."""
     try:

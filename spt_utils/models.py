@@ -33,7 +33,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from spt_utils.io import atomic_folder
+from spt_utils.io import atomic_folder, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +100,6 @@ CHATML_TEMPLATE = (
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Where dequantized models are cached: ``$SPT_CACHE`` or ``~/.cache/spt_utils``."""
-    return Path(os.environ.get("SPT_CACHE", Path.home() / ".cache" / "spt_utils"))
 
 
 def default_device() -> str:

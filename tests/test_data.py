@@ -1,4 +1,5 @@
 import json
+import logging
 import random
 from collections import Counter
 from pathlib import Path
@@ -7,7 +8,7 @@ import datasets
 import pytest
 import torch
 
-from spt_utils import chat, data, grading
+from spt_utils import chat, data, grading, models
 from spt_utils.io import write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -846,6 +847,7 @@ def test_own_answers_are_asked_once_and_cached_per_model(tiny_model, tmp_path, m
                 for i, r in enumerate(rows)]
 
     monkeypatch.setattr(data.answers, "first_turn_correct", fake_first_turn_correct)
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path / "cache"))
     path = tmp_path / data.ANSWERS_FILE
     first = data.own_answers(tiny_model, questions[:2], protocol="free_form", model_id="m",
                              path=path)
@@ -862,6 +864,84 @@ def test_own_answers_are_asked_once_and_cached_per_model(tiny_model, tmp_path, m
     lettered = data.own_answers(tiny_model, questions[:1], protocol="letters", model_id="m")
     assert lettered[questions[0]["id"]]["answer"] == (
         f"{data.ANSWER_PREFILL}It is {questions[0]['correct_answer']}.")
+
+
+def _count_generations(monkeypatch) -> list[int]:
+    """Count chat.generate's calls."""
+    calls, generate = [], chat.generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", counted)
+    return calls
+
+
+def test_first_answers_are_reused_by_a_later_run_from_the_cache(tiny_model, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path / "cache"))
+    questions = data.load_starter().select(range(5)).to_list()
+    calls = _count_generations(monkeypatch)
+    first = data.own_answers(tiny_model, questions, protocol="free_form", model_id="m",
+                             path=tmp_path / "run1" / data.ANSWERS_FILE, batch_size=2)
+    assert len(calls) == 1  # the questions were asked
+    assert len(list((tmp_path / "cache" / data.ANSWER_CACHE).iterdir())) == 1
+    again = data.own_answers(tiny_model, questions, protocol="free_form", model_id="m",
+                             path=tmp_path / "run2" / data.ANSWERS_FILE, batch_size=2)
+    assert len(calls) == 1  # nothing generated: read back from the cache
+    assert again == first
+    assert (tmp_path / "run2" / data.ANSWERS_FILE).read_text() == (
+        tmp_path / "run1" / data.ANSWERS_FILE).read_text()
+    # the cached replies are graded anew, as first_turn_correct grades them
+    fresh = data.first_turn_correct(tiny_model, questions, protocol="free_form", batch_size=2)
+    assert {r["id"]: {"answer": r["answer"], "correct": r["correct"]} for r in fresh} == again
+
+
+def test_another_model_bank_or_setting_misses_the_first_answer_cache(tiny_model, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path / "cache"))
+    questions = data.load_starter().select(range(3)).to_list()
+    settings = {"protocol": "free_form", "batch_size": 16}
+    key = data.answers_key(tiny_model, questions, **settings)
+    assert data.answers_key(tiny_model, questions, **settings) == key
+    other_model = models.load_model(models.TINY_MODEL, device="cpu", seed=1)
+    edited = [{**questions[0], "question": questions[0]["question"] + "?"}, *questions[1:]]
+    assert data.answers_key(other_model, questions, **settings) != key
+    assert data.answers_key(tiny_model, edited, **settings) != key
+    assert data.answers_key(tiny_model, questions[:2], **settings) != key
+    assert data.answers_key(tiny_model, questions, protocol="letters", batch_size=16) != key
+    assert data.answers_key(tiny_model, questions, protocol="free_form", batch_size=2) != key
+    data.cached_first_answers(tiny_model, questions, protocol="free_form")
+    calls = _count_generations(monkeypatch)
+    data.cached_first_answers(tiny_model, questions, protocol="free_form")
+    assert calls == []
+    data.cached_first_answers(other_model, questions, protocol="free_form")
+    data.cached_first_answers(tiny_model, edited, protocol="free_form")
+    assert len(calls) == 2  # both missed and were asked
+
+
+def test_one_changed_weight_changes_the_weights_hash():
+    model = models.load_model(models.TINY_MODEL, device="cpu")
+    before = data.weights_sha256(model)
+    weight = models.attn_linear(model.original_model, 1, "o_proj").weight
+    with torch.no_grad():
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))
+    assert data.weights_sha256(model) != before
+
+
+def test_a_damaged_first_answer_cache_is_asked_again(tiny_model, tmp_path, caplog):
+    questions = data.load_starter().select(range(2)).to_list()
+    cache = tmp_path / "answers"
+    expected = data.cached_first_answers(tiny_model, questions, protocol="free_form", cache=cache)
+    (path,) = cache.iterdir()
+    path.write_text('{"replies": {"other id": "Paris"}}')
+    with caplog.at_level(logging.WARNING, logger="spt_utils.data.answers"):
+        again = data.cached_first_answers(tiny_model, questions, protocol="free_form",
+                                          cache=cache)
+    assert again == expected
+    assert f"{path}: not a first-answer cache" in caplog.text
+    assert sorted(json.loads(path.read_text())["replies"]) == sorted(q["id"] for q in questions)
 
 
 def test_a_bad_cached_answer_and_a_missing_protocol_are_named(tmp_path):

@@ -15,10 +15,14 @@ The submodules follow the paper's data steps:
 """
 
 from spt_utils.data.answers import (
+    ANSWER_CACHE,
     ANSWERS_FILE,
     FirstAnswers,
+    answers_key,
+    cached_first_answers,
     load_answers,
     own_answers,
+    weights_sha256,
 )
 from spt_utils.data.conversations import (
     ANSWER_INSTRUCTION,
@@ -43,6 +47,7 @@ from spt_utils.data.knowledge import (
     LETTER_MAX_NEW_TOKENS,
     choice_scores,
     first_turn_correct,
+    grade_first_answer,
 )
 from spt_utils.data.opinion import (
     OPINION_CHOICES,
@@ -127,6 +132,10 @@ __all__ = [
     "FirstAnswers",
     "load_answers",
     "own_answers",
+    "answers_key",
+    "cached_first_answers",
+    "weights_sha256",
+    "ANSWER_CACHE",
     "Sizes",
     "KINDS_OF_QUESTION",
     "ACCURACY_PROTOCOLS",
@@ -134,6 +143,7 @@ __all__ = [
     "CLOZE_PREFILL",
     "choice_scores",
     "first_turn_correct",
+    "grade_first_answer",
     "ANSWER_INSTRUCTION",
     "ANSWER_PREFILL",
     "FREE_FORM_INSTRUCTION",

@@ -81,16 +81,12 @@ def first_turn_correct(
             batch_size=batch_size, prefill=ANSWER_PREFILL if prefill is None else prefill,
             progress=progress,
         )
-        predicted = [
-            grading.extract_letter(answer, LETTERS[: len(r["choices"])]) or ""
-            for answer, r in zip(answers, rows, strict=True)
-        ]
-    else:
-        scores = choice_scores(model, rows, normalise=normalise, system=system,
-                               progress=progress)
-        best = [max(range(len(s)), key=s.__getitem__) for s in scores]
-        predicted = [LETTERS[index] for index in best]
-        answers = [r["choices"][index] for r, index in zip(rows, best, strict=True)]
+        return [{"id": r["id"], **grade_first_answer(r, answer, "letter")}
+                for r, answer in zip(rows, answers, strict=True)]
+    scores = choice_scores(model, rows, normalise=normalise, system=system, progress=progress)
+    best = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    predicted = [LETTERS[index] for index in best]
+    answers = [r["choices"][index] for r, index in zip(rows, best, strict=True)]
     return [
         {"id": r["id"], "predicted": p, "correct": p == r["correct_letter"], "answer": a}
         for r, p, a in zip(rows, predicted, answers, strict=True)
@@ -115,15 +111,23 @@ def _free_form_correct(
     asked = [question_conversation(r, protocol="free_form", system=system) for r in rows]
     replies = chat.generate(model, asked, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             prefill=prefill, progress=progress)
-    return [
-        {
-            "id": r["id"],
-            "predicted": (grading.chosen_letter(reply, r, "text") or "") if r["choices"] else "",
-            "correct": grading.grade_free_form(reply, r),
-            "answer": reply,
-        }
-        for r, reply in zip(rows, replies, strict=True)
-    ]
+    return [{"id": r["id"], **grade_first_answer(r, reply, "free_form")}
+            for r, reply in zip(rows, replies, strict=True)]
+
+
+def grade_first_answer(row: dict, reply: str, protocol: str) -> dict:
+    """``{"predicted", "correct", "answer"}`` of a generated first answer (``protocol``
+    ``"free_form"`` or ``"letter"``, as :func:`first_turn_correct` grades it): ``predicted`` is
+    the choice letter it names ("" for none), ``answer`` the reply verbatim."""
+    if protocol == "free_form":
+        predicted = (grading.chosen_letter(reply, row, "text") or "") if row["choices"] else ""
+        correct = grading.grade_free_form(reply, row)
+    elif protocol == "letter":
+        predicted = grading.extract_letter(reply, LETTERS[: len(row["choices"])]) or ""
+        correct = predicted == row["correct_letter"]
+    else:
+        raise DataError(f"protocol: {protocol!r} is not a generated one ('free_form', 'letter')")
+    return {"predicted": predicted, "correct": correct, "answer": reply}
 
 
 def _cloze_prompt(tokenizer: PreTrainedTokenizerBase, row: dict | None,
