@@ -39,13 +39,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The notebook parameter each model-placement option of the command line sets.
 OPTION_PARAMETERS = {"device": "device", "dtype": "model_dtype"}
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("spt_utils.pipeline")  # also under `python -m` (__main__)
 
+# Every tuned method of notebook 04 (the lean CPU default trains only "spt" and "sft").
+FULL_TUNED = ["spt", "sft", "lora_attn", "lora_heads", "prompt_tuning"]
 # Parameter overrides per profile and notebook (by file-name prefix). The notebooks' own
 # `parameters` cells hold the CPU defaults; "paper" is the GPU configuration of the paper
 # (appendix C, tables 13-14) and "test" the smallest sizes that still exercise every cell.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {},
+    # the CPU sizes and every baseline before the lean default (about 100 minutes here)
+    "full": {
+        "01": {"n_eval": [80, 60]},
+        "03": {"n_random": 100, "n_layer_matched": 20, "n_random_generate": 5},
+        "04": {"methods": FULL_TUNED, "random_head_draws": 2},
+        "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 2},
+    },
     "paper": {
         "01": {
             "source": "mmlu", "n_source": 20000, "protocol": "letters", "n_pairs": 100,

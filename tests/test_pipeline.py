@@ -3,6 +3,8 @@
 import ast
 import dataclasses
 import json
+import runpy
+import time
 from pathlib import Path
 
 import nbformat
@@ -177,3 +179,38 @@ def test_a_run_records_its_organism_and_refuses_another_one(tmp_path, monkeypatc
         pipeline.check_organism(run_dir, name, changed)
     assert (run_dir / "manifest.json").read_text() == before
     assert not (run_dir / pipeline.DONE_DIR).exists()  # refused before anything ran
+
+
+def test_make_run_prints_a_progress_line_per_notebook(tmp_path, monkeypatch, capsys):
+    """``python -m spt_utils.pipeline`` (what ``make run`` calls) logs each notebook's time and
+    an estimate of what remains from the profile's recorded timings. Papermill is faked and
+    each notebook "takes" twice its recorded time on a fake clock, so the estimate is twice
+    the record of the notebooks left."""
+    import papermill
+
+    recorded = pipeline.RECORDED_TIMINGS_S["cpu"]
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    def execute(source, target, **kwargs):
+        clock[0] += 2 * recorded[Path(source).name[:2]]
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    for variable in ("SPT_MODEL", "SPT_PROFILE", "SPT_SEED"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr("sys.argv", ["pipeline", "--model", models.TINY_MODEL, "--run-dir",
+                                     str(tmp_path / "run"), "--figures-dir", str(tmp_path)])
+    with pytest.warns(RuntimeWarning, match="found in sys.modules"), \
+            pytest.raises(SystemExit) as exited:
+        runpy.run_module("spt_utils.pipeline", run_name="__main__")
+    assert exited.value.code == 0
+    names = [path.name for path in pipeline.notebook_paths()]
+    lines = [line for line in capsys.readouterr().err.splitlines() if " s (this run" in line]
+    expected, so_far = [], 0.0
+    for number, name in enumerate(names):
+        took = 2 * recorded[name[:2]]
+        so_far += took
+        left = 2 * sum(recorded[later[:2]] for later in names[number + 1:])
+        expected.append(f"[spt] {name}: {round(float(took), 1)} s (this run so far: {so_far:.0f} s; "
+                        f"about {left / 60:.0f} min left)")
+    assert lines == expected
