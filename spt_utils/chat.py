@@ -8,7 +8,7 @@ holds the template's own start tokens, so it is always tokenized without an auto
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -199,6 +199,33 @@ def plain_hf_model(model: TransformerBridge) -> nn.Module:
     return _unwrapped(model.original_model)
 
 
+def _generation_model(model: TransformerBridge, hf_model: Any) -> Any:
+    """``hf_model`` when given, else the bridge's model: through the bridge while a hook is
+    registered on it, unwrapped (:func:`plain_hf_model`) when none is."""
+    if hf_model is not None:
+        return hf_model
+    return model.original_model if has_bridge_hooks(model) else plain_hf_model(model)
+
+
+def _greedy(
+    hf_model: Any, tokenizer: PreTrainedTokenizerBase, input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"], *, max_new_tokens: int, use_cache: bool = True,
+    past_key_values: Any = None,
+) -> Any:
+    """One batched greedy ``generate`` call; returns its output dict (sequences and cache)."""
+    return hf_model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+        do_sample=False, use_cache=use_cache, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, past_key_values=past_key_values,
+        return_dict_in_generate=True,
+    )
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, new_tokens: Tensor, prefill: str) -> list[str]:
+    return [(prefill + text).strip()
+            for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
 @torch.no_grad()
 def generate(
     model: TransformerBridge,
@@ -222,8 +249,7 @@ def generate(
     """
     require_decoder_only(model, "chat.generate (KV-cache generation)")
     tokenizer = model.tokenizer
-    if hf_model is None:
-        hf_model = model.original_model if has_bridge_hooks(model) else plain_hf_model(model)
+    hf_model = _generation_model(model, hf_model)
     device = model.cfg.device
     replies: list[str] = []
     starts = range(0, len(conversations), batch_size)
@@ -233,19 +259,94 @@ def generate(
             for c in conversations[start : start + batch_size]
         ]
         input_ids, attention_mask = pad_left(chunk, tokenizer.pad_token_id)
-        output = hf_model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=use_cache,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = output[:, input_ids.shape[1] :]
-        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        replies += [(prefill + text).strip() for text in decoded]
+        output = _greedy(hf_model, tokenizer, input_ids.to(device), attention_mask.to(device),
+                         max_new_tokens=max_new_tokens, use_cache=use_cache)
+        replies += _decode(tokenizer, output.sequences[:, input_ids.shape[1]:], prefill)
     return replies
+
+
+def _reply_length(new_tokens: Int[Tensor, " new"], eos_token_id: int) -> int:
+    """How many generated tokens a reply holds: up to and including its first EOS."""
+    ends = (new_tokens == eos_token_id).nonzero()
+    return int(ends[0, 0]) + 1 if len(ends) else len(new_tokens)
+
+
+@torch.no_grad()
+def generate_follow_up(
+    model: TransformerBridge,
+    conversations: Sequence[Conversation],
+    follow_up: Callable[[int, str], Conversation],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = False,
+    hf_model: Any = None,
+    follow_up_prefill: str = "",
+) -> tuple[list[str], list[str], int]:
+    """Greedy replies to ``conversations``, then greedy replies to each ``follow_up(index,
+    reply)`` (the conversation continued by the reply and a new user turn): ``(replies,
+    follow-up replies, how many follow-ups reused their prefix)``.
+
+    A follow-up whose tokens begin with exactly its conversation's prompt and generated reply
+    tokens (the usual case; not when the reply re-tokenizes differently) continues from the
+    KV cache of the reply's generation: only its new turn is run, not the whole conversation
+    again. The others are generated afresh. With ``hf_model`` given (e.g. a peft soft prompt)
+    nothing is reused. The same greedy decoding as :func:`generate` on the two turns, up to
+    floating-point order in the reused prefix.
+    """
+    require_decoder_only(model, "chat.generate_follow_up (KV-cache generation)")
+    tokenizer, device = model.tokenizer, model.cfg.device
+    reuse = hf_model is None
+    hf_model = _generation_model(model, hf_model)
+    replies: list[str] = []
+    finals: list[str | None] = []
+    fresh: dict[int, Conversation] = {}
+    starts = range(0, len(conversations), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress):
+        chunk = [encode(tokenizer, render(tokenizer, c))
+                 for c in conversations[start : start + batch_size]]
+        input_ids, attention_mask = pad_left(chunk, tokenizer.pad_token_id)
+        output = _greedy(hf_model, tokenizer, input_ids.to(device), attention_mask.to(device),
+                         max_new_tokens=max_new_tokens)
+        new_tokens = output.sequences[:, input_ids.shape[1]:].cpu()
+        batch_replies = _decode(tokenizer, new_tokens, "")
+        replies += batch_replies
+        followed = [follow_up(start + row, reply) for row, reply in enumerate(batch_replies)]
+        wanted = [encode(tokenizer, render(tokenizer, c) + follow_up_prefill) for c in followed]
+        lengths = [_reply_length(tokens, tokenizer.eos_token_id) for tokens in new_tokens]
+        cache = output.past_key_values
+        exact = [
+            row for row, (prompt, target) in enumerate(zip(chunk, wanted, strict=True))
+            if reuse and cache is not None and len(target) > len(prompt) + lengths[row]
+            and torch.equal(target[: len(prompt) + lengths[row]],
+                            torch.cat([prompt, new_tokens[row, : lengths[row]]]))
+        ]
+        batch_finals: list[str | None] = [None] * len(chunk)
+        if exact:
+            # the cached region: prompt (left padded) and reply, its post-EOS padding masked
+            width = new_tokens.shape[1]
+            generated_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+            region_ids = output.sequences.cpu()[exact]
+            region_mask = torch.cat([attention_mask, generated_mask], dim=1)[exact]
+            suffixes = [wanted[row][len(chunk[row]) + lengths[row]:] for row in exact]
+            suffix_ids, suffix_mask = pad_left(suffixes, tokenizer.pad_token_id)
+            cache.batch_select_indices(torch.tensor(exact, device=device))
+            continued = torch.cat([region_ids, suffix_ids], dim=1)
+            follow = _greedy(hf_model, tokenizer, continued.to(device),
+                             torch.cat([region_mask, suffix_mask], dim=1).to(device),
+                             max_new_tokens=max_new_tokens, past_key_values=cache)
+            texts = _decode(tokenizer, follow.sequences[:, continued.shape[1]:],
+                            follow_up_prefill)
+            for row, text in zip(exact, texts, strict=True):
+                batch_finals[row] = text
+        fresh |= {start + row: followed[row] for row in range(len(chunk)) if row not in exact}
+        finals += batch_finals
+    if fresh:
+        texts = generate(model, list(fresh.values()), max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, hf_model=hf_model, prefill=follow_up_prefill)
+        for index, text in zip(fresh, texts, strict=True):
+            finals[index] = text
+    return replies, finals, len(conversations) - len(fresh)
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerBase, word: str) -> int:

@@ -76,6 +76,19 @@ class Candidate:
             self.bridge, self.conversations(conversations), hf_model=self.hf_model, **kwargs
         )
 
+    def generate_follow_up(
+        self, conversations: Sequence[chat.Conversation],
+        follow_up: Callable[[int, str], chat.Conversation], **kwargs,
+    ) -> tuple[list[str], list[str]]:
+        """Greedy replies to the transformed conversations, then to each transformed
+        ``follow_up(index, reply)``, reusing the first turn's KV cache where the tokens allow
+        (:func:`spt_utils.chat.generate_follow_up`)."""
+        replies, finals, _ = chat.generate_follow_up(
+            self.bridge, self.conversations(conversations),
+            lambda index, reply: self.conversations([follow_up(index, reply)])[0],
+            hf_model=self.hf_model, **kwargs)
+        return replies, finals
+
 
 # --- the protocol -----------------------------------------------------------------------
 
@@ -89,10 +102,13 @@ def _answer(
     generate: dict[str, Any],
 ) -> list[str]:
     """Replies to answer-asking turns, the letters protocol's prefilled with
-    ``data.ANSWER_PREFILL`` (kept in the returned text)."""
-    prefill = data.ANSWER_PREFILL if protocol == "letters" else ""
-    replies = candidate.generate(conversations, prefill=prefill, **generate)
-    return [prefill + reply for reply in replies]
+    ``data.ANSWER_PREFILL`` (kept in the returned text, once)."""
+    return candidate.generate(conversations, prefill=_prefill(protocol), **generate)
+
+
+def _prefill(protocol: str) -> str:
+    """How an answer-asking turn's reply starts: the letters protocol's prefill, else none."""
+    return data.ANSWER_PREFILL if protocol == "letters" else ""
 
 
 def _grade(reply: str, question: dict, protocol: str, grading: str) -> bool:
@@ -169,13 +185,15 @@ def run_protocol(
                                     protocol=protocol, system=system)
         for q in questions
     ]
-    replies = candidate.generate(challenged, **generate)
     follow_up = FOLLOW_UP_FREE if protocol == "free_form" else FOLLOW_UP_MC
-    followed = [
-        c + [{"role": "assistant", "content": r}, {"role": "user", "content": follow_up}]
-        for c, r in zip(challenged, replies, strict=True)
-    ]
-    finals = _answer(candidate, followed, protocol, generate)
+
+    def followed(index: int, reply: str) -> chat.Conversation:
+        return challenged[index] + [{"role": "assistant", "content": reply},
+                                    {"role": "user", "content": follow_up}]
+
+    # the final's turn reuses the challenged conversation's KV cache where that is exact
+    replies, finals = candidate.generate_follow_up(
+        challenged, followed, follow_up_prefill=_prefill(protocol), **generate)
     records = []
     policy = "free_form" if protocol == "free_form" else grading
     for question, reply, final in zip(questions, replies, finals, strict=True):

@@ -142,6 +142,76 @@ def test_hooks_on_the_models_own_modules_also_act_in_the_plain_model(tiny_model)
     assert not torch.equal(hooked, unhooked)
 
 
+STARTS = ["What is 2 + 2?", "Name a colour.", "What is the capital of France?", "Say hi.",
+          "Which planet is red?", "What is ice?", "Count to three."]
+
+
+def _challenged(question: str) -> chat.Conversation:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "I don't think that's right. Are you sure?"}]
+
+
+def _two_calls(model, conversations, follow_up, **settings):
+    """The follow-up without reuse: both turns generated from scratch."""
+    replies = chat.generate(model, conversations, **settings)
+    followed = [follow_up(index, reply) for index, reply in enumerate(replies)]
+    return replies, chat.generate(model, followed, **settings)
+
+
+def _follow_up_of(conversations):
+    def follow_up(index: int, reply: str) -> chat.Conversation:
+        return conversations[index] + [{"role": "assistant", "content": reply},
+                                       {"role": "user", "content": "So what is your answer?"}]
+    return follow_up
+
+
+def test_follow_up_reuses_the_reply_cache_and_gives_the_same_tokens():
+    """A tiny model biased to tokens that re-tokenize as generated ("No", "Yes", "!", "."), so
+    every follow-up's prefix is exact and reused; both turns equal two fresh generations."""
+    model = models.load_model(models.TINY_MODEL, device="cpu")
+    tokenizer = model.tokenizer
+    clean = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in
+             ("No", "Yes", "!", ".")]
+    assert all(len(ids) == 1 for ids in clean)
+    with torch.no_grad():
+        chat.plain_hf_model(model).lm_head.bias[[ids[0] for ids in clean]] += 30.0
+    conversations = [_challenged(q) for q in STARTS]
+    follow_up = _follow_up_of(conversations)
+    settings = {"max_new_tokens": 6, "batch_size": 3}
+    replies, finals, reused = chat.generate_follow_up(model, conversations, follow_up,
+                                                      **settings)
+    assert reused == len(conversations)
+    assert (replies, finals) == _two_calls(model, conversations, follow_up, **settings)
+
+
+def test_a_follow_up_that_does_not_re_tokenize_as_generated_is_generated_afresh(tiny_model):
+    """The random tiny model's replies are byte fragments that decode to other tokens: no
+    prefix is exact, so nothing is reused, and the turns are still those of two calls."""
+    conversations = [_challenged(q) for q in STARTS[:4]]
+    follow_up = _follow_up_of(conversations)
+    settings = {"max_new_tokens": 6, "batch_size": 3}
+    replies, finals, reused = chat.generate_follow_up(tiny_model, conversations, follow_up,
+                                                      **settings)
+    assert reused == 0
+    assert (replies, finals) == _two_calls(tiny_model, conversations, follow_up, **settings)
+    given = chat.generate_follow_up(tiny_model, conversations, follow_up,
+                                    hf_model=tiny_model.original_model, **settings)
+    assert given == (replies, finals, 0)  # an explicit hf_model reuses nothing
+
+
+@pytest.mark.integration
+def test_smollm2_follow_ups_reuse_the_prefix_with_identical_tokens(smollm2):
+    conversations = [_challenged(q) for q in STARTS]
+    follow_up = _follow_up_of(conversations)
+    settings = {"max_new_tokens": 24, "batch_size": 4}
+    replies, finals, reused = chat.generate_follow_up(smollm2, conversations, follow_up,
+                                                      **settings)
+    assert reused == len(conversations)
+    assert (replies, finals) == _two_calls(smollm2, conversations, follow_up, **settings)
+    lengths = [len(smollm2.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
+    assert min(lengths) < 20 < max(lengths)  # replies that ended early (EOS masked) and late
+
+
 @pytest.mark.integration
 def test_smollm2_kv_cache_generation_matches_no_cache(smollm2):
     conversations = [CONVERSATION, CONVERSATION[:1]]

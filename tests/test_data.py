@@ -843,8 +843,9 @@ def test_own_answers_are_asked_once_and_cached_per_model(tiny_model, tmp_path, m
 
     def fake_first_turn_correct(model, rows, *, protocol, **kwargs):
         asked.extend(r["id"] for r in rows)
-        return [{"id": r["id"], "answer": f"It is {r['correct_answer']}.", "correct": i == 0}
-                for i, r in enumerate(rows)]
+        prefill = data.ANSWER_PREFILL if protocol == "letter" else ""  # as generated
+        return [{"id": r["id"], "answer": f"{prefill}It is {r['correct_answer']}.",
+                 "correct": i == 0} for i, r in enumerate(rows)]
 
     monkeypatch.setattr(data.answers, "first_turn_correct", fake_first_turn_correct)
     monkeypatch.setenv("SPT_CACHE", str(tmp_path / "cache"))

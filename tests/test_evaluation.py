@@ -63,15 +63,23 @@ def test_paired_tests_compare_the_same_questions():
 
 
 def _scripted(monkeypatch, replies_by_turn):
-    """chat.generate answers with the scripted replies of each call in turn, and records what
-    it was asked."""
+    """chat.generate answers with the scripted replies of each call in turn (after the
+    prefill, which its replies hold as the real one's do), and records what it was asked;
+    chat.generate_follow_up is its two calls."""
     calls = []
 
     def generate(model, conversations, **kwargs):
-        calls.append((conversations, kwargs.get("prefill", "")))
-        return list(replies_by_turn[len(calls) - 1])
+        prefill = kwargs.get("prefill", "")
+        calls.append((conversations, prefill))
+        return [prefill + reply for reply in replies_by_turn[len(calls) - 1]]
+
+    def generate_follow_up(model, conversations, follow_up, *, follow_up_prefill="", **kwargs):
+        replies = generate(model, conversations, **kwargs)
+        followed = [follow_up(index, reply) for index, reply in enumerate(replies)]
+        return replies, generate(model, followed, prefill=follow_up_prefill, **kwargs), 0
 
     monkeypatch.setattr(evaluation.chat, "generate", generate)
+    monkeypatch.setattr(evaluation.chat, "generate_follow_up", generate_follow_up)
     return calls
 
 
@@ -365,3 +373,21 @@ def test_kl_of_two_nearly_equal_networks_is_never_below_zero():
     assert all(total >= 0 for total, _ in rows)
     interval = evaluation.kl_interval(rows)
     assert 0 <= interval["low"] <= interval["value"] <= interval["high"] < 1e-5
+
+
+def test_letters_answers_and_finals_hold_their_prefill_once(tiny_model, tmp_path, monkeypatch):
+    """Generated (not scripted): chat.generate's replies already start with the prefill."""
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path))
+    prefill = data.ANSWER_PREFILL
+
+    def once(text: str) -> bool:
+        return text.startswith(prefill) and prefill not in text[len(prefill):]
+
+    first = evaluation.own_first_answers(tiny_model, [PARIS], protocol="letters",
+                                         max_new_tokens=3)
+    assert once(first["paris"]["answer"])
+    own = data.own_answers(tiny_model, [PARIS], protocol="letters", model_id="tiny")
+    assert once(own["paris"]["answer"])
+    (record,) = evaluation.run_protocol(tiny_model, [PARIS], own, protocol="letters",
+                                        max_new_tokens=4)
+    assert once(record["final"]) and record["answer"] == own["paris"]["answer"]

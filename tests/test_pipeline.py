@@ -211,6 +211,6 @@ def test_make_run_prints_a_progress_line_per_notebook(tmp_path, monkeypatch, cap
         took = 2 * recorded[name[:2]]
         so_far += took
         left = 2 * sum(recorded[later[:2]] for later in names[number + 1:])
-        expected.append(f"[spt] {name}: {round(float(took), 1)} s (this run so far: {so_far:.0f} s; "
-                        f"about {left / 60:.0f} min left)")
+        expected.append(f"[spt] {name}: {round(float(took), 1)} s (this run so far: "
+                        f"{so_far:.0f} s; about {left / 60:.0f} min left)")
     assert lines == expected

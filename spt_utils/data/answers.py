@@ -177,10 +177,8 @@ def own_answers(
     if missing:
         measured = cached_first_answers(model, missing, protocol=protocol,
                                         batch_size=batch_size, progress=progress, cache=cache)
-        # the letters protocol's answer follows its prefill ("The answer is (" + "B).")
-        prefill = ANSWER_PREFILL if protocol == "letters" else ""
-        cached |= {r["id"]: {"answer": prefill + r["answer"], "correct": r["correct"]}
-                   for r in measured}
+        # a letters answer holds its prefill once ("The answer is (B)."), as generated
+        cached |= {r["id"]: {"answer": r["answer"], "correct": r["correct"]} for r in measured}
         if path is not None:
             write_jsonl(path, [{"id": ident, "model": model_id, "protocol": protocol, **answer}
                                for ident, answer in cached.items()])
