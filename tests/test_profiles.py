@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import json
+
 import pytest
 
 from spt_utils import pipeline
@@ -49,3 +53,53 @@ def test_paper_kl_corpus_is_what_ships():
 
     shipped = len(evaluation.load_kl_corpus())
     assert parameters("any/model", "05_evaluation.ipynb")["n_kl_docs"] == shipped
+
+
+def effective(notebook_prefix: str, profile: str) -> dict:
+    """A notebook's parameters under ``profile``: its parameters cell's literal defaults (read
+    with ast, not the pipeline), then the profile's overrides."""
+    (path,) = pipeline.NOTEBOOKS.glob(f"{notebook_prefix}_*.ipynb")
+    cells = json.loads(path.read_text())["cells"]
+    (cell,) = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
+    defaults = {}
+    for node in ast.parse("".join(cell["source"])).body:
+        if isinstance(node, ast.Assign):
+            with contextlib.suppress(ValueError):
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    return {**defaults, **pipeline.PROFILES[profile].get(notebook_prefix, {})}
+
+
+BASELINES = {"lora_attn", "lora_heads", "prompt_tuning"}
+
+
+def test_the_lean_default_still_tests_every_claim():
+    """Issue 27's floor for the default ``cpu`` profile: >= 60 known and >= 30 wrong-before
+    eval questions; base, SPT, SFT, a random-head control and few-shot; knockout against >= 50
+    random and >= 10 layer-matched sets."""
+    known, wrong = effective("01", "cpu")["n_eval"]
+    assert known >= 60 and wrong >= 30
+    knockout = effective("03", "cpu")
+    assert knockout["n_random"] >= 50 and knockout["n_layer_matched"] >= 10
+    assert {"spt", "sft"} <= set(effective("04", "cpu")["methods"])
+    evaluated = effective("05", "cpu")
+    assert {"base", "spt", "sft", "few_shot"} <= set(evaluated["methods"])
+    assert effective("04", "cpu")["random_head_draws"] >= 1
+    assert evaluated["random_head_draws"] >= 1
+
+
+@pytest.mark.parametrize("profile", ["full", "paper", "test"])
+def test_full_paper_and_test_profiles_keep_every_baseline(profile):
+    assert BASELINES <= set(effective("04", profile)["methods"])
+    evaluated = set(effective("05", profile)["methods"])
+    assert BASELINES | {"base", "spt", "sft", "few_shot"} <= evaluated
+    if profile != "test":
+        assert effective("04", profile)["random_head_draws"] >= 2
+        assert effective("05", profile)["random_head_draws"] >= 2
+
+
+def test_the_full_profile_keeps_the_earlier_cpu_sizes():
+    """``SPT_PROFILE=full`` is the CPU run before the lean default (commit af2db90's values)."""
+    assert effective("01", "full")["n_eval"] == [80, 60]
+    assert {key: effective("03", "full")[key] for key in
+            ("k_values", "n_random", "n_layer_matched", "n_random_generate")} == {
+        "k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_random_generate": 5}
