@@ -132,12 +132,15 @@ RECORDED_TIMINGS_S: dict[str, dict[str, float]] = {
 def time_left(profile: str, finished: dict[str, float], remaining: list[str]) -> float | None:
     """Seconds the ``remaining`` notebooks should take: their recorded times (by file-name
     prefix, :data:`RECORDED_TIMINGS_S`), scaled by how this run's ``finished`` notebooks
-    (name → seconds) compare with theirs. None when the profile has no record of one."""
+    (name → seconds) compare with theirs. Notebook 00 does not set the pace (on first use it
+    plants the organism: minutes, against seconds recorded). None when the profile has no
+    record of one."""
     recorded = RECORDED_TIMINGS_S.get(profile, {})
     if any(name[:2] not in recorded for name in [*finished, *remaining]):
         return None
-    pace = (sum(finished.values()) / sum(recorded[name[:2]] for name in finished)
-            if finished and sum(recorded[name[:2]] for name in finished) > 0 else 1.0)
+    pacing = {name: seconds for name, seconds in finished.items() if name[:2] != "00"}
+    expected = sum(recorded[name[:2]] for name in pacing)
+    pace = sum(pacing.values()) / expected if expected > 0 else 1.0
     return pace * sum(recorded[name[:2]] for name in remaining)
 
 

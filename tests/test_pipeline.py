@@ -145,6 +145,8 @@ def test_time_left_scales_the_recorded_times_by_this_runs_pace(monkeypatch):
     assert pipeline.time_left("cpu", {"00_a.ipynb": 20, "01_b.ipynb": 60},
                               ["02_c.ipynb"]) == 120
     assert pipeline.time_left("cpu", {"00_a.ipynb": 5}, []) == 0
+    # notebook 00 planting the organism (minutes, not seconds) does not set the pace
+    assert pipeline.time_left("cpu", {"00_a.ipynb": 700}, ["01_b.ipynb"]) == 30
     # no record for the profile or for one notebook: no estimate
     assert pipeline.time_left("test", {}, ["00_a.ipynb"]) is None
     assert pipeline.time_left("cpu", {}, ["07_new.ipynb"]) is None
@@ -185,7 +187,7 @@ def test_make_run_prints_a_progress_line_per_notebook(tmp_path, monkeypatch, cap
     """``python -m spt_utils.pipeline`` (what ``make run`` calls) logs each notebook's time and
     an estimate of what remains from the profile's recorded timings. Papermill is faked and
     each notebook "takes" twice its recorded time on a fake clock, so the estimate is twice
-    the record of the notebooks left."""
+    the record of the notebooks left (once notebook 00, which sets no pace, is not alone)."""
     import papermill
 
     recorded = pipeline.RECORDED_TIMINGS_S["cpu"]
@@ -210,7 +212,8 @@ def test_make_run_prints_a_progress_line_per_notebook(tmp_path, monkeypatch, cap
     for number, name in enumerate(names):
         took = 2 * recorded[name[:2]]
         so_far += took
-        left = 2 * sum(recorded[later[:2]] for later in names[number + 1:])
+        pace = 1 if number == 0 else 2  # notebook 00 alone sets no pace
+        left = pace * sum(recorded[later[:2]] for later in names[number + 1:])
         expected.append(f"[spt] {name}: {round(float(took), 1)} s (this run so far: "
                         f"{so_far:.0f} s; about {left / 60:.0f} min left)")
     assert lines == expected
