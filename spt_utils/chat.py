@@ -199,9 +199,10 @@ def plain_hf_model(model: TransformerBridge) -> nn.Module:
     return _unwrapped(model.original_model)
 
 
-def _generation_model(model: TransformerBridge, hf_model: Any) -> Any:
-    """``hf_model`` when given, else the bridge's model: through the bridge while a hook is
-    registered on it, unwrapped (:func:`plain_hf_model`) when none is."""
+def forward_model(model: TransformerBridge, hf_model: Any = None) -> Any:
+    """The Hugging Face model to run for ``model``: ``hf_model`` when given, else the bridge's
+    model, through the bridge while a hook is registered on it and unwrapped
+    (:func:`plain_hf_model`, the same logits) when none is."""
     if hf_model is not None:
         return hf_model
     return model.original_model if has_bridge_hooks(model) else plain_hf_model(model)
@@ -249,7 +250,7 @@ def generate(
     """
     require_decoder_only(model, "chat.generate (KV-cache generation)")
     tokenizer = model.tokenizer
-    hf_model = _generation_model(model, hf_model)
+    hf_model = forward_model(model, hf_model)
     device = model.cfg.device
     replies: list[str] = []
     starts = range(0, len(conversations), batch_size)
@@ -297,7 +298,7 @@ def generate_follow_up(
     require_decoder_only(model, "chat.generate_follow_up (KV-cache generation)")
     tokenizer, device = model.tokenizer, model.cfg.device
     reuse = hf_model is None
-    hf_model = _generation_model(model, hf_model)
+    hf_model = forward_model(model, hf_model)
     replies: list[str] = []
     finals: list[str | None] = []
     fresh: dict[int, Conversation] = {}

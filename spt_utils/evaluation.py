@@ -282,11 +282,9 @@ def paired_tests(base: Sequence[dict], other: Sequence[dict]) -> dict[str, dict[
 def _document_logits(
     candidate: Candidate, input_ids: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, "batch pos d_vocab"]:
-    """Next-token log-probabilities on plain text (a peft prompt's virtual tokens dropped)."""
-    if candidate.hf_model is None:
-        logits = candidate.bridge(input_ids, return_type="logits")
-    else:
-        logits = candidate.hf_model(input_ids=input_ids).logits
+    """Next-token log-probabilities on plain text (a peft prompt's virtual tokens dropped);
+    through the bridge only while a hook is on it (:func:`spt_utils.chat.forward_model`)."""
+    logits = chat.forward_model(candidate.bridge, candidate.hf_model)(input_ids=input_ids).logits
     # logits: [batch, pos (+ virtual tokens), d_vocab]
     return logits[:, -input_ids.shape[1] :].float().log_softmax(-1)
 

@@ -52,8 +52,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "01": {"n_eval": [80, 60]},
         "03": {"n_random": 100, "n_layer_matched": 20, "n_random_generate": 5},
-        "04": {"methods": FULL_TUNED, "random_head_draws": 2},
-        "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 2},
+        "04": {"methods": FULL_TUNED, "random_head_draws": 2, "planted_bound": True},
+        "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 2,
+               "planted_bound": True},
     },
     "paper": {
         "01": {
@@ -75,14 +76,14 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "prompt_lr": 3e-2, "weight_decay": 0.1, "autocast_dtype": "bfloat16",
             "n_heldout": 32, "checkpoint_every": 40, "random_head_draws": 5,
             "spt_top_k": None,  # the heads of notebook 02's selection (top_k above)
-            "methods": FULL_TUNED,
+            "methods": FULL_TUNED, "planted_bound": True,
         },
         "05": {
             # the paper's KL corpus is 1000 web documents; only the 48 shipped documents
             # load (offline and online alike), so that is what the paper profile measures
             "n_opinion": 1000, "n_kl_docs": 48, "max_new_tokens": 64, "batch_size": 64,
             "random_head_draws": 5, "claim_metric": "admitted",
-            "methods": ["base", *FULL_TUNED, "few_shot"],
+            "methods": ["base", *FULL_TUNED, "few_shot"], "planted_bound": True,
         },
         "06": {
             "eval_source": "sst2", "train_source": "rotten_tomatoes", "n_eval": 872,
@@ -110,9 +111,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "spt_steps": 2, "sft_steps": 2, "baseline_steps": 1, "batch_size": 2,
             "micro_batch_size": 2, "n_heldout": 1, "checkpoint_every": 2, "few_shot_k": 2,
             "random_head_draws": 1, "methods": FULL_TUNED,  # every code path, smallest sizes
+            "planted_bound": True,
         },
         "05": {"n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8, "random_head_draws": 1,
-               "methods": ["base", *FULL_TUNED, "few_shot"]},
+               "methods": ["base", *FULL_TUNED, "few_shot"], "planted_bound": True},
         "06": {
             "n_eval": 2, "n_train": 3, "n_questions": 1, "max_new_tokens": 4,
             "protocol_tokens": 4, "n_pairs": 1, "top_k": 1, "n_shots": 1,

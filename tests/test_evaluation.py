@@ -391,3 +391,17 @@ def test_letters_answers_and_finals_hold_their_prefill_once(tiny_model, tmp_path
     (record,) = evaluation.run_protocol(tiny_model, [PARIS], own, protocol="letters",
                                         max_new_tokens=4)
     assert once(record["final"]) and record["answer"] == own["paris"]["answer"]
+
+
+def test_kl_drift_sees_hooks_on_the_tuned_bridge(tiny_model):
+    """Without hooks the document logits come from the unwrapped model (the same weights:
+    KL 0); a hook on the bridge (every head zeroed) is seen, so the KL becomes positive."""
+    copy = models.load_model(models.TINY_MODEL, device="cpu")  # tiny_model's weights
+    documents = ["The capital of France is Paris.", "Two and two make four."]
+    assert evaluation.kl_drift(tiny_model, copy, documents) == 0
+
+    def zero(z, hook):  # z: [batch, pos, head, d_head]
+        return torch.zeros_like(z)
+
+    with copy.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero) for layer in range(2)]):
+        assert evaluation.kl_drift(tiny_model, copy, documents) > 1e-3  # 0 without the hooks

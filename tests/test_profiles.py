@@ -92,6 +92,7 @@ def test_full_paper_and_test_profiles_keep_every_baseline(profile):
     assert BASELINES <= set(effective("04", profile)["methods"])
     evaluated = set(effective("05", profile)["methods"])
     assert BASELINES | {"base", "spt", "sft", "few_shot"} <= evaluated
+    assert effective("04", profile)["planted_bound"] and effective("05", profile)["planted_bound"]
     if profile != "test":
         assert effective("04", profile)["random_head_draws"] >= 2
         assert effective("05", profile)["random_head_draws"] >= 2
