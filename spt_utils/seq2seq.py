@@ -128,6 +128,17 @@ class Seq2SeqCandidate(Candidate):
             self.bridge, self.conversations(conversations), hf_model=self.hf_model, **kwargs
         )
 
+    def generate_follow_up(
+        self, conversations: Sequence[chat.Conversation],
+        follow_up: Callable[[int, str], chat.Conversation], *, follow_up_prefill: str = "",
+        **kwargs,
+    ) -> tuple[list[str], list[str]]:
+        """Replies, then replies to each ``follow_up(index, reply)``, both generated afresh:
+        the follow-up's encoder input is a new text, so no prefix of the first turn carries."""
+        replies = self.generate(conversations, **kwargs)
+        followed = [follow_up(index, reply) for index, reply in enumerate(replies)]
+        return replies, self.generate(followed, prefill=follow_up_prefill, **kwargs)
+
 
 def as_candidate(
     name: str,

@@ -190,11 +190,13 @@ def test_fsdp2_sft_on_two_gloo_processes_matches_single_process(tmp_path):
     path = os.pathsep.join(filter(None, [str(repo), str(repo / "tests"),
                                          os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    subprocess.run(
+    run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
          str(Path(fsdp_worker.__file__)), str(out)],
-        check=True, env=env, cwd=repo, timeout=600,
+        env=env, cwd=repo, timeout=600, capture_output=True, text=True,
     )
+    # the workers' own output names the cause when torchrun fails
+    assert run.returncode == 0, f"torchrun exited {run.returncode}:\n{run.stderr[-4000:]}"
     sharded = load_file(str(out))
     single = fsdp_worker.train_sft(shard=False)
     assert set(sharded) == set(single)
