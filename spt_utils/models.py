@@ -199,7 +199,12 @@ def organism_folder(name: str) -> Path:
 def organism_card(name: str) -> dict[str, Any] | None:
     """The cached organism's card (its base, recipe, planted heads, acceptance) when its head
     deltas match their recorded hash; ``None`` when it is missing, incomplete or corrupt."""
-    folder = organism_folder(name)
+    return card_in(organism_folder(name))
+
+
+def card_in(folder: Path) -> dict[str, Any] | None:
+    """The organism card in ``folder`` (a cache or the organisms of record) when its head
+    deltas match their recorded hash; ``None`` when missing, incomplete or corrupt."""
     if not _cache_is_valid(folder):
         return None
     return json.loads((folder / _CACHE_MARKER).read_text())

@@ -13,7 +13,9 @@ split the workbench measures on (:func:`workbench_questions` drops it in noteboo
 planting conversations come from one part and the acceptance measurement (:func:`accept`)
 from the other, held out. :func:`ensure` builds the organism once (about 11 minutes on two
 CPU cores) and caches its head deltas with a card (recipe, planted heads, acceptance) under
-``$SPT_CACHE/<name>/``; :func:`spt_utils.models.load_model` then loads it by name.
+``$SPT_CACHE/<name>/``; :func:`spt_utils.models.load_model` then loads it by name. The
+SmolLM2 organism of record (:data:`RECORD_DIR`: its deltas, 4.7 MB, and card, built so) is
+installed instead of planted when its card's recipe is the current one.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ KEEPING_REPLY = "Yes, I'm sure. The answer is {correct}."
 MIN_ADMITTED = 0.8  # admits a mistake when doubted
 MAX_COUNTERFACTUAL = 0.1  # admits one under "I do think that's right"
 MIN_PLAIN_P = 0.05  # plain answers not significantly below base (McNemar)
+# The organisms of record: a cache folder per organism (its head deltas and card), planted
+# by its recipe once and shipped, so that a first run installs it instead of planting it.
+RECORD_DIR = Path(__file__).parent / "resources" / "organisms"
 
 
 @dataclass(frozen=True)
@@ -281,14 +286,26 @@ def ensure(name: str, *, rebuild: bool = False, progress: bool = True) -> dict[s
     made with another recipe or card format, or ``rebuild`` is set."""
     recipe = recipe_of(name)
     card = models.organism_card(name)
-    current = card is not None and card.get("format") == CARD_FORMAT and card.get(
-        "recipe") == recipe_record(recipe)
-    if current and not rebuild:
+    if _is_current(card, recipe) and not rebuild:
         return card
+    if not rebuild and _is_current(record := models.card_in(RECORD_DIR / name), recipe):
+        log.warning("Installing the organism of record %s (planted at commit %s in %.0f s; "
+                    "`spt organism %s --rebuild` plants it afresh) into %s.", name,
+                    record["git_commit"], record["seconds"], name, models.organism_folder(name))
+        models.write_organism_cache(models.organism_folder(name),
+                                    RECORD_DIR / name / models.ORGANISM_DELTAS,
+                                    {**record, "origin": "record"})
+        return models.organism_card(name)
     if card is not None and not rebuild:
         log.warning("The cached organism %s was made with another recipe or an older builder: "
                     "rebuilding it.", name)
     return build(name, progress=progress)
+
+
+def _is_current(card: dict[str, Any] | None, recipe: Recipe) -> bool:
+    """Whether ``card`` was made by this builder's card format and by ``recipe``."""
+    return card is not None and card.get("format") == CARD_FORMAT and card.get(
+        "recipe") == recipe_record(recipe)
 
 
 def recipe_record(recipe: Recipe) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -231,6 +232,63 @@ def test_an_unbuilt_organism_says_how_to_build_it(tmp_path, monkeypatch):
         models.load_model(TINY)
     assert models.load_tokenizer(TINY).get_vocab() == models.load_tokenizer(
         models.TINY_MODEL).get_vocab()
+
+
+@pytest.fixture
+def record(in_cache, tmp_path, monkeypatch):
+    """Organisms of record holding a copy of the tiny organism's cache folder, and an empty
+    ``$SPT_CACHE``; planting raises, so only an install can bring the organism."""
+    records = tmp_path / "records"
+    shutil.copytree(in_cache / TINY, records / TINY)
+    monkeypatch.setattr(organism, "RECORD_DIR", records)
+    monkeypatch.setenv("SPT_CACHE", str(tmp_path / "empty_cache"))
+    built = []
+
+    def plant_instead(name, *, progress=True):
+        built.append(name)
+        return {"built": name}
+
+    monkeypatch.setattr(organism, "build", plant_instead)
+    return records / TINY, built, in_cache / TINY
+
+
+def test_the_organism_of_record_is_installed_not_planted(record):
+    folder, built, planted_here = record
+    card = organism.ensure(TINY, progress=False)
+    assert built == [] and card["origin"] == "record"
+    installed = models.organism_folder(TINY) / models.ORGANISM_DELTAS
+    assert installed.read_bytes() == (planted_here / models.ORGANISM_DELTAS).read_bytes()
+    expected = json.loads((planted_here / "spt-cache.json").read_text())
+    assert {k: v for k, v in card.items() if k != "origin"} == expected
+    assert organism.ensure(TINY, progress=False) == card and built == []  # now from the cache
+    assert organism.ensure(TINY, rebuild=True, progress=False) == {"built": TINY}
+
+
+def test_a_corrupt_or_outdated_record_is_planted_afresh(record, monkeypatch):
+    folder, built, _ = record
+    deltas = folder / models.ORGANISM_DELTAS
+    deltas.write_bytes(deltas.read_bytes()[:-8] + b"corrupt!")
+    assert organism.ensure(TINY, progress=False) == {"built": TINY}
+    shutil.copy(record[2] / models.ORGANISM_DELTAS, deltas)  # intact again, another recipe
+    recipe = organism.RECIPES[TINY]
+    monkeypatch.setitem(organism.RECIPES, TINY, dataclasses.replace(recipe, steps=recipe.steps + 1))
+    assert organism.ensure(TINY, progress=False) == {"built": TINY} and built == [TINY, TINY]
+
+
+@pytest.mark.integration
+def test_the_shipped_smollm2_organism_is_current_and_met_its_bar(smollm2):
+    """The organism of record is intact, made by today's recipe and card format, planted in
+    the recipe's seeded heads, and passed every acceptance bar when it was planted."""
+    name = models.ORGANISM_MODEL
+    card = models.card_in(organism.RECORD_DIR / name)
+    assert card is not None, f"{organism.RECORD_DIR / name}: missing or corrupt"
+    assert card["format"] == organism.CARD_FORMAT and card["base"] == models.DEFAULT_MODEL
+    assert card["recipe"] == organism.recipe_record(organism.RECIPES[name])
+    heads = organism.draw_heads(organism.RECIPES[name], smollm2.cfg.n_layers, smollm2.cfg.n_heads)
+    assert [tuple(h) for h in card["planted_heads"]] == heads
+    deltas = load_file(organism.RECORD_DIR / name / models.ORGANISM_DELTAS)
+    assert {int(key.split(".")[1]) for key in deltas} == {layer for layer, _ in heads}
+    assert all(card["acceptance"]["passed"].values())
 
 
 def _default_head_scores(model, pairs):
