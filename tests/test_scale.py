@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import tuning_ddp_worker as worker
+from conftest import one_thread
 
 from spt_utils import ablation, chat, data, models, tuning
 
@@ -198,7 +199,8 @@ def test_fsdp2_sft_on_two_gloo_processes_matches_single_process(tmp_path):
     # the workers' own output names the cause when torchrun fails
     assert run.returncode == 0, f"torchrun exited {run.returncode}:\n{run.stderr[-4000:]}"
     sharded = load_file(str(out))
-    single = fsdp_worker.train_sft(shard=False)
+    with one_thread():  # as each rank ran
+        single = fsdp_worker.train_sft(shard=False)
     assert set(sharded) == set(single)
     losses = single.pop(fsdp_worker.LOSSES)
     torch.testing.assert_close(sharded.pop(fsdp_worker.LOSSES), losses, atol=1e-6, rtol=0)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import tuning_ddp_worker as worker
+from conftest import one_thread
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -186,7 +187,8 @@ def test_ddp_steps_match_across_ranks_and_a_single_process(tmp_path):
     ranks = [load_file(f"{out}.rank{rank}") for rank in range(2)]
     assert set(ranks[0]) == set(ranks[1])
     for name in worker.OPTIMIZERS:
-        single = worker.train_recorded(name)
+        with one_thread():  # as each rank ran
+            single = worker.train_recorded(name)
         steps = {key.split(".")[0] for key in single if key.startswith("step")}
         assert len(steps) == worker.CONFIG.steps and len(single["loss"]) == worker.CONFIG.steps
         for key, expected in single.items():
@@ -426,7 +428,11 @@ def test_layer_cache_gives_the_uncached_losses_and_slices(tiny_examples, micro):
     cached_losses, cached_slices = _train_slices(tiny_examples, micro=micro, cache=True)
     assert cached_losses == losses
     assert slices.keys() == cached_slices.keys()
-    assert all(torch.equal(slices[name], cached_slices[name]) for name in slices)
+    if micro == 1:
+        assert all(torch.equal(slices[name], cached_slices[name]) for name in slices)
+    else:  # some CPUs' kernels round a padded pair of rows apart from one row: float32 ulps
+        for name in slices:
+            torch.testing.assert_close(cached_slices[name], slices[name], atol=1e-6, rtol=0)
 
 
 def test_layer_cache_skips_the_frozen_layers_and_is_shared(tiny_examples):
