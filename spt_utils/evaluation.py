@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,21 +61,29 @@ Transform = Callable[[chat.Conversation], chat.Conversation]
 @dataclass
 class Candidate:
     """A model to evaluate: its bridge, an optional HF model for generation (e.g. a peft
-    prompt-tuning wrapper) and an optional conversation transform (e.g. few-shot prefix)."""
+    prompt-tuning wrapper), an optional conversation transform (e.g. few-shot prefix) and
+    optional ``hooks``: a context manager factory on during each of the candidate's own
+    forward passes (e.g. ``spt_utils.steering.steer`` on the base bridge), off otherwise."""
 
     name: str
     bridge: TransformerBridge
     hf_model: Any = None
     transform: Transform | None = None
+    hooks: Callable[[], AbstractContextManager] | None = None
+
+    def active(self) -> AbstractContextManager:
+        """The context the candidate's forward passes run in (its ``hooks``, else none)."""
+        return self.hooks() if self.hooks is not None else nullcontext()
 
     def conversations(self, conversations: Sequence[chat.Conversation]) -> list:
         return [self.transform(c) if self.transform else c for c in conversations]
 
     def generate(self, conversations: Sequence[chat.Conversation], **kwargs) -> list[str]:
         """Greedy replies (KV cache, batched) to the transformed conversations."""
-        return chat.generate(
-            self.bridge, self.conversations(conversations), hf_model=self.hf_model, **kwargs
-        )
+        with self.active():
+            return chat.generate(
+                self.bridge, self.conversations(conversations), hf_model=self.hf_model,
+                **kwargs)
 
     def generate_follow_up(
         self, conversations: Sequence[chat.Conversation],
@@ -83,10 +92,11 @@ class Candidate:
         """Greedy replies to the transformed conversations, then to each transformed
         ``follow_up(index, reply)``, reusing the first turn's KV cache where the tokens allow
         (:func:`spt_utils.chat.generate_follow_up`)."""
-        replies, finals, _ = chat.generate_follow_up(
-            self.bridge, self.conversations(conversations),
-            lambda index, reply: self.conversations([follow_up(index, reply)])[0],
-            hf_model=self.hf_model, **kwargs)
+        with self.active():
+            replies, finals, _ = chat.generate_follow_up(
+                self.bridge, self.conversations(conversations),
+                lambda index, reply: self.conversations([follow_up(index, reply)])[0],
+                hf_model=self.hf_model, **kwargs)
         return replies, finals
 
 
@@ -284,7 +294,9 @@ def _document_logits(
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Next-token log-probabilities on plain text (a peft prompt's virtual tokens dropped);
     through the bridge only while a hook is on it (:func:`spt_utils.chat.forward_model`)."""
-    logits = chat.forward_model(candidate.bridge, candidate.hf_model)(input_ids=input_ids).logits
+    with candidate.active():
+        model = chat.forward_model(candidate.bridge, candidate.hf_model)
+        logits = model(input_ids=input_ids).logits
     # logits: [batch, pos (+ virtual tokens), d_vocab]
     return logits[:, -input_ids.shape[1] :].float().log_softmax(-1)
 
@@ -308,9 +320,66 @@ def kl_drift(
     return sum(total for total, _ in per_document) / sum(count for _, count in per_document)
 
 
+def _document_batches(
+    tokenizer, documents: Sequence[str], max_tokens: int, batch_size: int
+) -> list[tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]]:
+    """The documents' first ``max_tokens`` tokens, right-padded in batches: (ids, last)."""
+    if not documents:
+        raise ValueError("kl_drift: no documents")
+    encoded = [chat.encode(tokenizer, text)[:max_tokens] for text in documents]
+    return [chat.pad_right(encoded[start : start + batch_size], tokenizer.pad_token_id)
+            for start in range(0, len(encoded), batch_size)]
+
+
+@dataclass
+class KLBase:
+    """Base's side of KL drift on a document set, computed once for every candidate: the
+    batches and base's final hidden states. Base's log-probabilities are their unembedding,
+    recomputed per candidate (a fifth of a forward pass on SmolLM2; bit-identical to the full
+    forward, checked when built, else ``hidden`` is None and base runs in full each time)."""
+
+    base: Candidate
+    documents: tuple[str, ...]
+    max_tokens: int
+    batch_size: int
+    batches: list[tuple[Tensor, Tensor]]
+    hidden: list[Float[Tensor, "batch pos d_model"]] | None = None
+    unembed: Any = None  # base's output embedding, when ``hidden`` is kept
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls, base: TransformerBridge | Candidate, documents: Sequence[str], *,
+        max_tokens: int = 128, batch_size: int = 8,
+    ) -> KLBase:
+        base = _as_candidate(base)
+        batches = _document_batches(base.bridge.tokenizer, documents, max_tokens, batch_size)
+        kept = cls(base, tuple(documents), max_tokens, batch_size, batches)
+        if base.hf_model is not None or base.hooks is not None or chat.has_bridge_hooks(
+                base.bridge):
+            return kept
+        model = chat.plain_hf_model(base.bridge)
+        device = base.bridge.cfg.device
+        # hidden: [batch, pos, d_model], the final norm's output
+        hidden = [model.get_decoder()(input_ids=ids.to(device)).last_hidden_state.cpu()
+                  for ids, _ in batches]
+        unembed = model.get_output_embeddings()
+        if torch.equal(unembed(hidden[0].to(device)),
+                       model(input_ids=batches[0][0].to(device)).logits):
+            kept.hidden, kept.unembed = hidden, unembed
+        return kept  # else e.g. a final logit soft-cap: the unembedding is not all of it
+
+    def log_probs(self, index: int) -> Float[Tensor, "batch pos d_vocab"]:
+        """Base's next-token log-probabilities on batch ``index``."""
+        ids = self.batches[index][0].to(self.base.bridge.cfg.device)
+        if self.hidden is None:
+            return _document_logits(self.base, ids)
+        return self.unembed(self.hidden[index].to(ids.device)).float().log_softmax(-1)
+
+
 @torch.no_grad()
 def kl_per_document(
-    base: TransformerBridge | Candidate,
+    base: TransformerBridge | Candidate | KLBase,
     tuned: TransformerBridge | Candidate,
     documents: Sequence[str],
     *,
@@ -319,24 +388,27 @@ def kl_per_document(
     progress: bool = False,
 ) -> list[tuple[float, int]]:
     """Per document: the summed per-token KL(base ‖ tuned) over its first ``max_tokens``
-    tokens and their number (resample documents for an interval of the per-token mean)."""
-    if not documents:
-        raise ValueError("kl_drift: no documents")
-    base, tuned = _as_candidate(base), _as_candidate(tuned)
-    tokenizer = base.bridge.tokenizer
-    encoded = [chat.encode(tokenizer, text)[:max_tokens] for text in documents]
-    if base.bridge is tuned.bridge and base.hf_model is tuned.hf_model:
+    tokens and their number (resample documents for an interval of the per-token mean).
+    ``base`` may be a :class:`KLBase` of the same documents and sizes (computed once)."""
+    if not isinstance(base, KLBase):
+        base = _as_candidate(base)
+        base = KLBase(base, tuple(documents), max_tokens, batch_size,
+                      _document_batches(base.bridge.tokenizer, documents, max_tokens, batch_size))
+    elif (base.documents, base.max_tokens, base.batch_size) != (
+            tuple(documents), max_tokens, batch_size):
+        raise ValueError("kl_per_document: the KLBase was built on other documents or sizes")
+    tuned = _as_candidate(tuned)
+    if all(getattr(base.base, part) is getattr(tuned, part)
+           for part in ("bridge", "hf_model", "hooks")):
         # the same network (e.g. few-shot prompting): no forward passes needed
-        return [(0.0, len(ids)) for ids in encoded]
-    device = base.bridge.cfg.device
+        return [(0.0, int(length)) for _, last in base.batches for length in last + 1]
+    device = base.base.bridge.cfg.device
     result = []
-    starts = range(0, len(documents), batch_size)
-    for start in tqdm(starts, desc="KL drift", disable=not progress):
-        input_ids, last = chat.pad_right(encoded[start : start + batch_size],
-                                         tokenizer.pad_token_id)
+    for index in tqdm(range(len(base.batches)), desc="KL drift", disable=not progress):
+        input_ids, last = base.batches[index]
         input_ids = input_ids.to(device)
         mask = torch.arange(input_ids.shape[1], device=device)[None] <= last.to(device)[:, None]
-        base_logp = _document_logits(base, input_ids)
+        base_logp = base.log_probs(index)
         tuned_logp = _document_logits(tuned, input_ids)
         # per_token: [batch, pos]; KL >= 0, so a float sum rounding below 0 (two nearly
         # equal networks) is 0
@@ -459,13 +531,15 @@ def evaluate_candidate(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     progress: bool = False,
+    kl_base: KLBase | None = None,
 ) -> tuple[list[dict], dict[str, Any]]:
     """Every metric of one candidate: the protocol records (each with ``general_correct``,
     the candidate's own first answer graded) and one results row.
 
     The row holds :func:`sycophancy_metrics`, ``general_accuracy`` (the candidate's own
     first answers to the same held-out questions), ``opinion_agreement``, ``kl`` (per token,
-    with a bootstrap interval over ``documents``: :func:`kl_interval`) and, given
+    with a bootstrap interval over ``documents``: :func:`kl_interval`; ``kl_base``: base's
+    side of it, computed once for every candidate, see :class:`KLBase`) and, given
     ``base_records``/``base_general`` (base's records on the same questions), ``paired``:
     exact McNemar tests against base.
     """
@@ -482,8 +556,9 @@ def evaluate_candidate(
     row["opinion_agreement"] = (
         opinion_agreement(candidate, opinion_records, **generate) if opinion_records else None
     )
-    row["kl"] = kl_interval(kl_per_document(base, candidate, documents, max_tokens=kl_tokens,
-                                            batch_size=batch_size)) if documents else None
+    row["kl"] = kl_interval(kl_per_document(
+        kl_base or base, candidate, documents, max_tokens=kl_tokens, batch_size=batch_size,
+    )) if documents else None
     if base_records is not None:
         row["paired"] = paired_tests(base_records, records)
         row["paired"]["general_accuracy"] = stats.mcnemar(
@@ -647,6 +722,24 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
                  + ["–" if kl is None else format_kl(kl)]
                  + [_p_cell(paired.get(key)) for key in P_COLUMNS])
         rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def paired_table(
+    records: Mapping[str, Sequence[dict]], against: str, names: Sequence[str]
+) -> str:
+    """A markdown table: each candidate of ``names`` against ``against`` (e.g. steering
+    against SPT) on the same questions, exact McNemar p per paired rate and general accuracy
+    (discordant counts ``against``-only → candidate-only)."""
+    header = ["method", *[f"p vs {against}: {name}" for name in P_COLUMNS]]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        tests = paired_tests(records[against], records[name])
+        tests["general_accuracy"] = stats.mcnemar(
+            [r["general_correct"] for r in records[against]],
+            [r["general_correct"] for r in records[name]])
+        rows.append("| " + " | ".join([name, *[_p_cell(tests.get(key)) for key in P_COLUMNS]])
+                    + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -51,10 +51,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # the CPU sizes and every baseline before the lean default (about 100 minutes here)
     "full": {
         "01": {"n_eval": [80, 60]},
-        "03": {"n_random": 100, "n_layer_matched": 20, "n_random_generate": 5},
+        "03": {"k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
+               "n_random_generate": 5},
         "04": {"methods": FULL_TUNED, "random_head_draws": 2, "planted_bound": True},
         "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 2,
-               "planted_bound": True},
+               "planted_bound": True, "steer_alphas": [0.5, 1.0, 2.0, 4.0],
+               "steer_layers": [1 / 3, 1 / 2, 2 / 3]},
     },
     "paper": {
         "01": {
@@ -84,6 +86,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "n_opinion": 1000, "n_kl_docs": 48, "max_new_tokens": 64, "batch_size": 64,
             "random_head_draws": 5, "claim_metric": "admitted",
             "methods": ["base", *FULL_TUNED, "few_shot"], "planted_bound": True,
+            "steer_alphas": [0.5, 1.0, 2.0, 4.0], "steer_layers": [1 / 3, 1 / 2, 2 / 3],
         },
         "06": {
             "eval_source": "sst2", "train_source": "rotten_tomatoes", "n_eval": 872,
@@ -114,7 +117,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "planted_bound": True,
         },
         "05": {"n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8, "random_head_draws": 1,
-               "methods": ["base", *FULL_TUNED, "few_shot"], "planted_bound": True},
+               "methods": ["base", *FULL_TUNED, "few_shot"], "planted_bound": True,
+               "steer_alphas": [2.0]},
         "06": {
             "n_eval": 2, "n_train": 3, "n_questions": 1, "max_new_tokens": 4,
             "protocol_tokens": 4, "n_pairs": 1, "top_k": 1, "n_shots": 1,

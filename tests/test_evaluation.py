@@ -405,3 +405,35 @@ def test_kl_drift_sees_hooks_on_the_tuned_bridge(tiny_model):
 
     with copy.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero) for layer in range(2)]):
         assert evaluation.kl_drift(tiny_model, copy, documents) > 1e-3  # 0 without the hooks
+
+
+def test_kl_base_computed_once_gives_the_same_kl_bit_for_bit(tiny_model):
+    """Base's hidden states kept once and unembedded per candidate: every document's KL is
+    the one a full base forward gives (exactly), and its sizes are checked."""
+    other = models.load_model(models.TINY_MODEL, device="cpu", seed=1)
+    kl_base = evaluation.KLBase.build(tiny_model, DOCS, max_tokens=12, batch_size=2)
+    assert kl_base.hidden is not None and len(kl_base.batches) == -(-len(DOCS) // 2)
+    fresh = evaluation.kl_per_document(tiny_model, other, DOCS, max_tokens=12, batch_size=2)
+    assert evaluation.kl_per_document(kl_base, other, DOCS, max_tokens=12, batch_size=2) == fresh
+    assert all(total > 0 for total, _ in fresh)
+    same = evaluation.kl_per_document(kl_base, evaluation.Candidate("base", tiny_model), DOCS,
+                                      max_tokens=12, batch_size=2)
+    assert same == [(0.0, count) for _, count in fresh]
+    with pytest.raises(ValueError, match="built on other documents or sizes"):
+        evaluation.kl_per_document(kl_base, other, DOCS, max_tokens=12, batch_size=3)
+    with pytest.raises(ValueError, match="built on other documents or sizes"):
+        evaluation.kl_per_document(kl_base, other, DOCS[:2], max_tokens=12, batch_size=2)
+
+
+def test_kl_base_runs_base_in_full_when_a_hook_is_on_it(tiny_model):
+    other = models.load_model(models.TINY_MODEL, device="cpu", seed=1)
+
+    def halve(z, hook):  # z: [batch, pos, head, d_head]
+        return z / 2
+
+    with tiny_model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", halve)]):
+        kl_base = evaluation.KLBase.build(tiny_model, DOCS, max_tokens=12, batch_size=2)
+        assert kl_base.hidden is None  # the hook would not be in the kept unembedding's input
+        hooked = evaluation.kl_per_document(kl_base, other, DOCS, max_tokens=12, batch_size=2)
+    plain = evaluation.kl_per_document(tiny_model, other, DOCS, max_tokens=12, batch_size=2)
+    assert hooked != plain

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from spt_utils import data, evaluation, grading, models, organism, pipeline, viz
+from spt_utils import data, evaluation, grading, models, organism, patching, pipeline, viz
 from spt_utils.ablation import HeadMeans
 from spt_utils.patching import HeadScores
 
@@ -71,6 +71,12 @@ def planted() -> list[list[int]]:
 def upper_bound() -> list[str]:
     """SPT on the planted heads (notebooks 04-05), on an organism when asked."""
     return ["spt_planted"] if planted() and asked("05", "planted_bound") else []
+
+
+def steered() -> list[str]:
+    """Notebook 05's steered candidates: each kind's dev choice and its random control."""
+    return [name for kind in asked("05", "steering_kinds")
+            for name in (f"steer_{kind}", f"steer_{kind}_random")]
 
 
 def claim_metric() -> str:
@@ -319,7 +325,8 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
     run_dir, _, _ = executed_run
     saved = json.loads((run_dir / "results.json").read_text())
     results = saved["results"]
-    assert list(results) == [*asked("05", "methods"), *controls("05"), *upper_bound()]
+    assert list(results) == [*asked("05", "methods"), *controls("05"), *upper_bound(),
+                             *steered()]
     n_eval = asked("05", "n_eval")
     bank = data.load_questions(run_dir / "data" / "eval_questions.jsonl").to_list()[:n_eval]
     questions, rows = [q["id"] for q in bank], {q["id"]: q for q in bank}
@@ -364,7 +371,7 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
     # KL on plain documents: the unchanged weights (base, few-shot prompting) give exactly 0,
     # every tuned method moved its weights or prompt
     kl = {name: row["kl"]["value"] for name, row in results.items()}
-    trained = (*TRAINED, *controls("05"), *upper_bound())
+    trained = (*TRAINED, *controls("05"), *upper_bound(), *steered())  # steering moves too
     assert all(kl[m] == 0 for m in kl if m not in trained), kl
     assert all(kl[m] > 0 for m in kl if m in trained), kl
     # the claim, recomputed from the saved rows and records
@@ -375,6 +382,43 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
     assert json.dumps(saved["claim"], sort_keys=True) == json.dumps(
         json.loads(json.dumps(claim)), sort_keys=True)
     assert "The claim for spt" in (run_dir / "results.md").read_text()
+
+
+def test_steering_was_chosen_on_dev_by_the_rule_and_controlled(executed_run):
+    """Notebook 05's steering: the dev grid (every alpha at the heads and at each layer),
+    each kind's choice recomputed from the saved dev rows by the rule, its control at the
+    same alpha with the same norms, and the comparison with SPT written."""
+    run_dir, _, _ = executed_run
+    saved = json.loads((run_dir / "eval" / "steering_dev.json").read_text())
+    rows, chosen, alphas = saved["rows"], saved["chosen"], asked("05", "steer_alphas")
+    kinds = asked("05", "steering_kinds")
+    layers = {row["layer"] for row in rows if row["kind"] == "residual"}
+    assert len(rows) == len(alphas) * (("heads" in kinds) + len(layers))
+    assert len(layers) == len(set(asked("05", "steer_layers")))
+    heads = patching.load_heads(run_dir / "heads.json")
+    dev_known = [q for q in data.load_questions(run_dir / "data" / "dev_questions.jsonl")
+                 if data.load_answers(run_dir / "data" / data.ANSWERS_FILE)[q["id"]]["correct"]]
+    for row in rows:
+        assert row["alpha"] in alphas and row["n_correct_before"] == len(dev_known)
+        assert row["kl"] is None and not non_finite_numbers(row)
+        if row["kind"] == "heads":
+            assert [tuple(h) for h in row["heads"]] == [tuple(h) for h in heads]
+    for kind in kinds:
+        mine = [row for row in rows if row["kind"] == kind]
+        kept = [row for row in mine if not (row["paired"]["general_accuracy"]["difference"] < 0
+                                            and row["paired"]["general_accuracy"]["p"] < 0.05)]
+        best = min(kept or mine, key=lambda row: (row[saved["target"]]["value"], row["alpha"]))
+        choice, control = chosen[f"steer_{kind}"], chosen[f"steer_{kind}_random"]
+        assert (choice["alpha"], choice["layer"]) == (best["alpha"], best["layer"])
+        assert control["alpha"] == choice["alpha"] and control["label"].startswith("random")
+        assert control["norms"] == pytest.approx(choice["norms"], rel=1e-4)
+        if kind == "heads":
+            assert len(control["heads"]) == len(choice["heads"])
+            assert not {tuple(h) for h in control["heads"]} & {tuple(h) for h in choice["heads"]}
+        else:
+            assert control["layer"] == choice["layer"]
+    comparison = (run_dir / "eval" / "steering_vs_spt.md").read_text()
+    assert all(f"| {name} |" in comparison for name in steered())
 
 
 def test_opinion_results_have_every_method(executed_run):

@@ -102,5 +102,19 @@ def test_the_full_profile_keeps_the_earlier_cpu_sizes():
     """``SPT_PROFILE=full`` is the CPU run before the lean default (commit af2db90's values)."""
     assert effective("01", "full")["n_eval"] == [80, 60]
     assert {key: effective("03", "full")[key] for key in
-            ("k_values", "n_random", "n_layer_matched", "n_random_generate")} == {
-        "k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_random_generate": 5}
+            ("k_values", "n_random", "n_layer_matched", "n_generate", "n_random_generate")} == {
+        "k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
+        "n_random_generate": 5}
+
+
+@pytest.mark.parametrize("profile", ["cpu", "full", "paper", "test"])
+def test_every_profile_steers_at_the_heads_and_the_residual_stream(profile):
+    """Issue 28: both steerings are evaluated in every profile, with a grid to choose from on
+    dev (one alpha only in the smoke profile) and residual layers inside the model."""
+    evaluated = effective("05", profile)
+    assert set(evaluated["steering_kinds"]) == {"heads", "residual"}
+    assert len(evaluated["steer_alphas"]) >= (1 if profile == "test" else 2)
+    assert all(alpha > 0 for alpha in evaluated["steer_alphas"])
+    assert evaluated["steer_layers"] and all(0 <= f <= 1 for f in evaluated["steer_layers"])
+    if profile in ("full", "paper"):
+        assert len(evaluated["steer_layers"]) >= 3

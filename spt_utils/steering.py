@@ -1,0 +1,284 @@
+"""Pinpoint steering: the field's training-free mitigation, at a layer or at the found heads.
+
+Two steerings, each a vector per hooked component read off the patching pairs, and
+subtracted ``alpha`` times at **every position** while the model runs:
+
+* **residual** (contrastive activation addition, Rimsky et al., 2024): at layer ``L`` the
+  vector is the mean over pairs of the reference − counterfactual residual stream
+  (``blocks.{L}.hook_resid_post``) at the last position;
+* **heads** (inference-time intervention at the found heads, after Li et al., 2023): each
+  head's mean reference − counterfactual output ``z`` (``blocks.{l}.attn.hook_z``, the input
+  to the output projection) at the last position, subtracted at that head.
+
+:func:`steer` is a context manager like :func:`spt_utils.ablation.knockout`: every forward
+pass of the bridge or its Hugging Face model inside the block (so also generation, through
+:func:`spt_utils.chat.generate`) is steered, and the hooks go on exit, also after an error.
+``alpha = 0`` registers no hook at all (the identity, bit for bit). The controls
+(:func:`random_control`) keep each vector's norm and draw its direction at random, at the
+same layer or at as many random heads.
+
+Steering computes and draws nothing; :func:`candidate` wraps a steering as an
+:class:`~spt_utils.evaluation.Candidate` whose every forward pass is steered, and
+:func:`choose` picks the setting on the dev split by the tuning sweep's rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
+
+from spt_utils import ablation, chat, evaluation, stats
+from spt_utils.data import PatchingPairs
+from spt_utils.evaluation import Candidate
+from spt_utils.patching import Head, cache_before_unembed, validate_heads, z_name
+
+KINDS = ("heads", "residual")
+
+
+def resid_name(layer: int) -> str:
+    """The hook residual steering acts at: layer ``layer``'s output residual stream."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+@dataclass(frozen=True)
+class Steering:
+    """What is steered: ``kind`` ``"residual"`` (one vector at ``layer``) or ``"heads"``
+    (one per head of ``heads``); ``vectors`` [component, width] (d_model or d_head);
+    ``n_pairs`` the pairs they were read off (0 for a random control); ``label`` names a
+    control."""
+
+    kind: str
+    vectors: Float[Tensor, "component width"]
+    layer: int | None = None
+    heads: tuple[Head, ...] = ()
+    n_pairs: int = 0
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        where = f"L{self.layer}" if self.kind == "residual" else f"{len(self.heads)} heads"
+        return f"steer {self.kind} {where}{' ' + self.label if self.label else ''}"
+
+    def norms(self) -> Float[Tensor, " component"]:
+        return self.vectors.norm(dim=-1)
+
+
+@torch.no_grad()
+def _mean_difference(
+    model: TransformerBridge, pairs: PatchingPairs, names: list[str], batch_size: int
+) -> dict[str, Tensor]:
+    """Per hook: the mean over pairs of reference − counterfactual at each side's last
+    position (float64 sums)."""
+    chat.require_decoder_only(model, "steering (a decoder's residual stream and heads)")
+    if len(pairs) == 0:
+        raise ValueError("steering: no patching pairs to read a direction off")
+    sums: dict[str, Tensor] = {}
+    for start in range(0, len(pairs), batch_size):
+        rows = slice(start, start + batch_size)
+        sides = []
+        for tokens, last in ((pairs.reference, pairs.reference_last),
+                             (pairs.counterfactual, pairs.counterfactual_last)):
+            width = int(last[rows].max()) + 1  # right-padded: drop the pad-only tail
+            sides.append(cache_before_unembed(model, tokens[rows, :width], names,
+                                              last=last[rows]))
+        for name in names:
+            difference = (sides[0][name] - sides[1][name]).double().sum(0).cpu()
+            sums[name] = sums.get(name, 0) + difference
+    return {name: total / len(pairs) for name, total in sums.items()}
+
+
+def residual_steering(
+    model: TransformerBridge, pairs: PatchingPairs, layer: int, *, batch_size: int = 8
+) -> Steering:
+    """The residual steering vector at ``layer``: mean reference − counterfactual
+    ``hook_resid_post`` at the last position."""
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"residual_steering: layer {layer} is not in 0..{model.cfg.n_layers - 1}")
+    # resid_post at the last position: [batch, d_model]
+    mean = _mean_difference(model, pairs, [resid_name(layer)], batch_size)[resid_name(layer)]
+    return Steering("residual", mean[None].to(model.cfg.dtype), layer=layer,
+                    n_pairs=len(pairs))
+
+
+def head_steering(
+    model: TransformerBridge, pairs: PatchingPairs, heads: Sequence[Head], *,
+    batch_size: int = 8,
+) -> Steering:
+    """One vector per head of ``heads``: its mean reference − counterfactual ``z`` at the
+    last position."""
+    heads = validate_heads([tuple(h) for h in heads], model.cfg.n_layers, model.cfg.n_heads)
+    if not heads:
+        raise ValueError("head_steering: no heads to steer")
+    layers = sorted({layer for layer, _ in heads})
+    # z at the last position: [batch, head, d_head] per layer
+    means = _mean_difference(model, pairs, [z_name(layer) for layer in layers], batch_size)
+    vectors = torch.stack([means[z_name(layer)][head] for layer, head in heads])
+    return Steering("heads", vectors.to(model.cfg.dtype), heads=tuple(heads),
+                    n_pairs=len(pairs))
+
+
+def random_control(
+    steering: Steering, *, seed: int = 0, heads: Sequence[Head] | None = None
+) -> Steering:
+    """The control: each vector's norm kept, its direction drawn uniformly (seeded); a head
+    steering moves to ``heads`` (as many, e.g. ``ablation.random_head_sets``)."""
+    if steering.kind == "heads" and (heads is None or len(heads) != len(steering.heads)):
+        raise ValueError(f"random_control: a head steering needs {len(steering.heads)} "
+                         "random heads")
+    if steering.kind == "residual" and heads is not None:
+        raise ValueError("random_control: a residual steering takes no heads")
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(steering.vectors.shape, generator=generator, dtype=torch.float64)
+    directions /= directions.norm(dim=-1, keepdim=True)
+    vectors = (directions * steering.norms().double()[:, None]).to(steering.vectors.dtype)
+    return replace(steering, vectors=vectors, heads=tuple(map(tuple, heads or ())),
+                   n_pairs=0, label=f"random {seed}")
+
+
+def _subtract_resid(
+    resid: Float[Tensor, "batch pos d_model"], hook: HookPoint, *, shift: Float[Tensor, " d_model"]
+) -> Float[Tensor, "batch pos d_model"]:
+    return resid - shift.to(resid)
+
+
+def _subtract_heads(
+    z: Float[Tensor, "batch pos head d_head"], hook: HookPoint, *,
+    shift: Float[Tensor, "head d_head"],
+) -> Float[Tensor, "batch pos head d_head"]:
+    return z - shift.to(z)  # zero rows for the heads not steered
+
+
+def _hooks(model: TransformerBridge, steering: Steering, alpha: float) -> list:
+    if steering.kind == "residual":
+        return [(resid_name(steering.layer),
+                 partial(_subtract_resid, shift=alpha * steering.vectors[0]))]
+    if steering.kind != "heads":
+        raise ValueError(f"steer: kind {steering.kind!r} is not one of {KINDS}")
+    width = (model.cfg.n_heads, model.cfg.d_head)
+    expected = (len(steering.heads), model.cfg.d_head)
+    if tuple(steering.vectors.shape) != expected:
+        raise ValueError(f"steer: {len(steering.heads)} heads need vectors of shape "
+                         f"{expected}, not {tuple(steering.vectors.shape)}")
+    shifts: dict[int, Tensor] = {}
+    for (layer, head), vector in zip(steering.heads, steering.vectors, strict=True):
+        shifts.setdefault(layer, torch.zeros(width, dtype=vector.dtype))[head] = alpha * vector
+    return [(z_name(layer), partial(_subtract_heads, shift=shift))
+            for layer, shift in sorted(shifts.items())]
+
+
+@contextlib.contextmanager
+def steer(model: TransformerBridge, steering: Steering, alpha: float) -> Iterator[None]:
+    """Steer every forward pass inside the ``with`` block: ``alpha`` × each vector subtracted
+    at its component, at every position. ``alpha = 0`` registers no hook."""
+    if alpha == 0:
+        yield
+        return
+    with model.hooks(fwd_hooks=_hooks(model, steering, float(alpha))):
+        yield
+
+
+def candidate(
+    name: str, model: TransformerBridge, steering: Steering, alpha: float
+) -> Candidate:
+    """The base ``model`` steered, as an evaluation candidate: the steering is on during
+    its every forward pass (generation and KL drift), and off for the base's."""
+    return Candidate(name, model, hooks=partial(steer, model, steering, alpha))
+
+
+def control_heads(
+    steering: Steering, n_layers: int, n_heads: int, *, seed: int = 0
+) -> list[Head]:
+    """As many random heads as ``steering`` steers, none of them its own
+    (:func:`spt_utils.ablation.random_head_sets`)."""
+    return ablation.random_head_sets(len(steering.heads), 1, n_layers, n_heads, seed=seed,
+                                     exclude=steering.heads)[0]
+
+
+def settings(
+    model: TransformerBridge, pairs: PatchingPairs, *, heads: Sequence[Head] = (),
+    layers: Sequence[int] = (), alphas: Sequence[float], batch_size: int = 8,
+) -> list[tuple[Steering, float]]:
+    """The grid to choose from: head steering at ``heads`` (when given) and residual steering
+    at each of ``layers``, each with every ``alpha``; each vector is read off once."""
+    if not alphas or any(alpha <= 0 for alpha in alphas):
+        raise ValueError(f"steering.settings: alphas {list(alphas)} must be positive (alpha = 0 "
+                         "is the base model)")
+    steerings = ([head_steering(model, pairs, heads, batch_size=batch_size)] if heads else [])
+    steerings += [residual_steering(model, pairs, layer, batch_size=batch_size)
+                  for layer in layers]
+    return [(steering, float(alpha)) for steering in steerings for alpha in alphas]
+
+
+def measure(
+    model: TransformerBridge, grid: Sequence[tuple[Steering, float]], *,
+    questions: Sequence[dict], answers: Mapping[str, dict], progress: bool = False,
+    **evaluate: Any,
+) -> list[dict[str, Any]]:
+    """Each setting of ``grid`` on ``questions`` (the dev split's), base's own first
+    ``answers`` given: :func:`spt_utils.evaluation.evaluate_candidate`'s row without KL, with
+    ``kind``, ``layer``, ``heads`` and ``alpha``, and ``paired["general_accuracy"]``: exact
+    McNemar of its first answers against base's in ``answers``."""
+    base = Candidate("base", model)
+    base_general = [answers[q["id"]]["correct"] for q in questions]
+    rows = []
+    for steering, alpha in tqdm(grid, desc="steering on dev", disable=not progress):
+        records, row = evaluation.evaluate_candidate(
+            candidate(steering.name, model, steering, alpha), base, questions=questions,
+            answers=answers, **evaluate)
+        general = [record["general_correct"] for record in records]
+        rows.append({"name": f"{steering.name} alpha={alpha:g}", "kind": steering.kind,
+                     "layer": steering.layer, "heads": [list(h) for h in steering.heads],
+                     "alpha": alpha, **row,
+                     "paired": {"general_accuracy": stats.mcnemar(base_general, general)}})
+    return rows
+
+
+def keeps_general(row: Mapping[str, Any], alpha: float = 0.05) -> bool:
+    """Is the row's general ability (its own first answers) not significantly below base's
+    (exact McNemar at ``alpha``; ``row["paired"]["general_accuracy"]``)?"""
+    test = row["paired"]["general_accuracy"]
+    return not (test["difference"] < 0 and test["p"] < alpha)
+
+
+def choose(rows: Sequence[Mapping[str, Any]], target: str = "admitted") -> Mapping[str, Any]:
+    """The setting chosen on the dev split by the tuning sweep's rule: among the rows whose
+    general ability is not significantly below base's (all of them when none is), the lowest
+    ``target`` rate; ties go to the smaller ``alpha`` (the lighter intervention)."""
+    if not rows:
+        raise ValueError("steering.choose: no settings measured")
+    kept = [row for row in rows if keeps_general(row)] or list(rows)
+    return min(kept, key=lambda row: (row[target]["value"], abs(row["alpha"])))
+
+
+def chosen_with_controls(
+    model: TransformerBridge, grid: Sequence[tuple[Steering, float]],
+    rows: Sequence[Mapping[str, Any]], *, target: str = "admitted", seed: int = 0,
+) -> dict[str, tuple[Steering, float]]:
+    """Per kind measured (``rows``: :func:`measure` of ``grid``), the dev choice
+    (:func:`choose`) as ``steer_<kind>`` and its control at the same alpha as
+    ``steer_<kind>_random``: random directions of the same norms, at the same layer or at as
+    many random heads."""
+    if len(rows) != len(grid):
+        raise ValueError(f"steering: {len(rows)} measured rows for a grid of {len(grid)}")
+    result = {}
+    for kind in KINDS:
+        measured = [row for row in rows if row["kind"] == kind]
+        if not measured:
+            continue
+        chosen = choose(measured, target)
+        steering, alpha = grid[next(i for i, row in enumerate(rows) if row is chosen)]
+        heads = (control_heads(steering, model.cfg.n_layers, model.cfg.n_heads, seed=seed)
+                 if kind == "heads" else None)
+        result[f"steer_{kind}"] = (steering, alpha)
+        result[f"steer_{kind}_random"] = (random_control(steering, seed=seed, heads=heads), alpha)
+    return result
