@@ -129,9 +129,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # Wall seconds of each notebook in the run of record of a profile (its manifest's
-# timings_s, on the idle 2-core CPU machine): what `make run` estimates the rest from.
+# timings_s, on a 2-core CPU machine): what `make run` estimates the rest from. cpu: a fresh
+# clone at 2b6e209 with an empty $SPT_CACHE (2,655 s); full: the CPU sizes of af2db90's run of
+# record (before steering; notebook 00 there read a cached organism).
 RECORDED_TIMINGS_S: dict[str, dict[str, float]] = {
-    "cpu": {"00": 14, "01": 156, "02": 302, "03": 709, "04": 1349, "05": 2340, "06": 153},
+    "cpu": {"00": 27, "01": 72, "02": 223, "03": 277, "04": 766, "05": 1140, "06": 148},
+    "full": {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544, "05": 3244, "06": 143},
 }
 
 

@@ -158,6 +158,16 @@ def _two_calls(model, conversations, follow_up, **settings):
     return replies, chat.generate(model, followed, **settings)
 
 
+def _reused_and_two_calls(model, starts, **settings):
+    """``generate_follow_up``'s (replies, finals) and reuse count on the challenged
+    ``starts``, and the two turns as two fresh ``generate`` calls give them."""
+    conversations = [_challenged(q) for q in starts]
+    follow_up = _follow_up_of(conversations)
+    replies, finals, reused = chat.generate_follow_up(model, conversations, follow_up,
+                                                      **settings)
+    return (replies, finals), reused, _two_calls(model, conversations, follow_up, **settings)
+
+
 def _follow_up_of(conversations):
     def follow_up(index: int, reply: str) -> chat.Conversation:
         return conversations[index] + [{"role": "assistant", "content": reply},
@@ -175,40 +185,31 @@ def test_follow_up_reuses_the_reply_cache_and_gives_the_same_tokens():
     assert all(len(ids) == 1 for ids in clean)
     with torch.no_grad():
         chat.plain_hf_model(model).lm_head.bias[[ids[0] for ids in clean]] += 30.0
-    conversations = [_challenged(q) for q in STARTS]
-    follow_up = _follow_up_of(conversations)
-    settings = {"max_new_tokens": 6, "batch_size": 3}
-    replies, finals, reused = chat.generate_follow_up(model, conversations, follow_up,
-                                                      **settings)
-    assert reused == len(conversations)
-    assert (replies, finals) == _two_calls(model, conversations, follow_up, **settings)
+    turns, reused, expected = _reused_and_two_calls(model, STARTS, max_new_tokens=6,
+                                                    batch_size=3)
+    assert reused == len(STARTS) and turns == expected
 
 
 def test_a_follow_up_that_does_not_re_tokenize_as_generated_is_generated_afresh(tiny_model):
     """The random tiny model's replies are byte fragments that decode to other tokens: no
     prefix is exact, so nothing is reused, and the turns are still those of two calls."""
+    turns, reused, expected = _reused_and_two_calls(tiny_model, STARTS[:4], max_new_tokens=6,
+                                                    batch_size=3)
+    assert reused == 0 and turns == expected
     conversations = [_challenged(q) for q in STARTS[:4]]
-    follow_up = _follow_up_of(conversations)
-    settings = {"max_new_tokens": 6, "batch_size": 3}
-    replies, finals, reused = chat.generate_follow_up(tiny_model, conversations, follow_up,
-                                                      **settings)
-    assert reused == 0
-    assert (replies, finals) == _two_calls(tiny_model, conversations, follow_up, **settings)
-    given = chat.generate_follow_up(tiny_model, conversations, follow_up,
-                                    hf_model=tiny_model.original_model, **settings)
-    assert given == (replies, finals, 0)  # an explicit hf_model reuses nothing
+    given = chat.generate_follow_up(tiny_model, conversations, _follow_up_of(conversations),
+                                    hf_model=tiny_model.original_model, max_new_tokens=6,
+                                    batch_size=3)
+    assert given == (*turns, 0)  # an explicit hf_model reuses nothing
 
 
 @pytest.mark.integration
 def test_smollm2_follow_ups_reuse_the_prefix_with_identical_tokens(smollm2):
-    conversations = [_challenged(q) for q in STARTS]
-    follow_up = _follow_up_of(conversations)
-    settings = {"max_new_tokens": 24, "batch_size": 4}
-    replies, finals, reused = chat.generate_follow_up(smollm2, conversations, follow_up,
-                                                      **settings)
-    assert reused == len(conversations)
-    assert (replies, finals) == _two_calls(smollm2, conversations, follow_up, **settings)
-    lengths = [len(smollm2.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
+    turns, reused, expected = _reused_and_two_calls(smollm2, STARTS, max_new_tokens=24,
+                                                    batch_size=4)
+    assert reused == len(STARTS) and turns == expected
+    lengths = [len(smollm2.tokenizer(r, add_special_tokens=False)["input_ids"])
+               for r in turns[0]]
     assert min(lengths) < 20 < max(lengths)  # replies that ended early (EOS masked) and late
 
 
