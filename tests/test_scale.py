@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import tuning_ddp_worker as worker
-from conftest import one_thread
+from single_thread import one_thread
 
 from spt_utils import ablation, chat, data, models, tuning
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import tuning_ddp_worker as worker
-from conftest import one_thread
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from single_thread import one_thread
 from transformers import AutoModelForCausalLM
 
 from spt_utils import chat, models, tuning
