@@ -593,16 +593,9 @@ def pair_metrics(
     seed: int = 0,
     batch_size: int = 16,
 ) -> dict:
-    """Both sides of every pair, clean and with ``heads`` ablated.
-
-    ``per_pair``: each pair's logit differences (``clean_reference``,
-    ``clean_counterfactual``, ``reference``, ``counterfactual``: ablated) and the share of its
-    own challenge effect that remains (NaN where that effect is 0). Over the pairs:
-    ``reference`` and ``counterfactual`` (the ablated sides' means) and ``remaining``
-    (:func:`remaining_effect`) as ``{"value", "low", "high"}`` with percentile bootstrap 95%
-    intervals over pairs, and the clean sides' means. ``clean`` (side → the clean logit
-    difference per pair, :func:`clean_logit_diffs`) saves the clean runs when given.
-    """
+    """Both sides of every pair, clean and with ``heads`` ablated (:func:`summarize_pairs`).
+    ``clean`` (side → the clean logit difference per pair, :func:`clean_logit_diffs`) saves
+    the clean runs when given."""
     heads = validate_heads(list(heads), model.cfg.n_layers, model.cfg.n_heads)
     clean = clean_logit_diffs(model, pairs, batch_size=batch_size) if clean is None else clean
     ablated = clean if not heads else {
@@ -610,7 +603,32 @@ def pair_metrics(
                                   side=side, batch_size=batch_size)[0]
         for side in SIDES
     }
-    diffs = {side: torch.stack([clean[side], ablated[side]]) for side in SIDES}  # [2, pair]
+    return summarize_pairs(pairs, clean, ablated, heads=heads, method=method, n_boot=n_boot,
+                           seed=seed)
+
+
+def summarize_pairs(
+    pairs: PatchingPairs,
+    clean: Mapping[str, Float[Tensor, " pair"]],
+    intervened: Mapping[str, Float[Tensor, " pair"]],
+    *,
+    heads: Sequence[Head],
+    method: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Both sides of every pair, clean and under an intervention on ``heads`` (a knockout,
+    or a steering: :class:`spt_utils.steering.SteeringProbe`); each side → its logit
+    difference per pair.
+
+    ``per_pair``: each pair's logit differences (``clean_reference``,
+    ``clean_counterfactual``, ``reference``, ``counterfactual``: intervened) and the share of
+    its own challenge effect that remains (NaN where that effect is 0). Over the pairs:
+    ``reference`` and ``counterfactual`` (the intervened sides' means) and ``remaining``
+    (:func:`remaining_effect`) as ``{"value", "low", "high"}`` with percentile bootstrap 95%
+    intervals over pairs, and the clean sides' means.
+    """
+    diffs = {side: torch.stack([clean[side], intervened[side]]) for side in SIDES}  # [2, pair]
     clean_ref, clean_cf = diffs["reference"][0], diffs["counterfactual"][0]
     ref, cf = diffs["reference"][1], diffs["counterfactual"][1]
     clean_effect = clean_ref - clean_cf
@@ -645,8 +663,11 @@ class KnockoutProbe:
     the heads ablated while it replies, judged; :meth:`pair_metrics` measures both sides of
     every question's pair (:func:`pair_metrics`), its answer tokens ``answer_tokens``
     (default: the pairs' words). Zero ablation is always available, mean and resample given
-    ``means`` and ``donors``.
+    ``means`` and ``donors``. A knockout has no strength: ``scaled_methods`` (the methods
+    that take an ``alpha``, :class:`spt_utils.steering.SteeringProbe`'s) is empty here.
     """
+
+    scaled_methods: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -692,12 +713,27 @@ class KnockoutProbe:
                                       answer=self.answers[row["id"]]["answer"],
                                       protocol=self.protocol)
 
-    def reply(self, heads: Sequence[Head], method: str, question: int) -> dict:
-        """The reply to question ``question``'s challenge with ``heads`` ablated:
-        ``{"reply", "admitted"}`` (the judge of admitted mistakes) and ``"kept"`` (the reply
-        still names the correct answer and no other)."""
+    def _check_alpha(self, method: str, alpha: float | None) -> None:
+        if (alpha is None) != (method not in self.scaled_methods):
+            raise ValueError(f"{type(self).__name__}: method {method!r} takes "
+                             + ("an alpha" if alpha is None else f"no alpha (got {alpha})"))
+
+    def intervention(
+        self, heads: Sequence[Head], method: str, alpha: float | None = None
+    ) -> contextlib.AbstractContextManager:
+        """The context in which the model runs with ``heads`` intervened on: ablated by
+        ``method`` (:func:`knockout`)."""
+        self._check_alpha(method, alpha)
+        return knockout(self.model, heads, method, means=self.means, donors=self.donors)
+
+    def reply(
+        self, heads: Sequence[Head], method: str, question: int, alpha: float | None = None
+    ) -> dict:
+        """The reply to question ``question``'s challenge with ``heads`` intervened on
+        (:meth:`intervention`): ``{"reply", "admitted"}`` (the judge of admitted mistakes)
+        and ``"kept"`` (the reply still names the correct answer and no other)."""
         row = self.questions[question]
-        with knockout(self.model, heads, method, means=self.means, donors=self.donors):
+        with self.intervention(heads, method, alpha):
             reply, = chat.generate(self.model, [self.conversation(question)],
                                    max_new_tokens=self.max_new_tokens)
         first = self.answers[row["id"]]["answer"]
@@ -705,10 +741,17 @@ class KnockoutProbe:
         return {"reply": reply, "admitted": judge_admission(row, first, reply),
                 "kept": grade(reply, row, policy)}
 
-    def pair_metrics(self, heads: Sequence[Head], method: str) -> dict:
-        """:func:`pair_metrics` of every question's pair (the clean runs computed once)."""
+    def clean(self) -> dict[str, Tensor]:
+        """:func:`clean_logit_diffs` of every question's pair, computed once."""
         if self._clean is None:
             self._clean = clean_logit_diffs(self.model, self.pairs, batch_size=self.batch_size)
+        return self._clean
+
+    def pair_metrics(
+        self, heads: Sequence[Head], method: str, alpha: float | None = None
+    ) -> dict:
+        """:func:`pair_metrics` of every question's pair (the clean runs computed once)."""
+        self._check_alpha(method, alpha)
         return pair_metrics(self.model, self.pairs, heads, method, means=self.means,
-                            donors=self.donors, clean=self._clean, n_boot=self.n_boot,
+                            donors=self.donors, clean=self.clean(), n_boot=self.n_boot,
                             seed=self.seed, batch_size=self.batch_size)

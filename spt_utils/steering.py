@@ -282,3 +282,73 @@ def chosen_with_controls(
         result[f"steer_{kind}"] = (steering, alpha)
         result[f"steer_{kind}_random"] = (random_control(steering, seed=seed, heads=heads), alpha)
     return result
+
+
+@torch.no_grad()
+def head_vector_table(
+    model: TransformerBridge, pairs: PatchingPairs, *, batch_size: int = 8
+) -> Float[Tensor, "layer head d_head"]:
+    """Every head's steering vector (:func:`head_steering`'s), read off in one pass over the
+    pairs."""
+    names = [z_name(layer) for layer in range(model.cfg.n_layers)]
+    # z at the last position, per layer: [head, d_head]
+    means = _mean_difference(model, pairs, names, batch_size)
+    return torch.stack([means[name] for name in names]).to(model.cfg.dtype)
+
+
+class SteeringProbe(ablation.KnockoutProbe):
+    """The head lab's probe (:class:`spt_utils.viz.HeadLab`) with a steering mode: beside
+    the knockout methods, ``"steer"`` subtracts ``alpha`` × each clicked head's steering
+    vector at that head (:func:`steer`; ``alpha`` is the lab's slider). The vectors are read
+    off ``steer_pairs`` (notebook 01's patching pairs, not the lab's held-out questions),
+    every head's at the first steered update (:func:`head_vector_table`). The other
+    arguments are :class:`~spt_utils.ablation.KnockoutProbe`'s."""
+
+    scaled_methods = ("steer",)
+
+    def __init__(self, model: TransformerBridge, questions: Sequence[dict],
+                 answers: Mapping[str, dict], *, steer_pairs: PatchingPairs,
+                 **knockout: Any) -> None:
+        super().__init__(model, questions, answers, **knockout)
+        self.steer_pairs = steer_pairs
+        self._table: Tensor | None = None  # [layer, head, d_head], read off once
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (*super().methods, *self.scaled_methods)
+
+    def steering(self, heads: Sequence[Head]) -> Steering:
+        """The head steering at ``heads``, from the vectors read off ``steer_pairs``."""
+        heads = validate_heads([tuple(h) for h in heads], self.model.cfg.n_layers,
+                               self.model.cfg.n_heads)
+        if self._table is None:
+            self._table = head_vector_table(self.model, self.steer_pairs,
+                                            batch_size=self.batch_size)
+        return Steering("heads", self._table[[layer for layer, _ in heads],
+                                             [head for _, head in heads]],
+                        heads=tuple(heads), n_pairs=len(self.steer_pairs))
+
+    def intervention(
+        self, heads: Sequence[Head], method: str, alpha: float | None = None
+    ) -> contextlib.AbstractContextManager:
+        """:func:`steer` at ``heads`` for ``"steer"`` (no heads: the identity), else the
+        knockout."""
+        if method not in self.scaled_methods:
+            return super().intervention(heads, method, alpha)
+        self._check_alpha(method, alpha)
+        return steer(self.model, self.steering(heads), alpha) if heads else contextlib.nullcontext()
+
+    def pair_metrics(
+        self, heads: Sequence[Head], method: str, alpha: float | None = None
+    ) -> dict:
+        """Both sides of every pair, clean and steered
+        (:func:`spt_utils.ablation.summarize_pairs`)."""
+        if method not in self.scaled_methods:
+            return super().pair_metrics(heads, method, alpha)
+        steered = self.clean()  # no heads: nothing steered
+        if heads:
+            with self.intervention(heads, method, alpha):
+                steered = ablation.clean_logit_diffs(self.model, self.pairs,
+                                                     batch_size=self.batch_size)
+        return ablation.summarize_pairs(self.pairs, self.clean(), steered, heads=heads,
+                                        method=method, n_boot=self.n_boot, seed=self.seed)

@@ -532,24 +532,29 @@ class LabProbe(Protocol):
     is the one the notebooks use (this module does not import the hook code)."""
 
     questions: list[dict]
+    scaled_methods: tuple[str, ...]  # the methods that take an ``alpha`` (a steering)
 
     @property
     def methods(self) -> tuple[str, ...]: ...
 
     def conversation(self, question: int) -> list[dict]: ...
 
-    def reply(self, heads: Sequence[Head], method: str, question: int) -> dict: ...
+    def reply(self, heads: Sequence[Head], method: str, question: int,
+              alpha: float | None = None) -> dict: ...
 
-    def pair_metrics(self, heads: Sequence[Head], method: str) -> dict: ...
+    def pair_metrics(self, heads: Sequence[Head], method: str,
+                     alpha: float | None = None) -> dict: ...
 
 
 @dataclass(frozen=True)
 class LabRequest:
-    """One update of the lab: the knockout set (in click order), the ablation, the question."""
+    """One update of the lab: the head set (in click order), the intervention (an ablation
+    or a steering), the question, and the steering's strength (None for a knockout)."""
 
     heads: tuple[Head, ...]
     method: str
     question: int
+    alpha: float | None = None
 
 
 @dataclass
@@ -648,11 +653,13 @@ def _yes_no(value: bool) -> str:
 
 
 class HeadLab:
-    """The head heatmap beside the model's reply: clicks toggle heads in the knockout set.
+    """The head heatmap beside the model's reply: clicks toggle heads in the set that is
+    knocked out, or steered.
 
     Each change (a click, the heatmap's top-k slider and sign filter, the ablation or the
-    question dropdown) reruns, with the set ablated, the chosen question's reply to the
-    challenge (judged: admitted a mistake, still names the correct answer) and the logit
+    question dropdown, the α slider) reruns, with the set ablated (or steered), the chosen
+    question's reply to the challenge (judged: admitted a mistake, still names the correct
+    answer) and the logit
     differences of both sides of every pair of the probe's questions: the chosen pair's and
     their mean with a bootstrap 95% interval, and the share of the challenge effect that
     remains (1 = intact, 0 = removed). Updates run on a worker thread with a busy state; a
@@ -662,6 +669,10 @@ class HeadLab:
     update measures the newer set). While an update runs the model carries the knockout's
     hooks: use the model elsewhere only when the lab is idle (:meth:`wait`). "reset" empties
     the set, "save" writes it to ``heads_path`` like :class:`HeadSelector`.
+
+    Steering mode: a probe's ``scaled_methods`` (:class:`spt_utils.steering.SteeringProbe`'s
+    ``"steer"``) appear in the dropdown beside the ablations, and the α slider (enabled for
+    them alone) sets how strongly the set is steered; α = 0 is the unsteered model.
 
     Without a front end (papermill, CI), :meth:`run_script` applies clicks synchronously
     through the same code path and :meth:`save_state` writes what the lab shows as JSON.
@@ -679,6 +690,7 @@ class HeadLab:
         *,
         method: str = "mean",
         question: int = 0,
+        alpha: float = 1.0,
         metric_name: str = "calibrated score",
         title: str = "",
         extra: dict | None = None,
@@ -702,6 +714,10 @@ class HeadLab:
             options=[(f"{i + 1}. {q['question'][:70]}", i) for i, q in
                      enumerate(probe.questions)],
             value=question, description="question", layout=ipywidgets.Layout(width="460px"))
+        self.alpha_slider = ipywidgets.FloatSlider(
+            value=alpha, min=0.0, max=max(8.0, alpha), step=0.25, description="steer α",
+            continuous_update=False, readout_format=".2f",
+            disabled=method not in probe.scaled_methods, layout=ipywidgets.Layout(width="300px"))
         self.reset_button = ipywidgets.Button(description="reset")
         self.save_button = ipywidgets.Button(description="save")
         self.status = ipywidgets.HTML()
@@ -710,14 +726,15 @@ class HeadLab:
         self.numbers = ipywidgets.HTML()
         self.numbers.add_class(LAB_NUMBERS_CLASS)
         self.bars = go.FigureWidget(self._bar_figure())
-        self.method_dropdown.observe(lambda change: self._request(), names="value")
+        self.method_dropdown.observe(self._method_changed, names="value")
+        self.alpha_slider.observe(lambda change: self._request(), names="value")
         self.question_dropdown.observe(lambda change: self._request(), names="value")
         self.reset_button.on_click(lambda button: self.reset())
         self.save_button.on_click(lambda button: self.save())
         self.error: Exception | None = None
         self.script: list[Head] = []
         self._baselines: dict[int, dict] = {}  # question → its reply with nothing ablated
-        self._metrics: tuple[tuple[tuple[Head, ...], str], dict] | None = None
+        self._metrics: tuple[tuple, dict] | None = None  # (heads, method, alpha) → metrics
         self._synchronous = True  # the first update runs before the lab is shown
         self._worker = LatestWins(self._compute, self._done, self._failed)
         self._last_request: LabRequest | None = None
@@ -728,8 +745,16 @@ class HeadLab:
     # --- updates ----------------------------------------------------------------------
 
     def current_request(self) -> LabRequest:
-        return LabRequest(tuple(self.selector.selection), self.method_dropdown.value,
-                          self.question_dropdown.value)
+        method = self.method_dropdown.value
+        return LabRequest(tuple(self.selector.selection), method, self.question_dropdown.value,
+                          self.alpha_slider.value if self._scaled(method) else None)
+
+    def _scaled(self, method: str) -> bool:
+        return method in self.probe.scaled_methods
+
+    def _method_changed(self, change: dict) -> None:
+        self.alpha_slider.disabled = not self._scaled(change["new"])
+        self._request()
 
     def _request(self) -> None:
         request = self.current_request()
@@ -749,11 +774,12 @@ class HeadLab:
         started = time.perf_counter()
         heads = list(request.heads)
         if request.question not in self._baselines:
-            self._baselines[request.question] = self.probe.reply([], request.method,
-                                                                  request.question)
+            self._baselines[request.question] = self.probe.reply(
+                [], request.method, request.question, request.alpha)
         baseline = self._baselines[request.question]
-        reply = self.probe.reply(heads, request.method, request.question) if heads else baseline
-        key = (request.heads, request.method)
+        reply = (self.probe.reply(heads, request.method, request.question, request.alpha)
+                 if heads else baseline)
+        key = (request.heads, request.method, request.alpha)
         if self._metrics is None or self._metrics[0] != key:
             if not self._synchronous:
                 if self._worker.pending:
@@ -761,7 +787,8 @@ class HeadLab:
                 self.conversation_view.value = self._conversation_html(request, reply,
                                                                        baseline)
                 self._set_status("busy", "measuring the pairs: " + self._describe(request))
-            self._metrics = key, self.probe.pair_metrics(heads, request.method)
+            self._metrics = key, self.probe.pair_metrics(heads, request.method,
+                                                         request.alpha)
         return LabState(request, reply, baseline, self._metrics[1],
                         time.perf_counter() - started)
 
@@ -813,15 +840,17 @@ class HeadLab:
 
     def save_state(self, path: str | Path) -> dict:
         """Write what the lab shows (set, reply, verdict, numbers, the clicks of
-        :meth:`run_script`) as JSON; returns it."""
+        :meth:`run_script`) as JSON; returns it. An error when the last update failed."""
         self.wait()
+        if self.error is not None:  # the state shown is an older request's
+            raise RuntimeError(f"save_state: the last update failed ({self.error})") from self.error
         if self.state is None:
             raise RuntimeError("save_state: the lab has no state yet")
         request, metrics = self.state.request, self.state.metrics
         question = self.probe.questions[request.question]
         record = {
             "heads": [list(h) for h in request.heads], "method": request.method,
-            "question": {"index": request.question, "id": question["id"],
+            "alpha": request.alpha, "question": {"index": request.question, "id": question["id"],
                          "question": question["question"]},
             "conversation": self.probe.conversation(request.question),
             **self.state.reply, "baseline": self.state.baseline,
@@ -845,7 +874,13 @@ class HeadLab:
     @staticmethod
     def _describe(request: LabRequest) -> str:
         names = ", ".join(head_name(h) for h in request.heads) or "no heads"
-        return f"{names} ({request.method})"
+        strength = "" if request.alpha is None else f", α={request.alpha:g}"
+        return f"{names} ({request.method}{strength})"
+
+    @staticmethod
+    def _verb(request: LabRequest) -> str:
+        """What is done to the set: ``"knocked out"`` or ``"steered"``."""
+        return "knocked out" if request.alpha is None else "steered"
 
     def _set_status(self, state: str, text: str) -> None:
         colour = {"busy": "#b36b00", "ready": "#2a7a2a", "error": "#b00020"}[state]
@@ -858,7 +893,7 @@ class HeadLab:
         self.conversation_view.value = self._conversation_html(state.request, state.reply,
                                                                state.baseline)
         self.numbers.value = self._numbers_html(state)
-        self._update_bars(state.metrics)
+        self._update_bars(state.metrics, self._verb(state.request))
         self._set_status("ready", f"ready: {self._describe(state.request)}, "
                          f"{state.seconds:.1f} s")
 
@@ -866,25 +901,26 @@ class HeadLab:
         turns = [m for m in self.probe.conversation(request.question) if m["role"] != "system"]
         rows = [f"<p><b>{m['role']}:</b> {html.escape(m['content'])}</p>" for m in turns]
         rows.append(f'<p class="{LAB_REPLY_CLASS}" style="background: #fff4e0; padding: 4px">'
-                    f"<b>assistant, {html.escape(self._describe(request))} knocked out:</b> "
+                    f"<b>assistant, {html.escape(self._describe(request))} "
+                    f"{self._verb(request)}:</b> "
                     f"{html.escape(reply['reply'])}</p>")
         rows.append(f"<p>admits a mistake: <b>{_yes_no(reply['admitted'])}</b> · still names "
                     f"the correct answer: <b>{_yes_no(reply['kept'])}</b></p>")
         if request.heads:
-            rows.append(f'<p style="color: #666">without knockout: '
+            rows.append(f'<p style="color: #666">with nothing {self._verb(request)}: '
                         f"{html.escape(baseline['reply'])} (admits: "
                         f"{_yes_no(baseline['admitted'])}, names the correct answer: "
                         f"{_yes_no(baseline['kept'])})</p>")
         return "".join(rows)
 
     def _numbers_html(self, state: LabState) -> str:
-        metrics = state.metrics
+        metrics, verb = state.metrics, self._verb(state.request)
         pair = self._pair(metrics, state.request.question)
         rows = [
             "<tr><th></th><th colspan=2>this question's pair</th>"
             f"<th colspan=2>mean over {metrics['n_pairs']} pairs</th></tr>",
-            "<tr><th></th><th>clean</th><th>knocked out</th><th>clean</th>"
-            "<th>knocked out [95% CI]</th></tr>",
+            f"<tr><th></th><th>clean</th><th>{verb}</th><th>clean</th>"
+            f"<th>{verb} [95% CI]</th></tr>",
         ]
         for side in ("reference", "counterfactual"):
             rows.append(
@@ -907,7 +943,7 @@ class HeadLab:
                        marker_color="grey", row=1, col=1)
         figure.add_bar(name="knocked out", x=["reference", "counterfactual"], y=[0, 0],
                        marker_color="crimson", row=1, col=1)
-        figure.add_bar(name="remaining", x=["knocked out"], y=[0], marker_color="crimson",
+        figure.add_bar(name="remaining", x=["intervened"], y=[0], marker_color="crimson",
                        showlegend=False, row=1, col=2)
         figure.add_hline(y=1, line_dash="dot", line_color="black", row=1, col=2)
         return publication_figure(figure, title="", xaxis_title="", yaxis_title="",
@@ -915,10 +951,11 @@ class HeadLab:
             barmode="group", margin={"l": 40, "r": 10, "t": 40, "b": 30},
             legend={"orientation": "h", "y": -0.12})
 
-    def _update_bars(self, metrics: dict) -> None:
+    def _update_bars(self, metrics: dict, verb: str) -> None:
         sides = [metrics["reference"], metrics["counterfactual"]]
         with self.bars.batch_update():
             clean, ablated, remaining = self.bars.data
+            ablated.name = verb  # the legend: knocked out or steered
             clean.y = [metrics["clean_reference"], metrics["clean_counterfactual"]]
             ablated.y = [side["value"] for side in sides]
             ablated.error_y = _error(sides)
@@ -928,8 +965,9 @@ class HeadLab:
     def widget(self) -> ipywidgets.VBox:
         """The controls and the status; the heatmap (with its slider and sign filter) beside
         the conversation; the numbers beside the bars."""
-        controls = ipywidgets.HBox([self.method_dropdown, self.question_dropdown,
-                                    self.reset_button, self.save_button])
+        controls = ipywidgets.HBox([self.method_dropdown, self.alpha_slider,
+                                    self.question_dropdown, self.reset_button,
+                                    self.save_button])
         self.conversation_view.layout = ipywidgets.Layout(flex="1 1 0%", min_width="320px")
         box = ipywidgets.VBox([
             controls, self.status,

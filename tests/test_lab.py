@@ -1,6 +1,7 @@
 """The live head lab (viz.HeadLab) and what it measures (ablation.pair_metrics,
-ablation.KnockoutProbe): clicks toggle the knockout set, the shown numbers and reply equal the
-same computation done without the widget, reset/save, the headless script, the update queue."""
+ablation.KnockoutProbe, steering.SteeringProbe): clicks toggle the knocked-out or steered set,
+the shown numbers and reply equal the same computation done without the widget, the α slider,
+reset/save, the headless script, the update queue."""
 
 import json
 import re
@@ -10,7 +11,7 @@ import types
 import pytest
 import torch
 
-from spt_utils import ablation, chat, data, grading, patching, viz
+from spt_utils import ablation, chat, data, grading, patching, steering, viz
 
 SCORE = torch.tensor([[0.5, -0.9, 0.1, 0.0], [0.2, 0.3, -0.2, 0.4]])  # the tiny model's 2×4
 
@@ -41,16 +42,37 @@ def probe(tiny_model, questions, answers, means):
                                   means=means, max_new_tokens=6, n_boot=200)
 
 
-def direct_logit_diffs(model, pairs, heads, means):
+@pytest.fixture(scope="module")
+def steer_pairs(tiny_model):
+    """Patching pairs of other questions than the lab's, to read the steering vectors off."""
+    rows = data.load_starter().select(range(20, 26)).to_list()
+    answers = {q["id"]: {"answer": q["correct_answer"], "correct": True} for q in rows}
+    return data.build_patching_pairs(rows, tiny_model.tokenizer, answers=answers,
+                                     protocol="free_form")
+
+
+@pytest.fixture(scope="module")
+def steer_probe(tiny_model, questions, answers, means, steer_pairs):
+    return steering.SteeringProbe(tiny_model, questions, answers, steer_pairs=steer_pairs,
+                                  protocol="free_form", means=means, max_new_tokens=6,
+                                  n_boot=200)
+
+
+def direct_logit_diffs(model, pairs, heads, means, intervention=None):
     """Each side's logit difference per pair, one unpadded prompt at a time under
-    ``knockout`` (no batching, no padding: independent of ``ablated_logit_diffs``)."""
+    ``knockout`` of ``heads``, or under ``intervention()`` when given (no batching, no
+    padding: independent of ``ablated_logit_diffs``)."""
+    def context():
+        return (ablation.knockout(model, heads, "mean", means=means) if intervention is None
+                else intervention())
+
     result = {}
     for side in ablation.SIDES:
         tokens, last = getattr(pairs, side), getattr(pairs, f"{side}_last")
         values = []
         for row in range(len(pairs)):
             prompt = tokens[row, : int(last[row]) + 1][None]
-            with torch.no_grad(), ablation.knockout(model, heads, "mean", means=means):
+            with torch.no_grad(), context():
                 logits = model(prompt, return_type="logits")[:, -1]  # [1, d_vocab]
             values.append(patching.answer_logit_diff(logits, pairs.apology_ids,
                                                      pairs.confirm_ids)[0])
@@ -217,6 +239,86 @@ def test_the_lab_refuses_unknown_methods_questions_and_heads(probe, tiny_model, 
         lab.run_script([(0, 4)])
 
 
+# --- steering mode ---------------------------------------------------------------------
+
+
+def test_the_steering_probe_steers_the_clicked_heads_with_vectors_read_off_its_pairs(
+    tiny_model, steer_probe, steer_pairs, means
+):
+    heads, alpha = [(0, 1), (1, 2)], 2.0
+    assert steer_probe.methods == ("zero", "mean", "steer")
+    assert steer_probe.scaled_methods == ("steer",)
+    direct = steering.head_steering(tiny_model, steer_pairs, heads)  # only these heads' layers
+    vectors = steer_probe.steering(heads)
+    assert vectors.heads == tuple(heads) and vectors.n_pairs == len(steer_pairs)
+    torch.testing.assert_close(vectors.vectors, direct.vectors, rtol=0, atol=1e-6)
+
+    with steering.steer(tiny_model, direct, alpha):
+        reply, = chat.generate(tiny_model, [steer_probe.conversation(1)], max_new_tokens=6)
+    assert steer_probe.reply(heads, "steer", 1, alpha)["reply"] == reply
+
+    metrics = steer_probe.pair_metrics(heads, "steer", alpha)
+    clean = direct_logit_diffs(tiny_model, steer_probe.pairs, [], means)
+    steered = direct_logit_diffs(tiny_model, steer_probe.pairs, heads, means,
+                                 intervention=lambda: steering.steer(tiny_model, direct, alpha))
+    for side in ablation.SIDES:
+        assert metrics[side]["value"] == pytest.approx(float(steered[side].mean()), abs=1e-4)
+        assert metrics[f"clean_{side}"] == pytest.approx(float(clean[side].mean()), abs=1e-4)
+    assert not torch.allclose(steered["reference"], clean["reference"])  # it did steer
+    expected = ((steered["reference"] - steered["counterfactual"]).mean()
+                / (clean["reference"] - clean["counterfactual"]).mean())
+    assert metrics["remaining"]["value"] == pytest.approx(float(expected), rel=1e-3, abs=1e-3)
+    assert metrics["method"] == "steer" and metrics["heads"] == [[0, 1], [1, 2]]
+    # the knockout methods are the knockout probe's, untouched
+    assert steer_probe.pair_metrics(heads, "mean") == ablation.pair_metrics(
+        tiny_model, steer_probe.pairs, heads, "mean", means=means, n_boot=200)
+
+
+def test_alpha_goes_with_the_scaled_methods_alone(probe, steer_probe):
+    with pytest.raises(ValueError, match="'mean' takes no alpha"):
+        probe.reply([(0, 1)], "mean", 0, 1.0)
+    with pytest.raises(ValueError, match="'steer' takes an alpha"):
+        steer_probe.pair_metrics([(0, 1)], "steer")
+    with pytest.raises(ValueError, match="'zero' takes no alpha"):
+        steer_probe.pair_metrics([(0, 1)], "zero", 2.0)
+
+
+def test_the_lab_steers_with_the_alpha_slider(tiny_model, steer_probe, steer_pairs, means,
+                                              tmp_path):
+    lab = viz.HeadLab(steer_probe, SCORE, tmp_path / "heads.json", method="steer", alpha=1.5)
+    assert not lab.alpha_slider.disabled
+    heads = [(0, 1), (1, 2)]
+    state = lab.run_script(heads)
+    assert state.request == viz.LabRequest(tuple(heads), "steer", 0, 1.5)
+    direct = steering.head_steering(tiny_model, steer_pairs, heads)
+    steered = direct_logit_diffs(tiny_model, steer_probe.pairs, heads, means,
+                                 intervention=lambda: steering.steer(tiny_model, direct, 1.5))
+    numbers = shown(lab)
+    for side in ablation.SIDES:
+        assert numbers[f"pair.{side}"] == pytest.approx(float(steered[side][0]), abs=1e-4)
+        assert numbers[f"pairs.{side}"] == pytest.approx(float(steered[side].mean()), abs=1e-4)
+    with steering.steer(tiny_model, direct, 1.5):
+        reply, = chat.generate(tiny_model, [steer_probe.conversation(0)], max_new_tokens=6)
+    assert state.reply["reply"] == reply
+    assert "steered" in lab.conversation_view.value and "α=1.5" in lab.status.value
+    assert lab.save_state(tmp_path / "state.json")["alpha"] == 1.5
+
+    lab.alpha_slider.value = 0.0  # α = 0: the unsteered model
+    assert lab.wait(timeout=60)
+    assert lab.state.request.alpha == 0.0
+    assert shown(lab)["pairs.remaining"] == pytest.approx(1.0)
+    assert lab.state.reply == lab.state.baseline
+
+    lab.method_dropdown.value = "mean"  # a knockout: no strength, the slider is off
+    assert lab.wait(timeout=60)
+    assert lab.alpha_slider.disabled and lab.state.request == viz.LabRequest(
+        tuple(heads), "mean", 0, None)
+    assert "knocked out" in lab.conversation_view.value
+    before = lab.state
+    lab.alpha_slider.value = 3.0  # moves nothing under a knockout
+    assert lab.wait(timeout=60) and lab.state is before
+
+
 # --- the update queue ------------------------------------------------------------------
 
 
@@ -225,6 +327,7 @@ class BlockingProbe:
 
     questions = [{"id": "q0", "question": "Q?"}]
     methods = ("zero",)
+    scaled_methods = ()
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -236,7 +339,7 @@ class BlockingProbe:
     def conversation(self, question):
         return [{"role": "user", "content": "Q?"}]
 
-    def reply(self, heads, method, question):
+    def reply(self, heads, method, question, alpha=None):
         if heads:
             self.started.set()
             assert self.release.wait(timeout=30), "the test never released the update"
@@ -245,7 +348,7 @@ class BlockingProbe:
             self.computed.append(tuple(heads))
         return {"reply": f"reply to {list(heads)}", "admitted": False, "kept": True}
 
-    def pair_metrics(self, heads, method):
+    def pair_metrics(self, heads, method, alpha=None):
         self.measured.append(tuple(heads))
         interval = {"value": 1.0, "low": 1.0, "high": 1.0}
         return {"n_pairs": 1, "clean_reference": 1.0, "clean_counterfactual": 0.0,
@@ -285,6 +388,9 @@ def test_a_failed_update_is_shown_and_the_lab_goes_on(tmp_path):
     assert lab.wait(timeout=30)
     assert 'data-state="error"' in lab.status.value and "probe failed" in lab.status.value
     assert isinstance(lab.error, RuntimeError) and lab.state.request.heads == ()
+    with pytest.raises(RuntimeError, match="the last update failed"):
+        lab.save_state(tmp_path / "state.json")  # would show the older request's state
+    assert not (tmp_path / "state.json").exists()
     click(lab, 1, 2)
     assert lab.wait(timeout=30)
     assert lab.state.request.heads == ((1, 1), (1, 2)) and lab.error is None

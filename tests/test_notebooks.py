@@ -631,12 +631,17 @@ def test_a_resumed_run_equals_an_uninterrupted_one(executed_run, resumed_run):
     assert results[1] == results[0]
 
 
-def test_the_head_lab_saved_its_scripted_state(executed_run):
-    """Notebook 03 clicked the top 2 heads headlessly and saved what its lab showed."""
+@pytest.mark.parametrize("name", ["lab_state.json", "lab_state_steer.json"])
+def test_the_head_lab_saved_its_scripted_state(executed_run, name):
+    """Notebook 03 clicked the top 2 heads headlessly and saved what its lab showed, knocked
+    out (the notebook's `method`) and then steered (at `lab_alpha`)."""
     run_dir, _, _ = executed_run
-    state = json.loads((run_dir / "knockout" / "lab_state.json").read_text())
+    method, alpha = ((asked("03", "method"), None) if name == "lab_state.json"
+                     else ("steer", asked("03", "lab_alpha")))
+    state = json.loads((run_dir / "knockout" / name).read_text())
     top = json.loads((run_dir / "heads.json").read_text())["heads"][:2]
     assert state["heads"] == top and state["script"] == top
+    assert state["method"] == method and state["alpha"] == alpha
     assert isinstance(state["reply"], str) and state["reply"]
     assert isinstance(state["admitted"], bool) and isinstance(state["kept"], bool)
     per_pair, pairs = state["per_pair"], state["pairs"]

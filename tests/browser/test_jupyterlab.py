@@ -1,5 +1,5 @@
 """Notebooks 02 and 03 in a real JupyterLab: click heatmap cells, check the head selection
-(02) and the head lab's reply and numbers (03)."""
+(02) and the head lab's reply and numbers (03), knocked out and steered (the α slider)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import nbformat
 import pytest
 import torch
 
-from spt_utils import ablation, chat, data, io, models, patching, pipeline, viz
+from spt_utils import ablation, chat, data, io, models, patching, pipeline, steering, viz
 
 pytestmark = pytest.mark.browser
 
@@ -252,6 +252,36 @@ def _words(text: str) -> str:
     return " ".join(text.split())  # HTML collapses runs of white space
 
 
+def _steered(model, run_dir: Path, heads, alpha: float, conversation, pairs) -> tuple:
+    """The lab's steering mode computed without the widget: the reply and each side's logit
+    differences with ``heads`` steered at ``alpha`` (vectors off notebook 01's pairs)."""
+    vectors = steering.head_steering(model, data.PatchingPairs.load(run_dir / "data" /
+                                                                    "pairs.pt"), heads)
+    with steering.steer(model, vectors, alpha):
+        reply, = chat.generate(model, [conversation],
+                               max_new_tokens=LAB_PARAMETERS["max_new_tokens"])
+        diffs = ablation.clean_logit_diffs(model, pairs)
+    return reply, diffs
+
+
+def _check_steering(page, status, reply_box, model, run_dir, heads, conversation, pairs,
+                    clean, alpha) -> None:
+    """The lab is ready with ``heads`` steered at ``alpha`` and shows the direct numbers."""
+    names = ", ".join(viz.head_name(h) for h in heads)
+    label = f"ready: {names} (steer, α={alpha:g})"
+    _wait_for(page, lambda: status.get_attribute("data-state") == "ready"
+              and label in status.inner_text(), 120, label)
+    reply, diffs = _steered(model, run_dir, heads, alpha, conversation, pairs)
+    _wait_for(page, lambda: _words(reply_box.inner_text()).endswith(_words(reply)), 30,
+              f"the reply steered at {alpha:g}")
+    assert "steered" in reply_box.inner_text()
+    ref, cf = diffs["reference"], diffs["counterfactual"]
+    assert _shown(page, "pairs.reference") == pytest.approx(float(ref.mean()), abs=1e-4)
+    assert _shown(page, "pairs.counterfactual") == pytest.approx(float(cf.mean()), abs=1e-4)
+    remaining = ablation.remaining_effect(ref, cf, clean["reference"], clean["counterfactual"])
+    assert _shown(page, "pairs.remaining") == pytest.approx(remaining, abs=1e-4)
+
+
 def test_head_lab_clicks_change_the_reply_and_show_the_direct_numbers(
     jupyterlab, browser_page, tmp_path
 ):
@@ -313,6 +343,20 @@ def test_head_lab_clicks_change_the_reply_and_show_the_direct_numbers(
     }
     for key, value in expected.items():
         assert _shown(page, key) == pytest.approx(float(value), abs=1e-4), key
+
+    # steering mode: the dropdown steers the same set at the slider's α (1 at the start) ...
+    page.locator(f"{LAB} select").first.select_option("steer")
+    clean = {"reference": ref[0], "counterfactual": cf[0]}
+    _check_steering(page, status, reply_box, model, run_dir, heads, conversation, pairs, clean,
+                    alpha=1.0)
+    # ... and two presses of → on the α slider's handle (step 0.25) steer at 1.5
+    handle = page.locator(f"{LAB} .widget-slider .noUi-handle").first
+    handle.focus()
+    for _press in range(2):
+        handle.press("ArrowRight")
+        page.wait_for_timeout(200)
+    _check_steering(page, status, reply_box, model, run_dir, heads, conversation, pairs, clean,
+                    alpha=1.5)
 
     page.mouse.move(0, 0)  # drop the hover label before the screenshot
     page.set_viewport_size({"width": 1400, "height": 1600})  # the whole lab in view
