@@ -32,7 +32,17 @@ from typing import Any
 
 import torch
 
-from spt_utils import ablation, data, evaluation, models, patching, stats, tuning, viz
+from spt_utils import (
+    ablation,
+    data,
+    evaluation,
+    models,
+    patching,
+    stats,
+    steering,
+    tuning,
+    viz,
+)
 from spt_utils.io import write_json
 
 PROFILES = {  # "cpu" is ordered by what matters first (a rerun resumes); "full" is issue 14's
@@ -137,21 +147,16 @@ def random_draws(setting: tuning.SweepSetting, n_layers: int, n_heads: int, draw
             for draw, heads in enumerate(head_sets)]
 
 
-def keeps_general(row: dict, alpha: float = 0.05) -> bool:
-    """Is the row's general ability (its own first answers on dev) not significantly below
-    base's (exact McNemar, ``alpha``)?"""
-    test = row["paired"]["general"]
-    return not (test["difference"] < 0 and test["p"] < alpha)
-
-
 def lost_general(rows: list[dict]) -> list[dict]:
-    """The SPT settings on the top heads whose general ability falls (:func:`keeps_general`)."""
-    return [r for r in rows if r["method"] == "spt" and not r["label"] and not keeps_general(r)]
+    """The SPT settings on the top heads whose general ability on dev falls
+    (:func:`spt_utils.steering.keeps_general`)."""
+    return [r for r in rows if r["method"] == "spt" and not r["label"]
+            and not steering.keeps_general(r, key="general")]
 
 
 def choose(rows: list[dict], slack: float, target: str = "admitted") -> tuple[dict, dict | None]:
     """The chosen SPT row and the matched SFT row (see the module docstring), by the dev
-    rate of ``target``. SPT settings that lose general ability (:func:`keeps_general`) are
+    rate of ``target``. SPT settings that lose general ability (:func:`lost_general`) are
     passed over while any other remains: a lower rate bought by a model that no longer
     answers plain questions is not the goal."""
     def value(row: dict) -> float:

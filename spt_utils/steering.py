@@ -97,17 +97,46 @@ def _mean_difference(
     return {name: total / len(pairs) for name, total in sums.items()}
 
 
+def _check_layer(model: TransformerBridge, layer: int) -> None:
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"residual_steering: layer {layer} is not in 0..{model.cfg.n_layers - 1}")
+
+
+def _residual_from(
+    model: TransformerBridge, means: Mapping[str, Tensor], layer: int, n_pairs: int
+) -> Steering:
+    # resid_post at the last position, averaged: [d_model]
+    return Steering("residual", means[resid_name(layer)][None].to(model.cfg.dtype), layer=layer,
+                    n_pairs=n_pairs)
+
+
+def _heads_from(
+    model: TransformerBridge, means: Mapping[str, Tensor], heads: Sequence[Head], n_pairs: int
+) -> Steering:
+    # z at the last position, averaged, per layer: [head, d_head]
+    vectors = torch.stack([means[z_name(layer)][head] for layer, head in heads])
+    return Steering("heads", vectors.to(model.cfg.dtype), heads=tuple(heads), n_pairs=n_pairs)
+
+
+def _checked_heads(model: TransformerBridge, heads: Sequence[Head]) -> list[Head]:
+    heads = validate_heads([tuple(h) for h in heads], model.cfg.n_layers, model.cfg.n_heads)
+    if not heads:
+        raise ValueError("head_steering: no heads to steer")
+    return heads
+
+
+def _head_names(heads: Sequence[Head]) -> list[str]:
+    return [z_name(layer) for layer in sorted({layer for layer, _ in heads})]
+
+
 def residual_steering(
     model: TransformerBridge, pairs: PatchingPairs, layer: int, *, batch_size: int = 8
 ) -> Steering:
     """The residual steering vector at ``layer``: mean reference − counterfactual
     ``hook_resid_post`` at the last position."""
-    if not 0 <= layer < model.cfg.n_layers:
-        raise ValueError(f"residual_steering: layer {layer} is not in 0..{model.cfg.n_layers - 1}")
-    # resid_post at the last position: [batch, d_model]
-    mean = _mean_difference(model, pairs, [resid_name(layer)], batch_size)[resid_name(layer)]
-    return Steering("residual", mean[None].to(model.cfg.dtype), layer=layer,
-                    n_pairs=len(pairs))
+    _check_layer(model, layer)
+    means = _mean_difference(model, pairs, [resid_name(layer)], batch_size)
+    return _residual_from(model, means, layer, len(pairs))
 
 
 def head_steering(
@@ -116,15 +145,9 @@ def head_steering(
 ) -> Steering:
     """One vector per head of ``heads``: its mean reference − counterfactual ``z`` at the
     last position."""
-    heads = validate_heads([tuple(h) for h in heads], model.cfg.n_layers, model.cfg.n_heads)
-    if not heads:
-        raise ValueError("head_steering: no heads to steer")
-    layers = sorted({layer for layer, _ in heads})
-    # z at the last position: [batch, head, d_head] per layer
-    means = _mean_difference(model, pairs, [z_name(layer) for layer in layers], batch_size)
-    vectors = torch.stack([means[z_name(layer)][head] for layer, head in heads])
-    return Steering("heads", vectors.to(model.cfg.dtype), heads=tuple(heads),
-                    n_pairs=len(pairs))
+    heads = _checked_heads(model, heads)
+    means = _mean_difference(model, pairs, _head_names(heads), batch_size)
+    return _heads_from(model, means, heads, len(pairs))
 
 
 def random_control(
@@ -209,13 +232,19 @@ def settings(
     layers: Sequence[int] = (), alphas: Sequence[float], batch_size: int = 8,
 ) -> list[tuple[Steering, float]]:
     """The grid to choose from: head steering at ``heads`` (when given) and residual steering
-    at each of ``layers``, each with every ``alpha``; each vector is read off once."""
+    at each of ``layers``, each with every ``alpha``; every vector is read off in one pass
+    over the pairs."""
     if not alphas or any(alpha <= 0 for alpha in alphas):
         raise ValueError(f"steering.settings: alphas {list(alphas)} must be positive (alpha = 0 "
                          "is the base model)")
-    steerings = ([head_steering(model, pairs, heads, batch_size=batch_size)] if heads else [])
-    steerings += [residual_steering(model, pairs, layer, batch_size=batch_size)
-                  for layer in layers]
+    heads = _checked_heads(model, heads) if heads else []
+    for layer in layers:
+        _check_layer(model, layer)
+    # every vector off the same forward passes over the pairs
+    names = _head_names(heads) + [resid_name(layer) for layer in layers]
+    means = _mean_difference(model, pairs, names, batch_size) if names else {}
+    steerings = [_heads_from(model, means, heads, len(pairs))] if heads else []
+    steerings += [_residual_from(model, means, layer, len(pairs)) for layer in layers]
     return [(steering, float(alpha)) for steering in steerings for alpha in alphas]
 
 
@@ -243,10 +272,13 @@ def measure(
     return rows
 
 
-def keeps_general(row: Mapping[str, Any], alpha: float = 0.05) -> bool:
+def keeps_general(
+    row: Mapping[str, Any], alpha: float = 0.05, key: str = "general_accuracy"
+) -> bool:
     """Is the row's general ability (its own first answers) not significantly below base's
-    (exact McNemar at ``alpha``; ``row["paired"]["general_accuracy"]``)?"""
-    test = row["paired"]["general_accuracy"]
+    (exact McNemar at ``alpha``; ``row["paired"][key]``)? The tuning sweep's rule too
+    (``benchmarks/sweep_tuning.py``, whose rows say ``"general"``)."""
+    test = row["paired"][key]
     return not (test["difference"] < 0 and test["p"] < alpha)
 
 

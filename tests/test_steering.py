@@ -51,6 +51,27 @@ def test_the_vectors_are_the_mean_reference_minus_counterfactual(tiny_model, pai
         torch.testing.assert_close(vector.double(), difference.mean(0)[head], atol=1e-5, rtol=0)
 
 
+def test_the_grid_reads_every_vector_in_one_pass(tiny_model, pairs, monkeypatch):
+    """settings: the same vectors as each steering read off alone, from one forward pass per
+    side and batch of pairs (not one per steering)."""
+    calls = []
+    read = steering.cache_before_unembed
+    monkeypatch.setattr(steering, "cache_before_unembed",
+                        lambda *args, **kwargs: calls.append(1) or read(*args, **kwargs))
+    grid = steering.settings(tiny_model, pairs, heads=HEADS, layers=[0, 1], alphas=[1.0, 2.0],
+                             batch_size=4)
+    assert len(calls) == 2 * -(-len(pairs) // 4)  # two sides × batches
+    monkeypatch.setattr(steering, "cache_before_unembed", read)
+    alone = [steering.head_steering(tiny_model, pairs, HEADS, batch_size=4),
+             steering.residual_steering(tiny_model, pairs, 0, batch_size=4),
+             steering.residual_steering(tiny_model, pairs, 1, batch_size=4)]
+    assert [(s.kind, s.layer, alpha) for s, alpha in grid] == [
+        (s.kind, s.layer, alpha) for s in alone for alpha in (1.0, 2.0)]
+    for (steered, _alpha), expected in zip(grid[::2], alone, strict=True):
+        assert steered.heads == expected.heads
+        torch.testing.assert_close(steered.vectors, expected.vectors, atol=1e-6, rtol=0)
+
+
 def _marker(pairs):
     """A token in every reference prompt and in no counterfactual one (the challenge's)."""
     reference = set.intersection(*(set(row.tolist()) for row in pairs.reference))
