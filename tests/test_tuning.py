@@ -237,7 +237,7 @@ def test_failed_save_never_replaces_a_good_checkpoint(tiny_examples, tmp_path, m
         Path(filename).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(tuning, "save_file", broken_save)
+    monkeypatch.setattr(tuning.checkpoints, "save_file", broken_save)  # where it is called
     with pytest.raises(OSError, match="disk full"):
         tuning.train(setup, tiny_examples, tuning.TrainConfig(steps=3, batch_size=2,
                      checkpoint_every=1), checkpoint_dir=tmp_path, resume=True, progress=False)

@@ -46,7 +46,7 @@ def train_recorded(optimizer_name: str) -> dict[str, torch.Tensor]:
             {n: p.grad.detach().clone() for n, p in setup.params.items()}))
         return optimizer
 
-    with mock.patch.object(tuning, "_optimizer", recording_optimizer):
+    with mock.patch.object(tuning.loop, "_optimizer", recording_optimizer):  # train calls it
         result = tuning.train(setup, examples, OPTIMIZERS[optimizer_name], progress=False)
     recorded = {"loss": torch.tensor(result.losses, dtype=torch.float64)}
     for index, grads in enumerate(applied):
