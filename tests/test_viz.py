@@ -102,8 +102,8 @@ def test_export_writes_html_only_with_one_warning_when_static_export_fails(
         raise RuntimeError("no chromium")
 
     monkeypatch.setattr(kaleido, "Kaleido", no_browser)
-    monkeypatch.setattr(viz.lab, "_session", viz.KaleidoSession())
-    monkeypatch.setattr(viz.lab, "_static_export_warned", False)
+    monkeypatch.setattr(viz.export, "_session", viz.KaleidoSession())
+    monkeypatch.setattr(viz.export, "_static_export_warned", False)
     with pytest.warns(RuntimeWarning, match="HTML only"):
         written = viz.export_figure(fig, tmp_path, "heatmap")
     assert [p.name for p in written] == ["heatmap.html"]
@@ -111,7 +111,7 @@ def test_export_writes_html_only_with_one_warning_when_static_export_fails(
         warnings.simplefilter("error")
         viz.export_figure(fig, tmp_path, "again")  # no second warning
     assert (tmp_path / "again.html").exists()
-    assert viz.lab._session.launches == 1  # a missing browser is not looked for again
+    assert viz.export._session.launches == 1  # a missing browser is not looked for again
 
 
 def png_size(path) -> tuple[int, int]:
@@ -121,7 +121,7 @@ def png_size(path) -> tuple[int, int]:
 
 def test_export_writes_all_formats_from_one_browser(tmp_path, monkeypatch):
     session = viz.KaleidoSession()
-    monkeypatch.setattr(viz.lab, "_session", session)
+    monkeypatch.setattr(viz.export, "_session", session)
     heatmap = viz.head_heatmap(SCORE, metric_name="score")
     written = viz.export_figure(heatmap, tmp_path, "h", scale=2.0)
     assert sorted(p.suffix for p in written) == [".html", ".pdf", ".png", ".svg"]

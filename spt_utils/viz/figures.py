@@ -1,0 +1,116 @@
+"""The figures of the paper in one publication template (:func:`publication_figure`): the
+Pareto plots, interval bars and training-loss curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+
+from spt_utils.viz.heatmap import FONT, style_figure
+
+# --- the shared publication template (Pareto plot, interval bars) ------------------------
+
+Interval = dict[str, float]  # {"value", "low", "high", ...}: a stats.Rate or a bootstrap
+
+
+def publication_figure(
+    fig: go.Figure, *, title: str, xaxis_title: str, yaxis_title: str,
+    width: int = 640, height: int = 420,
+) -> go.Figure:
+    """The heatmap's publication style (one font, ``simple_white``, its margins) with the
+    given axis titles and size: the one template of every figure but the heatmap."""
+    fig.update_layout(template="simple_white", font=FONT,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, title=title,
+                      xaxis_title=xaxis_title, yaxis_title=yaxis_title,
+                      width=width, height=height)
+    return fig
+
+
+def _error(values: Sequence[Interval]) -> dict[str, Any]:
+    """Plotly asymmetric error bars from intervals."""
+    return {"type": "data", "symmetric": False,
+            "array": [v["high"] - v["value"] for v in values],
+            "arrayminus": [v["value"] - v["low"] for v in values]}
+
+
+def pareto_figure(
+    rows: Sequence[dict[str, Any]], *, x: str = "kl", y: str = "admitted",
+    xaxis_title: str = "KL(base‖tuned) per token", yaxis_title: str = "admitted-mistake rate",
+    title: str = "Effect against drift", base: Interval | None = None,
+) -> go.Figure:
+    """Each row (``group``, ``name``, and intervals under ``x`` and ``y``) as a point with
+    95% intervals on both axes, one colour per group; the lower-left front of the rows
+    (no other row lower on both) is joined by a dashed line. ``base``: the untuned model's
+    ``y`` interval, a dotted line named by its value and interval."""
+    fig = go.Figure()
+    for group in dict.fromkeys(row["group"] for row in rows):
+        members = [row for row in rows if row["group"] == group]
+        fig.add_trace(go.Scatter(
+            x=[r[x]["value"] for r in members], y=[r[y]["value"] for r in members],
+            error_x=_error([r[x] for r in members]), error_y=_error([r[y] for r in members]),
+            mode="markers", name=group, text=[r["name"] for r in members],
+            hovertemplate="%{text}<br>%{x:.4f}, %{y:.2f}<extra></extra>"))
+    points = sorted((r[x]["value"], r[y]["value"]) for r in rows)
+    front, best = [], float("inf")
+    for px, py in points:
+        if py < best:
+            front.append((px, py))
+            best = py
+    fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines",
+                             line={"dash": "dash", "color": "grey"}, name="front",
+                             hoverinfo="skip"))
+    if base is not None:  # across the rows' x extent (a log axis: positive ends only)
+        ends = [v for r in rows for v in (r[x]["low"], r[x]["high"]) if v > 0]
+        fig.add_trace(go.Scatter(
+            x=[min(ends), max(ends)], y=[base["value"]] * 2, mode="lines",
+            line={"dash": "dot", "color": "black"}, hoverinfo="skip",
+            name=f"base {base['value']:.2f} [{base['low']:.2f}, {base['high']:.2f}]"))
+    fig.update_xaxes(type="log")
+    return publication_figure(fig, title=title, xaxis_title=xaxis_title,
+                              yaxis_title=yaxis_title)
+
+
+def sweep_pareto_figure(sweep: dict[str, Any], *, yaxis_title: str) -> go.Figure:
+    """The Pareto figure of a tuning sweep (``sweep.json`` of ``benchmarks/sweep_tuning.py``):
+    its eval-split rows once measured there, else its dev rows, with base as the reference line
+    and the split named in the title."""
+    split = "eval" if "eval" in sweep else "dev"
+    base = next(row for row in sweep[split] if row["method"] == "base")
+    return pareto_figure([row for row in sweep[split] if row is not base], y="target",
+                         yaxis_title=yaxis_title, base=base["target"],
+                         title=f"Sweep on the {split} split: effect against drift")
+
+
+def interval_bars(
+    rows: dict[str, dict[str, Any]], metrics: Sequence[tuple[str, str]], *,
+    title: str = "Rates per method (95% intervals)",
+) -> go.Figure:
+    """Grouped bars, one group per metric ``(key, label)`` and one bar per method, with the
+    intervals as error bars; metrics a method lacks are left out."""
+    fig = go.Figure()
+    for method, row in rows.items():
+        shown = [(label, row[key]) for key, label in metrics if row.get(key)]
+        fig.add_trace(go.Bar(name=method, x=[label for label, _ in shown],
+                             y=[value["value"] for _, value in shown],
+                             error_y=_error([value for _, value in shown])))
+    fig.update_layout(barmode="group")
+    return publication_figure(fig, title=title, xaxis_title="", yaxis_title="rate",
+                              width=760)
+
+
+def loss_curves(methods: dict[str, dict[str, Any]]) -> go.Figure:
+    """Training loss per step for each method of a tuning index (``{"losses": [...]}``);
+    methods without losses (few-shot prompting trains nothing) are left out."""
+    fig = go.Figure()
+    for method, entry in methods.items():
+        losses = entry.get("losses") or []
+        if losses:
+            steps = list(range(1, len(losses) + 1))
+            fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines+markers", name=method))
+    style_figure(fig).update_layout(
+        title="Training loss per method", xaxis_title="step",
+        yaxis_title="loss (final assistant turn)", width=640, height=400,
+    )
+    return fig
