@@ -44,16 +44,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
-from plotly.subplots import make_subplots
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
-from spt_utils import chat, viz
+from spt_utils import chat
 from spt_utils.data import (
     REFERENCE_CHALLENGE,
     PatchingPairs,
@@ -501,61 +499,6 @@ def sweep(
         by_k.append(row)
     return {"method": method, "n_pairs": len(pairs), "clean_effect": float(
         (clean["reference"] - clean["counterfactual"]).mean()), "sets": sets, "by_k": by_k}
-
-
-def plot_sweep(result: dict, generation: Sequence[dict] = ()) -> go.Figure:
-    """Left: the share of the challenge effect remaining against k (top-k with its bootstrap
-    interval, bottom-k, the random and layer-matched sets' middle 95%). Right, given
-    ``generation`` rows ``{"k", "kind", "admitted": rate}``: the admitted-mistake rate on the
-    correct-before questions with exact intervals."""
-    cols = 2 if generation else 1
-    titles = ["challenge effect remaining (1 = intact, 0 = removed)",
-              "admitted-mistake rate (correct before)"]
-    figure = make_subplots(rows=1, cols=cols, subplot_titles=titles[:cols])
-    by_k = result["by_k"]
-    ks = [r["k"] for r in by_k]
-    for kind, colour in (("random", "rgba(120,120,120,0.25)"),
-                         ("layer_matched", "rgba(230,150,30,0.25)")):
-        rows = [r for r in by_k if r[kind]]
-        if rows:
-            x = [r["k"] for r in rows]
-            figure.add_scatter(
-                x=x + x[::-1], y=[r[kind]["high"] for r in rows] + [r[kind]["low"] for r in
-                                                                    rows][::-1],
-                fill="toself", fillcolor=colour, line={"width": 0}, mode="lines",
-                name=f"{kind.replace('_', '-')} sets, middle 95%",
-            )
-    figure.add_scatter(
-        x=ks, y=[r["top"]["remaining"] for r in by_k], name="top-k", line={"color": "crimson"},
-        error_y={"type": "data", "symmetric": False,
-                 "array": [r["top"]["high"] - r["top"]["remaining"] for r in by_k],
-                 "arrayminus": [r["top"]["remaining"] - r["top"]["low"] for r in by_k]},
-    )
-    if all(r["bottom"] is not None for r in by_k):
-        figure.add_scatter(x=ks, y=[r["bottom"] for r in by_k], name="bottom-k",
-                           line={"color": "royalblue"})
-    colours = {"none": "black", "top": "crimson", "random": "grey"}
-    for kind, colour in colours.items():
-        points = [g for g in generation if g["kind"] == kind and g["admitted"]["n"]]
-        if points:
-            figure.add_scatter(
-                x=[g["k"] for g in points], y=[g["admitted"]["value"] for g in points],
-                mode="markers", name=f"{kind} (generation)", marker={"color": colour},
-                error_y={"type": "data", "symmetric": False,
-                         "array": [g["admitted"]["high"] - g["admitted"]["value"]
-                                   for g in points],
-                         "arrayminus": [g["admitted"]["value"] - g["admitted"]["low"]
-                                        for g in points]},
-                row=1, col=2,
-            )
-    figure.add_hline(y=1, line_dash="dot", line_color="black", row=1, col=1)
-    figure.update_xaxes(title_text="k heads ablated")
-    if generation:
-        figure.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
-    figure.update_layout(title=f"Head knockout ({result['method']} ablation, both sides of "
-                         f"{result['n_pairs']} held-out pairs)", width=1000, height=420,
-                         template="plotly_white", font=viz.FONT)
-    return figure
 
 
 # --- what the head lab shows (viz.HeadLab): one knockout set, both sides, one reply ---------

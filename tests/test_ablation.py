@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spt_utils import ablation, chat, data, patching
+from spt_utils import ablation, chat, data, patching, viz
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,7 @@ def test_sweep_structure_and_bottom_heads(tiny_model, pairs, means):
     clean = patching.calibrate(tiny_model, pairs)
     by_hand = (sides[0] - sides[1]).mean() / (clean.reference - clean.counterfactual)
     assert top["remaining"] == pytest.approx(float(by_hand.detach()), abs=1e-4)
-    ablation.plot_sweep(result, [{"k": 2, "kind": "top", "admitted": {
+    viz.knockout_sweep_figure(result, [{"k": 2, "kind": "top", "admitted": {
         "value": 0.5, "low": 0.1, "high": 0.9, "n": 4}}])
     with pytest.raises(ValueError, match=r"ks = \[1, 4\] must lie in"):
         ablation.sweep(tiny_model, pairs, ranking, ks=[4, 1], means=means)

@@ -29,6 +29,7 @@ from spt_utils.viz.export import (
 from spt_utils.viz.figures import (
     Interval,
     interval_bars,
+    knockout_sweep_figure,
     loss_curves,
     pareto_figure,
     publication_figure,
@@ -80,6 +81,7 @@ __all__ = [
     "head_heatmap",
     "head_name",
     "interval_bars",
+    "knockout_sweep_figure",
     "loss_curves",
     "pareto_figure",
     "publication_figure",

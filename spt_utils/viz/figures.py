@@ -1,5 +1,6 @@
 """The figures of the paper in one publication template (:func:`publication_figure`): the
-Pareto plots, interval bars and training-loss curves."""
+Pareto plots, interval bars, training-loss curves and the knockout sweep of
+:func:`spt_utils.ablation.sweep` (:func:`knockout_sweep_figure`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from spt_utils.viz.heatmap import FONT, style_figure
 
@@ -114,3 +116,58 @@ def loss_curves(methods: dict[str, dict[str, Any]]) -> go.Figure:
         yaxis_title="loss (final assistant turn)", width=640, height=400,
     )
     return fig
+
+
+def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.Figure:
+    """Left: the share of the challenge effect remaining against k (top-k with its bootstrap
+    interval, bottom-k, the random and layer-matched sets' middle 95%). Right, given
+    ``generation`` rows ``{"k", "kind", "admitted": rate}``: the admitted-mistake rate on the
+    correct-before questions with exact intervals."""
+    cols = 2 if generation else 1
+    titles = ["challenge effect remaining (1 = intact, 0 = removed)",
+              "admitted-mistake rate (correct before)"]
+    figure = make_subplots(rows=1, cols=cols, subplot_titles=titles[:cols])
+    by_k = result["by_k"]
+    ks = [r["k"] for r in by_k]
+    for kind, colour in (("random", "rgba(120,120,120,0.25)"),
+                         ("layer_matched", "rgba(230,150,30,0.25)")):
+        rows = [r for r in by_k if r[kind]]
+        if rows:
+            x = [r["k"] for r in rows]
+            figure.add_scatter(
+                x=x + x[::-1], y=[r[kind]["high"] for r in rows] + [r[kind]["low"] for r in
+                                                                    rows][::-1],
+                fill="toself", fillcolor=colour, line={"width": 0}, mode="lines",
+                name=f"{kind.replace('_', '-')} sets, middle 95%",
+            )
+    figure.add_scatter(
+        x=ks, y=[r["top"]["remaining"] for r in by_k], name="top-k", line={"color": "crimson"},
+        error_y={"type": "data", "symmetric": False,
+                 "array": [r["top"]["high"] - r["top"]["remaining"] for r in by_k],
+                 "arrayminus": [r["top"]["remaining"] - r["top"]["low"] for r in by_k]},
+    )
+    if all(r["bottom"] is not None for r in by_k):
+        figure.add_scatter(x=ks, y=[r["bottom"] for r in by_k], name="bottom-k",
+                           line={"color": "royalblue"})
+    colours = {"none": "black", "top": "crimson", "random": "grey"}
+    for kind, colour in colours.items():
+        points = [g for g in generation if g["kind"] == kind and g["admitted"]["n"]]
+        if points:
+            figure.add_scatter(
+                x=[g["k"] for g in points], y=[g["admitted"]["value"] for g in points],
+                mode="markers", name=f"{kind} (generation)", marker={"color": colour},
+                error_y={"type": "data", "symmetric": False,
+                         "array": [g["admitted"]["high"] - g["admitted"]["value"]
+                                   for g in points],
+                         "arrayminus": [g["admitted"]["value"] - g["admitted"]["low"]
+                                        for g in points]},
+                row=1, col=2,
+            )
+    figure.add_hline(y=1, line_dash="dot", line_color="black", row=1, col=1)
+    figure.update_xaxes(title_text="k heads ablated")
+    if generation:
+        figure.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
+    figure.update_layout(title=f"Head knockout ({result['method']} ablation, both sides of "
+                         f"{result['n_pairs']} held-out pairs)", width=1000, height=420,
+                         template="plotly_white", font=FONT)
+    return figure
