@@ -1,4 +1,5 @@
-"""The shared publication template: the Pareto figure and the interval bars."""
+"""The shared publication template: the Pareto figure, the interval bars and the knockout
+sweep."""
 
 from __future__ import annotations
 
@@ -61,3 +62,22 @@ def test_interval_bars_leave_out_missing_metrics():
     assert list(fig.data[0].x) == ["admitted"]
     assert list(fig.data[1].x) == ["admitted", "corrected"]
     assert list(fig.data[1].error_y.array) == pytest.approx([0.2, 0.2])
+
+
+def test_knockout_sweep_figure_draws_both_panels_with_titles_and_legend_in_the_frame():
+    by_k = [{"k": k, "top": {"remaining": r, "low": r - 0.2, "high": r + 0.1}, "bottom": 1.1,
+             "random": _point(0.9, 0.7, 1.2), "layer_matched": None}
+            for k, r in ((1, 0.5), (2, 0.2))]
+    generation = [{"k": 0, "kind": "none", "admitted": {**_point(0.1, 0.0, 0.3), "n": 10}},
+                  {"k": 2, "kind": "top", "admitted": {**_point(0.4, 0.2, 0.6), "n": 10}}]
+    fig = viz.knockout_sweep_figure({"method": "mean", "n_pairs": 8, "by_k": by_k}, generation)
+    assert [t.name for t in fig.data] == ["random sets, middle 95%", "top-k", "bottom-k",
+                                          "none (generation)", "top (generation)"]
+    assert list(fig.data[1].error_y.arrayminus) == pytest.approx([0.2, 0.2])
+    assert fig.data[-1].xaxis == "x2" and list(fig.data[-1].y) == [0.4]
+    # each panel's title in two short lines, the legend under the panels
+    assert all("<br>" in a.text for a in fig.layout.annotations)
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+    assert fig.layout.font.family == viz.FONT["family"]
+    assert len(viz.knockout_sweep_figure({"method": "zero", "n_pairs": 8, "by_k": by_k})
+               .layout.annotations) == 1

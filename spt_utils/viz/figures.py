@@ -124,8 +124,8 @@ def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.F
     ``generation`` rows ``{"k", "kind", "admitted": rate}``: the admitted-mistake rate on the
     correct-before questions with exact intervals."""
     cols = 2 if generation else 1
-    titles = ["challenge effect remaining (1 = intact, 0 = removed)",
-              "admitted-mistake rate (correct before)"]
+    titles = ["challenge effect remaining<br>(1 = intact, 0 = removed)",
+              "admitted-mistake rate<br>(correct before)"]
     figure = make_subplots(rows=1, cols=cols, subplot_titles=titles[:cols])
     by_k = result["by_k"]
     ks = [r["k"] for r in by_k]
@@ -163,11 +163,17 @@ def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.F
                                         for g in points]},
                 row=1, col=2,
             )
-    figure.add_hline(y=1, line_dash="dot", line_color="black", row=1, col=1)
-    figure.update_xaxes(title_text="k heads ablated")
+    figure.add_hline(y=1, line_dash="dot", line_color="black", line_width=2, opacity=1,
+                     row=1, col=1)  # the template's shapes are invisible (width 0)
     if generation:
         figure.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
-    figure.update_layout(title=f"Head knockout ({result['method']} ablation, both sides of "
-                         f"{result['n_pairs']} held-out pairs)", width=1000, height=420,
-                         template="plotly_white", font=FONT)
-    return figure
+    publication_figure(figure, title=f"Head knockout ({result['method']} ablation, both sides "
+                       f"of {result['n_pairs']} held-out pairs)", xaxis_title="",
+                       yaxis_title="", width=900, height=520)
+    # two-line panel titles under the figure's title, the legend under the panels: every
+    # label inside the frame at a paper's page width
+    figure.update_xaxes(title_text="k heads ablated")
+    return figure.update_layout(
+        margin={"l": 60, "r": 20, "t": 95, "b": 20}, title={"y": 0.97, "yanchor": "top"},
+        legend={"orientation": "h", "x": 0.5, "xanchor": "center", "y": -0.2,
+                "yanchor": "top"})
