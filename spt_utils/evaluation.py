@@ -754,15 +754,17 @@ FIGURE_METRICS = (
 
 def results_figure(results: dict[str, dict[str, Any]]):
     """Grouped bars (one group per metric, one bar per candidate, exact 95% intervals) and
-    KL."""
+    KL (one bar per candidate, named on its axis)."""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
+    from spt_utils.viz import publication_figure
+
     figure = make_subplots(
-        rows=1, cols=2, column_widths=[0.75, 0.25],
+        rows=1, cols=2, column_widths=[0.68, 0.32], horizontal_spacing=0.15,
         subplot_titles=("rates (exact 95% intervals)",
-                        "KL(base‖method) per token (bootstrap 95%)"),
+                        "KL(base‖method) per token<br>(bootstrap 95%)"),
     )
     for index, (name, row) in enumerate(results.items()):
         colour = qualitative.Plotly[index % len(qualitative.Plotly)]
@@ -783,12 +785,23 @@ def results_figure(results: dict[str, dict[str, Any]]):
         kl = row.get("kl") or {"value": 0.0, "low": 0.0, "high": 0.0}
         figure.add_trace(
             go.Bar(name=name, legendgroup=name, showlegend=False, marker_color=colour,
-                   x=[name], y=[kl["value"]],
-                   error_y={"type": "data", "symmetric": False,
+                   x=[kl["value"]], y=[name], orientation="h",
+                   error_x={"type": "data", "symmetric": False,
                             "array": [kl["high"] - kl["value"]],
                             "arrayminus": [kl["value"] - kl["low"]]}),
             row=1, col=2,
         )
-    figure.update_layout(barmode="group", template="plotly_white", height=420, width=1000)
+    publication_figure(figure, title="", xaxis_title="", yaxis_title="rate", width=1000,
+                       height=480)
+    # no title band; metric names broken in two lines rather than rotated; the candidates
+    # top-down in the legend's order on the KL axis; the legend under the panels
+    labels = [label for _, label in FIGURE_METRICS]
+    figure.update_xaxes(tickvals=labels, ticktext=[label.replace(" ", "<br>", 1)
+                                                   for label in labels], tickangle=0,
+                        row=1, col=1)
     figure.update_yaxes(range=[0, 1], row=1, col=1)
-    return figure
+    figure.update_yaxes(autorange="reversed", row=1, col=2)
+    return figure.update_layout(
+        barmode="group", margin={"l": 60, "r": 20, "t": 60, "b": 20},
+        legend={"orientation": "h", "x": 0.5, "xanchor": "center", "y": -0.15,
+                "yanchor": "top"})

@@ -261,9 +261,10 @@ def test_results_figure_has_a_rate_and_a_kl_bar_per_candidate():
     figure = evaluation.results_figure({"base": row, "spt": {**row, "kl": kl}})
     assert len(figure.data) == 4
     assert list(figure.data[0].x) == ["admitted mistake", "truthfulness", "general accuracy"]
-    assert figure.data[3].y[0] == 0.2 and figure.data[2].marker.color == figure.data[3].marker.color
-    assert figure.data[3].error_y.array[0] == pytest.approx(0.1)
-    assert figure.data[3].error_y.arrayminus[0] == pytest.approx(0.05)
+    assert figure.data[3].x[0] == 0.2 and figure.data[2].marker.color == figure.data[3].marker.color
+    assert list(figure.data[3].y) == ["spt"]  # KL bars: horizontal, named on their axis
+    assert figure.data[3].error_x.array[0] == pytest.approx(0.1)
+    assert figure.data[3].error_x.arrayminus[0] == pytest.approx(0.05)
 
 
 def test_kl_interval_is_the_token_weighted_mean_with_a_bootstrap_over_documents():
