@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import align_module_device
+from einops import einsum, rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -623,7 +624,7 @@ def check_sequential_blocks(
     * ``mlp_out = mlp(ln2(resid_mid))`` (the MLP reads only ``resid_mid``);
     * ``resid_post = resid_mid + mlp_out`` and the next ``resid_pre = resid_post``.
     """
-    n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    n_layers = model.cfg.n_layers
     tolerance = BLOCK_TOLERANCE.get(model.cfg.dtype, 5e-2)
     for layer in range(n_layers):
         block = model.blocks[layer]
@@ -631,8 +632,8 @@ def check_sequential_blocks(
         resid_mid, attn_out = cache[_resid_mid_name(layer)], cache[_attn_out_name(layer)]
         mlp_out, resid_post = cache[_mlp_out_name(layer)], cache[_resid_post_name(layer)]
         identities = {
-            "attn_out = o_proj(z)": (block.attn.o(z.reshape(len(z), n_heads * d_head)),
-                                     attn_out),
+            "attn_out = o_proj(z)": (
+                block.attn.o(rearrange(z, "batch head d_head -> batch (head d_head)")), attn_out),
             "resid_mid = resid_pre + attn_out": (
                 cache[_resid_pre_name(layer)] + attn_out.to(resid_mid.device), resid_mid),
             "mlp_out = mlp(ln2(resid_mid))": (block.mlp(block.ln2(resid_mid)), mlp_out),
@@ -697,13 +698,16 @@ def path_patch_heads(model: TransformerBridge, pairs: PatchingPairs) -> HeadScor
         dz = counterfactual[z_name(layer)] - reference[z_name(layer)]
         o_proj = block.attn.o.original_component
         with align_module_device(o_proj):  # an offloaded layer's weight is loaded for this
-            w_o = o_proj.weight.view(-1, n_heads, d_head)
-            delta = torch.einsum("bhe,dhe->hbd", dz.to(w_o.device), w_o)  # [head, batch, d_model]
+            w_o = rearrange(o_proj.weight, "d_model (head d_head) -> d_model head d_head",
+                            head=n_heads, d_head=d_head)
+            delta = einsum(dz.to(w_o.device), w_o,
+                           "batch head d_head, d_model head d_head -> head batch d_model")
         senders = resid_mid + delta.to(resid_mid.device)
         stack = senders if stack is None else torch.cat([stack, senders])
         stack = stack + block.mlp(block.ln2(stack))
-    per_pair = answer_unembed(model, stack, pairs).view(n_layers, n_heads, -1).cpu()
-    return _scores("path", per_pair, calibration)
+    per_pair = rearrange(answer_unembed(model, stack, pairs),  # [senders, batch]
+                         "(layer head) batch -> layer head batch", layer=n_layers, head=n_heads)
+    return _scores("path", per_pair.cpu(), calibration)
 
 
 def _reference_and_counterfactual_cache(
@@ -890,7 +894,7 @@ def attribution_patch_heads(
         else:
             width = z_ref.shape[1]
             rows.append(((counterfactual[name][:, :width] - z_ref) * grad).sum((1, 3)))
-    estimate = torch.stack(rows).transpose(1, 2).cpu()  # [layer, head, batch]
+    estimate = rearrange(rows, "layer batch head -> layer head batch").cpu()
     calibration = _checked_calibration(
         reference_diff, _last_logit_diff(counterfactual_logits, pairs.counterfactual_last, pairs)
     )
@@ -945,7 +949,7 @@ def _z_dot_grad(
     # z, grad: [batch, pos, head, d_head] -> [batch, head] per layer
     products = torch.stack([(store[name].detach() * grad).sum((1, 3))
                             for name, grad in zip(z_names, grads, strict=True)])
-    return per_row.detach().cpu(), products.transpose(1, 2).cpu()
+    return per_row.detach().cpu(), rearrange(products, "layer batch head -> layer head batch").cpu()
 
 
 def knockout_attribution_heads(
