@@ -118,12 +118,49 @@ def known_eval_questions(run_dir: Path) -> list[dict]:
             if answers[q["id"]]["correct"]]
 
 
+# What a run holds that a failure report does not need: the tuned models and checkpoints.
+WEIGHTS = ("tuned",)
+
+
+def drop_weights(run_dir: Path) -> None:
+    """Remove a run's tuned models and checkpoints (gigabytes), keeping its notebooks,
+    manifest and results for a failure report."""
+    for name in WEIGHTS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def tear_down(request: pytest.FixtureRequest, *folders: Path) -> None:
+    """A module fixture's run folders after its tests: removed when every test so far passed,
+    else only their weights (pytest keeps a failing session's temp directory)."""
+    for folder in folders:
+        if request.session.testsfailed:
+            drop_weights(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
 @pytest.fixture(scope="module")
-def executed_run(tmp_path_factory):
+def executed_run(tmp_path_factory, request):
     run_dir = tmp_path_factory.mktemp("run")
     figures = tmp_path_factory.mktemp("figures")
     manifest = pipeline.run_pipeline(run_dir, profile="test", figures_dir=figures)
-    return run_dir, manifest, figures
+    yield run_dir, manifest, figures
+    tear_down(request, run_dir, figures)
+
+
+def test_a_failed_run_leaves_under_50_mb_behind(executed_run, tmp_path):
+    """What the fixtures leave in the temp directory when a test fails: the executed run
+    (hard-linked, not copied) without its weights."""
+    run_dir, _, _ = executed_run
+    left = tmp_path / "left"
+    shutil.copytree(run_dir, left, copy_function=os.link)
+    assert folder_bytes(left) > 200e6  # the tuned models are there to drop
+    drop_weights(left)
+    assert folder_bytes(left) < 50e6
 
 
 def test_committed_notebooks_have_no_outputs():
@@ -570,7 +607,7 @@ def interrupt_when(command: list[str], ready, timeout_s: float = 900) -> None:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(executed_run, tmp_path_factory):
+def resumed_run(executed_run, tmp_path_factory, request):
     """The finished run's notebooks 00-03 and 06 and their files, notebook 04 interrupted
     after its first checkpoint, then the run finished with --resume."""
     done_dir, _, done_figures = executed_run
@@ -596,7 +633,8 @@ def resumed_run(executed_run, tmp_path_factory):
         lambda: any(first_checkpoint.glob("step-*")))
     assert not (run_dir / pipeline.DONE_DIR / later[0].name).exists()  # stopped inside 04
     pipeline.run_pipeline(run_dir, profile="test", figures_dir=figures)
-    return run_dir, figures, before
+    yield run_dir, figures, before
+    tear_down(request, run_dir, figures)
 
 
 def test_a_resumed_run_keeps_finished_artifacts(resumed_run):
