@@ -51,6 +51,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # the CPU sizes and every baseline before the lean default (about 100 minutes here)
     "full": {
         "01": {"n_eval": [80, 60]},
+        "02": {"n_oracle_layers": 3},
         "03": {"k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
                "n_random_generate": 5},
         "04": {"methods": FULL_TUNED, "random_head_draws": 2, "planted_bound": True},

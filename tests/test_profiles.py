@@ -101,6 +101,7 @@ def test_full_paper_and_test_profiles_keep_every_baseline(profile):
 def test_the_full_profile_keeps_the_earlier_cpu_sizes():
     """``SPT_PROFILE=full`` is the CPU run before the lean default (commit af2db90's values)."""
     assert effective("01", "full")["n_eval"] == [80, 60]
+    assert effective("02", "full")["n_oracle_layers"] == 3
     assert {key: effective("03", "full")[key] for key in
             ("k_values", "n_random", "n_layer_matched", "n_generate", "n_random_generate")} == {
         "k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from spt_utils.patching import load_heads
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m spt_utils.tuning", description=main.__doc__)
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--method", choices=METHODS, default="spt")
