@@ -74,9 +74,11 @@ def upper_bound() -> list[str]:
 
 
 def steered() -> list[str]:
-    """Notebook 05's steered candidates: each kind's dev choice and its random control."""
-    return [name for kind in asked("05", "steering_kinds")
-            for name in (f"steer_{kind}", f"steer_{kind}_random")]
+    """Notebook 05's steered candidates: each kind's dev choice and its random control, and
+    head steering at the planted heads with the upper bound."""
+    kinds = asked("05", "steering_kinds")
+    return [*(name for kind in kinds for name in (f"steer_{kind}", f"steer_{kind}_random")),
+            *(["steer_planted"] if upper_bound() and "heads" in kinds else [])]
 
 
 def claim_metric() -> str:
@@ -454,6 +456,10 @@ def test_steering_was_chosen_on_dev_by_the_rule_and_controlled(executed_run):
             assert not {tuple(h) for h in control["heads"]} & {tuple(h) for h in choice["heads"]}
         else:
             assert control["layer"] == choice["layer"]
+    if "steer_planted" in steered():  # the upper bound: the planted heads, the heads' alpha
+        bound = chosen["steer_planted"]
+        assert bound["heads"] == planted() and bound["kind"] == "heads"
+        assert bound["alpha"] == chosen["steer_heads"]["alpha"] and bound["label"] == ""
     comparison = (run_dir / "eval" / "steering_vs_spt.md").read_text()
     assert all(f"| {name} |" in comparison for name in steered())
 
