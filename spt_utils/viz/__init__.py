@@ -7,9 +7,10 @@
   (:class:`KaleidoSession`), opened on first use and closed at exit.
 * :func:`attention_patterns` — circuitsvis attention patterns of chosen heads, rendered
   offline (the JavaScript bundled with circuitsvis is inlined; no CDN).
-* :class:`HeadLab` — the heatmap beside the model's reply: clicks toggle heads in a knockout
-  set, and the reply, its verdict and both sides' logit differences update live (the
-  measurements come from a probe, e.g. :class:`spt_utils.ablation.KnockoutProbe`).
+* :class:`HeadLab` — the heatmap beside the model's reply: clicks toggle heads in a set that
+  is knocked out (or steered, at the α slider's strength), and the reply, its verdict and
+  both sides' logit differences update live (the measurements come from a probe, e.g.
+  :class:`spt_utils.ablation.KnockoutProbe` or :class:`spt_utils.steering.SteeringProbe`).
 
 The submodules, lowest first:
 
