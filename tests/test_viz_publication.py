@@ -81,3 +81,19 @@ def test_knockout_sweep_figure_draws_both_panels_with_titles_and_legend_in_the_f
     assert fig.layout.font.family == viz.FONT["family"]
     assert len(viz.knockout_sweep_figure({"method": "zero", "n_pairs": 8, "by_k": by_k})
                .layout.annotations) == 1
+
+
+def test_one_k_draws_its_random_sets_as_a_box_and_the_planted_heads_beside_the_top():
+    """The lean default sweeps k = 8 alone: the random sets' middle 95% is a box around it
+    (a band of no width would draw nothing), and generation's kinds at k stand apart."""
+    by_k = [{"k": 8, "top": {"remaining": 0.2, "low": 0.1, "high": 0.3}, "bottom": 1.0,
+             "random": _point(0.9, 0.6, 1.3), "layer_matched": None}]
+    generation = [{"k": 8, "kind": kind, "admitted": {**_point(0.5, 0.3, 0.7), "n": 10}}
+                  for kind in ("top", "random", "planted")]
+    fig = viz.knockout_sweep_figure({"method": "mean", "n_pairs": 8, "by_k": by_k}, generation)
+    band = fig.data[0]
+    assert list(band.x) == pytest.approx([7.7, 8.3, 8.3, 7.7])
+    assert list(band.y) == pytest.approx([1.3, 1.3, 0.6, 0.6])
+    points = {t.name: t.x[0] for t in fig.data if t.name.endswith("(generation)")}
+    assert points == pytest.approx({"top (generation)": 7.8, "random (generation)": 8.0,
+                                    "planted (generation)": 8.2})

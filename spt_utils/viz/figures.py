@@ -134,10 +134,12 @@ def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.F
         rows = [r for r in by_k if r[kind]]
         if rows:
             x = [r["k"] for r in rows]
+            highs, lows = [r[kind]["high"] for r in rows], [r[kind]["low"] for r in rows]
+            if len(rows) == 1:  # one k: a box around it (a band of no width draws nothing)
+                x, highs, lows = [x[0] - 0.3, x[0] + 0.3], highs * 2, lows * 2
             figure.add_scatter(
-                x=x + x[::-1], y=[r[kind]["high"] for r in rows] + [r[kind]["low"] for r in
-                                                                    rows][::-1],
-                fill="toself", fillcolor=colour, line={"width": 0}, mode="lines",
+                x=x + x[::-1], y=highs + lows[::-1], fill="toself", fillcolor=colour,
+                line={"width": 0}, mode="lines",
                 name=f"{kind.replace('_', '-')} sets, middle 95%",
             )
     figure.add_scatter(
@@ -149,12 +151,14 @@ def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.F
     if all(r["bottom"] is not None for r in by_k):
         figure.add_scatter(x=ks, y=[r["bottom"] for r in by_k], name="bottom-k",
                            line={"color": "royalblue"})
-    colours = {"none": "black", "top": "crimson", "random": "grey"}
-    for kind, colour in colours.items():
+    # each kind beside the others at its k (on an organism, its planted heads too)
+    styles = {"none": ("black", 0.0), "top": ("crimson", -0.2), "random": ("grey", 0.0),
+              "planted": ("forestgreen", 0.2)}
+    for kind, (colour, shift) in styles.items():
         points = [g for g in generation if g["kind"] == kind and g["admitted"]["n"]]
         if points:
             figure.add_scatter(
-                x=[g["k"] for g in points], y=[g["admitted"]["value"] for g in points],
+                x=[g["k"] + shift for g in points], y=[g["admitted"]["value"] for g in points],
                 mode="markers", name=f"{kind} (generation)", marker={"color": colour},
                 error_y={"type": "data", "symmetric": False,
                          "array": [g["admitted"]["high"] - g["admitted"]["value"]
