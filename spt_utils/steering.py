@@ -316,24 +316,12 @@ def chosen_with_controls(
     return result
 
 
-@torch.no_grad()
-def head_vector_table(
-    model: TransformerBridge, pairs: PatchingPairs, *, batch_size: int = 8
-) -> Float[Tensor, "layer head d_head"]:
-    """Every head's steering vector (:func:`head_steering`'s), read off in one pass over the
-    pairs."""
-    names = [z_name(layer) for layer in range(model.cfg.n_layers)]
-    # z at the last position, per layer: [head, d_head]
-    means = _mean_difference(model, pairs, names, batch_size)
-    return torch.stack([means[name] for name in names]).to(model.cfg.dtype)
-
-
 class SteeringProbe(ablation.KnockoutProbe):
     """The head lab's probe (:class:`spt_utils.viz.HeadLab`) with a steering mode: beside
     the knockout methods, ``"steer"`` subtracts ``alpha`` × each clicked head's steering
     vector at that head (:func:`steer`; ``alpha`` is the lab's slider). The vectors are read
     off ``steer_pairs`` (notebook 01's patching pairs, not the lab's held-out questions),
-    every head's at the first steered update (:func:`head_vector_table`). The other
+    every head's in one pass at the first steered update. The other
     arguments are :class:`~spt_utils.ablation.KnockoutProbe`'s."""
 
     scaled_methods = ("steer",)
@@ -343,7 +331,7 @@ class SteeringProbe(ablation.KnockoutProbe):
                  **knockout: Any) -> None:
         super().__init__(model, questions, answers, **knockout)
         self.steer_pairs = steer_pairs
-        self._table: Tensor | None = None  # [layer, head, d_head], read off once
+        self._means: dict[str, Tensor] | None = None  # z name → [head, d_head], once
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -351,14 +339,12 @@ class SteeringProbe(ablation.KnockoutProbe):
 
     def steering(self, heads: Sequence[Head]) -> Steering:
         """The head steering at ``heads``, from the vectors read off ``steer_pairs``."""
-        heads = validate_heads([tuple(h) for h in heads], self.model.cfg.n_layers,
-                               self.model.cfg.n_heads)
-        if self._table is None:
-            self._table = head_vector_table(self.model, self.steer_pairs,
-                                            batch_size=self.batch_size)
-        return Steering("heads", self._table[[layer for layer, _ in heads],
-                                             [head for _, head in heads]],
-                        heads=tuple(heads), n_pairs=len(self.steer_pairs))
+        heads = _checked_heads(self.model, heads)
+        if self._means is None:  # every head's vector, so any later click costs no pass
+            names = [z_name(layer) for layer in range(self.model.cfg.n_layers)]
+            self._means = _mean_difference(self.model, self.steer_pairs, names,
+                                           self.batch_size)
+        return _heads_from(self.model, self._means, heads, len(self.steer_pairs))
 
     def intervention(
         self, heads: Sequence[Head], method: str, alpha: float | None = None
