@@ -108,10 +108,21 @@ def test_the_full_profile_keeps_the_earlier_cpu_sizes():
         "n_random_generate": 5}
 
 
-@pytest.mark.parametrize("profile", ["cpu", "full", "paper", "test"])
-def test_every_profile_steers_at_the_heads_and_the_residual_stream(profile):
-    """Issue 28: both steerings are evaluated in every profile, with a grid to choose from on
-    dev (one alpha only in the smoke profile) and residual layers inside the model."""
+def test_the_lean_default_leaves_steering_out_and_names_it():
+    """Issue 27 over 28: the lean default evaluates no steering (the lab still steers), and
+    the README's list of what the default leaves out says so."""
+    assert effective("05", "cpu")["steering_kinds"] == []
+    assert effective("03", "cpu")["lab_alpha"] > 0
+    readme = (pipeline.NOTEBOOKS.parent / "README.md").read_text()
+    left_out = readme.split("What the default leaves out", 1)[1].split("\n\n", 1)[0]
+    assert "steering" in left_out
+
+
+@pytest.mark.parametrize("profile", ["full", "paper", "test"])
+def test_every_other_profile_steers_at_the_heads_and_the_residual_stream(profile):
+    """Issue 28: both steerings are evaluated in the full, paper and test profiles, with a
+    grid to choose from on dev (one alpha only in the smoke profile) and residual layers
+    inside the model."""
     evaluated = effective("05", profile)
     assert set(evaluated["steering_kinds"]) == {"heads", "residual"}
     assert len(evaluated["steer_alphas"]) >= (1 if profile == "test" else 2)
