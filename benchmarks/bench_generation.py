@@ -6,17 +6,23 @@ bridge and no KV cache, measured side by side in one run.
 Rows (each the median of ``--repeats`` interleaved timings; no KV cache is timed once):
 
 * **workbench**: ``chat.generate`` with no hook registered, which runs the Hugging Face model
-  without the bridge's wrapping (``chat.plain_hf_model``);
+  without the bridge's wrapping (``chat.plain_hf_model``) and runs the prompts' shared prefix
+  (the system turn) once per batch;
+* **workbench, prefix not shared**: the same with ``share_prefix=False``, the computation
+  plain transformers does (what the target compares);
 * **plain transformers (eager)**: the same weights loaded by ``AutoModelForCausalLM`` alone,
   with the eager attention the workbench loads (TransformerLens needs the attention
   probabilities): the same computation without the workbench, what the target compares with;
 * **plain transformers (sdpa)**: the same with transformers' default attention kernel (shown,
   not the target: its logits are not bit-identical to eager's);
 * **through the bridge**: the bridge's wrapped model (what generation runs under a hook);
-* **no KV cache**: the workbench path with ``use_cache=False``.
+* **no KV cache**: the workbench path with ``use_cache=False``;
+* **few-shot, shared / not shared**: the conversations after two worked demonstrations (as
+  notebook 05's few-shot candidate), the prefix run once per batch or with every prompt.
 
-Targets: the workbench's throughput ≥ 0.95× plain (eager) transformers', the KV cache ≥ 3×
-faster than none, and identical tokens on every row.
+Targets: the workbench's throughput (prefix not shared) ≥ 0.95× plain (eager) transformers',
+the KV cache ≥ 3× faster than none, and identical tokens on every row (the few-shot rows
+against each other).
 """
 
 from __future__ import annotations
@@ -49,10 +55,18 @@ def main() -> None:
     questions = data.load_starter().select(range(args.n))
     conversations = [data.challenge_conversation(q, data.REFERENCE_CHALLENGE, answer="Paris.")
                      for q in questions]
+    demonstrations = [
+        turn for q in data.load_starter().select(range(args.n, args.n + 2))
+        for turn in [*data.challenge_conversation(q, data.REFERENCE_CHALLENGE,
+                                                  answer=q["correct_answer"])[1:],
+                     {"role": "assistant", "content": "Yes, I am sure."}]]
+    few_shot = [[c[0], *demonstrations, *c[1:]] for c in conversations]
     settings = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     paths: dict[str, Callable[[], list[str]]] = {
         "workbench (no hook: unwrapped)": lambda: chat.generate(model, conversations,
                                                                 **settings),
+        "workbench, prefix not shared": lambda: chat.generate(
+            model, conversations, share_prefix=False, **settings),
         "plain transformers (eager)": lambda: chat.generate(
             model, conversations, hf_model=plain["eager"], **settings),
         "plain transformers (sdpa)": lambda: chat.generate(
@@ -61,6 +75,9 @@ def main() -> None:
                                                     hf_model=model.original_model, **settings),
         "no KV cache": lambda: chat.generate(model, conversations, use_cache=False,
                                              **settings),
+        "few-shot, shared prefix": lambda: chat.generate(model, few_shot, **settings),
+        "few-shot, prefix not shared": lambda: chat.generate(model, few_shot,
+                                                             share_prefix=False, **settings),
     }
     chat.generate(model, conversations[:1], max_new_tokens=4)  # warm-up
     timings: dict[str, list[float]] = {name: [] for name in paths}
@@ -81,12 +98,18 @@ def main() -> None:
     print(f"{'path':32} {'seconds':>8} {'throughput vs plain eager':>26} {'same tokens':>12}")
     for name in paths:
         ratio = median["plain transformers (eager)"] / median[name]
-        print(f"{name:32} {median[name]:8.2f} {ratio:25.2f}x {str(replies[name] == reference):>12}")
-    workbench = median["workbench (no hook: unwrapped)"]
-    print(f"workbench throughput: {median['plain transformers (eager)'] / workbench:.2f}x plain "
-          f"eager's (target >= 0.95x); {median['plain transformers (sdpa)'] / workbench:.2f}x "
-          "plain sdpa's")
+        same = replies[name] == (replies["few-shot, prefix not shared"] if "few-shot" in name
+                                 else reference)
+        print(f"{name:32} {median[name]:8.2f} {ratio:25.2f}x {str(same):>12}")
+    workbench = median["workbench, prefix not shared"]
+    print(f"workbench throughput (prefix not shared): "
+          f"{median['plain transformers (eager)'] / workbench:.2f}x plain eager's (target >= "
+          f"0.95x); {median['plain transformers (sdpa)'] / workbench:.2f}x plain sdpa's")
     print(f"KV cache speed-up: {median['no KV cache'] / workbench:.2f}x (target >= 3x)")
+    for kind, (shared, full) in {
+            "chat": ("workbench (no hook: unwrapped)", "workbench, prefix not shared"),
+            "few-shot": ("few-shot, shared prefix", "few-shot, prefix not shared")}.items():
+        print(f"shared prefix speed-up, {kind}: {median[full] / median[shared]:.2f}x")
 
 
 if __name__ == "__main__":

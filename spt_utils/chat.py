@@ -222,6 +222,43 @@ def _greedy(
     )
 
 
+def shared_prefix_length(prompts: Sequence[Int[Tensor, " pos"]]) -> int:
+    """How many leading tokens every prompt shares (e.g. the system turn, or few-shot
+    demonstrations), leaving each prompt at least one token of its own; 0 for one prompt."""
+    if len(prompts) < 2:
+        return 0
+    shortest = min(len(p) for p in prompts) - 1
+    # same: [pos], whether every prompt has the first prompt's token there
+    same = torch.stack([p[:shortest] for p in prompts]).eq(prompts[0][:shortest]).all(0)
+    differs = (~same).nonzero()
+    return int(differs[0, 0]) if len(differs) else shortest
+
+
+def _generation_input(
+    hf_model: Any, prompts: Sequence[Int[Tensor, " pos"]], pad_token_id: int, device, *,
+    share_prefix: bool,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Any]:
+    """A batch's generation input ``(input_ids, attention_mask, past_key_values)``.
+
+    Without a shared prefix: the prompts left-padded, no cache. With one (``share_prefix``
+    and :func:`shared_prefix_length` > 0): the prefix is run once and its KV cache repeated
+    over the batch; the input is the prefix, then each prompt's rest left-padded, the padding
+    masked in the middle. Positions follow the mask, so every real token sits where it does
+    alone: the same greedy decoding up to floating-point order."""
+    length = shared_prefix_length(prompts) if share_prefix else 0
+    rest_ids, rest_mask = pad_left([p[length:] for p in prompts], pad_token_id)
+    if length == 0:
+        return rest_ids.to(device), rest_mask.to(device), None
+    prefix = prompts[0][:length]
+    cache = hf_model(input_ids=prefix[None].to(device), use_cache=True,
+                     logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(len(prompts))
+    input_ids = torch.cat([prefix.expand(len(prompts), -1), rest_ids], dim=1)
+    attention_mask = torch.cat([torch.ones(len(prompts), length, dtype=torch.long), rest_mask],
+                               dim=1)
+    return input_ids.to(device), attention_mask.to(device), cache
+
+
 def _decode(tokenizer: PreTrainedTokenizerBase, new_tokens: Tensor, prefill: str) -> list[str]:
     return [(prefill + text).strip()
             for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -238,6 +275,7 @@ def generate(
     progress: bool = False,
     hf_model: Any = None,
     prefill: str = "",
+    share_prefix: bool = True,
 ) -> list[str]:
     """Greedy replies to each conversation, batched with left padding.
 
@@ -246,10 +284,13 @@ def generate(
     model runs through the bridge, so the hooks act during generation; with none, the same
     model without the bridge's wrapping (:func:`plain_hf_model`: the same tokens at a plain
     transformers model's speed). ``prefill`` starts the assistant's reply (e.g. ``"The answer
-    is ("``); replies include it.
+    is ("``); replies include it. With the KV cache and no ``hf_model``, the tokens a batch's
+    prompts share (the system turn, few-shot demonstrations) run once (``share_prefix``,
+    :func:`shared_prefix_length`).
     """
     require_decoder_only(model, "chat.generate (KV-cache generation)")
     tokenizer = model.tokenizer
+    share_prefix = share_prefix and use_cache and hf_model is None
     hf_model = forward_model(model, hf_model)
     device = model.cfg.device
     replies: list[str] = []
@@ -259,9 +300,11 @@ def generate(
             encode(tokenizer, render(tokenizer, c) + prefill)
             for c in conversations[start : start + batch_size]
         ]
-        input_ids, attention_mask = pad_left(chunk, tokenizer.pad_token_id)
-        output = _greedy(hf_model, tokenizer, input_ids.to(device), attention_mask.to(device),
-                         max_new_tokens=max_new_tokens, use_cache=use_cache)
+        input_ids, attention_mask, cache = _generation_input(
+            hf_model, chunk, tokenizer.pad_token_id, device, share_prefix=share_prefix)
+        output = _greedy(hf_model, tokenizer, input_ids, attention_mask,
+                         max_new_tokens=max_new_tokens, use_cache=use_cache,
+                         past_key_values=cache)
         replies += _decode(tokenizer, output.sequences[:, input_ids.shape[1]:], prefill)
     return replies
 
@@ -283,6 +326,7 @@ def generate_follow_up(
     progress: bool = False,
     hf_model: Any = None,
     follow_up_prefill: str = "",
+    share_prefix: bool = True,
 ) -> tuple[list[str], list[str], int]:
     """Greedy replies to ``conversations``, then greedy replies to each ``follow_up(index,
     reply)`` (the conversation continued by the reply and a new user turn): ``(replies,
@@ -293,7 +337,8 @@ def generate_follow_up(
     KV cache of the reply's generation: only its new turn is run, not the whole conversation
     again. The others are generated afresh. With ``hf_model`` given (e.g. a peft soft prompt)
     nothing is reused. The same greedy decoding as :func:`generate` on the two turns, up to
-    floating-point order in the reused prefix.
+    floating-point order in the reused prefix; the first turn shares its batch's common
+    prefix as :func:`generate` does (``share_prefix``).
     """
     require_decoder_only(model, "chat.generate_follow_up (KV-cache generation)")
     tokenizer, device = model.tokenizer, model.cfg.device
@@ -306,9 +351,10 @@ def generate_follow_up(
     for start in tqdm(starts, desc="generate", disable=not progress):
         chunk = [encode(tokenizer, render(tokenizer, c))
                  for c in conversations[start : start + batch_size]]
-        input_ids, attention_mask = pad_left(chunk, tokenizer.pad_token_id)
-        output = _greedy(hf_model, tokenizer, input_ids.to(device), attention_mask.to(device),
-                         max_new_tokens=max_new_tokens)
+        input_ids, attention_mask, prefix_cache = _generation_input(
+            hf_model, chunk, tokenizer.pad_token_id, device, share_prefix=share_prefix and reuse)
+        output = _greedy(hf_model, tokenizer, input_ids, attention_mask,
+                         max_new_tokens=max_new_tokens, past_key_values=prefix_cache)
         new_tokens = output.sequences[:, input_ids.shape[1]:].cpu()
         batch_replies = _decode(tokenizer, new_tokens, "")
         replies += batch_replies
@@ -328,7 +374,7 @@ def generate_follow_up(
             width = new_tokens.shape[1]
             generated_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
             region_ids = output.sequences.cpu()[exact]
-            region_mask = torch.cat([attention_mask, generated_mask], dim=1)[exact]
+            region_mask = torch.cat([attention_mask.cpu(), generated_mask], dim=1)[exact]
             suffixes = [wanted[row][len(chunk[row]) + lengths[row]:] for row in exact]
             suffix_ids, suffix_mask = pad_left(suffixes, tokenizer.pad_token_id)
             cache.batch_select_indices(torch.tensor(exact, device=device))
@@ -344,7 +390,8 @@ def generate_follow_up(
         finals += batch_finals
     if fresh:
         texts = generate(model, list(fresh.values()), max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, hf_model=hf_model, prefill=follow_up_prefill)
+                         batch_size=batch_size, hf_model=None if reuse else hf_model,
+                         prefill=follow_up_prefill, share_prefix=share_prefix)
         for index, text in zip(fresh, texts, strict=True):
             finals[index] = text
     return replies, finals, len(conversations) - len(fresh)

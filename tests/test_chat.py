@@ -84,6 +84,66 @@ def test_batched_generation_equals_one_at_a_time(tiny_model):
     assert batched == alone
 
 
+@pytest.mark.parametrize(("prompts", "expected"), [
+    ([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]], 2),
+    ([[1, 2, 3], [1, 2, 3]], 2),  # identical: each keeps its last token
+    ([[1, 2, 3], [4, 2, 3]], 0),
+    ([[1, 2, 3]], 0),  # one prompt: nothing to share
+])
+def test_shared_prefix_length_leaves_every_prompt_a_token(prompts, expected):
+    assert chat.shared_prefix_length([torch.tensor(p) for p in prompts]) == expected
+
+
+SYSTEM = {"role": "system", "content": "You are a careful assistant."}
+SHOTS = [{"role": "user", "content": "What is 3 + 3?"}, {"role": "assistant", "content": "6."},
+         {"role": "user", "content": "Are you sure?"}, {"role": "assistant", "content": "Yes."}]
+
+
+def _with_shots(question: str) -> chat.Conversation:
+    """A few-shot conversation: every one begins with the same system turn and shots."""
+    return [SYSTEM, *SHOTS, {"role": "user", "content": question}]
+
+
+def test_a_shared_prefix_runs_once_with_the_tokens_of_full_prompts(tiny_model, monkeypatch):
+    """The system turn and shots every conversation shares run once per batch (the batch's
+    forward passes see the prompts without them) and the replies equal those generated
+    without sharing and one conversation at a time."""
+    conversations = [_with_shots(q) for q in STARTS]
+    prompts = [chat.tokens(tiny_model.tokenizer, c) for c in conversations]
+    shared = chat.shared_prefix_length(prompts)
+    assert shared >= len(chat.tokens(tiny_model.tokenizer, [SYSTEM, *SHOTS],
+                                     add_generation_prompt=False))
+    widths = []
+    greedy = chat._greedy
+
+    def recording(hf_model, tokenizer, input_ids, attention_mask, **kwargs):
+        cache = kwargs.get("past_key_values")
+        widths.append(input_ids.shape[1] - (0 if cache is None else cache.get_seq_length()))
+        return greedy(hf_model, tokenizer, input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(chat, "_greedy", recording)
+    replies = chat.generate(tiny_model, conversations, max_new_tokens=6, batch_size=4)
+    longest = [max(len(p) for p in prompts[i : i + 4]) for i in (0, 4)]
+    assert widths == [width - chat.shared_prefix_length(prompts[i : i + 4])
+                      for i, width in zip((0, 4), longest, strict=True)]
+    assert replies == chat.generate(tiny_model, conversations, max_new_tokens=6, batch_size=4,
+                                    share_prefix=False)
+    assert replies == [chat.generate(tiny_model, [c], max_new_tokens=6)[0]
+                       for c in conversations]
+
+
+def test_a_shared_prefix_runs_under_the_bridges_hooks(tiny_model):
+    """Under a bridge hook the shared prefix runs through the bridge too: the hooked replies
+    with and without sharing agree, and differ from the unhooked ones."""
+    conversations = [_with_shots(q) for q in STARTS[:4]]
+    zeroed = [(f"blocks.{layer}.attn.hook_z", _zero_z) for layer in range(2)]
+    with tiny_model.hooks(fwd_hooks=zeroed):
+        hooked = chat.generate(tiny_model, conversations, max_new_tokens=6, batch_size=4)
+        assert hooked == chat.generate(tiny_model, conversations, max_new_tokens=6,
+                                       batch_size=4, share_prefix=False)
+    assert hooked != chat.generate(tiny_model, conversations, max_new_tokens=6, batch_size=4)
+
+
 def _zero_z(z: torch.Tensor, hook) -> torch.Tensor:
     # z: [batch, pos, head, d_head]
     return torch.zeros_like(z)
@@ -211,6 +271,20 @@ def test_smollm2_follow_ups_reuse_the_prefix_with_identical_tokens(smollm2):
     lengths = [len(smollm2.tokenizer(r, add_special_tokens=False)["input_ids"])
                for r in turns[0]]
     assert min(lengths) < 20 < max(lengths)  # replies that ended early (EOS masked) and late
+
+
+@pytest.mark.integration
+def test_smollm2_shared_prefix_gives_the_tokens_of_full_prompts(smollm2):
+    """Few-shot conversations (system turn and shots shared) and their follow-ups: the same
+    tokens with the shared prefix run once as with every prompt run in full."""
+    conversations = [_with_shots(q) for q in STARTS]
+    follow_up = _follow_up_of(conversations)
+    settings = {"max_new_tokens": 24, "batch_size": 4}
+    shared = chat.generate_follow_up(smollm2, conversations, follow_up, **settings)
+    assert shared == chat.generate_follow_up(smollm2, conversations, follow_up,
+                                             share_prefix=False, **settings)
+    assert shared[:2] == _two_calls(smollm2, conversations, follow_up, share_prefix=False,
+                                    **settings)
 
 
 @pytest.mark.integration
