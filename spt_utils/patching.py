@@ -28,7 +28,7 @@ from transformer_lens.patching import get_act_patch_direct_path
 from transformer_lens.utilities.statistics import bootstrap_ci
 from transformers import PreTrainedTokenizerBase
 
-from spt_utils.chat import require_decoder_only
+from spt_utils.chat import forward_model, require_decoder_only
 from spt_utils.data import APOLOGY_WORDS, CONFIRM_WORDS, PatchingPairs, answer_token_ids
 from spt_utils.io import atomic_write, check_provenance, write_json
 
@@ -53,8 +53,14 @@ def gather_last(
 def last_position_logits(
     model: TransformerBridge, tokens: Int[Tensor, "batch pos"], last: Int[Tensor, " batch"]
 ) -> Float[Tensor, "batch d_vocab"]:
-    logits = model(tokens.to(model.cfg.device), return_type="logits")  # [batch, pos, d_vocab]
-    return gather_last(logits, last)
+    """Each right-padded row's logits at its last real position. Only those positions are
+    unembedded, by the Hugging Face model (through the bridge while a hook is on it:
+    :func:`spt_utils.chat.forward_model`)."""
+    kept, row_last = torch.unique(last, return_inverse=True)  # kept: the rows' last positions
+    hf_model = forward_model(model)
+    logits = hf_model(input_ids=tokens.to(model.cfg.device),
+                      logits_to_keep=kept.to(model.cfg.device)).logits  # [batch, kept, d_vocab]
+    return gather_last(logits, row_last)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,29 @@ def test_calibrate_on_the_tiny_model(tiny_model):
     assert calibration.reference_pairs == pytest.approx(reference, abs=1e-4)
 
 
+def _zero_z(z: torch.Tensor, hook) -> torch.Tensor:
+    # z: [batch, pos, head, d_head]
+    return torch.zeros_like(z)
+
+
+def test_last_position_logits_are_the_full_logits_at_each_rows_end(tiny_model, tiny_pairs):
+    """Unembedding only the rows' last positions gives each row's full-forward logits there
+    (right-padded rows of different lengths), unhooked and under a bridge hook alike."""
+    tokens, last = tiny_pairs.reference, tiny_pairs.reference_last
+    assert len(set(last.tolist())) > 1  # rows end at different positions
+
+    def full(model):
+        with torch.no_grad():
+            return model(tokens, return_type="logits")[torch.arange(len(last)), last]
+
+    torch.testing.assert_close(patching.last_position_logits(tiny_model, tokens, last),
+                               full(tiny_model), rtol=0, atol=1e-5)
+    with tiny_model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", _zero_z)]):
+        hooked = patching.last_position_logits(tiny_model, tokens, last)
+        torch.testing.assert_close(hooked, full(tiny_model), rtol=0, atol=1e-5)
+    assert not torch.allclose(hooked, full(tiny_model))  # the hook acted
+
+
 def test_ratio_metric_warns_near_zero_denominator():
     logits = torch.tensor([[1.0, -1.0 + 1e-5]])
     with pytest.warns(RuntimeWarning, match="denominator"):
