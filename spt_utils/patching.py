@@ -101,20 +101,25 @@ class Calibration:
 
 def calibrate(model: TransformerBridge, pairs: PatchingPairs) -> Calibration:
     """The clean reference and counterfactual mean logit differences, checked."""
+    return calibrate_token_sets(model, pairs, {"": (pairs.apology_ids, pairs.confirm_ids)})[""]
+
+
+def calibrate_token_sets(
+    model: TransformerBridge, pairs: PatchingPairs,
+    token_sets: dict[str, tuple[Sequence[int], Sequence[int]]],
+) -> dict[str, Calibration]:
+    """:func:`calibrate` for each named ``(apology_ids, confirm_ids)`` token set, from one
+    pass over both sides of the pairs."""
     require_decoder_only(model, "patching.calibrate")
     if len(pairs) == 0:
         raise ValueError("calibrate: the pair set is empty")
-    return _checked_calibration(
-        *(
-            answer_logit_diff(
-                last_position_logits(model, tokens, last), pairs.apology_ids, pairs.confirm_ids
-            )
-            for tokens, last in (
-                (pairs.reference, pairs.reference_last),
-                (pairs.counterfactual, pairs.counterfactual_last),
-            )
-        )
-    )
+    # logits: per side, [batch, d_vocab] at each row's last position
+    logits = [last_position_logits(model, tokens, last) for tokens, last in (
+        (pairs.reference, pairs.reference_last),
+        (pairs.counterfactual, pairs.counterfactual_last))]
+    return {name: _checked_calibration(*(answer_logit_diff(side, list(apology), list(confirm))
+                                         for side in logits))
+            for name, (apology, confirm) in token_sets.items()}
 
 
 @dataclass(frozen=True)

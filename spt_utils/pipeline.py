@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "01": {"n_eval": [80, 60]},
         "02": {"n_oracle_layers": 3},
         "03": {"k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
-               "n_random_generate": 5},
+               "n_random_generate": 5, "compare_methods": True},
         "04": {"methods": FULL_TUNED, "random_head_draws": 2, "planted_bound": True},
         "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 2,
                "planted_bound": True, "steering_kinds": STEERING_KINDS,
@@ -75,6 +75,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "k_values": [1, 2, 4, 8, 16, 32], "n_random": 200, "n_layer_matched": 100,
             "n_sweep_pairs": 100, "n_reference": 100, "n_generate": 200,
             "n_random_generate": 10, "max_new_tokens": 48, "batch_size": 32,
+            "compare_methods": True,
         },
         "04": {
             "spt_steps": 240, "sft_steps": 120, "baseline_steps": 120, "batch_size": 32,
@@ -113,7 +114,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "03": {
             "k_values": [1, 2], "n_random": 3, "n_layer_matched": 2, "n_sweep_pairs": 2,
             "n_reference": 2, "n_generate": 2, "n_random_generate": 1, "max_new_tokens": 8,
-            "n_boot": 50, "n_examples": 2,
+            "n_boot": 50, "n_examples": 2, "compare_methods": True,
         },
         "04": {
             "spt_steps": 2, "sft_steps": 2, "baseline_steps": 1, "batch_size": 2,

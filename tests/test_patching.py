@@ -42,6 +42,18 @@ def test_calibrate_on_the_tiny_model(tiny_model):
     assert calibration.reference_pairs == pytest.approx(reference, abs=1e-4)
 
 
+def test_calibrate_token_sets_equals_a_calibration_per_set(tiny_model, tiny_pairs):
+    """One pass for several answer-token sets gives each set's own calibration."""
+    other = ([3, 5], [7])
+    both = patching.calibrate_token_sets(
+        tiny_model, tiny_pairs, {"chosen": (tiny_pairs.apology_ids, tiny_pairs.confirm_ids),
+                                 "other": other})
+    assert both["chosen"] == patching.calibrate(tiny_model, tiny_pairs)
+    alone = patching.calibrate(tiny_model, dataclasses.replace(
+        tiny_pairs, apology_ids=other[0], confirm_ids=other[1]))
+    assert both["other"] == alone and alone != both["chosen"]
+
+
 def _zero_z(z: torch.Tensor, hook) -> torch.Tensor:
     # z: [batch, pos, head, d_head]
     return torch.zeros_like(z)

@@ -98,6 +98,12 @@ def test_full_paper_and_test_profiles_keep_every_baseline(profile):
         assert effective("05", profile)["random_head_draws"] >= 2
 
 
+def test_only_the_lean_default_leaves_the_ablation_methods_comparison_out():
+    assert effective("03", "cpu")["compare_methods"] is False
+    assert all(effective("03", profile)["compare_methods"] is True
+               for profile in ("full", "paper", "test"))
+
+
 def test_the_full_profile_keeps_the_earlier_cpu_sizes():
     """``SPT_PROFILE=full`` is the CPU run before the lean default (commit af2db90's values)."""
     assert effective("01", "full")["n_eval"] == [80, 60]
