@@ -136,10 +136,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 
 # Wall seconds of each notebook in the run of record of a profile (its manifest's
 # timings_s, on a 2-core CPU machine): what `make run` estimates the rest from. cpu: a fresh
-# clone at 0bf91b0 with an empty $SPT_CACHE (2,346 s); full: the CPU sizes of af2db90's run of
+# clone at c390b61 with an empty $SPT_CACHE (1,740 s); full: the CPU sizes of af2db90's run of
 # record (before steering; notebook 00 there read a cached organism).
 RECORDED_TIMINGS_S: dict[str, dict[str, float]] = {
-    "cpu": {"00": 41, "01": 72, "02": 171, "03": 264, "04": 684, "05": 981, "06": 129},
+    "cpu": {"00": 26, "01": 62, "02": 165, "03": 237, "04": 687, "05": 441, "06": 120},
     "full": {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544, "05": 3244, "06": 143},
 }
 
