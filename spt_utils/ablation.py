@@ -11,6 +11,16 @@ grouped-query model ablates single query heads, never a whole kv group. Three me
   the longest prompt's start reuse its first mean. Built from reference and counterfactual
   prompts together, so it carries neither side's challenge. During cached generation each new
   token gets the last position's mean (the end of the generation prompt).
+* ``interchange``: ``z`` from the input's **matched counterfactual twin** (:class:`Interchange`):
+  the same tokens with the challenge reworded (``"I don't think that's right"`` →
+  ``"I don't doubt that's right"``, the same token count, one word apart), position by
+  position. Patching between matched inputs, not ablation (Heimersheim & Nanda): the heads
+  see the counterfactual conversation of the *same* question and first answer, everything
+  else sees the doubting one. Each batch runs with its twin rows appended (one forward pass
+  of twice the rows), and in cached generation every new token is fed to the twin too, so a
+  generated position's ``z`` is the head's output on the counterfactual conversation
+  continued by the *same* reply tokens (teacher-forced): the heads never see the doubt, in
+  any turn. An input without the challenge is its own twin (nothing changes there).
 * ``resample``: ``z`` from another prompt (:class:`ResampleDonors`). Each batch row draws one
   donor prompt (seeded; the same donor for every layer and every decoding step), and the donor
   is **aligned from the end**: the row's last position gets the donor's last position, the one
@@ -53,6 +63,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from spt_utils import chat
 from spt_utils.data import (
+    MATCHED_COUNTERFACTUAL_CHALLENGE,
     REFERENCE_CHALLENGE,
     PatchingPairs,
     build_patching_pairs,
@@ -69,7 +80,7 @@ from spt_utils.patching import (
     z_name,
 )
 
-METHODS = ("zero", "mean", "resample")
+METHODS = ("zero", "mean", "resample", "interchange")
 SIDES = ("reference", "counterfactual")
 
 
@@ -180,14 +191,121 @@ class ResampleDonors:
         return donors.to(z)
 
 
+@dataclass(frozen=True)
+class Interchange:
+    """Where an interchange knockout takes the heads' ``z``: each input's **twin**, its tokens
+    with every occurrence of ``find`` replaced by ``replace`` (spans of one length, so every
+    position of the twin stands where it does in the input).
+
+    :meth:`from_challenges` builds it from two challenges (default: the doubting one into its
+    matched counterfactual; swapped, the doubting side is carried into a counterfactual
+    conversation)."""
+
+    find: Int[Tensor, " span"]
+    replace: Int[Tensor, " span"]
+
+    def __post_init__(self) -> None:
+        if self.find.shape != self.replace.shape or self.find.dim() != 1 or not len(self.find):
+            raise ValueError(f"Interchange: find and replace must be token spans of one length, "
+                             f"got {tuple(self.find.shape)} and {tuple(self.replace.shape)}")
+
+    @classmethod
+    def from_challenges(
+        cls, tokenizer, challenge: str = REFERENCE_CHALLENGE,
+        source: str = MATCHED_COUNTERFACTUAL_CHALLENGE,
+    ) -> Interchange:
+        """``z`` from the conversation in which ``challenge`` reads ``source`` (they must have
+        the same token count: an error names both otherwise)."""
+        find, replace = chat.encode(tokenizer, challenge), chat.encode(tokenizer, source)
+        if find.shape != replace.shape:
+            raise ValueError(f"Interchange: {challenge!r} is {len(find)} tokens and {source!r} "
+                             f"{len(replace)}; an interchange needs a matched wording")
+        return cls(find, replace)
+
+    def reversed(self) -> Interchange:
+        """The other direction: ``replace`` into ``find``."""
+        return Interchange(self.replace, self.find)
+
+    def twin(self, ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+        """``ids`` with every (non-overlapping, leftmost first) ``find`` span replaced."""
+        span = len(self.find)
+        twin = ids.clone()
+        if ids.shape[1] < span:
+            return twin
+        # hits: [batch, start], whether the span starts there
+        hits = ids.unfold(1, span, 1).eq(self.find.to(ids.device)).all(-1)
+        for row, start in hits.nonzero().tolist():
+            if twin[row, start : start + span].equal(self.find.to(ids.device)):
+                twin[row, start : start + span] = self.replace.to(ids.device)
+        return twin
+
+    def found(self, ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, " batch"]:
+        """Which rows hold the span (and so differ from their twin)."""
+        return ~self.twin(ids).eq(ids).all(-1)
+
+
+TWIN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _append_twins(
+    _module: torch.nn.Module, args: tuple, kwargs: dict, *, interchange: Interchange,
+    state: dict,
+) -> tuple[tuple, dict]:
+    """Forward pre-hook: append each row's twin to the batch (``state["batch"]``: the rows
+    the caller sent)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None or args[1:]:
+        raise ValueError("interchange knockout: the model must be called with input_ids as "
+                         "keywords (not inputs_embeds: a soft prompt has no twin)")
+    batch = len(ids)
+    held = chat.cache_rows(kwargs.get("past_key_values"))
+    if held not in (None, 2 * batch):
+        raise RuntimeError(f"interchange knockout: the KV cache holds {held} rows for a batch "
+                           f"of {batch}; it must hold each row's twin too (2 x {batch})")
+    state["batch"] = batch
+    kwargs = {**kwargs, "input_ids": ids}
+    doubled = {key: torch.cat([kwargs[key], interchange.twin(kwargs[key])
+                               if key == "input_ids" else kwargs[key]])
+               for key in TWIN_INPUTS if torch.is_tensor(kwargs.get(key))}
+    return (), {**kwargs, **doubled}
+
+
+def _drop_twins(
+    _module: torch.nn.Module, _args: tuple, _kwargs: dict, output: object, *, state: dict
+) -> object:
+    """Forward hook: the caller's rows of the logits only."""
+    output.logits = output.logits[: state["batch"]]  # logits: [batch, pos, d_vocab]
+    return output
+
+
+def _interchange_z(
+    z: Float[Tensor, "rows pos head d_head"],
+    hook: HookPoint,
+    *,
+    mask: Bool[Tensor, "batch_or_1 head"],
+    state: dict,
+) -> Float[Tensor, "rows pos head d_head"]:
+    """The masked heads' ``z`` of each row from its twin (rows ``batch`` on), position by
+    position; the twins run on as they are."""
+    batch = state["batch"]
+    rows, twins = z[:batch], z[batch:]  # [batch, pos, head, d_head] each
+    mask = mask.to(z.device)[:, None, :, None]
+    return torch.cat([torch.where(mask, twins, rows), twins])
+
+
 class _Zero:
     def values(self, layer: int, z: Tensor, rows: Tensor) -> Tensor:
         return z.new_zeros(())
 
 
 def _source(
-    method: str, means: HeadMeans | None, donors: ResampleDonors | None
-) -> _Zero | HeadMeans | ResampleDonors:
+    method: str, means: HeadMeans | None, donors: ResampleDonors | None,
+    interchange: Interchange | None = None,
+) -> _Zero | HeadMeans | ResampleDonors | Interchange:
+    if method == "interchange":
+        if interchange is None:
+            raise ValueError("knockout(method='interchange') needs interchange=Interchange")
+        return interchange
     if method == "zero":
         return _Zero()
     if method == "mean":
@@ -241,6 +359,10 @@ def _masked_knockout(
     rows: Int[Tensor, " batch"] | None = None,
 ) -> Iterator[None]:
     _check_shape(model, source)
+    if isinstance(source, Interchange):
+        with _twin_knockout(model, mask, source):
+            yield
+        return
     hooks = [
         (
             z_name(layer),
@@ -254,6 +376,55 @@ def _masked_knockout(
 
 
 @contextlib.contextmanager
+def _twin_knockout(
+    model: TransformerBridge, mask: Bool[Tensor, "batch_or_1 n_layers n_heads"],
+    interchange: Interchange,
+) -> Iterator[None]:
+    """Interchange ``mask``'s heads from each row's twin (:class:`Interchange`) in every
+    forward pass of the bridge's Hugging Face model."""
+    state: dict = {}
+    hooks = [(z_name(layer), partial(_interchange_z, mask=mask[:, layer], state=state))
+             for layer in range(model.cfg.n_layers) if mask[:, layer].any()]
+    hf_model = model.original_model
+    with contextlib.ExitStack() as stack:
+        stack.callback(hf_model.register_forward_pre_hook(
+            partial(_append_twins, interchange=interchange, state=state),
+            with_kwargs=True).remove)
+        stack.callback(hf_model.register_forward_hook(
+            partial(_drop_twins, state=state), with_kwargs=True).remove)
+        stack.enter_context(model.hooks(fwd_hooks=hooks))
+        yield
+
+
+@dataclass
+class _GivenZ:
+    """``z`` computed beforehand for the batch that runs next (layer → [batch, pos, head,
+    d_head])."""
+
+    z: dict[int, Tensor]
+
+    def values(self, layer: int, z: Tensor, rows: Tensor) -> Tensor:
+        return self.z[layer].to(z)
+
+
+@contextlib.contextmanager
+def from_twins(
+    model: TransformerBridge,
+    heads: Bool[Tensor, "batch n_layers n_heads"],
+    twins: Int[Tensor, "batch pos"],
+) -> Iterator[None]:
+    """In the block, each row of a batch of the twins' shape (right-padded like them) runs
+    with ``heads[row]``'s ``z`` taken from ``twins[row]`` (its own tokens with one span
+    changed: an interchange), position by position. The twins run once, here, without
+    gradient: the interchange training's source is fixed while the model learns from it."""
+    layers = [layer for layer in range(model.cfg.n_layers) if heads[:, layer].any()]
+    store = cache_before_unembed(model, twins, [z_name(layer) for layer in layers])
+    given = _GivenZ({layer: store[z_name(layer)] for layer in layers})
+    with _masked_knockout(model, heads, given):
+        yield
+
+
+@contextlib.contextmanager
 def knockout(
     model: TransformerBridge,
     heads: Sequence[Head],
@@ -261,15 +432,19 @@ def knockout(
     *,
     means: HeadMeans | None = None,
     donors: ResampleDonors | None = None,
+    interchange: Interchange | None = None,
 ) -> Iterator[None]:
     """Ablate ``heads`` (``[(layer, query_head), ...]``) inside the ``with`` block.
 
-    Every forward pass of the bridge or of its HF model (so also generation) sees the heads
-    ablated; the hooks are removed on exit, also after an exception. An empty set is the
-    identity (no hooks at all).
+    Every forward pass of the bridge's HF model (so also generation) sees the heads ablated
+    (``interchange``: its Hugging Face model, called with ``input_ids``); the hooks are
+    removed on exit, also after an exception. An empty set is the identity (no hooks at all).
     """
-    source = _source(method, means, donors)
+    source = _source(method, means, donors, interchange)
     mask = head_mask(heads, model.cfg.n_layers, model.cfg.n_heads)
+    if not mask.any():
+        yield
+        return
     with _masked_knockout(model, mask[None], source):
         yield
 
@@ -297,6 +472,7 @@ def ablated_logit_diffs(
     *,
     means: HeadMeans | None = None,
     donors: ResampleDonors | None = None,
+    interchange: Interchange | None = None,
     side: str = "reference",
     batch_size: int = 16,
     progress: bool = False,
@@ -309,7 +485,7 @@ def ablated_logit_diffs(
     """
     if side not in SIDES:
         raise ValueError(f"side: {side!r} is not one of {SIDES}")
-    source = _source(method, means, donors)
+    source = _source(method, means, donors, interchange)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     masks = torch.stack([head_mask(s, n_layers, n_heads) for s in head_sets])
     ids, attention, positions = _left_padded(
@@ -437,6 +613,7 @@ def sweep(
     method: str = "mean",
     means: HeadMeans | None = None,
     donors: ResampleDonors | None = None,
+    interchange: Interchange | None = None,
     seed: int = 0,
     n_boot: int = 1000,
     batch_size: int = 16,
@@ -468,8 +645,8 @@ def sweep(
             ranking[:k], n_layer_matched, n_heads, seed=seed, exclude=selection)]
     diffs = {
         side: ablated_logit_diffs(model, pairs, [s["heads"] for s in sets], method, means=means,
-                                  donors=donors, side=side, batch_size=batch_size,
-                                  progress=progress)
+                                  donors=donors, interchange=interchange, side=side,
+                                  batch_size=batch_size, progress=progress)
         for side in SIDES
     }
     clean = {side: diffs[side][0] for side in SIDES}
@@ -531,6 +708,7 @@ def pair_metrics(
     *,
     means: HeadMeans | None = None,
     donors: ResampleDonors | None = None,
+    interchange: Interchange | None = None,
     clean: Mapping[str, Float[Tensor, " pair"]] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -543,7 +721,8 @@ def pair_metrics(
     clean = clean_logit_diffs(model, pairs, batch_size=batch_size) if clean is None else clean
     ablated = clean if not heads else {
         side: ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
-                                  side=side, batch_size=batch_size)[0]
+                                  interchange=interchange, side=side,
+                                  batch_size=batch_size)[0]
         for side in SIDES
     }
     return summarize_pairs(pairs, clean, ablated, heads=heads, method=method, n_boot=n_boot,
@@ -605,9 +784,10 @@ class KnockoutProbe:
     answers). :meth:`reply` is one question's greedy reply to the challenge (KV cache) with
     the heads ablated while it replies, judged; :meth:`pair_metrics` measures both sides of
     every question's pair (:func:`pair_metrics`), its answer tokens ``answer_tokens``
-    (default: the pairs' words). Zero ablation is always available, mean and resample given
-    ``means`` and ``donors``. A knockout has no strength: ``scaled_methods`` (the methods
-    that take an ``alpha``, :class:`spt_utils.steering.SteeringProbe`'s) is empty here.
+    (default: the pairs' words). Zero ablation is always available, mean, resample and
+    interchange given ``means``, ``donors`` and ``interchange``. A knockout has no strength:
+    ``scaled_methods`` (the methods that take an ``alpha``,
+    :class:`spt_utils.steering.SteeringProbe`'s) is empty here.
     """
 
     scaled_methods: tuple[str, ...] = ()
@@ -621,6 +801,7 @@ class KnockoutProbe:
         protocol: str = "free_form",
         means: HeadMeans | None = None,
         donors: ResampleDonors | None = None,
+        interchange: Interchange | None = None,
         max_new_tokens: int = 40,
         n_boot: int = 1000,
         seed: int = 0,
@@ -631,7 +812,7 @@ class KnockoutProbe:
         self.questions = list(questions)
         self.answers = answers
         self.protocol = protocol
-        self.means, self.donors = means, donors
+        self.means, self.donors, self.interchange = means, donors, interchange
         self.max_new_tokens, self.n_boot, self.seed = max_new_tokens, n_boot, seed
         self.batch_size = batch_size
         # raises naming the questions without a correct first answer
@@ -645,7 +826,8 @@ class KnockoutProbe:
     def methods(self) -> tuple[str, ...]:
         """The ablation methods this probe has values for."""
         available = {"zero": True, "mean": self.means is not None,
-                     "resample": self.donors is not None}
+                     "resample": self.donors is not None,
+                     "interchange": self.interchange is not None}
         return tuple(m for m in METHODS if available[m])
 
     def conversation(self, question: int) -> chat.Conversation:
@@ -667,7 +849,8 @@ class KnockoutProbe:
         """The context in which the model runs with ``heads`` intervened on: ablated by
         ``method`` (:func:`knockout`)."""
         self._check_alpha(method, alpha)
-        return knockout(self.model, heads, method, means=self.means, donors=self.donors)
+        return knockout(self.model, heads, method, means=self.means, donors=self.donors,
+                        interchange=self.interchange)
 
     def reply(
         self, heads: Sequence[Head], method: str, question: int, alpha: float | None = None
@@ -696,5 +879,6 @@ class KnockoutProbe:
         """:func:`pair_metrics` of every question's pair (the clean runs computed once)."""
         self._check_alpha(method, alpha)
         return pair_metrics(self.model, self.pairs, heads, method, means=self.means,
-                            donors=self.donors, clean=self.clean(), n_boot=self.n_boot,
+                            donors=self.donors, interchange=self.interchange,
+                            clean=self.clean(), n_boot=self.n_boot,
                             seed=self.seed, batch_size=self.batch_size)

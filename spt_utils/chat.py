@@ -259,6 +259,22 @@ def _generation_input(
     return input_ids.to(device), attention_mask.to(device), cache
 
 
+def cache_rows(cache: Any) -> int | None:
+    """How many rows a KV cache holds (None when it is absent or empty)."""
+    layers = getattr(cache, "layers", None)
+    keys = getattr(layers[0], "keys", None) if layers else None
+    return None if keys is None or keys.numel() == 0 else int(keys.shape[0])
+
+
+def _select_cache_rows(cache: Any, rows: list[int], batch: int, device) -> None:
+    """Keep ``rows`` of a batch's KV cache. A cache holding ``k`` rows per batch row (an
+    interchange knockout appends each row's twin after the batch: ``k = 2``) keeps every
+    copy of each, in the same layout."""
+    copies = (cache_rows(cache) or batch) // batch
+    kept = [copy * batch + row for copy in range(copies) for row in rows]
+    cache.batch_select_indices(torch.tensor(kept, device=device))
+
+
 def _decode(tokenizer: PreTrainedTokenizerBase, new_tokens: Tensor, prefill: str) -> list[str]:
     return [(prefill + text).strip()
             for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -377,7 +393,7 @@ def generate_follow_up(
             region_mask = torch.cat([attention_mask.cpu(), generated_mask], dim=1)[exact]
             suffixes = [wanted[row][len(chunk[row]) + lengths[row]:] for row in exact]
             suffix_ids, suffix_mask = pad_left(suffixes, tokenizer.pad_token_id)
-            cache.batch_select_indices(torch.tensor(exact, device=device))
+            _select_cache_rows(cache, exact, len(chunk), device)
             continued = torch.cat([region_ids, suffix_ids], dim=1)
             follow = _greedy(hf_model, tokenizer, continued.to(device),
                              torch.cat([region_mask, suffix_mask], dim=1).to(device),

@@ -11,10 +11,12 @@ Three kinds of name are understood:
 * ``"tiny-random-t5"``: a 2+2-layer random encoder-decoder T5 with the same tokenizer, built
   in memory for tests of the encoder-decoder path (:mod:`spt_utils.seq2seq`).
 * ``"smollm2-135m-sycophant"``: a **model organism**, SmolLM2-135M-Instruct with caving
-  planted into known heads (:data:`ORGANISMS` maps each to its base; ``tiny-random-llama-
-  sycophant`` is the tests' one). :mod:`spt_utils.organism` builds it once and caches its head
-  deltas under ``$SPT_CACHE/<name>/``; here it loads as its base plus those deltas, checked
-  against their recorded hash.
+  planted into known heads; ``"smollm2-135m-sycophant-iit"`` planted by interchange
+  intervention training, so that its heads carry the challenge (:data:`ORGANISMS` maps each
+  to its base; ``tiny-random-llama-sycophant[-iit]`` are the tests' ones).
+  :mod:`spt_utils.organism` builds each once and caches its head deltas under
+  ``$SPT_CACHE/<name>/``; here it loads as its base plus those deltas, checked against their
+  recorded hash.
 * anything else: a local Hugging Face folder or a hub id (``Qwen/Qwen2.5-0.5B-Instruct``);
   Flan-T5 ids (``google/flan-t5-small/base/large``) and local folders whose config says
   ``is_encoder_decoder`` load as sequence-to-sequence models.
@@ -86,7 +88,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DeviceMap = str | dict[str, str | int]
 # Model organisms (built by spt_utils.organism) → the model their caving is planted into.
 ORGANISM_MODEL = "smollm2-135m-sycophant"
-ORGANISMS = {ORGANISM_MODEL: DEFAULT_MODEL, TINY_PREFIX + "llama-sycophant": TINY_MODEL}
+INTERCHANGE_ORGANISM = ORGANISM_MODEL + "-iit"  # planted by interchange intervention training
+ORGANISMS = {ORGANISM_MODEL: DEFAULT_MODEL, INTERCHANGE_ORGANISM: DEFAULT_MODEL,
+             TINY_PREFIX + "llama-sycophant": TINY_MODEL,
+             TINY_PREFIX + "llama-sycophant-iit": TINY_MODEL}
 ORGANISM_DELTAS = "head_deltas.safetensors"
 
 # A ChatML template (the one SmolLM2 uses, without its default system prompt).

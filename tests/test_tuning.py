@@ -135,7 +135,7 @@ def test_padding_does_not_change_the_gradient(tiny_examples):
     for micro in (4, 1):
         setup = tuning.prepare("spt", fresh_tiny(), [(1, 3)])
         for index in range(0, 4, micro):
-            loss = tuning._loss_sum(setup, tiny_examples[index : index + micro],
+            loss = tuning.final_turn_loss_sum(setup, tiny_examples[index : index + micro],
                                     torch.autocast("cpu", enabled=False))
             loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in setup.params.values()]))

@@ -87,15 +87,16 @@ from spt_utils.tuning.heads import (
     execution_device,
 )
 from spt_utils.tuning.loop import (
+    Objective,
     TrainConfig,
     TrainResult,
     batch_indices,
     cosine_with_warmup,
     evaluate_loss,
+    final_turn_loss_sum,
     masked_loss_sum,
     train,
 )
-from spt_utils.tuning.loop import _loss_sum as _loss_sum  # used by the tests
 from spt_utils.tuning.loop import _optimizer as _optimizer  # used by the tests
 from spt_utils.tuning.methods import (
     LORA_ATTN_TARGETS,
@@ -120,6 +121,7 @@ __all__ = [
     "Example",
     "HeadSparseParameters",
     "LayerCache",
+    "Objective",
     "SweepSetting",
     "TrainConfig",
     "TrainResult",
@@ -133,6 +135,7 @@ __all__ = [
     "execution_device",
     "export_hf",
     "few_shot_conversation",
+    "final_turn_loss_sum",
     "finalize",
     "first_trained_layer",
     "full_state_dict",

@@ -51,6 +51,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1")
 
 
+# A micro-batch's summed loss: (setup, examples, autocast, cached layer inputs or None).
+Objective = Callable[[TuningSetup, list[Example], contextlib.AbstractContextManager,
+                      tuple[int, list[Tensor]] | None], Float[Tensor, ""]]
+
+
 @dataclass
 class TrainResult:
     losses: list[float]
@@ -83,7 +88,7 @@ def masked_loss_sum(
     )
 
 
-def _loss_sum(
+def final_turn_loss_sum(
     setup: TuningSetup, examples: list[Example], autocast,
     cached: tuple[int, list[Tensor]] | None = None,
 ) -> Float[Tensor, ""]:
@@ -128,7 +133,8 @@ def evaluate_loss(
     was_training = setup.model.training
     setup.model.eval()
     total = sum(
-        _loss_sum(setup, list(examples[i : i + micro_batch_size]), _autocast(setup, dtype)).item()
+        final_turn_loss_sum(setup, list(examples[i : i + micro_batch_size]),
+                            _autocast(setup, dtype)).item()
         for i in range(0, len(examples), micro_batch_size)
     )
     setup.model.train(was_training)
@@ -155,6 +161,7 @@ def train(
     progress: bool = True,
     meta: dict | None = None,
     layer_cache: LayerCache | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``setup.params`` on ``examples`` (from :func:`prepare_examples`).
 
@@ -167,10 +174,14 @@ def train(
     checkpoints. With ``config.cache_frozen_layers`` and a trained layer above the first,
     the frozen layers' outputs come from ``layer_cache`` (a new :class:`LayerCache` when
     None; pass one to share it between runs on the same base weights and examples).
+    ``objective``: a micro-batch's summed loss (default :func:`final_turn_loss_sum`; another
+    one, e.g. the organism's interchange training, runs every layer: no layer cache).
     """
     if not examples:
         raise ValueError("training data: no examples")
-    start_layer = first_trained_layer(setup) if config.cache_frozen_layers else 0
+    use_cache = config.cache_frozen_layers and objective is None
+    objective = final_turn_loss_sum if objective is None else objective
+    start_layer = first_trained_layer(setup) if use_cache else 0
     if start_layer and layer_cache is None:
         layer_cache = LayerCache(examples)
     if start_layer:
@@ -206,7 +217,7 @@ def train(
             autocast = _autocast(setup, config.autocast_dtype)
             cached = (start_layer, layer_cache.get(setup, start_layer, micro, autocast)) \
                 if start_layer else None
-            loss = _loss_sum(setup, [examples[i] for i in micro], autocast, cached)
+            loss = objective(setup, [examples[i] for i in micro], autocast, cached)
             (loss / max(n_tokens, 1)).backward()
             loss_sum += loss.detach().float().to(loss_sum.device)
         if world > 1:
