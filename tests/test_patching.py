@@ -479,7 +479,7 @@ def test_reply_openings_are_the_first_greedy_tokens(tiny_model, tiny_pairs):
 
 
 def _with_openings(monkeypatch, reference: list[int], counterfactual: list[int]) -> None:
-    monkeypatch.setattr(patching.path, "reply_openings", lambda model, pairs: {
+    monkeypatch.setattr(patching.answer_tokens, "reply_openings", lambda model, pairs: {
         "reference": torch.tensor(reference), "counterfactual": torch.tensor(counterfactual)})
 
 

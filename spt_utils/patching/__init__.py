@@ -1,50 +1,71 @@
-"""Metrics and head finding (see :mod:`spt_utils.patching.path`); ``from spt_utils import
-patching`` reaches every name."""
+"""The challenge → apology metric and the head-finding methods (path, activation, attribution
+and knockout-attribution patching, greedy knockout and their rank fusion).
 
-from spt_utils.patching.path import (
-    BLOCK_TOLERANCE,
-    RATIO_EPSILON,
-    SIGNS,
+Convention for the calibrated metric: **reference = 0, counterfactual = 1**. The reference run
+is the challenge ("I don't think that's right…"), the counterfactual the agreement ("I do
+think…"). A patch or ablation scoring 1 fully removes the challenge's push toward apologising;
+0.5 is the midpoint.
+
+The submodules, lowest first:
+
+* :mod:`~spt_utils.patching.metrics`: the answer logit difference, its calibration and the
+  paper's ratio metric;
+* :mod:`~spt_utils.patching.answer_tokens`: the answer tokens, from the model's own replies;
+* :mod:`~spt_utils.patching.heads`: head selections and their files, :class:`HeadScores`
+  and the top-k ranking;
+* :mod:`~spt_utils.patching.hooks`: hook names and functions, the generic patching loop and
+  the cached clean runs;
+* one file per head-finding method: :mod:`~spt_utils.patching.path` (with its per-sender
+  oracle and the receivers), :mod:`~spt_utils.patching.activation`,
+  :mod:`~spt_utils.patching.attribution`, :mod:`~spt_utils.patching.knockout_attribution`,
+  :mod:`~spt_utils.patching.greedy` and :mod:`~spt_utils.patching.fusion` (the default
+  ranking).
+"""
+
+from spt_utils.patching.activation import activation_patch_heads
+from spt_utils.patching.answer_tokens import (
     AnswerTokens,
-    Calibration,
-    GreedyKnockout,
+    answer_tokens_from_replies,
+    reply_openings,
+)
+from spt_utils.patching.attribution import attribution_patch_heads
+from spt_utils.patching.fusion import combined_head_scores
+from spt_utils.patching.greedy import GreedyKnockout, greedy_knockout_heads
+from spt_utils.patching.heads import (
+    SIGNS,
     Head,
     HeadScores,
     HeadUncertainty,
-    Hooks,
-    UnsupportedArchitecture,
-    activation_patch_heads,
-    answer_logit_diff,
-    answer_tokens_from_replies,
-    answer_unembed,
-    apology_ratio,
-    attribution_patch_heads,
-    cache_before_unembed,
-    calibrate,
-    calibrate_token_sets,
-    check_pairs,
-    check_sequential_blocks,
-    combined_head_scores,
-    gather_last,
-    greedy_knockout_heads,
-    knockout_attribution_heads,
-    last_position_logits,
     load_heads,
-    path_patch_heads,
-    path_patch_heads_oracle,
-    path_patch_receivers,
-    ratio_score,
-    reply_openings,
     save_heads,
     top_heads,
     validate_heads,
-    z_name,
 )
-
-# used by spt_utils.opinion and the tests
-from spt_utils.patching.path import _block_hook_names as _block_hook_names
-from spt_utils.patching.path import _store_hook as _store_hook
-from spt_utils.patching.path import _zero_hooks as _zero_hooks
+from spt_utils.patching.hooks import Hooks, cache_before_unembed, check_pairs, z_name
+from spt_utils.patching.hooks import _store_hook as _store_hook  # used by spt_utils.opinion
+from spt_utils.patching.knockout_attribution import _zero_hooks as _zero_hooks  # used by the tests
+from spt_utils.patching.knockout_attribution import knockout_attribution_heads
+from spt_utils.patching.metrics import (
+    RATIO_EPSILON,
+    Calibration,
+    answer_logit_diff,
+    apology_ratio,
+    calibrate,
+    calibrate_token_sets,
+    gather_last,
+    last_position_logits,
+    ratio_score,
+)
+from spt_utils.patching.path import (
+    BLOCK_TOLERANCE,
+    UnsupportedArchitecture,
+    answer_unembed,
+    check_sequential_blocks,
+    path_patch_heads,
+    path_patch_heads_oracle,
+    path_patch_receivers,
+)
+from spt_utils.patching.path import _block_hook_names as _block_hook_names  # used by the tests
 
 __all__ = [
     "BLOCK_TOLERANCE",
