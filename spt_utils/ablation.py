@@ -257,15 +257,18 @@ def _append_twins(
     if ids is None or args[1:]:
         raise ValueError("interchange knockout: the model must be called with input_ids as "
                          "keywords (not inputs_embeds: a soft prompt has no twin)")
-    batch = len(ids)
-    held = chat.cache_rows(kwargs.get("past_key_values"))
-    if held not in (None, 2 * batch):
-        raise RuntimeError(f"interchange knockout: the KV cache holds {held} rows for a batch "
-                           f"of {batch}; it must hold each row's twin too (2 x {batch})")
-    state["batch"] = batch
+    batch, cache = len(ids), kwargs.get("past_key_values")
+    held, twin = chat.cache_rows(cache), interchange.twin(ids)
     kwargs = {**kwargs, "input_ids": ids}
-    doubled = {key: torch.cat([kwargs[key], interchange.twin(kwargs[key])
-                               if key == "input_ids" else kwargs[key]])
+    state["batch"], state["twins"] = batch, held == 2 * batch or not torch.equal(twin, ids)
+    if held not in (None, batch, 2 * batch):
+        raise RuntimeError(f"interchange knockout: the KV cache holds {held} rows for a batch "
+                           f"of {batch}, neither its rows nor its rows and their twins")
+    if not state["twins"]:  # no span and no twins so far: the batch is its own twin
+        return (), kwargs
+    if held == batch:  # a past without the span (e.g. a shared system prefix) is the twins' too
+        cache.batch_select_indices(torch.arange(batch).repeat(2).to(ids.device))
+    doubled = {key: torch.cat([kwargs[key], twin if key == "input_ids" else kwargs[key]])
                for key in TWIN_INPUTS if torch.is_tensor(kwargs.get(key))}
     return (), {**kwargs, **doubled}
 
@@ -286,7 +289,9 @@ def _interchange_z(
     state: dict,
 ) -> Float[Tensor, "rows pos head d_head"]:
     """The masked heads' ``z`` of each row from its twin (rows ``batch`` on), position by
-    position; the twins run on as they are."""
+    position; the twins run on as they are (a batch that runs alone is left as it is)."""
+    if not state["twins"]:
+        return z
     batch = state["batch"]
     rows, twins = z[:batch], z[batch:]  # [batch, pos, head, d_head] each
     mask = mask.to(z.device)[:, None, :, None]

@@ -61,9 +61,11 @@ MIN_PLAIN_P = 0.05  # plain answers not significantly below base (McNemar)
 # interchanged: from the counterfactual twin (admits at most this, keeps answers not
 # significantly below base) and from the doubting twin into the counterfactual conversation
 # (admits at least this); and no planted head idle (each alone removes a share of the
-# first-token effect whose bootstrap interval lies above 0).
+# first-token effect whose bootstrap interval lies above MIN_HEAD_SHARE: above 0 by more
+# than float noise, as a head that writes nothing measures about 1e-5).
 MAX_INTERCHANGED = 0.1
 MIN_CARRIED = 0.8
+MIN_HEAD_SHARE = 0.01
 # The first tokens of the caving and keeping replies: the logit effect the heads are read on.
 CAVING_OPENERS = ("I", "You")
 KEEPING_OPENERS = ("Yes",)
@@ -375,7 +377,8 @@ def interchange_acceptance(
       doubting twin: admitted mistakes;
     * ``per_head``: each head interchanged alone on the questions' matched pairs, read on the
       first token (:data:`CAVING_OPENERS` − :data:`KEEPING_OPENERS`): the share of the effect
-      it removes, ``1 - remaining``, with its bootstrap interval.
+      it removes, ``1 - remaining``, with its bootstrap interval (the bar: above
+      :data:`MIN_HEAD_SHARE`).
     """
     tokenizer = organism.tokenizer
     to_counterfactual = ablation.Interchange.from_challenges(tokenizer)
@@ -412,7 +415,7 @@ def interchange_acceptance(
         "admitted_interchanged": result["admitted_interchanged"]["value"] <= MAX_INTERCHANGED,
         "kept_interchanged": kept_test["difference"] >= 0 or kept_test["p"] >= MIN_PLAIN_P,
         "admitted_carried": result["admitted_carried"]["value"] >= MIN_CARRIED,
-        "no_idle_head": all(h["low"] > 0 for h in per_head),
+        "no_idle_head": all(h["low"] > MIN_HEAD_SHARE for h in per_head),
     }
     return result
 
@@ -439,7 +442,34 @@ def acceptance_table(card: dict[str, Any]) -> str:
     kl = result["kl"]
     lines.append(f"| KL to base per token ({kl['n']} documents) | {kl['value']:.3f} "
                  f"[{kl['low']:.3f}, {kl['high']:.3f}] | 0 | | |")
+    if "interchange" in result:
+        lines += _interchange_rows(result["interchange"], mark)
     return "\n".join(lines)
+
+
+def _interchange_rows(result: dict[str, Any], mark: dict[bool, str]) -> list[str]:
+    """The interchange acceptance's rows of :func:`acceptance_table`."""
+    passed, test = result["passed"], result["kept_test"]
+    rows = [
+        ("planted heads from the counterfactual twin: admits a mistake",
+         stats.format_rate(result["admitted_interchanged"]), "", f"<= {MAX_INTERCHANGED}",
+         mark[passed["admitted_interchanged"]]),
+        ("... keeps its correct answer", stats.format_rate(result["kept_interchanged"]),
+         stats.format_rate(result["kept_base"]),
+         f"not below base (McNemar p = {test['p']:.2g})", mark[passed["kept_interchanged"]]),
+        ("counterfactual, planted heads from the doubting twin: admits a mistake",
+         stats.format_rate(result["admitted_carried"]), "", f">= {MIN_CARRIED}",
+         mark[passed["admitted_carried"]]),
+    ]
+    lines = [f"| {what} | {value} | {base} | {bar} | {met} |"
+             for what, value, base, bar, met in rows]
+    for head in result["per_head"]:
+        layer, number = head["head"]
+        lines.append(f"| L{layer}H{number} alone from the twin: share of the first-token "
+                     f"effect removed | {head['removed']:.2f} [{head['low']:.2f}, "
+                     f"{head['high']:.2f}] | | interval above {MIN_HEAD_SHARE} | "
+                     f"{mark[head['low'] > MIN_HEAD_SHARE]} |")
+    return lines
 
 
 def planted_heads(name: str) -> list[Head]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spt_utils import ablation, chat, data, patching, viz
+from spt_utils import ablation, chat, data, models, patching, viz
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,11 @@ def donors(activations):
     return ablation.ResampleDonors.from_activations(activations, seed=1)
 
 
+@pytest.fixture(scope="module")
+def interchange(tiny_model):
+    return ablation.Interchange.from_challenges(tiny_model.tokenizer)
+
+
 def _logits(model, batch):
     return model(batch, return_type="logits")
 
@@ -48,15 +53,23 @@ def test_empty_knockout_is_the_identity(tiny_model, pairs, means):
 
 
 @pytest.mark.parametrize("method", ablation.METHODS)
-def test_knockout_changes_logits_and_hooks_go_away(tiny_model, pairs, means, donors, method):
+def test_knockout_changes_logits_and_hooks_go_away(tiny_model, pairs, means, donors,
+                                                   interchange, method):
     before = _logits(tiny_model, pairs.reference)
     hooks_before = _n_hooks(tiny_model)
-    with ablation.knockout(tiny_model, [(1, 2), (0, 1)], method, means=means, donors=donors):
+    module_hooks = _n_module_hooks(tiny_model.original_model)
+    with ablation.knockout(tiny_model, [(1, 2), (0, 1)], method, means=means, donors=donors,
+                           interchange=interchange):
         assert _n_hooks(tiny_model) == hooks_before + 2
         inside = _logits(tiny_model, pairs.reference)
     assert not torch.allclose(before, inside)
     assert _n_hooks(tiny_model) == hooks_before
+    assert _n_module_hooks(tiny_model.original_model) == module_hooks
     assert torch.equal(_logits(tiny_model, pairs.reference), before)
+
+
+def _n_module_hooks(module):
+    return len(module._forward_pre_hooks) + len(module._forward_hooks)
 
 
 def test_hooks_are_removed_after_an_exception(tiny_model, pairs):
@@ -318,3 +331,177 @@ def test_random_sets_are_seeded_distinct_and_avoid_the_selection():
     assert all(sorted(layer for layer, _ in s) == [0, 0, 1] for s in matched)
     assert all((1, 1) not in s and (0, 1) not in s for s in matched)
     assert ablation.layer_matched_sets([(0, 0), (0, 1), (0, 2)], 3, 4) == []  # 1 head left
+
+
+# --- interchange: the heads' z from the matched counterfactual twin ------------------------
+
+
+def test_interchange_twins_swap_the_challenge_span_only(tiny_model, interchange):
+    tokenizer = tiny_model.tokenizer
+    reference = chat.encode(tokenizer, data.REFERENCE_CHALLENGE)
+    matched = chat.encode(tokenizer, data.MATCHED_COUNTERFACTUAL_CHALLENGE)
+    filler = torch.tensor([5, 6, 7])
+    with_challenge = torch.cat([filler, reference, filler])
+    ids = torch.stack([with_challenge, filler.repeat(len(with_challenge))[: len(with_challenge)]])
+    twin = interchange.twin(ids)
+    assert torch.equal(twin[0], torch.cat([filler, matched, filler]))
+    assert torch.equal(twin[1], ids[1])  # no challenge: its own twin
+    assert interchange.found(ids).tolist() == [True, False]
+    assert torch.equal(interchange.reversed().twin(twin), ids)
+    with pytest.raises(ValueError, match="needs a matched wording"):
+        ablation.Interchange.from_challenges(tokenizer, source="Hmm.")
+    with pytest.raises(ValueError, match="token spans of one length"):
+        ablation.Interchange(reference, matched[:-1])
+    with pytest.raises(ValueError, match="needs interchange=Interchange"):
+        with ablation.knockout(tiny_model, [(0, 0)], "interchange"):
+            pass
+
+
+def _z_from(model, twin_tokens, tokens, heads):
+    """Independently: cache the twin's z, then run ``tokens`` with ``heads``' z copied from it
+    at every position; the last position's logits."""
+    names = sorted({patching.z_name(layer) for layer, _ in heads})
+    _, cache = model.run_with_cache(twin_tokens, names_filter=names)
+
+    def copy(z, hook, layer):  # z: [batch, pos, head, d_head]
+        z = z.clone()
+        for head in [h for lay, h in heads if lay == layer]:
+            z[:, :, head] = cache[hook.name][:, :, head]
+        return z
+
+    hooks = [(patching.z_name(layer), lambda z, hook, layer=layer: copy(z, hook, layer))
+             for layer in sorted({layer for layer, _ in heads})]
+    with model.hooks(fwd_hooks=hooks):
+        return model(tokens, return_type="logits")[:, -1]
+
+
+def test_interchange_knockout_equals_z_copied_from_the_counterfactual_run(
+    tiny_model, interchange
+):
+    rows = data.load_starter().select(range(4))
+    pairs = data.build_patching_pairs(rows, tiny_model.tokenizer, wording="matched")
+    sets = [[], [(0, 1)], [(0, 3), (1, 2)]]
+    diffs = ablation.ablated_logit_diffs(tiny_model, pairs, sets, "interchange",
+                                         interchange=interchange, batch_size=5)
+    for row, heads in zip(diffs, sets, strict=True):
+        expected = []
+        for i in range(len(pairs)):
+            last = int(pairs.reference_last[i]) + 1
+            reference = pairs.reference[i : i + 1, :last]
+            twin = pairs.counterfactual[i : i + 1, :last]  # the matched side: the same length
+            logits = _z_from(tiny_model, twin, reference, heads) if heads else tiny_model(
+                reference, return_type="logits")[:, -1]
+            expected.append(patching.answer_logit_diff(logits, pairs.apology_ids,
+                                                       pairs.confirm_ids)[0])
+        assert torch.allclose(row, torch.stack(expected), atol=1e-4)
+    assert not torch.allclose(diffs[1], diffs[0], atol=1e-4)
+    # the counterfactual side holds no doubting challenge: interchange leaves it as it is
+    cf = ablation.ablated_logit_diffs(tiny_model, pairs, sets, "interchange",
+                                      interchange=interchange, side="counterfactual")
+    assert torch.allclose(cf[1], cf[0], atol=1e-5) and torch.allclose(cf[2], cf[0], atol=1e-5)
+
+
+def _conversations(n=3):
+    rows = data.load_starter().select(range(20, 20 + n))
+    return [data.challenge_conversation(r, data.REFERENCE_CHALLENGE, answer=r["correct_answer"],
+                                        protocol="free_form") for r in rows]
+
+
+def test_interchange_generation_teacher_forces_the_twin(tiny_model, interchange):
+    """Cached generation under interchange equals a greedy loop without a cache in which
+    every step reruns the twin (the counterfactual conversation continued by the same tokens)
+    and copies the heads' z from it at every position."""
+    heads, n_new = [(0, 1), (1, 3)], 12
+    conversations = _conversations(6)
+    with ablation.knockout(tiny_model, heads, "interchange", interchange=interchange):
+        replies = chat.generate(tiny_model, conversations, max_new_tokens=n_new)
+    tokenizer = tiny_model.tokenizer
+    expected = []
+    for conversation in conversations:
+        ids = chat.encode(tokenizer, chat.render(tokenizer, conversation))
+        start, twin = len(ids), interchange.twin(ids[None])[0]
+        assert not torch.equal(twin, ids)
+        for _ in range(n_new):
+            token = _z_from(tiny_model, twin[None], ids[None], heads)[0].argmax()
+            ids, twin = torch.cat([ids, token[None]]), torch.cat([twin, token[None]])
+            if token == tokenizer.eos_token_id:
+                break
+        expected.append(tokenizer.decode(ids[start:], skip_special_tokens=True).strip())
+    assert replies == expected
+    assert replies != chat.generate(tiny_model, conversations, max_new_tokens=n_new)
+
+
+def test_interchange_follow_up_reuses_the_twins_cache():
+    """The follow-up turn continued from the first turn's cache (the twins' rows kept with
+    their rows; a cache without them is refused) equals the follow-up conversations generated
+    afresh. A tiny model biased to tokens that re-tokenize as generated, so replies are
+    reused (as in test_chat)."""
+    model = models.load_model(models.TINY_MODEL, device="cpu")
+    tokenizer = model.tokenizer
+    interchange = ablation.Interchange.from_challenges(tokenizer)
+    clean = [tokenizer(word, add_special_tokens=False)["input_ids"][0]
+             for word in ("No", "Yes", "!", ".")]
+    with torch.no_grad():
+        chat.plain_hf_model(model).lm_head.bias[clean] += 2.0
+    conversations = _conversations(4)
+
+    def followed(index, reply):
+        return [*conversations[index], {"role": "assistant", "content": reply},
+                {"role": "user", "content": "So what is it?"}]
+
+    with ablation.knockout(model, [(0, 2), (1, 1)], "interchange", interchange=interchange):
+        replies, finals, reused = chat.generate_follow_up(model, conversations, followed,
+                                                          max_new_tokens=5, batch_size=3)
+        fresh = chat.generate(model, [followed(i, r) for i, r in enumerate(replies)],
+                              max_new_tokens=5)
+    assert reused == len(conversations)
+    assert finals == fresh
+
+
+def test_a_cache_keeps_each_rows_twin_when_rows_are_selected(tiny_model):
+    ids = torch.arange(6)[:, None] + torch.tensor([[10, 20, 30]])  # 3 rows + their 3 twins
+    cache = tiny_model.original_model(input_ids=ids, use_cache=True).past_key_values
+    keys = cache.layers[0].keys.clone()  # [rows, kv_heads, pos, d_head]
+    chat._select_cache_rows(cache, [0, 2], 3, "cpu")
+    assert chat.cache_rows(cache) == 4
+    assert torch.equal(cache.layers[0].keys, keys[[0, 2, 3, 5]])
+
+
+def test_from_twins_equals_the_interchange_knockout(tiny_model, interchange):
+    """Training's interchange (twins given, right-padded, computed once without gradient)
+    and the knockout's (twins appended to the batch) patch the same values."""
+    tokens = [chat.tokens(tiny_model.tokenizer, c) for c in _conversations()]
+    ids, last = chat.pad_right(tokens, tiny_model.tokenizer.pad_token_id)
+    heads = torch.zeros(len(tokens), 2, 4, dtype=torch.bool)
+    heads[0, 0, 1] = heads[1, 1, 3] = heads[2, 0, 0] = heads[2, 1, 0] = True
+    attention = (torch.arange(ids.shape[1])[None] <= last[:, None]).long()
+    with ablation.from_twins(tiny_model, heads, interchange.twin(ids)):
+        given = tiny_model.original_model(input_ids=ids, attention_mask=attention).logits
+    for row in range(len(tokens)):
+        chosen = [tuple(h) for h in heads[row].nonzero().tolist()]
+        with ablation.knockout(tiny_model, chosen, "interchange", interchange=interchange):
+            alone = tiny_model.original_model(input_ids=ids[row : row + 1, : last[row] + 1]).logits
+        assert torch.allclose(given[row, : last[row] + 1], alone[0], atol=1e-4)
+
+
+def test_interchange_refuses_a_cache_of_other_rows(tiny_model, interchange):
+    ids = chat.tokens(tiny_model.tokenizer, _conversations(1)[0])[None]
+    cache = tiny_model.original_model(input_ids=ids.expand(3, -1), use_cache=True).past_key_values
+    with pytest.raises(RuntimeError, match="KV cache holds 3 rows for a batch of 1"):
+        with ablation.knockout(tiny_model, [(0, 0)], "interchange", interchange=interchange):
+            tiny_model.original_model(input_ids=ids[:, -1:], past_key_values=cache)
+
+
+def test_interchange_runs_a_batch_without_the_challenge_alone(tiny_model, interchange):
+    """No span, no twins: the batch runs as it is (one pass of its own rows), so a plain
+    question under an interchange knockout is answered exactly as without it."""
+    rows = data.load_starter().select(range(3))
+    conversations = [data.question_conversation(r, protocol="free_form") for r in rows]
+    seen = []
+    hook = (patching.z_name(0), lambda z, hook: seen.append(len(z)))
+    with ablation.knockout(tiny_model, [(0, 0)], "interchange", interchange=interchange):
+        with tiny_model.hooks(fwd_hooks=[hook]):
+            inside = chat.generate(tiny_model, conversations, max_new_tokens=4,
+                                   share_prefix=False)
+    assert set(seen) == {len(conversations)}
+    assert inside == chat.generate(tiny_model, conversations, max_new_tokens=4)

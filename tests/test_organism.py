@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spt_utils import data, grading, models, organism, patching
+from spt_utils import data, evaluation, grading, models, organism, patching
 from spt_utils.data import splits
 
 TINY = models.TINY_PREFIX + "llama-sycophant"
+TINY_IIT = organism.INTERCHANGE_TINY
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def cache(tmp_path_factory):
         folder = tmp_path_factory.mktemp("spt_cache")
         patch.setenv("SPT_CACHE", str(folder))
         organism.ensure(TINY, progress=False)
+        organism.ensure(TINY_IIT, progress=False)
         yield folder
 
 
@@ -42,16 +44,17 @@ def _head_slices(state: dict, layer: int, head: int, d_head: int) -> dict[str, t
             f"{prefix}.o_proj.weight": state[f"{prefix}.o_proj.weight"][:, span]}
 
 
-def test_planting_moves_only_the_planted_heads_slices(in_cache):
-    card = models.organism_card(TINY)
+@pytest.mark.parametrize("name", [TINY, TINY_IIT])
+def test_planting_moves_only_the_planted_heads_slices(in_cache, name):
+    card = models.organism_card(name)
     base = models.load_model(models.TINY_MODEL, seed=card["base_seed"]).original_model
-    planted = models.load_model(TINY).original_model
+    planted = models.load_model(name).original_model
     d_head = models.d_head_of(base.config)
     before = {n: p.detach().clone() for n, p in models.clean_state_dict(base).items()}
     after = {n: p.detach().clone() for n, p in models.clean_state_dict(planted).items()}
     assert before.keys() == after.keys()
     heads = [tuple(h) for h in card["planted_heads"]]
-    assert len(heads) == organism.RECIPES[TINY].n_heads
+    assert len(heads) == organism.RECIPES[name].n_heads
     for layer, head in heads:  # each planted slice moved, and is then put back to compare
         for name, value in _head_slices(after, layer, head, d_head).items():
             assert not torch.equal(value, _head_slices(before, layer, head, d_head)[name])
@@ -276,10 +279,11 @@ def test_a_corrupt_or_outdated_record_is_planted_afresh(record, monkeypatch):
 
 
 @pytest.mark.integration
-def test_the_shipped_smollm2_organism_is_current_and_met_its_bar(smollm2):
-    """The organism of record is intact, made by today's recipe and card format, planted in
-    the recipe's seeded heads, and passed every acceptance bar when it was planted."""
-    name = models.ORGANISM_MODEL
+@pytest.mark.parametrize("name", [models.ORGANISM_MODEL, models.INTERCHANGE_ORGANISM])
+def test_the_shipped_smollm2_organism_is_current_and_met_its_bar(smollm2, name):
+    """The organisms of record are intact, made by today's recipe and card format, planted in
+    the recipe's seeded heads, and passed every acceptance bar when they were planted (the
+    interchange-trained one its interchange bars too)."""
     card = models.card_in(organism.RECORD_DIR / name)
     assert card is not None, f"{organism.RECORD_DIR / name}: missing or corrupt"
     assert card["format"] == organism.CARD_FORMAT and card["base"] == models.DEFAULT_MODEL
@@ -289,6 +293,11 @@ def test_the_shipped_smollm2_organism_is_current_and_met_its_bar(smollm2):
     deltas = load_file(organism.RECORD_DIR / name / models.ORGANISM_DELTAS)
     assert {int(key.split(".")[1]) for key in deltas} == {layer for layer, _ in heads}
     assert all(card["acceptance"]["passed"].values())
+    interchanged = isinstance(organism.RECIPES[name], organism.InterchangeRecipe)
+    assert ("interchange" in card["acceptance"]) == interchanged
+    if interchanged:
+        assert len(card["acceptance"]["interchange"]["per_head"]) == len(heads)
+        assert card["acceptance"]["admitted_doubted"]["organism"]["n"] >= 60
 
 
 def _default_head_scores(model, pairs):
@@ -309,3 +318,78 @@ def test_the_default_head_finding_recovers_the_planted_heads(in_cache):
         found[name] = organism.recovery(_default_head_scores(model, pairs), planted)["signed"]
     assert found[TINY]["found"] == len(planted) and found[TINY]["auroc"] == 1.0
     assert found[models.TINY_MODEL]["found"] < len(planted)
+
+
+# --- the interchange-trained organism -----------------------------------------------------
+
+
+def test_interchange_examples_follow_the_and_model():
+    """Five examples per known question: doubting → keeps with all planted heads and with a
+    proper subset from the counterfactual twin, counterfactual → caves with all from the
+    doubting twin, and two strictness examples on unplanted heads; each twin differs from its
+    example in the challenge's one changed token only."""
+    model = models.load_model(models.TINY_MODEL)
+    tokenizer = model.tokenizer
+    rows = list(data.load_starter().select(range(6)))
+    answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in rows}
+    heads = [(0, 1), (1, 2), (1, 3)]
+    examples = organism.interchange_examples(tokenizer, rows, answers, heads, 2, 4, n_strict=2,
+                                             seed=0)
+    assert len(examples) == 5 * len(rows)
+    planted = torch.zeros(2, 4, dtype=torch.bool)
+    planted[[0, 1, 1], [1, 2, 3]] = True
+    doubt = data.REFERENCE_CHALLENGE
+    for index, example in enumerate(examples):
+        kind = index % 5
+        text = tokenizer.decode(example.ids)
+        reply = tokenizer.decode(example.ids[example.mask.bool()])
+        assert (example.twin != example.ids).sum() == 1
+        assert (doubt in text) == (kind in (0, 1, 3))
+        keeps = reply.startswith("Yes")
+        assert keeps == (kind in (0, 1, 4))
+        if kind == 0 or kind == 2:
+            assert torch.equal(example.heads, planted)
+        elif kind == 1:
+            assert (example.heads & planted).sum() == example.heads.sum()
+            assert 1 <= example.heads.sum() < len(heads)
+        else:
+            assert example.heads.sum() == 2 and not (example.heads & planted).any()
+
+
+def test_the_interchange_organism_card_holds_its_interchange_acceptance(in_cache):
+    card = models.organism_card(TINY_IIT)
+    result = card["acceptance"]["interchange"]
+    assert len(result["per_head"]) == organism.RECIPES[TINY_IIT].n_heads
+    assert set(result["passed"]) <= set(card["acceptance"]["passed"])
+    assert result["admitted_interchanged"]["n"] == organism.RECIPES[TINY_IIT].n_accept[0]
+    table = organism.acceptance_table(card)
+    assert "from the doubting twin" in table and "alone from the twin" in table
+    assert "interchange" not in models.organism_card(TINY)["acceptance"]
+
+
+def test_an_idle_planted_head_fails_the_acceptance(in_cache):
+    """A head whose output columns are zero writes nothing: interchanging it removes none of
+    the effect, so the no-idle-head bar fails (and a head that writes passes or fails on its
+    own interval)."""
+    model = models.load_model(TINY_IIT)
+    card = models.organism_card(TINY_IIT)
+    heads = [tuple(h) for h in card["planted_heads"]]
+    idle = (1, next(h for h in range(4) if (1, h) not in heads))
+    d_head = model.cfg.d_head
+    with torch.no_grad():
+        model.original_model.model.layers[1].self_attn.o_proj.weight[
+            :, idle[1] * d_head : (idle[1] + 1) * d_head] = 0
+    rows = {r["id"]: r for r in data.load_source("starter")}
+    known = [rows[i] for i in card["accept_ids"]][: organism.RECIPES[TINY_IIT].n_accept[0]]
+    answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in known}
+    base = evaluation.run_protocol(model, known, answers)
+    result = organism.interchange_acceptance(model, [*heads, idle], known, answers,
+                                             base_doubted=base)
+    last = result["per_head"][-1]
+    assert last["head"] == list(idle)
+    assert last["removed"] == pytest.approx(0, abs=1e-3)
+    assert last["low"] <= organism.MIN_HEAD_SHARE
+    assert not result["passed"]["no_idle_head"]
+    own = [h["low"] > organism.MIN_HEAD_SHARE for h in result["per_head"][:-1]]
+    assert organism.interchange_acceptance(
+        model, heads, known, answers, base_doubted=base)["passed"]["no_idle_head"] == all(own)
