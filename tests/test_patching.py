@@ -639,3 +639,53 @@ def test_gradient_scores_work_under_frozen_weights(tiny_model, tiny_pairs):
     for method in (patching.knockout_attribution_heads, patching.attribution_patch_heads):
         expected = method(tiny_model, tiny_pairs).score
         assert torch.allclose(method(frozen, tiny_pairs).score, expected, atol=1e-6), method
+
+
+# --- the registry of head-finding methods ------------------------------------------------
+
+
+def test_every_head_finder_scores_every_head_as_its_method_does(tiny_model, tiny_pairs):
+    """Each registry entry scores [n_layers, n_heads], as its method called directly; the
+    results are kept in ``found`` by name, and combined is the one default."""
+    options = {"greedy": {"k": 2}}
+    found: patching.Found = {}
+    scores = {name: finder.score(tiny_model, tiny_pairs, found, **options.get(name, {}))
+              for name, finder in patching.FINDERS.items()}
+    assert set(found) == set(scores) == {"path", "attribution", "activation",
+                                         "knockout_attribution", "combined", "greedy"}
+    for name, score in scores.items():
+        assert score.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads), name
+    knockout = patching.knockout_attribution_heads(tiny_model, tiny_pairs)
+    expected = {
+        "path": patching.path_patch_heads(tiny_model, tiny_pairs).score,
+        "attribution": patching.attribution_patch_heads(tiny_model, tiny_pairs).score,
+        "activation": patching.activation_patch_heads(tiny_model, tiny_pairs).score,
+        "knockout_attribution": knockout.score,
+        "greedy": patching.greedy_knockout_heads(tiny_model, tiny_pairs, 2).ranking(
+            knockout.score),
+    }
+    for name, score in expected.items():
+        assert torch.allclose(scores[name], score, atol=1e-6), name
+    assert isinstance(found["greedy"], patching.GreedyKnockout)
+    assert [name for name, f in patching.FINDERS.items() if f.default] == ["combined"]
+
+
+def test_the_default_finder_fuses_path_patching_and_knockout_attribution(tiny_model,
+                                                                         tiny_pairs):
+    default = next(finder for finder in patching.FINDERS.values() if finder.default)
+    expected = patching.combined_head_scores(
+        patching.path_patch_heads(tiny_model, tiny_pairs),
+        patching.knockout_attribution_heads(tiny_model, tiny_pairs))
+    assert torch.equal(default.score(tiny_model, tiny_pairs), expected)
+
+
+def test_a_finder_reads_the_results_found_before(tiny_model, tiny_pairs):
+    """A result in ``found`` is used, not computed again: by its own method and by those
+    that build on it."""
+    path = patching.path_patch_heads(tiny_model, tiny_pairs)
+    knockout = dataclasses.replace(path, method="knockout_attribution", score=-path.score)
+    found: patching.Found = {"path": path, "knockout_attribution": knockout}
+    assert patching.FINDERS["path"].result(tiny_model, tiny_pairs, found) is path
+    assert torch.equal(patching.FINDERS["combined"].score(tiny_model, tiny_pairs, found),
+                       patching.combined_head_scores(path, knockout))
+    assert set(found) == {"path", "knockout_attribution", "combined"}

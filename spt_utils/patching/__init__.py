@@ -19,7 +19,9 @@ The submodules, lowest first:
   oracle and the receivers), :mod:`~spt_utils.patching.activation`,
   :mod:`~spt_utils.patching.attribution`, :mod:`~spt_utils.patching.knockout_attribution`,
   :mod:`~spt_utils.patching.greedy` and :mod:`~spt_utils.patching.fusion` (the default
-  ranking).
+  ranking);
+* :mod:`~spt_utils.patching.registry`: :data:`FINDERS`, every head-finding method by name
+  with a ``[layer, head]`` score each (notebook 02, ``benchmarks/bench_recovery.py``).
 """
 
 from spt_utils.patching.activation import activation_patch_heads
@@ -66,13 +68,17 @@ from spt_utils.patching.path import (
     path_patch_receivers,
 )
 from spt_utils.patching.path import _block_hook_names as _block_hook_names  # used by the tests
+from spt_utils.patching.registry import FINDERS, Finder, Found
 
 __all__ = [
     "BLOCK_TOLERANCE",
+    "FINDERS",
     "RATIO_EPSILON",
     "SIGNS",
     "AnswerTokens",
     "Calibration",
+    "Finder",
+    "Found",
     "GreedyKnockout",
     "Head",
     "HeadScores",
