@@ -6,15 +6,16 @@ into, on several organisms (issue 26).
 Each organism is SmolLM2-135M-Instruct planted by the default recipe
 (``organism.RECIPES[models.ORGANISM_MODEL]``) with its own seed and layer range (seed 1 is
 the shipped organism, read from its cache). On known questions outside the organism's
-reserve it scores every head by path patching (signed and |score|), attribution patching,
-activation patching (total effect, last position), knockout attribution, the combination
-notebook 02 uses by default and a set-level greedy knockout search, and grades each by the
-AUROC of the planted heads and precision@8. Then generation, on other known questions:
-each planted head's own zero knockout and its delta reverted (the organism without that
-head's planting), beside the planted set's knockout and the found sets'; a planted head
-whose reverted delta leaves the caving and the effect as they were is one planting left
-idle, not one a method misses. Writes ``recovery.json`` and ``recovery.md`` to ``--out``;
-organisms already in its ``recovery.json`` and not among ``--seeds`` are kept.
+reserve it scores every head by each method of ``patching.FINDERS``: path patching (signed
+and |score|), attribution patching, activation patching (total effect, last position),
+knockout attribution, the combination notebook 02 uses by default and a set-level greedy
+knockout search, and grades each by the AUROC of the planted heads and precision@8. Then
+generation, on other known questions: each planted head's own zero knockout and its delta
+reverted (the organism without that head's planting), beside the planted set's knockout
+and the found sets'; a planted head whose reverted delta leaves the caving and the effect
+as they were is one planting left idle, not one a method misses. Writes ``recovery.json``
+and ``recovery.md`` to ``--out``; organisms already in its ``recovery.json`` and not among
+``--seeds`` are kept.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ from spt_utils import ablation, data, evaluation, io, models, organism, patching
 # (seed, layers) of the organisms; seed 1 chose the default method, the others report it
 PLACEMENTS = {1: (10, 30), 2: (10, 30), 3: (5, 25), 4: (15, 30)}
 CHOSEN_ON = (1,)
+
+
+def method_name(finder: patching.Finder) -> str:
+    """A method's name in ``recovery.json`` and ``recovery.md``."""
+    return finder.label + (" (default)" if finder.default else "")
+
+
+PATH = method_name(patching.FINDERS["path"])
+DEFAULT = next(method_name(finder) for finder in patching.FINDERS.values() if finder.default)
 
 
 def first_answers(model, questions: Sequence[dict], path: Path) -> dict[str, dict]:
@@ -112,26 +122,17 @@ def bench(seed: int, answers: dict, bank, args) -> dict:
     tokens = patching.answer_tokens_from_replies(model, pairs)
     pairs = tokens.apply(pairs)
     timings, scores = {}, {}
-
-    def timed(label, function):
+    found: patching.Found = {}  # each method's own result on `pairs`, by name
+    options = {"greedy": {"k": len(planted)}}
+    for name, finder in patching.FINDERS.items():
         clock = time.perf_counter()
-        result = function()
-        timings[label] = time.perf_counter() - clock
-        return result
-
-    path = timed("path patching", lambda: patching.path_patch_heads(model, pairs))
-    knockout = timed("knockout attribution",
-                     lambda: patching.knockout_attribution_heads(model, pairs))
-    scores["path patching"] = path.score
-    scores["attribution patching"] = timed(
-        "attribution patching", lambda: patching.attribution_patch_heads(model, pairs)).score
-    scores["activation patching"] = timed("activation patching", lambda: (
-        patching.activation_patch_heads(model, pairs.first(args.activation_pairs)).score))
-    scores["knockout attribution"] = knockout.score
-    scores["combined (default)"] = patching.combined_head_scores(path, knockout)
-    greedy = timed("greedy knockout", lambda: patching.greedy_knockout_heads(
-        model, pairs, len(planted)))
-    scores["greedy knockout (set)"] = greedy.ranking(knockout.score)
+        if name == "activation":  # a forward pass per head: on the first pairs only
+            score = finder.score(model, pairs.first(args.activation_pairs))
+        else:
+            score = finder.score(model, pairs, found, **options.get(name, {}))
+        scores[method_name(finder)] = score
+        timings[method_name(finder)] = time.perf_counter() - clock
+    path, greedy = found["path"], found["greedy"]
     graded = {name: grade(score, planted) for name, score in scores.items()}
 
     generate = {"max_new_tokens": args.max_new_tokens}
@@ -140,7 +141,7 @@ def bench(seed: int, answers: dict, bank, args) -> dict:
              "counterfactual": admitted(model, generate_rows, answers,
                                         challenge=data.COUNTERFACTUAL_CHALLENGE, **generate)}
     sets = {"planted": planted, "path top-8": top(path.score, len(planted)),
-            "default top-8": top(scores["combined (default)"], len(planted)),
+            "default top-8": top(scores[DEFAULT], len(planted)),
             "greedy set": greedy.heads}
     knocked = {}
     for label, chosen in sets.items():
@@ -213,7 +214,7 @@ def report(results: list[dict]) -> str:
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| L{h['head'][0]}H{h['head'][1]} | {shown(h['zero_knockout_admitted'])} | "
                   f"{shown(h['reverted_admitted'])} | {h['reverted_effect_share']:.2f} | "
-                  f"{h['ranks']['path patching']} | {h['ranks']['combined (default)']} |"
+                  f"{h['ranks'][PATH]} | {h['ranks'][DEFAULT]} |"
                   for h in r["per_head"]]
         lines.append("")
     return "\n".join(lines)
