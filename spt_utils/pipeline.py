@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "01": {"n_eval": [80, 60]},
         "02": {"n_oracle_layers": 3},
         "03": {"k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
-               "n_random_generate": 5, "compare_methods": True},
+               "n_random_generate": 10, "compare_methods": True},
         "04": {"methods": FULL_TUNED, "random_head_draws": 2, "planted_bound": True},
         "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 2,
                "planted_bound": True, "steering_kinds": STEERING_KINDS,
