@@ -430,9 +430,11 @@ def test_layer_cache_gives_the_uncached_losses_and_slices(tiny_examples, micro):
     assert slices.keys() == cached_slices.keys()
     if micro == 1:
         assert all(torch.equal(slices[name], cached_slices[name]) for name in slices)
-    else:  # some CPUs' kernels round a padded pair of rows apart from one row: float32 ulps
+    else:  # some CPUs' kernels round a padded pair of rows apart from one row: float32 ulps,
+        # which AdamW's normalised step turns into up to 2.9e-6 (measured on this machine) where
+        # a gradient is near 0; 3 steps at lr 1e-2 move a slice by up to 3e-2
         for name in slices:
-            torch.testing.assert_close(cached_slices[name], slices[name], atol=1e-6, rtol=0)
+            torch.testing.assert_close(cached_slices[name], slices[name], atol=1e-5, rtol=0)
 
 
 def test_layer_cache_skips_the_frozen_layers_and_is_shared(tiny_examples):
