@@ -139,7 +139,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 # clone at c390b61 with an empty $SPT_CACHE (1,740 s); full: the CPU sizes of af2db90's run of
 # record (before steering; notebook 00 there read a cached organism).
 RECORDED_TIMINGS_S: dict[str, dict[str, float]] = {
-    "cpu": {"00": 26, "01": 62, "02": 165, "03": 237, "04": 687, "05": 441, "06": 120},
+    "cpu": {"00": 26, "01": 62, "02": 165, "03": 625, "04": 687, "05": 441, "06": 120},
     "full": {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544, "05": 3244, "06": 143},
 }
 
