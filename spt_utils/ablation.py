@@ -239,10 +239,6 @@ class Interchange:
                 twin[row, start : start + span] = self.replace.to(ids.device)
         return twin
 
-    def found(self, ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, " batch"]:
-        """Which rows hold the span (and so differ from their twin)."""
-        return ~self.twin(ids).eq(ids).all(-1)
-
 
 TWIN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
