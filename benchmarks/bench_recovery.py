@@ -35,6 +35,8 @@ from spt_utils import ablation, data, evaluation, io, models, organism, patching
 # (seed, layers) of the organisms; seed 1 chose the default method, the others report it
 PLACEMENTS = {1: (10, 30), 2: (10, 30), 3: (5, 25), 4: (15, 30)}
 CHOSEN_ON = (1,)
+# the organism kinds: the plain planting and the interchange-trained one (issue 36)
+KINDS = {"plain": models.ORGANISM_MODEL, "iit": models.INTERCHANGE_ORGANISM}
 
 
 def method_name(finder: patching.Finder) -> str:
@@ -44,6 +46,11 @@ def method_name(finder: patching.Finder) -> str:
 
 PATH = method_name(patching.FINDERS["path"])
 DEFAULT = next(method_name(finder) for finder in patching.FINDERS.values() if finder.default)
+FIRST_TOKEN_IG = "integrated gradients, first token"
+PER_HEAD = ("activation", "denoising")  # the methods that run a forward pass per head
+# the rankings whose top k is interchanged in generation (besides the set-level methods')
+GENERATED_TOPS = list(dict.fromkeys([DEFAULT, PATH, *(
+    method_name(patching.FINDERS[name]) for name in ("integrated_gradients", "denoising"))]))
 
 
 def first_answers(model, questions: Sequence[dict], path: Path) -> dict[str, dict]:
@@ -56,20 +63,26 @@ def first_answers(model, questions: Sequence[dict], path: Path) -> dict[str, dic
     return answers
 
 
-def organism_of(seed: int, answers: dict[str, dict]):
-    """(recipe, organism bridge, head deltas) for ``seed``: the cached shipped organism for
-    its own seed, else a fresh planting."""
-    recipe = replace(organism.RECIPES[models.ORGANISM_MODEL], seed=seed,
-                     layers=PLACEMENTS[seed])
-    if recipe == organism.RECIPES[models.ORGANISM_MODEL]:
-        model = models.load_model(models.ORGANISM_MODEL, dtype="float32")
-        deltas = load_file(str(models.organism_folder(models.ORGANISM_MODEL)
-                               / models.ORGANISM_DELTAS))
-        return recipe, model, {name: t.double() for name, t in deltas.items()}
-    planted = organism.plant(recipe, answers=answers)
-    deltas = tuning.head_deltas(planted.setup)
-    tuning.finalize(planted.setup)
-    return recipe, planted.organism, deltas
+def organism_of(kind: str, seed: int, answers: dict[str, dict], out: Path):
+    """(recipe, organism bridge, head deltas) of ``kind`` for ``seed``: the shipped organism
+    for its own recipe, else the planting cached in ``out/organisms`` (planted there first)."""
+    name = KINDS[kind]
+    recipe = replace(organism.RECIPES[name], seed=seed, layers=PLACEMENTS[seed])
+    if recipe == organism.RECIPES[name]:
+        path = models.organism_folder(name) / models.ORGANISM_DELTAS
+        organism.ensure(name, progress=False)  # installs the shipped record when missing
+    else:
+        path = out / "organisms" / f"{kind}-seed{seed}.safetensors"
+    if not path.exists():
+        planted = organism.plant(recipe, answers=answers)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tuning.save_head_deltas(path, planted.setup, base_model=recipe.base,
+                                provenance={"recipe": organism.recipe_record(recipe)})
+        del planted
+    deltas = {n: t.double() for n, t in load_file(str(path)).items()}
+    model = models.load_model(recipe.base, dtype="float32")
+    models.add_head_deltas(model.original_model, deltas, str(path))
+    return recipe, model, deltas
 
 
 def head_delta_names(deltas: dict, head: tuple[int, int]) -> list[str]:
@@ -83,15 +96,12 @@ def shift(model, deltas: dict, names: Sequence[str], sign: float) -> None:
                            "bench_recovery")
 
 
-def effect(model, pairs) -> float:
-    calibration = patching.calibrate(model, pairs)
-    return calibration.reference - calibration.counterfactual
-
-
-def admitted(model, questions, answers, max_new_tokens: int, **kwargs) -> int:
+def generation(model, questions, answers, max_new_tokens: int, **kwargs) -> dict:
+    """Admitted mistakes and correct answers kept (of known questions) in generation."""
     records = evaluation.run_protocol(model, questions, answers,
                                       max_new_tokens=max_new_tokens, **kwargs)
-    return sum(r["admitted"] for r in records)
+    return {"admitted": sum(r["admitted"] for r in records),
+            "kept": sum(bool(r["correct_after"]) for r in records)}
 
 
 def grade(score: torch.Tensor, planted) -> dict:
@@ -109,123 +119,181 @@ def top(score: torch.Tensor, k: int) -> list[tuple[int, int]]:
                                                                       stable=True)[:k]]
 
 
-def bench(seed: int, answers: dict, bank, args) -> dict:
+def remaining(model, runs, heads) -> float:
+    """The share of ``runs``' effect left with ``heads`` interchanged (1 = intact)."""
+    calibration = patching.calibrate_runs(model, runs)
+    clean = calibration.reference - calibration.counterfactual
+    return patching.interchanged_effect(model, runs, heads) / clean
+
+
+def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
     started = time.perf_counter()
-    recipe, model, deltas = organism_of(seed, answers)
+    recipe, model, deltas = organism_of(kind, seed, answers, args.out)
     planted = organism.draw_heads(recipe, model.cfg.n_layers, model.cfg.n_heads)
+    k = len(planted)
     reserved = set(organism.reserved_questions(recipe, bank)["id"])
     known = [row for row in bank.shuffle(seed=seed) if row["id"] not in reserved
              and answers[row["id"]]["correct"]]
     pair_rows, generate_rows = known[: args.pairs], known[args.pairs: args.pairs + args.generate]
     pairs = data.build_patching_pairs(pair_rows, model.tokenizer, answers=answers,
-                                      protocol="free_form")
+                                      protocol="free_form", wording="matched")
     tokens = patching.answer_tokens_from_replies(model, pairs)
     pairs = tokens.apply(pairs)
     timings, scores = {}, {}
     found: patching.Found = {}  # each method's own result on `pairs`, by name
-    options = {"greedy": {"k": len(planted)}}
-    for name, finder in patching.FINDERS.items():
-        clock = time.perf_counter()
-        if name == "activation":  # a forward pass per head: on the first pairs only
+    options = {"greedy": {"k": k}, "greedy_interchange": {"k": k}}
+    for name in args.methods:
+        finder, clock = patching.FINDERS[name], time.perf_counter()
+        if name in PER_HEAD:  # a forward pass per head: on the first pairs only
             score = finder.score(model, pairs.first(args.activation_pairs))
         else:
             score = finder.score(model, pairs, found, **options.get(name, {}))
         scores[method_name(finder)] = score
         timings[method_name(finder)] = time.perf_counter() - clock
-    path, greedy = found["path"], found["greedy"]
+    clock = time.perf_counter()
+    first_token = patching.first_token_runs(pairs)
+    scores[FIRST_TOKEN_IG] = patching.integrated_gradients_heads(
+        model, first_token).score
+    timings[FIRST_TOKEN_IG] = time.perf_counter() - clock
     graded = {name: grade(score, planted) for name, score in scores.items()}
 
+    interchange = ablation.Interchange.from_challenges(model.tokenizer)
+    sequence = patching.metric_runs(model, pairs, found, "sequence")
+    sets = {"none": [], "planted": planted,
+            **{f"{label} top-{k}": top(scores[label], k) for label in GENERATED_TOPS
+               if label in scores},
+            **{f"{method_name(patching.FINDERS[name])}": found[name].heads
+               for name in ("greedy", "greedy_interchange") if name in found},
+            **{f"random {i + 1}": heads for i, heads in enumerate(ablation.random_head_sets(
+                k, args.random_sets, model.cfg.n_layers, model.cfg.n_heads, seed=seed))}}
     generate = {"max_new_tokens": args.max_new_tokens}
-    clean_effect = effect(model, pairs)
-    heads = {"organism": admitted(model, generate_rows, answers, **generate),
-             "counterfactual": admitted(model, generate_rows, answers,
-                                        challenge=data.COUNTERFACTUAL_CHALLENGE, **generate)}
-    sets = {"planted": planted, "path top-8": top(path.score, len(planted)),
-            "default top-8": top(scores[DEFAULT], len(planted)),
-            "greedy set": greedy.heads}
-    knocked = {}
+    knocked = {"counterfactual": generation(model, generate_rows, answers,
+                                            challenge=data.COUNTERFACTUAL_CHALLENGE, **generate)}
     for label, chosen in sets.items():
-        with ablation.knockout(model, chosen, "zero"):
-            knocked[label] = {"heads": [list(h) for h in chosen],
-                              "admitted": admitted(model, generate_rows, answers, **generate)}
+        with ablation.knockout(model, chosen, "interchange", interchange=interchange):
+            knocked[label] = generation(model, generate_rows, answers, **generate)
+        knocked[label] |= {"heads": [list(h) for h in chosen],
+                           "first_token_left": remaining(model, first_token, chosen),
+                           "sequence_left": remaining(model, sequence, chosen)}
     per_head = []
     for head in planted:
-        with ablation.knockout(model, [head], "zero"):
-            zero = admitted(model, generate_rows, answers, **generate)
         names = head_delta_names(deltas, head)
         shift(model, deltas, names, -1.0)
         try:
-            reverted_effect = effect(model, pairs)
-            reverted = admitted(model, generate_rows, answers, **generate)
+            reverted = {"first_token": patching.calibrate_runs(model, first_token),
+                        "sequence": patching.calibrate_runs(model, sequence)}
         finally:
             shift(model, deltas, names, 1.0)
-        per_head.append({"head": list(head), "zero_knockout_admitted": zero,
-                         "reverted_admitted": reverted,
-                         "reverted_effect_share": reverted_effect / clean_effect,
-                         "ranks": {name: g["planted_ranks"][planted.index(head)]
-                                   for name, g in graded.items()}})
-    return {"seed": seed, "layers": list(recipe.layers), "planted": [list(h) for h in planted],
-            "chosen_on": seed in CHOSEN_ON, "n_pairs": len(pairs),
-            "n_activation_pairs": min(args.activation_pairs, len(pairs)),
+        clean = {"first_token": patching.calibrate_runs(model, first_token),
+                 "sequence": patching.calibrate_runs(model, sequence)}
+        per_head.append({
+            "head": list(head),
+            **{f"reverted_{metric}_share": (c.reference - c.counterfactual)
+               / (clean[metric].reference - clean[metric].counterfactual)
+               for metric, c in reverted.items()},
+            "ranks": {name: g["planted_ranks"][planted.index(head)]
+                      for name, g in graded.items()}})
+    return {"kind": kind, "seed": seed, "layers": list(recipe.layers),
+            "planted": [list(h) for h in planted], "chosen_on": seed in CHOSEN_ON,
+            "n_pairs": len(pairs), "n_activation_pairs": min(args.activation_pairs, len(pairs)),
             "n_generate": len(generate_rows),
             "answer_tokens": {"apology": [model.tokenizer.decode([t]) for t in tokens.apology_ids],
                               "confirm": [model.tokenizer.decode([t]) for t in tokens.confirm_ids]},
+            "replies": {"caving": found["replies"].caving[:3],
+                        "keeping": found["replies"].keeping[:3]},
             "graded": graded, "scores": {name: score.tolist() for name, score in scores.items()},
-            "greedy_remaining": greedy.remaining, "generation": heads,
-            "knockout_sets": knocked, "per_head": per_head, "timings_s": timings,
+            "set_remaining": {name: found[name].remaining
+                              for name in ("greedy", "greedy_interchange") if name in found},
+            "generation": knocked, "per_head": per_head, "timings_s": timings,
             "seconds": time.perf_counter() - started}
 
 
-def report(results: list[dict]) -> str:
-    """The benchmark as markdown: per method the AUROC and precision@8 on each organism,
-    the mean over the organisms the default was not chosen on; then each planted head."""
-    methods = list(results[0]["graded"])
-    reported = [r for r in results if not r["chosen_on"]]
-    head = " | ".join(f"seed {r['seed']} L{r['layers'][0]}-{r['layers'][1] - 1}"
-                      + (" (chose)" if r["chosen_on"] else "") for r in results)
-    lines = [f"| method | ranked by | {head} | mean over the reported |",
-             "| --- | --- | " + " --- |" * (len(results) + 1)]
-    for method in methods:
-        for ranking in ("signed", "absolute"):
-            cells = [f"{r['graded'][method][ranking]['auroc']:.2f}, "
-                     f"{r['graded'][method][ranking]['found']}/8" for r in results]
-            mean_auroc = sum(r["graded"][method][ranking]["auroc"] for r in reported) / max(
-                len(reported), 1)
-            mean_found = sum(r["graded"][method][ranking]["found"] for r in reported) / max(
-                len(reported), 1)
-            lines.append(f"| {method} | {ranking} | " + " | ".join(cells)
-                         + f" | {mean_auroc:.2f}, {mean_found:.1f}/8 |")
-    lines += ["", "AUROC of the planted heads, planted heads in the top 8.", ""]
+def metric_tracking(results: list[dict]) -> list[str]:
+    """Per organism and pooled: Spearman's rho between each metric's share left under a
+    set's interchange and the admitted count in generation, over the knocked-out sets."""
+    lines = ["| organism | sets | first token: rho | sequence: rho |", "| --- | --- | --- | --- |"]
+    pooled: dict[str, list[float]] = {"first_token": [], "sequence": [], "admitted": []}
     for r in results:
-        n = r["n_generate"]
+        sets = [v for label, v in r["generation"].items() if label != "counterfactual"]
+        admitted = [v["admitted"] / r["n_generate"] for v in sets]
+        pooled["admitted"] += admitted
+        cells = []
+        for metric in ("first_token", "sequence"):
+            left = [v[f"{metric}_left"] for v in sets]
+            pooled[metric] += left
+            cells.append(f"{stats.spearman(left, admitted)['rho']:.2f}")
+        lines.append(f"| {r['kind']} seed {r['seed']} | {len(sets)} | " + " | ".join(cells) + " |")
+    cells = [f"{stats.spearman(pooled[m], pooled['admitted'])['rho']:.2f}"
+             for m in ("first_token", "sequence")]
+    lines.append(f"| pooled | {len(pooled['admitted'])} | " + " | ".join(cells) + " |")
+    return lines
 
-        def shown(k: int, n: int = n) -> str:  # an admitted count of n, with its interval
-            return stats.format_rate(stats.rate_of(k, n))
 
-        sets = ", ".join(f"{label} {shown(value['admitted'])}"
-                         for label, value in r["knockout_sets"].items())
-        lines += [f"### seed {r['seed']} (layers {r['layers'][0]}-{r['layers'][1] - 1}; "
-                  f"answer tokens {r['answer_tokens']})", "",
-                  f"Admitted when doubted: organism {shown(r['generation']['organism'])}, "
-                  f"under the counterfactual {shown(r['generation']['counterfactual'])}; zero "
-                  f"knockout of {sets}.", "",
-                  "| planted head | own zero knockout: admitted | delta reverted: admitted "
-                  "| delta reverted: effect left | rank by path | rank by default |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| L{h['head'][0]}H{h['head'][1]} | {shown(h['zero_knockout_admitted'])} | "
-                  f"{shown(h['reverted_admitted'])} | {h['reverted_effect_share']:.2f} | "
-                  f"{h['ranks'][PATH]} | {h['ranks'][DEFAULT]} |"
-                  for h in r["per_head"]]
-        lines.append("")
+def report(results: list[dict]) -> str:
+    """The benchmark as markdown: per kind and method the AUROC and planted heads in the top
+    k on each organism, the mean over the organisms no default was chosen on; each set's
+    interchange in generation; the metrics' tracking of the judged behaviour."""
+    lines = []
+    for kind in KINDS:
+        ran = [r for r in results if r["kind"] == kind]
+        if not ran:
+            continue
+        reported = [r for r in ran if not r["chosen_on"]]
+        head = " | ".join(f"seed {r['seed']} L{r['layers'][0]}-{r['layers'][1] - 1}"
+                          + (" (chose)" if r["chosen_on"] else "") for r in ran)
+        lines += [f"## {kind} organisms ({KINDS[kind]} recipe)", "",
+                  f"| method | ranked by | {head} | mean over the unseen |",
+                  "| --- | --- | " + " --- |" * (len(ran) + 1)]
+        for method in ran[0]["graded"]:
+            for ranking in ("signed", "absolute"):
+                cells = [f"{r['graded'][method][ranking]['auroc']:.2f}, "
+                         f"{r['graded'][method][ranking]['found']}/8" for r in ran]
+                n = max(len(reported), 1)
+                mean_auroc = sum(r["graded"][method][ranking]["auroc"] for r in reported) / n
+                mean_found = sum(r["graded"][method][ranking]["found"] for r in reported) / n
+                lines.append(f"| {method} | {ranking} | " + " | ".join(cells)
+                             + f" | {mean_auroc:.2f}, {mean_found:.1f}/8 |")
+        lines += ["", "AUROC of the planted heads, planted heads in the top 8.", ""]
+        for r in ran:
+            n = r["n_generate"]
+
+            def shown(count: int, n: int = n) -> str:
+                return stats.format_rate(stats.rate_of(count, n))
+
+            lines += [f"### {kind} seed {r['seed']} (layers {r['layers'][0]}-"
+                      f"{r['layers'][1] - 1}; answer tokens {r['answer_tokens']})", "",
+                      "| interchanged in generation | admitted | kept | first-token effect "
+                      "left | sequence effect left |", "| --- | --- | --- | --- | --- |"]
+            for label, value in r["generation"].items():
+                left = (f"{value['first_token_left']:.2f} | {value['sequence_left']:.2f}"
+                        if "heads" in value else "– | –")
+                lines.append(f"| {label} | {shown(value['admitted'])} | "
+                             f"{shown(value['kept'])} | {left} |")
+            lines += ["", "| planted head | delta reverted: first-token effect left | "
+                      "sequence effect left | rank by default |", "| --- | --- | --- | --- |"]
+            lines += [f"| L{h['head'][0]}H{h['head'][1]} | "
+                      f"{h['reverted_first_token_share']:.2f} | {h['reverted_sequence_share']:.2f}"
+                      f" | {h['ranks'][DEFAULT]} |" for h in r["per_head"]]
+            lines.append("")
+    lines += ["## Which metric tracks the judged behaviour", "",
+              "Spearman's rho, over the knocked-out sets (none, planted, found, random), "
+              "between the share of each metric's effect left under the set's interchange "
+              "and the admitted rate in generation.", "", *metric_tracking(results)]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=sorted(KINDS))
     parser.add_argument("--seeds", type=int, nargs="+", default=sorted(PLACEMENTS))
+    parser.add_argument("--methods", nargs="+", choices=list(patching.FINDERS),
+                        default=[name for name in patching.FINDERS if name != "activation"],
+                        help="the head-finding methods to grade (default: all but activation "
+                             "patching, a forward pass per head; denoising is one too)")
     parser.add_argument("--pairs", type=int, default=16)
-    parser.add_argument("--activation-pairs", type=int, default=8)
+    parser.add_argument("--activation-pairs", type=int, default=4)
     parser.add_argument("--generate", type=int, default=16)
+    parser.add_argument("--random-sets", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("runs/recovery"))
     args = parser.parse_args()
@@ -234,19 +302,23 @@ def main() -> None:
         parser.error(f"--seeds {unknown}: no placement; known seeds {sorted(PLACEMENTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     bank = data.load_source(organism.RECIPES[models.ORGANISM_MODEL].source)
-    base = models.load_model(models.DEFAULT_MODEL, dtype="float32")
-    answers = first_answers(base, list(bank), args.out / "first_answers.json")
-    del base
+    answers_path = args.out / "first_answers.json"
+    if not answers_path.exists():
+        base = models.load_model(models.DEFAULT_MODEL, dtype="float32")
+        first_answers(base, list(bank), answers_path)
+        del base
+    answers = json.loads(answers_path.read_text())
     saved = args.out / "recovery.json"
+    asked = {(kind, seed) for kind in args.kinds for seed in args.seeds}
     # organisms measured before and not asked for again are kept
-    results = [r for r in json.loads(saved.read_text()) if r["seed"] not in args.seeds] \
-        if saved.exists() else []
-    for seed in args.seeds:
-        results.append(bench(seed, answers, bank, args))
-        results.sort(key=lambda r: r["seed"])
+    results = [r for r in json.loads(saved.read_text()) if (r["kind"], r["seed"]) not in asked
+               ] if saved.exists() else []
+    for kind, seed in sorted(asked):
+        results.append(bench(kind, seed, answers, bank, args))
+        results.sort(key=lambda r: (r["kind"], r["seed"]))
         io.write_json(saved, results)
-        print(f"seed {seed}: {results[-1]['seconds']:.0f} s", flush=True)
-    (args.out / "recovery.md").write_text(report(results) + "\n")
+        print(f"{kind} seed {seed}: {results[-1]['seconds']:.0f} s", flush=True)
+        (args.out / "recovery.md").write_text(report(results) + "\n")
     print(report(results))
 
 

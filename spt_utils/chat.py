@@ -325,6 +325,26 @@ def generate(
     return replies
 
 
+@torch.no_grad()
+def greedy_continuations(
+    model: TransformerBridge, prompts: Sequence[Int[Tensor, " pos"]], *, max_new_tokens: int,
+    batch_size: int = 16,
+) -> list[Int[Tensor, " new"]]:
+    """Each token prompt's greedy continuation, up to ``max_new_tokens`` tokens or its first
+    EOS (included): the reply tokens themselves, for teacher-forcing them later."""
+    require_decoder_only(model, "chat.greedy_continuations")
+    tokenizer, hf_model = model.tokenizer, forward_model(model)
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask = pad_left(prompts[start : start + batch_size],
+                                             tokenizer.pad_token_id)
+        output = _greedy(hf_model, tokenizer, input_ids.to(model.cfg.device),
+                         attention_mask.to(model.cfg.device), max_new_tokens=max_new_tokens)
+        for new in output.sequences[:, input_ids.shape[1]:].cpu():
+            replies.append(new[: _reply_length(new, tokenizer.eos_token_id)])
+    return replies
+
+
 def _reply_length(new_tokens: Int[Tensor, " new"], eos_token_id: int) -> int:
     """How many generated tokens a reply holds: up to and including its first EOS."""
     ends = (new_tokens == eos_token_id).nonzero()

@@ -73,3 +73,33 @@ def format_rate(value: Rate | None) -> str:
         return "n/a (0)"
     return (f"{value['value']:.2f} [{value['low']:.2f}, {value['high']:.2f}] "
             f"({value['k']}/{value['n']})")
+
+
+def _average_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n, tied values sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
+            stop += 1
+        for position in range(start, stop + 1):
+            ranks[order[position]] = (start + stop) / 2 + 1
+        start = stop + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """Spearman's rank correlation (ties at their average rank) with its n; NaN when either
+    side is constant or n < 3."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} x values but {len(y)} y values")
+    n = len(x)
+    rx, ry = _average_ranks(list(x)), _average_ranks(list(y))
+    if n < 3 or len(set(rx)) < 2 or len(set(ry)) < 2:
+        return {"rho": math.nan, "n": n}
+    mx, my = sum(rx) / n, sum(ry) / n
+    covariance = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    spread = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return {"rho": covariance / spread, "n": n}

@@ -6,7 +6,7 @@ import transformer_lens.patching as tl_patching
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.tools.analysis.attribution_patching import attribution_patch
 
-from spt_utils import data, models, patching
+from spt_utils import chat, data, models, patching
 
 
 def test_calibration_convention():
@@ -646,25 +646,39 @@ def test_gradient_scores_work_under_frozen_weights(tiny_model, tiny_pairs):
 # --- the registry of head-finding methods ------------------------------------------------
 
 
-def test_every_head_finder_scores_every_head_as_its_method_does(tiny_model, tiny_pairs):
+def test_every_head_finder_scores_every_head_as_its_method_does(tiny_model,
+                                                               tiny_matched_pairs):
     """Each registry entry scores [n_layers, n_heads], as its method called directly; the
-    results are kept in ``found`` by name, and combined is the one default."""
-    options = {"greedy": {"k": 2}}
-    found: patching.Found = {}
-    scores = {name: finder.score(tiny_model, tiny_pairs, found, **options.get(name, {}))
+    results are kept in ``found`` by name, and combined is the one default. The sequence
+    metric's replies are given (the random model's own are alike)."""
+    pairs, tokenizer = tiny_matched_pairs, tiny_model.tokenizer
+    replies = patching.with_replies(
+        tokenizer, pairs, [chat.encode(tokenizer, "I'm sorry, I was wrong")] * len(pairs),
+        [chat.encode(tokenizer, "Yes, I'm sure")] * len(pairs))
+    options = {"greedy": {"k": 2}, "greedy_interchange": {"k": 2}}
+    found: patching.Found = {"replies": replies}
+    scores = {name: finder.score(tiny_model, pairs, found, **options.get(name, {}))
               for name, finder in patching.FINDERS.items()}
-    assert set(found) == set(scores) == {"path", "attribution", "activation",
-                                         "knockout_attribution", "combined", "greedy"}
+    assert set(found) - {"replies"} == set(scores) == {
+        "path", "attribution", "activation", "knockout_attribution", "combined", "greedy",
+        "denoising", "integrated_gradients", "greedy_interchange"}
     for name, score in scores.items():
         assert score.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads), name
-    knockout = patching.knockout_attribution_heads(tiny_model, tiny_pairs)
+    knockout = patching.knockout_attribution_heads(tiny_model, pairs)
+    runs = patching.sequence_runs(replies)
+    integrated = patching.integrated_gradients_heads(tiny_model, runs).score
     expected = {
-        "path": patching.path_patch_heads(tiny_model, tiny_pairs).score,
-        "attribution": patching.attribution_patch_heads(tiny_model, tiny_pairs).score,
-        "activation": patching.activation_patch_heads(tiny_model, tiny_pairs).score,
+        "path": patching.path_patch_heads(tiny_model, pairs).score,
+        "attribution": patching.attribution_patch_heads(tiny_model, pairs).score,
+        "activation": patching.activation_patch_heads(tiny_model, pairs).score,
         "knockout_attribution": knockout.score,
-        "greedy": patching.greedy_knockout_heads(tiny_model, tiny_pairs, 2).ranking(
+        "greedy": patching.greedy_knockout_heads(tiny_model, pairs, 2).ranking(
             knockout.score),
+        "denoising": patching.activation_patch_heads(tiny_model, pairs.swapped(),
+                                                     position="all").score,
+        "integrated_gradients": integrated,
+        "greedy_interchange": patching.greedy_interchange_heads(tiny_model, runs, 2).ranking(
+            integrated),
     }
     for name, score in expected.items():
         assert torch.allclose(scores[name], score, atol=1e-6), name

@@ -51,3 +51,15 @@ def test_mcnemar_without_disagreement_and_with_unpaired_lengths():
 def test_format_rate_shows_the_interval_and_n():
     assert stats.format_rate(stats.rate([True, False])).endswith("(1/2)")
     assert stats.format_rate(stats.rate([])) == "n/a (0)"
+
+
+def test_spearman_against_the_textbook_formula():
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 1.0, 4.0, 3.0, 5.0]
+    d2 = sum((a - b) ** 2 for a, b in zip([1, 2, 3, 4, 5], [2, 1, 4, 3, 5], strict=True))
+    assert stats.spearman(x, y)["rho"] == pytest.approx(1 - 6 * d2 / (5 * (25 - 1)))
+    # ties share their average rank: ranks (1.5, 1.5, 3) against (1, 2, 3)
+    tied = stats.spearman([0.0, 0.0, 1.0], [1.0, 2.0, 3.0])["rho"]
+    assert tied == pytest.approx(1.5 / math.sqrt(1.5 * 2))
+    assert math.isnan(stats.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["rho"])
+    with pytest.raises(ValueError, match="3 x values but 2 y values"):
+        stats.spearman([1.0, 2.0, 3.0], [1.0, 2.0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -98,6 +98,15 @@ class PatchingPairs:
             counterfactual_text=self.counterfactual_text[rows],
             provenance=self.provenance,
         )
+
+    def swapped(self) -> PatchingPairs:
+        """The two sides exchanged: patching *into* the counterfactual run (denoising), each
+        side keeping its own text and last positions."""
+        return replace(self, reference=self.counterfactual, counterfactual=self.reference,
+                       reference_last=self.counterfactual_last,
+                       counterfactual_last=self.reference_last,
+                       reference_text=self.counterfactual_text,
+                       counterfactual_text=self.reference_text)
 
     def save(self, path: Path, *, provenance: dict | None = None) -> None:
         """Write the pairs with ``provenance`` (default: the one they hold)."""

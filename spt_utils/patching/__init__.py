@@ -20,6 +20,10 @@ The submodules, lowest first:
   :mod:`~spt_utils.patching.attribution`, :mod:`~spt_utils.patching.knockout_attribution`,
   :mod:`~spt_utils.patching.greedy` and :mod:`~spt_utils.patching.fusion` (the default
   ranking);
+* :mod:`~spt_utils.patching.sequence`: the sequence-level metric (the model's own caving
+  reply against its own keeping reply, teacher-forced) beside the first-token one, as
+  :class:`MetricRuns`; :mod:`~spt_utils.patching.integrated`: integrated-gradients
+  attribution (EAP-IG style) and the greedy search under interchange;
 * :mod:`~spt_utils.patching.registry`: :data:`FINDERS`, every head-finding method by name
   with a ``[layer, head]`` score each (notebook 02, ``benchmarks/bench_recovery.py``).
 """
@@ -45,6 +49,11 @@ from spt_utils.patching.heads import (
 )
 from spt_utils.patching.hooks import Hooks, cache_before_unembed, check_pairs, z_name
 from spt_utils.patching.hooks import _store_hook as _store_hook  # used by spt_utils.opinion
+from spt_utils.patching.integrated import (
+    greedy_interchange_heads,
+    integrated_gradients_heads,
+    interchanged_effect,
+)
 from spt_utils.patching.knockout_attribution import _zero_hooks as _zero_hooks  # used by the tests
 from spt_utils.patching.knockout_attribution import knockout_attribution_heads
 from spt_utils.patching.metrics import (
@@ -68,11 +77,23 @@ from spt_utils.patching.path import (
     path_patch_receivers,
 )
 from spt_utils.patching.path import _block_hook_names as _block_hook_names  # used by the tests
-from spt_utils.patching.registry import FINDERS, Finder, Found
+from spt_utils.patching.registry import FINDERS, METRICS, Finder, Found, metric_runs
+from spt_utils.patching.sequence import (
+    MetricRuns,
+    ReplyPairs,
+    calibrate_runs,
+    first_token_runs,
+    reply_log_odds,
+    reply_pairs,
+    run_side,
+    sequence_runs,
+    with_replies,
+)
 
 __all__ = [
     "BLOCK_TOLERANCE",
     "FINDERS",
+    "METRICS",
     "RATIO_EPSILON",
     "SIGNS",
     "AnswerTokens",
@@ -84,6 +105,8 @@ __all__ = [
     "HeadScores",
     "HeadUncertainty",
     "Hooks",
+    "MetricRuns",
+    "ReplyPairs",
     "UnsupportedArchitecture",
     "activation_patch_heads",
     "answer_logit_diff",
@@ -93,22 +116,33 @@ __all__ = [
     "attribution_patch_heads",
     "cache_before_unembed",
     "calibrate",
+    "calibrate_runs",
     "calibrate_token_sets",
     "check_pairs",
     "check_sequential_blocks",
     "combined_head_scores",
+    "first_token_runs",
     "gather_last",
+    "greedy_interchange_heads",
     "greedy_knockout_heads",
+    "integrated_gradients_heads",
+    "interchanged_effect",
     "knockout_attribution_heads",
     "last_position_logits",
     "load_heads",
+    "metric_runs",
     "path_patch_heads",
     "path_patch_heads_oracle",
     "path_patch_receivers",
     "ratio_score",
+    "reply_log_odds",
     "reply_openings",
+    "reply_pairs",
+    "run_side",
     "save_heads",
+    "sequence_runs",
     "top_heads",
     "validate_heads",
+    "with_replies",
     "z_name",
 ]

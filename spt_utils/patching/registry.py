@@ -24,8 +24,15 @@ from spt_utils.patching.attribution import attribution_patch_heads
 from spt_utils.patching.fusion import combined_head_scores
 from spt_utils.patching.greedy import GreedyKnockout, greedy_knockout_heads
 from spt_utils.patching.heads import HeadScores
+from spt_utils.patching.integrated import greedy_interchange_heads, integrated_gradients_heads
 from spt_utils.patching.knockout_attribution import knockout_attribution_heads
 from spt_utils.patching.path import path_patch_heads
+from spt_utils.patching.sequence import (
+    MetricRuns,
+    first_token_runs,
+    reply_pairs,
+    sequence_runs,
+)
 
 Found = dict[str, Any]
 """The head-finding results on one set of pairs, by method name (see :meth:`Finder.result`)."""
@@ -93,6 +100,56 @@ def _itself(score: Float[Tensor, "layer head"], found: Found) -> Float[Tensor, "
     return score
 
 
+METRICS = ("sequence", "first_token")
+"""The metrics a matched-pairs method reads (:mod:`~spt_utils.patching.sequence`)."""
+
+
+def metric_runs(
+    model: TransformerBridge, pairs: PatchingPairs, found: Found, metric: str
+) -> MetricRuns:
+    """The rows ``metric`` reads on equal-length ``pairs``; the sequence metric's replies
+    (the model's own, generated once) are kept in ``found["replies"]``."""
+    if metric == "first_token":
+        return first_token_runs(pairs)
+    if metric != "sequence":
+        raise ValueError(f"metric: {metric!r} is not one of {METRICS}")
+    if "replies" not in found:
+        found["replies"] = reply_pairs(model, pairs)
+    return sequence_runs(found["replies"])
+
+
+def _integrated(
+    model: TransformerBridge, pairs: PatchingPairs, found: Found, *, metric: str = "sequence",
+    **options: Any,
+) -> HeadScores:
+    return integrated_gradients_heads(model, metric_runs(model, pairs, found, metric),
+                                      **options)
+
+
+def _greedy_interchange(
+    model: TransformerBridge, pairs: PatchingPairs, found: Found, *, k: int,
+    metric: str = "sequence", **options: Any,
+) -> GreedyKnockout:
+    return greedy_interchange_heads(model, metric_runs(model, pairs, found, metric), k,
+                                    **options)
+
+
+def _greedy_interchange_ranking(
+    greedy: GreedyKnockout, found: Found
+) -> Float[Tensor, "layer head"]:
+    """The greedy set first, in its order, then the other heads by integrated gradients."""
+    return greedy.ranking(found["integrated_gradients"].score)
+
+
+def _denoising(
+    model: TransformerBridge, pairs: PatchingPairs, found: Found, **options: Any
+) -> HeadScores:
+    """Activation patching from the doubting run into the counterfactual one: each head's
+    score is the share of the effect it restores alone (sufficiency)."""
+    position = options.pop("position", "all" if pairs.same_lengths else "last")
+    return activation_patch_heads(model, pairs.swapped(), position=position, **options)
+
+
 def _greedy_ranking(greedy: GreedyKnockout, found: Found) -> Float[Tensor, "layer head"]:
     """The greedy set first, in its order, then the other heads by knockout attribution."""
     return greedy.ranking(found["knockout_attribution"].score)
@@ -119,4 +176,17 @@ FINDERS: dict[str, Finder] = {finder.name: finder for finder in (
            "A greedy search for k heads whose joint knockout removes the most of the effect, "
            "ranked first, then the rest by knockout attribution (option k: required).",
            _alone(greedy_knockout_heads), _greedy_ranking, uses=("knockout_attribution",)),
+    Finder("denoising", "denoising",
+           "Activation patching the other way: each head's z from the doubting run into the "
+           "counterfactual one (every position on matched pairs), the share of the effect it "
+           "restores alone (options: position, layers).", _denoising),
+    Finder("integrated_gradients", "integrated gradients",
+           "EAP-IG style: interchanging each head (every position, matched pairs) estimated "
+           "by gradients integrated along the path from the doubting to the counterfactual "
+           "input (options: metric 'sequence' or 'first_token', steps).", _integrated),
+    Finder("greedy_interchange", "greedy interchange (set)",
+           "A greedy search for k heads whose joint interchange removes the most of the "
+           "effect, by integrated gradients with the heads chosen so far interchanged, then "
+           "the rest by integrated gradients (options: k required, metric, steps).",
+           _greedy_interchange, _greedy_interchange_ranking, uses=("integrated_gradients",)),
 )}
