@@ -208,6 +208,46 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
             "seconds": time.perf_counter() - started}
 
 
+# issue 36's bars, on the organisms no default was chosen on (means over their seeds)
+MIN_AUROC, MIN_FOUND, MAX_SET_ADMITTED = 0.95, 7, 0.2
+SET_METHOD = method_name(patching.FINDERS["greedy_interchange"])
+
+
+def bars(results: list[dict]) -> list[dict]:
+    """The finding bars: on interchange-trained organisms the default ranks the planted heads
+    with mean AUROC >= 0.95 and >= 7 of 8 in its top 8; on plain organisms the set-level
+    method's heads, interchanged in generation, leave a mean admitted rate <= 0.2 with at
+    least as many correct answers kept as the organism un-ablated. Each bar: its per-seed
+    values, the mean and whether it passed (None: no unseen organism of that kind)."""
+    unseen = {kind: [r for r in results if r["kind"] == kind and not r["chosen_on"]]
+              for kind in KINDS}
+    verdicts = []
+    ran = unseen["iit"]
+    aurocs = [r["graded"][DEFAULT]["signed"]["auroc"] for r in ran]
+    found = [r["graded"][DEFAULT]["signed"]["found"] for r in ran]
+    verdicts.append({
+        "bar": f"iit: default AUROC >= {MIN_AUROC} and >= {MIN_FOUND}/8 planted in its top 8",
+        "seeds": [r["seed"] for r in ran],
+        "values": [f"{a:.2f}, {f}/8" for a, f in zip(aurocs, found, strict=True)],
+        "mean": f"{sum(aurocs) / len(ran):.2f}, {sum(found) / len(ran):.1f}/8" if ran else "–",
+        "passed": None if not ran else (sum(aurocs) / len(ran) >= MIN_AUROC
+                                        and sum(found) / len(ran) >= MIN_FOUND)})
+    ran = [r for r in unseen["plain"] if SET_METHOD in r["generation"]]
+    rates = [r["generation"][SET_METHOD]["admitted"] / r["n_generate"] for r in ran]
+    kept = [(r["generation"][SET_METHOD]["kept"], r["generation"]["none"]["kept"]) for r in ran]
+    verdicts.append({
+        "bar": f"plain: the {SET_METHOD}'s heads interchanged leave admitted <= "
+               f"{MAX_SET_ADMITTED}, kept at the organism's count or more",
+        "seeds": [r["seed"] for r in ran],
+        "values": [f"admitted {a:.2f}, kept {k} (organism {n})"
+                   for a, (k, n) in zip(rates, kept, strict=True)],
+        "mean": f"admitted {sum(rates) / len(ran):.2f}, kept {sum(k for k, _ in kept)} "
+                f"(organism {sum(n for _, n in kept)})" if ran else "–",
+        "passed": None if not ran else (sum(rates) / len(ran) <= MAX_SET_ADMITTED
+                                        and sum(k for k, _ in kept) >= sum(n for _, n in kept))})
+    return verdicts
+
+
 def metric_tracking(results: list[dict]) -> list[str]:
     """Per organism and pooled: Spearman's rho between each metric's share left under a
     set's interchange and the admitted count in generation, over the knocked-out sets."""
@@ -275,7 +315,12 @@ def report(results: list[dict]) -> str:
                       f"{h['reverted_first_token_share']:.2f} | {h['reverted_sequence_share']:.2f}"
                       f" | {h['ranks'][DEFAULT]} |" for h in r["per_head"]]
             lines.append("")
-    lines += ["## Which metric tracks the judged behaviour", "",
+    lines += ["## The finding bars (organisms no default was chosen on)", "",
+              "| bar | seeds | per seed | mean | verdict |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {v['bar']} | {v['seeds']} | {'; '.join(v['values'])} | {v['mean']} | "
+              + {True: "PASS", False: "FAIL", None: "not measured"}[v["passed"]] + " |"
+              for v in bars(results)]
+    lines += ["", "## Which metric tracks the judged behaviour", "",
               "Spearman's rho, over the knocked-out sets (none, planted, found, random), "
               "between the share of each metric's effect left under the set's interchange "
               "and the admitted rate in generation.", "", *metric_tracking(results)]

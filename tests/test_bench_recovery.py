@@ -1,0 +1,69 @@
+"""The recovery benchmark's finding bars and metric tracking (``benchmarks/bench_recovery.py``),
+on made-up results whose verdicts are known."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_recovery.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_recovery", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(bench, kind: str, seed: int, *, auroc: float = 0.99, found: int = 8,
+           set_admitted: int = 0, set_kept: int = 12, kept: int = 12) -> dict:
+    """One organism's record, as much of it as the bars and the report read."""
+    graded = {"auroc": auroc, "found": found, "precision_at_k": found / 8, "k": 8}
+    sets = {"none": {"admitted": 16, "kept": kept, "first_token_left": 1.0,
+                     "sequence_left": 1.0, "heads": []},
+            bench.SET_METHOD: {"admitted": set_admitted, "kept": set_kept,
+                               "first_token_left": 0.1, "sequence_left": 0.05,
+                               "heads": [[1, 1]]}}
+    return {"kind": kind, "seed": seed, "layers": [10, 30], "chosen_on": seed in bench.CHOSEN_ON,
+            "n_generate": 16, "answer_tokens": {}, "per_head": [],
+            "graded": {bench.DEFAULT: {"signed": graded, "absolute": graded}},
+            "generation": {"counterfactual": {"admitted": 0, "kept": 16}, **sets}}
+
+
+def verdicts(bench, results) -> list:
+    return [v["passed"] for v in bench.bars(results)]
+
+
+def test_the_bars_pass_on_results_that_meet_them_and_ignore_the_chosen_seed(bench):
+    good = [result(bench, kind, seed) for kind in ("iit", "plain") for seed in (2, 3, 4)]
+    chosen = [result(bench, "iit", 1, auroc=0.5, found=0), result(bench, "plain", 1,
+                                                                   set_admitted=16)]
+    assert verdicts(bench, good + chosen) == [True, True]
+    assert verdicts(bench, chosen) == [None, None]
+
+
+@pytest.mark.parametrize(("change", "failed"), [
+    ({"auroc": 0.80}, 0),  # mean AUROC (0.99 + 0.99 + 0.80) / 3 = 0.93 < 0.95
+    ({"found": 3}, 0),  # mean (8 + 8 + 3) / 3 < 7 planted in the top 8
+    ({"set_admitted": 11}, 1),  # mean admitted (0 + 0 + 11/16) / 3 > 0.2
+    ({"set_kept": 9}, 1),  # fewer correct answers kept than the organism's
+])
+def test_each_bar_can_fail(bench, change, failed):
+    kind = "iit" if failed == 0 else "plain"
+    results = [result(bench, kind, seed, **(change if seed == 4 else {}))
+               for seed in (2, 3, 4)]
+    other = "plain" if kind == "iit" else "iit"
+    results += [result(bench, other, seed) for seed in (2, 3, 4)]
+    passed = verdicts(bench, results)
+    assert passed[failed] is False and passed[1 - failed] is True
+
+
+def test_the_report_shows_the_bars_and_the_tracking(bench):
+    report = bench.report([result(bench, kind, seed) for kind in ("iit", "plain")
+                           for seed in (1, 2)])
+    assert "| FAIL |" not in report and report.count("| PASS |") == 2
+    assert "## Which metric tracks the judged behaviour" in report
