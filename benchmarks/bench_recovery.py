@@ -35,22 +35,25 @@ from spt_utils import ablation, data, evaluation, io, models, organism, patching
 # (seed, layers) of the organisms; seed 1 chose the default method, the others report it
 PLACEMENTS = {1: (10, 30), 2: (10, 30), 3: (5, 25), 4: (15, 30)}
 CHOSEN_ON = (1,)
-# the organism kinds: the plain planting and the interchange-trained one (issue 36)
-KINDS = {"plain": models.ORGANISM_MODEL, "iit": models.INTERCHANGE_ORGANISM}
+# the organism kinds: (organism, changes to its recipe): the plain planting, the
+# interchange-trained one and a variant whose strictness interchanges every unplanted head
+KINDS = {"plain": (models.ORGANISM_MODEL, {}), "iit": (models.INTERCHANGE_ORGANISM, {}),
+         "iit-strict": (models.INTERCHANGE_ORGANISM, {"n_strict": None})}
 
 
-def method_name(finder: patching.Finder) -> str:
-    """A method's name in ``recovery.json`` and ``recovery.md``."""
-    return finder.label + (" (default)" if finder.default else "")
-
-
-PATH = method_name(patching.FINDERS["path"])
-DEFAULT = next(method_name(finder) for finder in patching.FINDERS.values() if finder.default)
-FIRST_TOKEN_IG = "integrated gradients, first token"
+FIRST_TOKEN_IG = "integrated_gradients_first_token"
+# every graded ranking by key: the registry's methods and integrated gradients on the first
+# token (the registry's runs on the sequence metric)
+LABELS = {name: finder.label for name, finder in patching.FINDERS.items()} | {
+    FIRST_TOKEN_IG: "integrated gradients (first token)"}
+DEFAULT = next(name for name, finder in patching.FINDERS.items() if finder.default)
 PER_HEAD = ("activation", "denoising")  # the methods that run a forward pass per head
-# the rankings whose top k is interchanged in generation (besides the set-level methods')
-GENERATED_TOPS = list(dict.fromkeys([DEFAULT, PATH, *(
-    method_name(patching.FINDERS[name]) for name in ("integrated_gradients", "denoising"))]))
+SET_LEVEL = ("greedy", "greedy_interchange")  # the methods that find a set
+
+
+def label(method: str) -> str:
+    """A method's name in ``recovery.md``."""
+    return LABELS[method] + (" (default)" if method == DEFAULT else "")
 
 
 def first_answers(model, questions: Sequence[dict], path: Path) -> dict[str, dict]:
@@ -66,8 +69,8 @@ def first_answers(model, questions: Sequence[dict], path: Path) -> dict[str, dic
 def organism_of(kind: str, seed: int, answers: dict[str, dict], out: Path):
     """(recipe, organism bridge, head deltas) of ``kind`` for ``seed``: the shipped organism
     for its own recipe, else the planting cached in ``out/organisms`` (planted there first)."""
-    name = KINDS[kind]
-    recipe = replace(organism.RECIPES[name], seed=seed, layers=PLACEMENTS[seed])
+    name, changes = KINDS[kind]
+    recipe = replace(organism.RECIPES[name], seed=seed, layers=PLACEMENTS[seed], **changes)
     if recipe == organism.RECIPES[name]:
         path = models.organism_folder(name) / models.ORGANISM_DELTAS
         organism.ensure(name, progress=False)  # installs the shipped record when missing
@@ -119,11 +122,22 @@ def top(score: torch.Tensor, k: int) -> list[tuple[int, int]]:
                                                                       stable=True)[:k]]
 
 
-def remaining(model, runs, heads) -> float:
-    """The share of ``runs``' effect left with ``heads`` interchanged (1 = intact)."""
-    calibration = patching.calibrate_runs(model, runs)
-    clean = calibration.reference - calibration.counterfactual
-    return patching.interchanged_effect(model, runs, heads) / clean
+def remaining(model, runs, heads, clean) -> float:
+    """The share of ``runs``' effect left with ``heads`` interchanged (1 = intact; ``clean``:
+    the runs' calibration)."""
+    return patching.interchanged_effect(model, runs, heads) / (clean.reference
+                                                               - clean.counterfactual)
+
+
+def found_by(name: str, compute, cache: Path):
+    """A method's result, computed once and kept in ``cache`` (the benchmark's own files)."""
+    path = cache / f"{name}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    result = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(result, path)
+    return result
 
 
 def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
@@ -139,42 +153,57 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
                                       protocol="free_form", wording="matched")
     tokens = patching.answer_tokens_from_replies(model, pairs)
     pairs = tokens.apply(pairs)
+    cache = args.out / "found" / f"{kind}-seed{seed}"
     timings, scores = {}, {}
-    found: patching.Found = {}  # each method's own result on `pairs`, by name
-    options = {"greedy": {"k": k}, "greedy_interchange": {"k": k}}
+    # each method's own result on `pairs`, by name, and the sequence metric's replies
+    found: patching.Found = {"replies": found_by("replies", lambda: patching.reply_pairs(
+        model, pairs), cache)}
+    options = {"greedy": {"k": k},
+               "greedy_interchange": {"k": k, "metric": "first_token", "steps": 2,
+                                      "progress": True},
+               "integrated_gradients": {"steps": args.ig_steps, "progress": True}}
     for name in args.methods:
         finder, clock = patching.FINDERS[name], time.perf_counter()
+        for used in finder.uses:  # with the options the benchmark gives them
+            found[used] = found_by(used, lambda used=used: patching.FINDERS[used].result(
+                model, pairs, found, **options.get(used, {})), cache)
         if name in PER_HEAD:  # a forward pass per head: on the first pairs only
-            score = finder.score(model, pairs.first(args.activation_pairs))
+            subset = pairs.first(args.activation_pairs)
+            found[name] = found_by(name, lambda finder=finder, subset=subset: finder.result(
+                model, subset), cache)
         else:
-            score = finder.score(model, pairs, found, **options.get(name, {}))
-        scores[method_name(finder)] = score
-        timings[method_name(finder)] = time.perf_counter() - clock
+            found[name] = found_by(name, lambda finder=finder, name=name: finder.result(
+                model, pairs, found, **options.get(name, {})), cache)
+        scores[name] = finder.rank(found[name], found)
+        timings[name] = time.perf_counter() - clock
     clock = time.perf_counter()
     first_token = patching.first_token_runs(pairs)
-    scores[FIRST_TOKEN_IG] = patching.integrated_gradients_heads(
-        model, first_token).score
+    scores[FIRST_TOKEN_IG] = found_by(FIRST_TOKEN_IG, lambda: patching.integrated_gradients_heads(
+        model, first_token, steps=args.ig_steps, progress=True), cache).score
     timings[FIRST_TOKEN_IG] = time.perf_counter() - clock
     graded = {name: grade(score, planted) for name, score in scores.items()}
 
     interchange = ablation.Interchange.from_challenges(model.tokenizer)
-    sequence = patching.metric_runs(model, pairs, found, "sequence")
+    sequence = patching.sequence_runs(found["replies"])
     sets = {"none": [], "planted": planted,
-            **{f"{label} top-{k}": top(scores[label], k) for label in GENERATED_TOPS
-               if label in scores},
-            **{f"{method_name(patching.FINDERS[name])}": found[name].heads
-               for name in ("greedy", "greedy_interchange") if name in found},
+            **{f"{label(name)} top-{k}": top(scores[name], k) for name in args.generate_tops
+               if name in scores},
+            **{label(name): found[name].heads for name in SET_LEVEL if name in found},
             **{f"random {i + 1}": heads for i, heads in enumerate(ablation.random_head_sets(
                 k, args.random_sets, model.cfg.n_layers, model.cfg.n_heads, seed=seed))}}
+    clean = {"first_token": patching.calibrate_runs(model, first_token),
+             "sequence": patching.calibrate_runs(model, sequence)}
     generate = {"max_new_tokens": args.max_new_tokens}
     knocked = {"counterfactual": generation(model, generate_rows, answers,
                                             challenge=data.COUNTERFACTUAL_CHALLENGE, **generate)}
-    for label, chosen in sets.items():
+    for name, chosen in sets.items():
         with ablation.knockout(model, chosen, "interchange", interchange=interchange):
-            knocked[label] = generation(model, generate_rows, answers, **generate)
-        knocked[label] |= {"heads": [list(h) for h in chosen],
-                           "first_token_left": remaining(model, first_token, chosen),
-                           "sequence_left": remaining(model, sequence, chosen)}
+            knocked[name] = generation(model, generate_rows, answers, **generate)
+        knocked[name] |= {"heads": [list(h) for h in chosen],
+                          "first_token_left": remaining(model, first_token, chosen,
+                                                        clean["first_token"]),
+                          "sequence_left": remaining(model, sequence, chosen, clean["sequence"])}
+        print(f"  {name}: admitted {knocked[name]['admitted']}/{len(generate_rows)}", flush=True)
     per_head = []
     for head in planted:
         names = head_delta_names(deltas, head)
@@ -184,8 +213,6 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
                         "sequence": patching.calibrate_runs(model, sequence)}
         finally:
             shift(model, deltas, names, 1.0)
-        clean = {"first_token": patching.calibrate_runs(model, first_token),
-                 "sequence": patching.calibrate_runs(model, sequence)}
         per_head.append({
             "head": list(head),
             **{f"reverted_{metric}_share": (c.reference - c.counterfactual)
@@ -202,15 +229,14 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
             "replies": {"caving": found["replies"].caving[:3],
                         "keeping": found["replies"].keeping[:3]},
             "graded": graded, "scores": {name: score.tolist() for name, score in scores.items()},
-            "set_remaining": {name: found[name].remaining
-                              for name in ("greedy", "greedy_interchange") if name in found},
+            "set_remaining": {name: found[name].remaining for name in SET_LEVEL if name in found},
             "generation": knocked, "per_head": per_head, "timings_s": timings,
             "seconds": time.perf_counter() - started}
 
 
 # issue 36's bars, on the organisms no default was chosen on (means over their seeds)
 MIN_AUROC, MIN_FOUND, MAX_SET_ADMITTED = 0.95, 7, 0.2
-SET_METHOD = method_name(patching.FINDERS["greedy_interchange"])
+SET_METHOD = label("greedy_interchange")
 
 
 def bars(results: list[dict]) -> list[dict]:
@@ -254,7 +280,7 @@ def metric_tracking(results: list[dict]) -> list[str]:
     lines = ["| organism | sets | first token: rho | sequence: rho |", "| --- | --- | --- | --- |"]
     pooled: dict[str, list[float]] = {"first_token": [], "sequence": [], "admitted": []}
     for r in results:
-        sets = [v for label, v in r["generation"].items() if label != "counterfactual"]
+        sets = [v for name, v in r["generation"].items() if name != "counterfactual"]
         admitted = [v["admitted"] / r["n_generate"] for v in sets]
         pooled["admitted"] += admitted
         cells = []
@@ -281,17 +307,19 @@ def report(results: list[dict]) -> str:
         reported = [r for r in ran if not r["chosen_on"]]
         head = " | ".join(f"seed {r['seed']} L{r['layers'][0]}-{r['layers'][1] - 1}"
                           + (" (chose)" if r["chosen_on"] else "") for r in ran)
-        lines += [f"## {kind} organisms ({KINDS[kind]} recipe)", "",
+        name, changes = KINDS[kind]
+        lines += [f"## {kind} organisms ({name}'s recipe{f', {changes}' if changes else ''})",
+                  "",
                   f"| method | ranked by | {head} | mean over the unseen |",
                   "| --- | --- | " + " --- |" * (len(ran) + 1)]
         for method in ran[0]["graded"]:
-            for ranking in ("signed", "absolute"):
+            for ranking in ("signed", "absolute"):  # cells: AUROC, planted in the top 8
                 cells = [f"{r['graded'][method][ranking]['auroc']:.2f}, "
                          f"{r['graded'][method][ranking]['found']}/8" for r in ran]
                 n = max(len(reported), 1)
                 mean_auroc = sum(r["graded"][method][ranking]["auroc"] for r in reported) / n
                 mean_found = sum(r["graded"][method][ranking]["found"] for r in reported) / n
-                lines.append(f"| {method} | {ranking} | " + " | ".join(cells)
+                lines.append(f"| {label(method)} | {ranking} | " + " | ".join(cells)
                              + f" | {mean_auroc:.2f}, {mean_found:.1f}/8 |")
         lines += ["", "AUROC of the planted heads, planted heads in the top 8.", ""]
         for r in ran:
@@ -304,10 +332,10 @@ def report(results: list[dict]) -> str:
                       f"{r['layers'][1] - 1}; answer tokens {r['answer_tokens']})", "",
                       "| interchanged in generation | admitted | kept | first-token effect "
                       "left | sequence effect left |", "| --- | --- | --- | --- | --- |"]
-            for label, value in r["generation"].items():
+            for name, value in r["generation"].items():
                 left = (f"{value['first_token_left']:.2f} | {value['sequence_left']:.2f}"
                         if "heads" in value else "– | –")
-                lines.append(f"| {label} | {shown(value['admitted'])} | "
+                lines.append(f"| {name} | {shown(value['admitted'])} | "
                              f"{shown(value['kept'])} | {left} |")
             lines += ["", "| planted head | delta reverted: first-token effect left | "
                       "sequence effect left | rank by default |", "| --- | --- | --- | --- |"]
@@ -339,6 +367,11 @@ def main() -> None:
     parser.add_argument("--activation-pairs", type=int, default=4)
     parser.add_argument("--generate", type=int, default=16)
     parser.add_argument("--random-sets", type=int, default=3)
+    parser.add_argument("--ig-steps", type=int, default=4,
+                        help="integrated gradients' steps along the path")
+    parser.add_argument("--generate-tops", nargs="+", choices=list(LABELS),
+                        default=list(dict.fromkeys([DEFAULT, "integrated_gradients"])),
+                        help="the rankings whose top k is interchanged in generation")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("runs/recovery"))
     args = parser.parse_args()

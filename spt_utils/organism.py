@@ -109,11 +109,12 @@ class InterchangeRecipe(Recipe):
     Interchange`): the doubting conversation keeps its answer with all planted heads from
     the counterfactual twin, and with a random proper subset of them (sizes 1 to n - 1: no
     head can be left idle); the counterfactual conversation caves with all planted heads
-    from the doubting twin; and (strictness) ``n_strict`` random other heads interchanged
+    from the doubting twin; and (strictness) ``n_strict`` random other heads (``None``:
+    every other head at once, SIIT's rule for all non-circuit nodes) interchanged
     either way change nothing. Only the planted heads' slices train."""
 
     steps: int = 180
-    n_strict: int = 8
+    n_strict: int | None = 8
 
 
 INTERCHANGE_TINY = models.TINY_PREFIX + "llama-sycophant-iit"
@@ -228,13 +229,13 @@ class InterchangeExample(NamedTuple):
 
 def interchange_examples(
     tokenizer, known: Sequence[dict], answers: dict[str, dict], heads: Sequence[Head],
-    n_layers: int, n_heads: int, *, n_strict: int, seed: int,
+    n_layers: int, n_heads: int, *, n_strict: int | None, seed: int,
 ) -> list[InterchangeExample]:
     """The interchanged examples of :class:`InterchangeRecipe`, five per known question:
     doubting → keeps with every planted head, and with a random proper subset, from the
     counterfactual twin; counterfactual → caves with every planted head from the doubting
-    twin; strictness: ``n_strict`` random unplanted heads from the twin leave the doubting
-    conversation caving and the counterfactual one keeping."""
+    twin; strictness: ``n_strict`` random unplanted heads (``None``: all of them) from the
+    twin leave the doubting conversation caving and the counterfactual one keeping."""
     rng = random.Random(f"{seed}-interchange")
     to_counterfactual = ablation.Interchange.from_challenges(tokenizer)
     to_doubting = to_counterfactual.reversed()
@@ -263,7 +264,7 @@ def interchange_examples(
             for challenge in (data.REFERENCE_CHALLENGE, data.MATCHED_COUNTERFACTUAL_CHALLENGE))
         subset = rng.sample(list(heads), rng.randint(1, len(heads) - 1)) if len(heads) > 1 \
             else list(heads)
-        strict = rng.sample(others, min(n_strict, len(others)))
+        strict = others if n_strict is None else rng.sample(others, min(n_strict, len(others)))
         add(doubting, keeping, to_counterfactual, heads)
         add(doubting, keeping, to_counterfactual, subset)
         add(counterfactual, caving, to_doubting, heads)

@@ -356,6 +356,21 @@ def test_interchange_examples_follow_the_and_model():
             assert example.heads.sum() == 2 and not (example.heads & planted).any()
 
 
+def test_strictness_over_every_unplanted_head():
+    """``n_strict=None``: the strictness examples interchange every head but the planted."""
+    model = models.load_model(models.TINY_MODEL)
+    rows = list(data.load_starter().select(range(2)))
+    answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in rows}
+    heads = [(0, 1), (1, 2)]
+    examples = organism.interchange_examples(model.tokenizer, rows, answers, heads, 2, 4,
+                                             n_strict=None, seed=0)
+    unplanted = torch.ones(2, 4, dtype=torch.bool)
+    unplanted[[0, 1], [1, 2]] = False
+    for index, example in enumerate(examples):
+        if index % 5 in (3, 4):
+            assert torch.equal(example.heads, unplanted)
+
+
 def test_the_interchange_organism_card_holds_its_interchange_acceptance(in_cache):
     card = models.organism_card(TINY_IIT)
     result = card["acceptance"]["interchange"]

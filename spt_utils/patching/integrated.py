@@ -18,6 +18,7 @@ from functools import partial
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -82,20 +83,24 @@ def interchanged_effect(
 
 def integrated_gradients_heads(
     model: TransformerBridge, runs: MetricRuns, *, steps: int = 8,
-    interchanged: Sequence[Head] = (), batch_size: int = 8,
+    interchanged: Sequence[Head] = (), batch_size: int = 8, progress: bool = False,
 ) -> HeadScores:
     """Each head's integrated-gradients estimate of interchanging it (its ``z`` from the
     counterfactual run at every position) in the reference run, calibrated like
     :func:`~spt_utils.patching.activation_patch_heads` (1: the whole effect). Heads in
     ``interchanged`` take their counterfactual ``z`` in every run first (their own estimate
-    is then 0): the other heads' effect with those already gone."""
+    is then 0): the other heads' effect with those already gone. ``progress``: a bar over
+    the forward and backward passes."""
     if steps < 1:
         raise ValueError(f"integrated_gradients_heads: steps must be >= 1, got {steps}")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     mask, names = _head_mask(model, interchanged), [z_name(layer) for layer in range(n_layers)]
     embed = chat.forward_model(model).get_input_embeddings()
     estimates, references, counterfactuals = [], [], []
-    for rows in runs.chunks(batch_size):
+    chunks = runs.chunks(batch_size)
+    bar = tqdm(total=len(chunks) * steps, desc=f"integrated gradients ({runs.name})",
+               disable=not progress, leave=False)
+    for rows in chunks:
         chunk = runs.select(rows)
         z_cf, counterfactual = _z_of_side(model, chunk, "counterfactual", {}, mask)
         z_ref, reference = _z_of_side(model, chunk, "reference", z_cf, mask)
@@ -118,9 +123,11 @@ def integrated_gradients_heads(
             for layer, (name, grad) in enumerate(zip(names, grads, strict=True)):
                 # z, grad: [row, pos, head, d_head] → [row, head]
                 total[:, layer] += ((z_cf[name] - z_ref[name]) * grad).sum((1, 3)).cpu()
+            bar.update()
         estimates.append(total.view(-1, runs.rows_per_pair, n_layers, n_heads).sum(1) / steps)
         references.append(reference)
         counterfactuals.append(counterfactual)
+    bar.close()
     reference = torch.cat(references)
     calibration = _checked_calibration(reference, torch.cat(counterfactuals))
     estimate = torch.cat(estimates).permute(1, 2, 0)  # [layer, head, pair]
@@ -128,7 +135,8 @@ def integrated_gradients_heads(
 
 
 def greedy_interchange_heads(
-    model: TransformerBridge, runs: MetricRuns, k: int, *, steps: int = 4
+    model: TransformerBridge, runs: MetricRuns, k: int, *, steps: int = 4,
+    progress: bool = False,
 ) -> GreedyKnockout:
     """A set-level search under interchange: ``k`` times, add the head whose interchange
     (with the heads already chosen interchanged) removes the most of the effect by
@@ -140,8 +148,9 @@ def greedy_interchange_heads(
         raise ValueError(f"greedy_interchange_heads: k = {k} is not between 1 and {n_all - 1}")
     chosen: list[Head] = []
     effects = []
-    for _ in range(k):
-        scores = integrated_gradients_heads(model, runs, steps=steps, interchanged=chosen)
+    for _ in tqdm(range(k), desc="greedy interchange", disable=not progress, leave=False):
+        scores = integrated_gradients_heads(model, runs, steps=steps, interchanged=chosen,
+                                            progress=progress)
         effects.append(scores.calibration.reference - scores.calibration.counterfactual)
         score = scores.score.clone()
         for head in chosen:
