@@ -312,15 +312,18 @@ def report(results: list[dict]) -> str:
                   "",
                   f"| method | ranked by | {head} | mean over the unseen |",
                   "| --- | --- | " + " --- |" * (len(ran) + 1)]
-        for method in ran[0]["graded"]:
+        for method in dict.fromkeys(m for r in ran for m in r["graded"]):
             for ranking in ("signed", "absolute"):  # cells: AUROC, planted in the top 8
                 cells = [f"{r['graded'][method][ranking]['auroc']:.2f}, "
-                         f"{r['graded'][method][ranking]['found']}/8" for r in ran]
-                n = max(len(reported), 1)
-                mean_auroc = sum(r["graded"][method][ranking]["auroc"] for r in reported) / n
-                mean_found = sum(r["graded"][method][ranking]["found"] for r in reported) / n
+                         f"{r['graded'][method][ranking]['found']}/8"
+                         if method in r["graded"] else "–" for r in ran]
+                graded = [r["graded"][method][ranking] for r in reported
+                          if method in r["graded"]]
+                mean = (f"{sum(g['auroc'] for g in graded) / len(graded):.2f}, "
+                        f"{sum(g['found'] for g in graded) / len(graded):.1f}/8"
+                        if graded else "–")
                 lines.append(f"| {label(method)} | {ranking} | " + " | ".join(cells)
-                             + f" | {mean_auroc:.2f}, {mean_found:.1f}/8 |")
+                             + f" | {mean} |")
         lines += ["", "AUROC of the planted heads, planted heads in the top 8.", ""]
         for r in ran:
             n = r["n_generate"]
