@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,3 +48,12 @@ def split_tiny_model(tmp_path_factory):
 def smollm2():
     """The embedded SmolLM2-135M-Instruct (cached HF folder; built on first use)."""
     return models.load_model(device="cpu")
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (its functions, not its ``main``)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sweep_tuning.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sweep_script():
-    spec = importlib.util.spec_from_file_location("sweep_tuning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sweep_tuning")
 
 
 def row(name: str, method: str, rate: float, kl: float, general_p: float = 1.0,
