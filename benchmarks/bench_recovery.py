@@ -1,21 +1,22 @@
 """Recovery benchmark: how well each head-finding method finds the heads caving was planted
-into, on several organisms (issue 26).
+into, on organisms of each kind (issues 26 and 36).
 
-    python benchmarks/bench_recovery.py [--seeds 1 2 3 4] [--out runs/recovery]
+    python benchmarks/bench_recovery.py [--kinds iit plain] [--seeds 1 2 3 4] [--methods ...]
 
-Each organism is SmolLM2-135M-Instruct planted by the default recipe
-(``organism.RECIPES[models.ORGANISM_MODEL]``) with its own seed and layer range (seed 1 is
-the shipped organism, read from its cache). On known questions outside the organism's
-reserve it scores every head by each method of ``patching.FINDERS``: path patching (signed
-and |score|), attribution patching, activation patching (total effect, last position),
-knockout attribution, the combination notebook 02 uses by default and a set-level greedy
-knockout search, and grades each by the AUROC of the planted heads and precision@8. Then
-generation, on other known questions: each planted head's own zero knockout and its delta
-reverted (the organism without that head's planting), beside the planted set's knockout
-and the found sets'; a planted head whose reverted delta leaves the caving and the effect
-as they were is one planting left idle, not one a method misses. Writes ``recovery.json``
-and ``recovery.md`` to ``--out``; organisms already in its ``recovery.json`` and not among
-``--seeds`` are kept.
+Each organism is SmolLM2-135M-Instruct planted by its kind's recipe (``KINDS``: the plain
+planting, the interchange-trained one, or that with strictness over every unplanted head)
+with its own seed and layer range; seed 1 of a shipped recipe is the shipped organism, any
+other is planted once into ``--out/organisms``. On 16 matched pairs of known questions
+outside the organism's reserve it scores every head by each method of ``patching.FINDERS``
+asked for (each result kept in ``--out/found``) and by integrated gradients on the first
+token, and grades each by the AUROC of the planted heads and how many its top 8 hold. Then
+generation, on other known questions, with interchange knockout: no heads, the planted set,
+the top 8 of chosen rankings, the set-level methods' sets and random sets, each beside the
+share of the first-token and the sequence metric's effect it leaves; and each planted head's
+delta reverted (a planted head whose reverted delta leaves the effect as it was is a planting
+left idle, not one a method misses). Writes ``recovery.json`` and ``recovery.md`` (with the
+finding bars and how each metric tracks the admitted rate) to ``--out``; organisms already
+in its ``recovery.json`` and not asked for are kept.
 """
 
 from __future__ import annotations
