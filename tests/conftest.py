@@ -50,10 +50,16 @@ def smollm2():
     return models.load_model(device="cpu")
 
 
-def load_benchmark(name: str):
+def _load_benchmark(name: str):
     """The script ``benchmarks/<name>.py`` as a module (its functions, not its ``main``)."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """:func:`_load_benchmark`, for the tests of the benchmark scripts."""
+    return _load_benchmark

@@ -4,11 +4,10 @@ on made-up results whose verdicts are known."""
 from __future__ import annotations
 
 import pytest
-from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(load_benchmark):
     return load_benchmark("bench_recovery")
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
-def sweep_script():
+def sweep_script(load_benchmark):
     return load_benchmark("sweep_tuning")
 
 
