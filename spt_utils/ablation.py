@@ -644,12 +644,16 @@ def sweep(
             k, n_random, n_layers, n_heads, seed=seed, exclude=selection)]
         sets += [{"k": k, "kind": "layer_matched", "heads": s} for s in layer_matched_sets(
             ranking[:k], n_layer_matched, n_heads, seed=seed, exclude=selection)]
-    diffs = {
-        side: ablated_logit_diffs(model, pairs, [s["heads"] for s in sets], method, means=means,
-                                  donors=donors, interchange=interchange, side=side,
-                                  batch_size=batch_size, progress=progress)
-        for side in SIDES
-    }
+    diffs = {}
+    for side in SIDES:
+        # an interchange leaves a side whose prompts hold no `find` span as it is (each prompt
+        # is its own twin): that side runs once, with no set, for every set
+        untouched = method == "interchange" and interchange is not None and torch.equal(
+            interchange.twin(getattr(pairs, side)), getattr(pairs, side))
+        diffs[side] = ablated_logit_diffs(
+            model, pairs, [[]] if untouched else [s["heads"] for s in sets], method, means=means,
+            donors=donors, interchange=interchange, side=side, batch_size=batch_size,
+            progress=progress).expand(len(sets), -1)
     clean = {side: diffs[side][0] for side in SIDES}
     for index, record in enumerate(sets):
         ref, cf = diffs["reference"][index], diffs["counterfactual"][index]

@@ -75,6 +75,23 @@ def format_rate(value: Rate | None) -> str:
             f"({value['k']}/{value['n']})")
 
 
+def permutation_check(p: float | None, n_sets: int, *, alpha: float = 0.05) -> bool | None:
+    """Whether a permutation p-value over ``n_sets`` random sets, ``(1 + #{as extreme}) / (1 +
+    n_sets)``, is below ``alpha``; None (undecided) where even the smallest p it can reach,
+    ``1 / (1 + n_sets)``, is not: such a check cannot pass, whatever the heads do."""
+    if p is None or 1 / (1 + n_sets) >= alpha:
+        return None
+    return p < alpha
+
+
+def verdict(checks: dict[str, bool | None]) -> str:
+    """"PASS" when every check passed, "FAIL" when one failed, else "UNDECIDED" (a check
+    its sample cannot decide)."""
+    if any(ok is False for ok in checks.values()):
+        return "FAIL"
+    return "PASS" if all(ok is True for ok in checks.values()) else "UNDECIDED"
+
+
 def _average_ranks(values: Sequence[float]) -> list[float]:
     """Ranks 1..n, tied values sharing their average rank."""
     order = sorted(range(len(values)), key=lambda i: values[i])

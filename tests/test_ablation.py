@@ -400,6 +400,29 @@ def test_interchange_knockout_equals_z_copied_from_the_counterfactual_run(
     assert torch.allclose(cf[1], cf[0], atol=1e-5) and torch.allclose(cf[2], cf[0], atol=1e-5)
 
 
+def test_interchange_sweep_runs_the_untouched_side_once_with_the_same_shares(
+    tiny_model, interchange
+):
+    rows = data.load_starter().select(range(4))
+    pairs = data.build_patching_pairs(rows, tiny_model.tokenizer, wording="matched")
+    ranking = [(1, 2), (0, 3)]
+    result = ablation.sweep(tiny_model, pairs, ranking, ks=[2], n_random=3, n_layer_matched=0,
+                            method="interchange", interchange=interchange, progress=False,
+                            n_boot=20)
+    sets = [s["heads"] for s in result["sets"]]
+    # both sides run with every set, as a sweep of any other method does
+    full = {side: ablation.ablated_logit_diffs(tiny_model, pairs, sets, "interchange",
+                                               interchange=interchange, side=side)
+            for side in ablation.SIDES}
+    for index, record in enumerate(result["sets"]):
+        expected = ablation.remaining_effect(full["reference"][index],
+                                             full["counterfactual"][index],
+                                             full["reference"][0], full["counterfactual"][0])
+        assert record["remaining"] == pytest.approx(expected, abs=1e-5)
+        assert record["shift_counterfactual"] == 0.0
+    assert any(abs(s["remaining"] - 1) > 1e-3 for s in result["sets"])
+
+
 def _conversations(n=3):
     rows = data.load_starter().select(range(20, 20 + n))
     return [data.challenge_conversation(r, data.REFERENCE_CHALLENGE, answer=r["correct_answer"],

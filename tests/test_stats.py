@@ -63,3 +63,15 @@ def test_spearman_against_the_textbook_formula():
     assert math.isnan(stats.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])["rho"])
     with pytest.raises(ValueError, match="3 x values but 2 y values"):
         stats.spearman([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_a_permutation_check_its_sets_cannot_decide_is_undecided():
+    # p = (1 + #as extreme) / (1 + n): 10 sets can reach 1/11 = 0.09 at best, 20 sets 1/21
+    assert stats.permutation_check(1 / 11, 10) is None
+    assert stats.permutation_check(1 / 21, 20) is True
+    assert stats.permutation_check(2 / 21, 20) is False
+    assert stats.permutation_check(None, 20) is None
+    assert stats.permutation_check(1 / 20, 19) is None  # 0.05 is not below 0.05
+    assert stats.verdict({"a": True, "b": True}) == "PASS"
+    assert stats.verdict({"a": True, "b": None}) == "UNDECIDED"
+    assert stats.verdict({"a": False, "b": None}) == "FAIL"
