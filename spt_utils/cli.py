@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "organism", help="build the planted model organism (once) and print its ground truth "
         "and acceptance", description="build the planted model organism if its cache is "
         "missing or corrupt, then print its planted heads and acceptance")
-    built.add_argument("name", nargs="?", default=models.ORGANISM_MODEL,
+    built.add_argument("name", nargs="?", default=models.RUN_MODEL,
                        choices=sorted(organism.RECIPES), help="default: %(default)s")
     built.add_argument("--rebuild", action="store_true", help="plant it again even if cached")
     return parser

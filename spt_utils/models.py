@@ -93,6 +93,9 @@ ORGANISMS = {ORGANISM_MODEL: DEFAULT_MODEL, INTERCHANGE_ORGANISM: DEFAULT_MODEL,
              TINY_PREFIX + "llama-sycophant": TINY_MODEL,
              TINY_PREFIX + "llama-sycophant-iit": TINY_MODEL}
 ORGANISM_DELTAS = "head_deltas.safetensors"
+# What `make run`, `spt` and the notebooks use unless told otherwise: the organism whose
+# planted heads carry the challenge, so that finding and knocking them out can pass (README)
+RUN_MODEL = INTERCHANGE_ORGANISM
 
 # A ChatML template (the one SmolLM2 uses, without its default system prompt).
 CHATML_TEMPLATE = (
@@ -350,9 +353,10 @@ def _source_of(name: str) -> str:
     if name.count("/") == 1 and not name.startswith(("/", ".")):
         return name
     raise ModelLoadError(
-        f"Unknown model {name!r}. Use {DEFAULT_MODEL!r} (embedded, offline), one of "
-        f"{list(TINY_MODELS)} (tests), a local Hugging Face folder, or a hub id such as "
-        "'Qwen/Qwen2.5-0.5B-Instruct'."
+        f"Unknown model {name!r}. Use {DEFAULT_MODEL!r} (embedded, offline), a planted "
+        f"organism of it ({', '.join(n for n in ORGANISMS if ORGANISMS[n] == DEFAULT_MODEL)}; "
+        f"default {RUN_MODEL!r}), one of {list(TINY_MODELS)} (tests), a local Hugging Face "
+        "folder, or a hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'."
     )
 
 

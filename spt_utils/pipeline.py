@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from spt_utils.io import REPO, git_commit, write_json
-from spt_utils.models import ORGANISM_MODEL, ORGANISMS, organism_card
+from spt_utils.models import ORGANISMS, RUN_MODEL, TINY_PREFIX, organism_card
 from spt_utils.organism import RECIPES, recipe_record
 
 NOTEBOOKS = REPO / "notebooks"
@@ -231,7 +231,7 @@ def parameters_for(
     run_wide = {"profile": profile} if "profile" in declared else {}
     parameters = {**common, **run_wide, **PROFILES[profile].get(prefix, {})}
     # under ``paper`` the row of tables 13-14 for the model (see :func:`paper_row`) wins
-    row = paper_row(common.get("model_name", ORGANISM_MODEL)) if profile == "paper" else None
+    row = paper_row(common.get("model_name", RUN_MODEL)) if profile == "paper" else None
     if row is not None:
         parameters.update({key: row[1][key] for key in _PAPER_KEYS.get(prefix, ())})
     return {**parameters, **options}
@@ -302,7 +302,7 @@ def is_finished(run_dir: Path, notebook: Path) -> bool:
 def run_pipeline(
     run_dir: Path,
     *,
-    model_name: str = ORGANISM_MODEL,
+    model_name: str = RUN_MODEL,
     profile: str = "cpu",
     seed: int = 0,
     figures_dir: Path = REPO / "figures",
@@ -371,12 +371,15 @@ def run_pipeline(
     return manifest
 
 
+PLANTED = [name for name in sorted(ORGANISMS) if not name.startswith(TINY_PREFIX)]
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every pipeline command takes (see :func:`run_from_arguments`)."""
     parser.add_argument(
-        "--model", help="model id: the planted organism 'smollm2-135m-sycophant', the natural "
-        "embedded 'smollm2-135m-instruct', a hub id or a local folder (default: $SPT_MODEL, "
-        "else the run's manifest, else the organism)")
+        "--model", help=f"model id: a planted organism ({', '.join(PLANTED)}), the "
+        "natural embedded 'smollm2-135m-instruct', a hub id or a local folder (default: "
+        f"$SPT_MODEL, else the run's manifest, else {RUN_MODEL!r})")
     parser.add_argument(
         "--profile", choices=sorted(PROFILES),
         help="parameter sizes: 'cpu' (the notebooks' defaults), 'paper' (the paper's GPU "
@@ -436,7 +439,7 @@ def run_from_arguments(
         run_pipeline(
             run_dir,
             model_name=_setting(args.model, "SPT_MODEL", manifest, "model",
-                                ORGANISM_MODEL),
+                                RUN_MODEL),
             profile=_setting(args.profile, "SPT_PROFILE", manifest, "profile", "cpu"),
             seed=_setting(args.seed, "SPT_SEED", manifest, "seed", 0),
             figures_dir=args.figures_dir, notebooks=notebooks, device=args.device,

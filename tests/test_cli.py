@@ -113,7 +113,7 @@ def test_python_m_pipeline_still_resumes(recorded, tmp_path):
     assert pipeline.main(["--resume", str(tmp_path), "--profile", "test"]) == 0
     (call,) = recorded
     assert call["run_dir"] == tmp_path and call["notebooks"] is None
-    assert call["profile"] == "test" and call["model_name"] == "smollm2-135m-sycophant"
+    assert call["profile"] == "test" and call["model_name"] == "smollm2-135m-sycophant-iit"
 
 
 def test_make_lab_starts_kernels_in_the_repository_root():

@@ -234,8 +234,11 @@ def test_load_tokenizer_gives_the_models_tokenizer(name):
 
 
 def test_load_tokenizer_of_an_unknown_model_is_a_clear_error(tmp_path):
-    with pytest.raises(models.ModelLoadError, match="Unknown model 'smollm'"):
+    with pytest.raises(models.ModelLoadError, match="Unknown model 'smollm'") as error:
         models.load_tokenizer("smollm")
+    # the message names the organisms a user can run, the default first among them
+    assert "smollm2-135m-sycophant, smollm2-135m-sycophant-iit" in str(error.value)
+    assert "default 'smollm2-135m-sycophant-iit'" in str(error.value)
     with pytest.raises(models.ModelLoadError, match="Could not load the tokenizer of"):
         models.load_tokenizer(str(tmp_path))  # a folder without a tokenizer
 
