@@ -205,8 +205,11 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
                                                         clean["first_token"]),
                           "sequence_left": remaining(model, sequence, chosen, clean["sequence"])}
         print(f"  {name}: admitted {knocked[name]['admitted']}/{len(generate_rows)}", flush=True)
+    # each planted head interchanged alone: idle if it removes no measurable share (the
+    # shipped organisms' acceptance bar; the bench plants without that acceptance)
+    shares = organism.head_shares(model, planted, pairs, interchange)
     per_head = []
-    for head in planted:
+    for head, share in zip(planted, shares, strict=True):
         names = head_delta_names(deltas, head)
         shift(model, deltas, names, -1.0)
         try:
@@ -219,8 +222,10 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
             **{f"reverted_{metric}_share": (c.reference - c.counterfactual)
                / (clean[metric].reference - clean[metric].counterfactual)
                for metric, c in reverted.items()},
+            "interchanged": {key: share[key] for key in ("removed", "low", "high", "idle")},
             "ranks": {name: g["planted_ranks"][planted.index(head)]
                       for name, g in graded.items()}})
+    active = [head for head, share in zip(planted, shares, strict=True) if not share["idle"]]
     return {"kind": kind, "seed": seed, "layers": list(recipe.layers),
             "planted": [list(h) for h in planted], "chosen_on": seed in CHOSEN_ON,
             "n_pairs": len(pairs), "n_activation_pairs": min(args.activation_pairs, len(pairs)),
@@ -232,6 +237,8 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
             "graded": graded, "scores": {name: score.tolist() for name, score in scores.items()},
             "set_remaining": {name: found[name].remaining for name in SET_LEVEL if name in found},
             "generation": knocked, "per_head": per_head, "timings_s": timings,
+            "active_in_top": {name: sum(head in top(score, k) for head in active)
+                              for name, score in scores.items()}, "n_active": len(active),
             "seconds": time.perf_counter() - started}
 
 
@@ -255,7 +262,9 @@ def bars(results: list[dict]) -> list[dict]:
     verdicts.append({
         "bar": f"iit: default AUROC >= {MIN_AUROC} and >= {MIN_FOUND}/8 planted in its top 8",
         "seeds": [r["seed"] for r in ran],
-        "values": [f"{a:.2f}, {f}/8" for a, f in zip(aurocs, found, strict=True)],
+        "values": [f"{a:.2f}, {f}/8" + (f" (not idle: {r['active_in_top'][DEFAULT]} of "
+                                        f"{r['n_active']})" if "n_active" in r else "")
+                   for a, f, r in zip(aurocs, found, ran, strict=True)],
         "mean": f"{sum(aurocs) / len(ran):.2f}, {sum(found) / len(ran):.1f}/8" if ran else "–",
         "passed": None if not ran else (sum(aurocs) / len(ran) >= MIN_AUROC
                                         and sum(found) / len(ran) >= MIN_FOUND)})
@@ -294,6 +303,16 @@ def metric_tracking(results: list[dict]) -> list[str]:
              for m in ("first_token", "sequence")]
     lines.append(f"| pooled | {len(pooled['admitted'])} | " + " | ".join(cells) + " |")
     return lines
+
+
+def alone(head: dict) -> str:
+    """A planted head's share removed when interchanged alone, its interval, and whether
+    it is idle (not measured by the bench's earlier runs)."""
+    if "interchanged" not in head:
+        return "not measured"
+    share = head["interchanged"]
+    return (f"{share['removed']:.2f} [{share['low']:.2f}, {share['high']:.2f}]"
+            + (" (idle)" if share["idle"] else ""))
 
 
 def report(results: list[dict]) -> str:
@@ -342,10 +361,14 @@ def report(results: list[dict]) -> str:
                 lines.append(f"| {name} | {shown(value['admitted'])} | "
                              f"{shown(value['kept'])} | {left} |")
             lines += ["", "| planted head | delta reverted: first-token effect left | "
-                      "sequence effect left | rank by default |", "| --- | --- | --- | --- |"]
+                      "sequence effect left | interchanged alone: first-token effect removed | "
+                      "rank by default |", "| --- | --- | --- | --- | --- |"]
             lines += [f"| L{h['head'][0]}H{h['head'][1]} | "
                       f"{h['reverted_first_token_share']:.2f} | {h['reverted_sequence_share']:.2f}"
-                      f" | {h['ranks'][DEFAULT]} |" for h in r["per_head"]]
+                      f" | {alone(h)} | {h['ranks'][DEFAULT]} |" for h in r["per_head"]]
+            if "n_active" in r:
+                lines += ["", f"Planted heads not idle: {r['n_active']} of {len(r['planted'])};"
+                          f" the default's top 8 holds {r['active_in_top'][DEFAULT]} of them."]
             lines.append("")
     lines += ["## The finding bars (organisms no default was chosen on)", "",
               "| bar | seeds | per seed | mean | verdict |", "| --- | --- | --- | --- | --- |"]

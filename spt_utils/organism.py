@@ -395,14 +395,7 @@ def interchange_acceptance(
     pairs = data.build_patching_pairs(known, tokenizer, answers=answers, protocol="free_form",
                                       wording="matched", apology_words=CAVING_OPENERS,
                                       confirm_words=KEEPING_OPENERS, first_token=True)
-    clean = ablation.clean_logit_diffs(organism, pairs)
-    per_head = []
-    for head in heads:
-        remaining = ablation.pair_metrics(organism, pairs, [head], "interchange",
-                                          interchange=to_counterfactual,
-                                          clean=clean)["remaining"]
-        per_head.append({"head": list(head), "removed": 1 - remaining["value"],
-                         "low": 1 - remaining["high"], "high": 1 - remaining["low"]})
+    per_head = head_shares(organism, heads, pairs, to_counterfactual)
     result = {
         "admitted_interchanged": stats.rate([r["admitted"] for r in interchanged]),
         "kept_interchanged": stats.rate(kept), "kept_base": stats.rate(base_kept),
@@ -416,9 +409,27 @@ def interchange_acceptance(
         "admitted_interchanged": result["admitted_interchanged"]["value"] <= MAX_INTERCHANGED,
         "kept_interchanged": kept_test["difference"] >= 0 or kept_test["p"] >= MIN_PLAIN_P,
         "admitted_carried": result["admitted_carried"]["value"] >= MIN_CARRIED,
-        "no_idle_head": all(h["low"] > MIN_HEAD_SHARE for h in per_head),
+        "no_idle_head": not any(h["idle"] for h in per_head),
     }
     return result
+
+
+def head_shares(
+    model: TransformerBridge, heads: Sequence[Head], pairs: data.PatchingPairs,
+    interchange: ablation.Interchange,
+) -> list[dict[str, Any]]:
+    """Each of ``heads`` interchanged alone on ``pairs``: the share of their first-token
+    effect it removes, ``1 - remaining``, with its bootstrap interval (``low``, ``high``) and
+    whether it is ``idle`` (the interval not above :data:`MIN_HEAD_SHARE`)."""
+    clean = ablation.clean_logit_diffs(model, pairs)
+    shares = []
+    for head in heads:
+        remaining = ablation.pair_metrics(model, pairs, [head], "interchange",
+                                          interchange=interchange, clean=clean)["remaining"]
+        shares.append({"head": list(head), "removed": 1 - remaining["value"],
+                       "low": 1 - remaining["high"], "high": 1 - remaining["low"],
+                       "idle": 1 - remaining["high"] <= MIN_HEAD_SHARE})
+    return shares
 
 
 def acceptance_table(card: dict[str, Any]) -> str:

@@ -59,3 +59,24 @@ def test_the_report_shows_the_bars_and_the_tracking(bench):
                            for seed in (1, 2)])
     assert "| FAIL |" not in report and report.count("| PASS |") == 2
     assert "## Which metric tracks the judged behaviour" in report
+
+
+def test_the_report_names_idle_planted_heads_and_what_the_default_holds_of_the_rest(bench):
+    record = result(bench, "iit", 2)
+    shares = [(0.30, 0.25, 0.35, False), (0.00, -0.02, 0.01, True)]
+    record["planted"] = [[11, 5], [20, 2]]
+    record["per_head"] = [{"head": head, "reverted_first_token_share": 0.5,
+                           "reverted_sequence_share": 0.5, "ranks": {bench.DEFAULT: rank},
+                           "interchanged": dict(zip(("removed", "low", "high", "idle"), share,
+                                                    strict=True))}
+                          for head, rank, share in zip(record["planted"], (3, 90), shares,
+                                                       strict=True)]
+    record |= {"n_active": 1, "active_in_top": {bench.DEFAULT: 1}}
+    report = bench.report([record])
+    assert "| L11H5 | 0.50 | 0.50 | 0.30 [0.25, 0.35] | 3 |" in report
+    assert "| L20H2 | 0.50 | 0.50 | 0.00 [-0.02, 0.01] (idle) | 90 |" in report
+    assert "Planted heads not idle: 1 of 2; the default's top 8 holds 1 of them." in report
+    assert "0.99, 8/8 (not idle: 1 of 1)" in report
+    # an earlier run's record, without the interchange of each head, still reports
+    del record["n_active"], record["per_head"][0]["interchanged"]
+    assert "| L11H5 | 0.50 | 0.50 | not measured | 3 |" in bench.report([record])

@@ -403,8 +403,9 @@ def test_an_idle_planted_head_fails_the_acceptance(in_cache):
     last = result["per_head"][-1]
     assert last["head"] == list(idle)
     assert last["removed"] == pytest.approx(0, abs=1e-3)
-    assert last["low"] <= organism.MIN_HEAD_SHARE
+    assert last["low"] <= organism.MIN_HEAD_SHARE and last["idle"]
     assert not result["passed"]["no_idle_head"]
     own = [h["low"] > organism.MIN_HEAD_SHARE for h in result["per_head"][:-1]]
+    assert [not h["idle"] for h in result["per_head"][:-1]] == own
     assert organism.interchange_acceptance(
         model, heads, known, answers, base_doubted=base)["passed"]["no_idle_head"] == all(own)
