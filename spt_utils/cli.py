@@ -63,17 +63,24 @@ def lab_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONSTARTUP": str(LAB_STARTUP), "SPT_REPO": str(REPO)}
 
 
+def lab_command(lab_args: list[str]) -> list[str]:
+    """The JupyterLab command of ``spt lab``: on the notebooks, with ``--allow-root`` when run
+    as root (as in most containers, where JupyterLab refuses to start without it)."""
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    allow = ["--allow-root"] if root and "--allow-root" not in lab_args else []
+    return [sys.executable, "-m", "jupyterlab", str(pipeline.NOTEBOOKS), *allow, *lab_args]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spt", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, stage in STAGES.items():
         sub = commands.add_parser(name, help=stage.help, description=stage.help)
         pipeline.add_run_arguments(sub)
-    lab = commands.add_parser("lab", help="open JupyterLab on the notebooks (as make lab)",
-                              description="open JupyterLab on the notebooks; relative paths "
-                              "in them resolve to the repository root")
-    lab.add_argument("lab_args", nargs=argparse.REMAINDER,
-                     help="further arguments for jupyter lab, e.g. --no-browser")
+    commands.add_parser("lab", help="open JupyterLab on the notebooks (as make lab)",
+                        description="open JupyterLab on the notebooks; relative paths in them "
+                        "resolve to the repository root. Every argument after 'lab' goes to "
+                        "jupyter lab as it is, e.g. spt lab --no-browser --port 8890")
     built = commands.add_parser(
         "organism", help="build the planted model organism (once) and print its ground truth "
         "and acceptance", description="build the planted model organism if its cache is "
@@ -87,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the command line) and run the command."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lab"] and not {"-h", "--help"} & set(argv[1:]):
+        print("JupyterLab starts on the notebooks; open the address it prints "
+              "(http://localhost:8888/lab?token=… unless the port is taken)", flush=True)
+        return subprocess.run(lab_command(argv[1:]), env=lab_environment(),
+                              check=False).returncode
     args = parser.parse_args(argv)
-    if args.command == "lab":
-        command = [sys.executable, "-m", "jupyterlab", str(pipeline.NOTEBOOKS), *args.lab_args]
-        return subprocess.run(command, env=lab_environment(), check=False).returncode
     if args.command == "organism":
         card = organism.ensure(args.name, rebuild=args.rebuild)
         print(f"{args.name}: planted heads "

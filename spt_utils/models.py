@@ -466,6 +466,13 @@ def make_tiny_t5(
     return model.eval()
 
 
+def check_name(name: str) -> None:
+    """Raise :class:`ModelLoadError` (naming what can be loaded) for a model name that
+    :func:`load_model` cannot resolve, before anything is loaded or written."""
+    if name not in ORGANISMS and name not in TINY_MODELS and not is_seq2seq_name(name):
+        _source_of(name)
+
+
 def is_seq2seq_name(name: str) -> bool:
     """Does ``name`` load as an encoder-decoder model: the tiny T5, a T5 hub id, or a local
     folder whose ``config.json`` says ``is_encoder_decoder``?"""

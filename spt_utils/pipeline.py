@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from spt_utils import models
 from spt_utils.io import REPO, git_commit, write_json
 from spt_utils.models import ORGANISMS, RUN_MODEL, TINY_PREFIX, organism_card
 from spt_utils.organism import RECIPES, recipe_record
@@ -317,9 +318,14 @@ def run_pipeline(
     become the notebooks' ``device`` and ``model_dtype`` parameters (:data:`OPTION_PARAMETERS`:
     the model's placement and weight dtype in ``models.load_model``). Raises
     :class:`RunError` before running anything when ``run_dir`` was begun with another model,
-    profile or seed, or a notebook lacks an option's parameter."""
+    profile or seed, or a notebook lacks an option's parameter, or ``model_name`` names no model
+    (then no run folder is made)."""
     import papermill
 
+    try:
+        models.check_name(model_name)
+    except models.ModelLoadError as error:
+        raise RunError(str(error)) from error
     run_dir = run_dir.resolve()
     notebooks = notebooks or notebook_paths()
     common = {
@@ -430,6 +436,9 @@ def run_from_arguments(
     try:
         run_dir = args.run_dir or args.runs / datetime.now().strftime("%Y%m%d-%H%M%S")
         manifest = read_manifest(run_dir)
+        if needs and not run_dir.is_dir():
+            raise RunError(f"{run_dir}: no such run folder (a run that notebooks "
+                           f"{', '.join(n.name[:2] for n in needs)} finished in)")
         missing = [n.name for n in needs if not is_finished(run_dir, n)]
         if missing:
             raise RunError(f"{run_dir}: {', '.join(missing)} has not finished in this run; "

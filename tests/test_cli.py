@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -103,10 +110,21 @@ def test_a_step_whose_inputs_are_missing_is_refused(recorded, tmp_path, capsys):
     finish(tmp_path, "01")
     assert cli.main(["tune", "--run-dir", str(tmp_path)]) == 2
     assert "02_path_patching.ipynb has not finished" in capsys.readouterr().err
-    assert not recorded
+    absent = tmp_path / "no-such-run"
+    assert cli.main(["eval", "--run-dir", str(absent)]) == 2
+    assert f"{absent}: no such run folder" in capsys.readouterr().err
+    assert not recorded and not absent.exists()
     with pytest.raises(SystemExit):
         cli.main(["run", "--profile", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_an_unknown_model_is_refused_before_a_run_folder_is_made(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert cli.main(["run", "--model", "no-such-model", "--runs", str(runs)]) == 2
+    error = capsys.readouterr().err
+    assert "Unknown model 'no-such-model'" in error and models.RUN_MODEL in error
+    assert not runs.exists()
 
 
 def test_python_m_pipeline_still_resumes(recorded, tmp_path):
@@ -114,6 +132,45 @@ def test_python_m_pipeline_still_resumes(recorded, tmp_path):
     (call,) = recorded
     assert call["run_dir"] == tmp_path and call["notebooks"] is None
     assert call["profile"] == "test" and call["model_name"] == "smollm2-135m-sycophant-iit"
+
+
+def test_spt_lab_starts_jupyterlab_and_serves_the_lab(tmp_path):
+    """`spt lab` (what `make lab` runs) starts on this machine, as root too, and /lab answers
+    at the address it prints."""
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "lab.log"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
+    with log.open("w") as out:
+        lab = subprocess.Popen([sys.executable, "-m", "spt_utils.cli", "lab", "--no-browser",
+                                "--port", str(port), "--ServerApp.port_retries=0"],
+                               stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        address = None
+        for _ in range(120):
+            found = re.search(rf"http://(?:localhost|127\.0\.0\.1):{port}/lab\?token=\w+",
+                              log.read_text())
+            if found or lab.poll() is not None:
+                address = found and found.group(0)
+                break
+            time.sleep(0.5)
+        assert address, log.read_text()[-2000:]
+        with urllib.request.urlopen(address, timeout=30) as page:
+            assert page.status == 200 and b"JupyterLab" in page.read()
+        assert "open the address it prints" in log.read_text()
+    finally:
+        lab.terminate()
+        lab.wait(timeout=30)
+
+
+def test_lab_command_allows_root_only_as_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert cli.lab_command(["--no-browser"])[-2:] == ["--allow-root", "--no-browser"]
+    assert cli.lab_command(["--allow-root"]).count("--allow-root") == 1
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "--allow-root" not in cli.lab_command([])
 
 
 def test_make_lab_starts_kernels_in_the_repository_root():
