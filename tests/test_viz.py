@@ -1,5 +1,6 @@
 import json
 import struct
+import time
 import types
 import warnings
 
@@ -133,6 +134,26 @@ def test_export_writes_all_formats_from_one_browser(tmp_path, monkeypatch):
     assert all((tmp_path / f"curves.{fmt}").stat().st_size > 0 for fmt in viz.STATIC_FORMATS)
     assert session.launches == 1  # six images, one browser
     session.close()
+
+
+def test_export_is_byte_identical_for_the_same_figure(tmp_path, monkeypatch):
+    """Two exports of one figure, a second apart (chromium dates its PDFs to the second;
+    plotly draws random ids into SVG and HTML), give the same bytes in every format."""
+    monkeypatch.setattr(viz.export, "_session", session := viz.KaleidoSession())
+    heatmap = viz.head_heatmap(SCORE, metric_name="score", selected=[(0, 1)])
+    first = viz.export_figure(heatmap, tmp_path / "a", "h", scale=1.0)
+    time.sleep(1.1)
+    second = viz.export_figure(heatmap, tmp_path / "b", "h", scale=1.0)
+    assert len(first) == 4
+    for a, b in zip(first, second, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    session.close()
+    # the fix keeps a PDF's length (its cross-reference offsets) and names no date
+    pdf = b"%PDF /CreationDate (D:20261206134744+00'00')/ModDate (D:20261206134747Z)"
+    fixed = viz.export.reproducible(pdf, "pdf")
+    assert len(fixed) == len(pdf) and b"2026" not in fixed
+    svg = b'<svg><defs id="defs-7fd618"/><clipPath id="clip7fd618x"/></svg>'
+    assert viz.export.reproducible(svg, "svg") == svg.replace(b"7fd618", b"000000")
 
 
 def test_attention_patterns_render_offline(tmp_path, tiny_model):

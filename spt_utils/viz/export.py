@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import re
 import threading
 import warnings
 from collections.abc import Coroutine
@@ -84,24 +85,51 @@ class KaleidoSession:
 
 _session = KaleidoSession()
 
+# what the renderers draw at random or from the clock: plotly.js's figure id in SVG ids,
+# chromium's PDF creation and modification dates
+_SVG_FIGURE_ID = re.compile(rb'<defs id="defs-([0-9a-f]{6})"')
+_PDF_DATES = re.compile(rb"/(CreationDate|ModDate) \(D:\d{14}")
+
+
+def _with_fixed_ids(fig: go.Figure) -> go.Figure:
+    """A copy of ``fig`` whose traces have fixed uids (plotly draws random ones, which name
+    gradients and ids in the SVG and HTML)."""
+    fixed = go.Figure(fig)
+    for index, trace in enumerate(fixed.data):
+        trace.uid = trace.uid or f"trace{index}"
+    return fixed
+
+
+def reproducible(image: bytes, fmt: str) -> bytes:
+    """``image`` with what differs between two renders of one figure fixed: in SVG the
+    figure's random id (replaced everywhere by ``000000``), in PDF the dates (a fixed date of
+    the same length, so the PDF's byte offsets stay right)."""
+    if fmt == "svg" and (found := _SVG_FIGURE_ID.search(image)):
+        return image.replace(found.group(1), b"000000")
+    if fmt == "pdf":
+        return _PDF_DATES.sub(lambda m: b"/" + m.group(1) + b" (D:20000101000000", image)
+    return image
+
 
 def export_figure(
     fig: go.Figure, figures_dir: str | Path, name: str, *, scale: float = 2.0
 ) -> list[Path]:
     """Write ``name`` as PDF, SVG, PNG (kaleido + chromium, one browser per process) and
-    HTML under ``figures_dir``.
+    HTML under ``figures_dir``, byte-identical for the same figure (:func:`reproducible`).
 
     When static export fails (no browser), only HTML is written, with one warning per
     session. Every file is written atomically. Returns the written paths.
     """
     global _static_export_warned
     figures_dir = Path(figures_dir)
+    fig = _with_fixed_ids(fig)
     html_path = figures_dir / f"{name}.html"
     with atomic_write(html_path) as handle:
-        handle.write(fig.to_html(include_plotlyjs=True, full_html=True))
+        handle.write(fig.to_html(include_plotlyjs=True, full_html=True, div_id=name))
     written = [html_path]
     try:
-        images = {fmt: _session.render(fig, fmt, scale) for fmt in STATIC_FORMATS}
+        images = {fmt: reproducible(_session.render(fig, fmt, scale), fmt)
+                  for fmt in STATIC_FORMATS}
     except Exception as error:  # kaleido raises several types when no browser is found
         if not _static_export_warned:
             warnings.warn(
