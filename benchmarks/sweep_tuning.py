@@ -260,6 +260,7 @@ def main() -> None:
     result: dict[str, Any] = {"dev": dev_rows, "chosen": chosen["name"],
                               "matched_sft": matched["name"] if matched else None,
                               "n_kl_prompts_dev": len(dev_docs), "profile": args.profile,
+                              "model": args.model,
                               "target": args.target}
     text = f"## Dev split ({len(dev_docs)} KL prompts)\n\n" + table(dev_rows, args.target)
     result["lost_general"] = [r["name"] for r in lost_general(rows)]

@@ -53,6 +53,9 @@ def test_sweep_figure_shows_the_eval_split_once_measured_with_base_as_its_line()
     sweep["eval"] = split(0.2)
     fig = viz.sweep_pareto_figure(sweep, yaxis_title="rate")
     assert list(fig.data[0].x) == [0.2] and "eval split" in fig.layout.title.text
+    sweep["model"] = "smollm2-135m-instruct"  # a sweep that records its model names it
+    assert "Sweep of smollm2-135m-instruct on the eval split" in viz.sweep_pareto_figure(
+        sweep, yaxis_title="rate").layout.title.text
 
 
 def test_interval_bars_leave_out_missing_metrics():

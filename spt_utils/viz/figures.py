@@ -77,12 +77,13 @@ def pareto_figure(
 def sweep_pareto_figure(sweep: dict[str, Any], *, yaxis_title: str) -> go.Figure:
     """The Pareto figure of a tuning sweep (``sweep.json`` of ``benchmarks/sweep_tuning.py``):
     its eval-split rows once measured there, else its dev rows, with base as the reference line
-    and the split named in the title."""
+    and the model (when the sweep records it) and split named in the title."""
     split = "eval" if "eval" in sweep else "dev"
     base = next(row for row in sweep[split] if row["method"] == "base")
+    model = f" of {sweep['model']}" if "model" in sweep else ""
     return pareto_figure([row for row in sweep[split] if row is not base], y="target",
                          yaxis_title=yaxis_title, base=base["target"],
-                         title=f"Sweep on the {split} split: effect against drift")
+                         title=f"Sweep{model} on the {split} split: effect against drift")
 
 
 def interval_bars(
