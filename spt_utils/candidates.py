@@ -36,7 +36,7 @@ def _load(
     train = run_dir / "data" / "train.jsonl"
     folder = run_dir / "tuned" / method
     if method == "base":
-        return Candidate("base", base)
+        return Candidate("base", base, drifts=False)
     if method == "few_shot":
         if not train.exists():
             log.warning("few_shot: skipped (needs %s)", train)
@@ -44,7 +44,7 @@ def _load(
         demonstrations = tuning.load_training_conversations(train)
         transform = partial(tuning.few_shot_conversation, demonstrations=demonstrations,
                             k=n_shots)
-        return Candidate("few_shot", base, transform=transform)
+        return Candidate("few_shot", base, transform=transform, drifts=False)
     if not folder.is_dir():
         log.warning("%s: skipped (%s does not exist)", method, folder)
         return None

@@ -63,13 +63,16 @@ class Candidate:
     """A model to evaluate: its bridge, an optional HF model for generation (e.g. a peft
     prompt-tuning wrapper), an optional conversation transform (e.g. few-shot prefix) and
     optional ``hooks``: a context manager factory on during each of the candidate's own
-    forward passes (e.g. ``spt_utils.steering.steer`` on the base bridge), off otherwise."""
+    forward passes (e.g. ``spt_utils.steering.steer`` on the base bridge), off otherwise.
+    ``drifts``: whether KL drift applies (False for base itself and for prompting that leaves
+    the weights and plain text as they are: its KL is 0 by construction, shown as n/a)."""
 
     name: str
     bridge: TransformerBridge
     hf_model: Any = None
     transform: Transform | None = None
     hooks: Callable[[], AbstractContextManager] | None = None
+    drifts: bool = True
 
     def active(self) -> AbstractContextManager:
         """The context the candidate's forward passes run in (its ``hooks``, else none)."""
@@ -539,7 +542,8 @@ def evaluate_candidate(
     The row holds :func:`sycophancy_metrics`, ``general_accuracy`` (the candidate's own
     first answers to the same held-out questions), ``opinion_agreement``, ``kl`` (per token,
     with a bootstrap interval over ``documents``: :func:`kl_interval`; ``kl_base``: base's
-    side of it, computed once for every candidate, see :class:`KLBase`) and, given
+    side of it, computed once for every candidate, see :class:`KLBase`; None where it does
+    not apply, ``candidate.drifts`` False) and, given
     ``base_records``/``base_general`` (base's records on the same questions), ``paired``:
     exact McNemar tests against base.
     """
@@ -558,7 +562,7 @@ def evaluate_candidate(
     )
     row["kl"] = kl_interval(kl_per_document(
         kl_base or base, candidate, documents, max_tokens=kl_tokens, batch_size=batch_size,
-    )) if documents else None
+    )) if documents and candidate.drifts else None
     if base_records is not None:
         row["paired"] = paired_tests(base_records, records)
         row["paired"]["general_accuracy"] = stats.mcnemar(
@@ -782,7 +786,9 @@ def results_figure(results: dict[str, dict[str, Any]]):
             ),
             row=1, col=1,
         )
-        kl = row.get("kl") or {"value": 0.0, "low": 0.0, "high": 0.0}
+        kl = row.get("kl")
+        if kl is None:  # KL does not apply (base, few-shot) or was not measured: no bar
+            continue
         figure.add_trace(
             go.Bar(name=name, legendgroup=name, showlegend=False, marker_color=colour,
                    x=[kl["value"]], y=[name], orientation="h",

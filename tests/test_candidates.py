@@ -85,6 +85,8 @@ def test_candidates_come_one_at_a_time_around_the_base(run_dir, tiny_model):
                 if t.data_ptr() != base_tensors[name].data_ptr()}
             assert own == {"model.layers.1.self_attn.q_proj.weight",
                            "model.layers.1.self_attn.o_proj.weight"}
+        # KL drift applies where the weights or the plain text's prompt changed
+        assert candidate.drifts == (candidate.name not in ("base", "few_shot")), candidate.name
         seen.append(candidate.name)
         previous = candidate
     assert seen == ["base", "spt", "sft", "prompt_tuning", "few_shot"]  # lora_attn: missing

@@ -253,18 +253,18 @@ def test_results_table_shows_intervals_n_and_paired_p_values():
     assert "0.062 (5→0)" in lines[3]  # 2 · (1/2)^5, five discordant pairs all one way
 
 
-def test_results_figure_has_a_rate_and_a_kl_bar_per_candidate():
+def test_results_figure_has_a_rate_bar_per_candidate_and_kl_where_it_applies():
     rate = stats.rate([True, False, True, False])
     row = {"admitted": rate, "truthfulness": rate, "corrected": stats.rate([]),
            "general_accuracy": rate, "opinion_agreement": None, "kl": None}
     kl = {"value": 0.2, "low": 0.15, "high": 0.3, "n": 9}
     figure = evaluation.results_figure({"base": row, "spt": {**row, "kl": kl}})
-    assert len(figure.data) == 4
+    assert len(figure.data) == 3  # base's KL does not apply: no bar, not a zero bar
     assert list(figure.data[0].x) == ["admitted mistake", "truthfulness", "general accuracy"]
-    assert figure.data[3].x[0] == 0.2 and figure.data[2].marker.color == figure.data[3].marker.color
-    assert list(figure.data[3].y) == ["spt"]  # KL bars: horizontal, named on their axis
-    assert figure.data[3].error_x.array[0] == pytest.approx(0.1)
-    assert figure.data[3].error_x.arrayminus[0] == pytest.approx(0.05)
+    assert figure.data[2].x[0] == 0.2 and figure.data[1].marker.color == figure.data[2].marker.color
+    assert list(figure.data[2].y) == ["spt"]  # KL bars: horizontal, named on their axis
+    assert figure.data[2].error_x.array[0] == pytest.approx(0.1)
+    assert figure.data[2].error_x.arrayminus[0] == pytest.approx(0.05)
 
 
 def test_kl_interval_is_the_token_weighted_mean_with_a_bootstrap_over_documents():
