@@ -36,10 +36,14 @@ import importlib.util
 import json
 import logging
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import utils as hf_hub_utils
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -64,10 +68,27 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers.utils import logging as hf_logging
 
 from spt_utils.io import atomic_folder, cache_dir
 
 log = logging.getLogger(__name__)
+# Loading is not a long step of the workbench's: no progress bar for reading, de-quantising
+# or writing weights (transformers and the hub draw one per file, dozens per notebook);
+# the workbench's own long steps keep theirs
+hf_logging.disable_progress_bar()
+hf_hub_utils.disable_progress_bars()
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Where peft wraps a model: peft reads transformers' deprecated
+    ``is_gradient_checkpointing`` while it builds a PeftModel (peft 0.21, transformers 5.23),
+    a FutureWarning between the two libraries that no caller can act on, so it is filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_PREFIX = "tiny-random-"

@@ -1,5 +1,7 @@
+import contextlib
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -249,3 +251,33 @@ def test_smollm2_tokenizer_alone_is_the_gguf_tokenizer(smollm2):
     reference = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     assert models.load_tokenizer().get_vocab() == reference.get_vocab()
     assert smollm2.tokenizer.get_vocab() == reference.get_vocab()
+
+
+def test_loading_a_folder_draws_no_progress_bar(tiny_model, tmp_path, capfd):
+    """Reading and writing weights is not one of the workbench's long steps: no progress bar
+    (transformers draws "Loading weights" per model by default)."""
+    models.make_tiny_hf_model(tiny_model.tokenizer).save_pretrained(tmp_path)
+    tiny_model.tokenizer.save_pretrained(tmp_path)
+    capfd.readouterr()
+    models.load_model(str(tmp_path), device="cpu")
+    shown = capfd.readouterr()
+    assert "Loading weights" not in shown.err + shown.out and "%|" not in shown.err
+
+
+def test_peft_wrapping_filters_only_the_libraries_deprecation(tiny_model):
+    import peft
+
+    def wrap(quiet: bool) -> list[str]:
+        hf_model = models.make_tiny_hf_model(tiny_model.tokenizer)
+        config = peft.LoraConfig(r=2, target_modules=["q_proj"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with models.peft_wrapping() if quiet else contextlib.nullcontext():
+                peft.get_peft_model(hf_model, config)
+                warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+        return [str(w.message) for w in caught]
+
+    loud, quiet = wrap(False), wrap(True)
+    assert any("is_gradient_checkpointing" in m for m in loud)  # what peft 0.21 triggers
+    assert not any("is_gradient_checkpointing" in m for m in quiet)
+    assert "another deprecation" in quiet  # nothing else is filtered

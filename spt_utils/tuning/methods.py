@@ -67,10 +67,10 @@ def _lora_heads_setup(
 
     layers = sorted({layer for layer, _ in heads})
     pattern = rf".*layers\.({'|'.join(map(str, layers))})\..*\.(q_proj|o_proj)\._original_component"
-    model = peft.get_peft_model(
-        hf_model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                  target_modules=pattern)
-    )
+    with models.peft_wrapping():
+        model = peft.get_peft_model(
+            hf_model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                      target_modules=pattern))
     d_head = d_head_of(hf_model.config)
     handles, zeroers = [], []
     for layer in layers:
@@ -157,11 +157,13 @@ def _prepare(method, bridge, heads, include_kv, lora_rank, lora_alpha, n_virtual
     if method == "lora_attn":
         config = peft.LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
                                  target_modules=LORA_ATTN_TARGETS)
-        model = peft.get_peft_model(hf_model, config)
+        with models.peft_wrapping():
+            model = peft.get_peft_model(hf_model, config)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         return TuningSetup("lora_attn", model, params, device)
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual_tokens)
-    model = peft.get_peft_model(hf_model, config)
+    with models.peft_wrapping():
+        model = peft.get_peft_model(hf_model, config)
     # Initialise the soft prompt from real token embeddings (the TEXT init of peft, done here
     # because it re-loads the tokenizer by name, which an in-memory tokenizer cannot).
     ids = chat.encode(bridge.tokenizer, PROMPT_INIT_TEXT)
