@@ -19,11 +19,15 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from jupyter_client.manager import KernelManager
+from traitlets import default
 
 from spt_utils import models
 from spt_utils.io import REPO, git_commit, write_json
@@ -300,6 +304,22 @@ def is_finished(run_dir: Path, notebook: Path) -> bool:
     return (Path(run_dir) / DONE_DIR / notebook.name).exists()
 
 
+def ipc_kernel_manager(sockets: Path) -> type[KernelManager]:
+    """A kernel manager whose kernels talk over local sockets in ``sockets`` (IPC) instead of
+    unencrypted TCP, which ipykernel warns about on every start."""
+
+    class IPCKernelManager(KernelManager):
+        @default("transport")
+        def _transport(self) -> str:
+            return "ipc"
+
+        @default("ip")
+        def _ip(self) -> str:
+            return str(sockets / "kernel")
+
+    return IPCKernelManager
+
+
 def run_pipeline(
     run_dir: Path,
     *,
@@ -351,15 +371,17 @@ def run_pipeline(
             continue
         log.info("%s ...", notebook.name)
         started = time.perf_counter()
-        papermill.execute_notebook(
-            str(notebook),
-            str(run_dir / notebook.name),
-            parameters=parameters[notebook],
-            cwd=str(REPO),
-            kernel_name="python3",
-            progress_bar=False,
-            log_output=log_output,
-        )
+        with tempfile.TemporaryDirectory(prefix="spt-kernel-") as sockets:
+            papermill.execute_notebook(
+                str(notebook),
+                str(run_dir / notebook.name),
+                parameters=parameters[notebook],
+                cwd=str(REPO),
+                kernel_name="python3",
+                progress_bar=False,
+                log_output=log_output,
+                kernel_manager_class=ipc_kernel_manager(Path(sockets)),
+            )
         manifest["timings_s"][notebook.name] = round(time.perf_counter() - started, 1)
         # notebook 00 plants an organism on first use; later ones must use that same one
         check_organism(run_dir, model_name, manifest.get("organism"))

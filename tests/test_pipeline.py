@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import json
 import runpy
+import tempfile
 import time
 from pathlib import Path
 
@@ -217,3 +218,27 @@ def test_make_run_prints_a_progress_line_per_notebook(tmp_path, monkeypatch, cap
         expected.append(f"[spt] {name}: {round(float(took), 1)} s (this run so far: "
                         f"{so_far:.0f} s; about {left / 60:.0f} min left)")
     assert lines == expected
+
+
+def test_notebooks_run_in_kernels_over_local_sockets_without_a_transport_warning(
+    tmp_path, capfd, monkeypatch
+):
+    """ipykernel warns on every start over TCP ("without encryption"); the pipeline's
+    kernels use IPC sockets in a temporary folder, removed after each notebook."""
+    source = tmp_path / "07_hello.ipynb"
+    parameters = nbformat.v4.new_code_cell(
+        "model_name = run_dir = figures_dir = None\nseed = 0",
+        metadata={"tags": ["parameters"]})
+    nbformat.write(nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell(
+        "print(6 * 7)")], metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                   "display_name": "Python 3"}}), source)
+    sockets = tmp_path / "tmp"
+    sockets.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(sockets))
+    capfd.readouterr()
+    pipeline.run_pipeline(tmp_path / "run", model_name=models.TINY_MODEL, profile="test",
+                          figures_dir=tmp_path, notebooks=[source])
+    executed = nbformat.read(tmp_path / "run" / source.name, as_version=4)
+    assert executed.cells[-1].outputs[-1]["text"].endswith("42\n")
+    assert "without encryption" not in capfd.readouterr().err
+    assert not list(sockets.iterdir())  # the sockets' folder is gone
