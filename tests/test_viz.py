@@ -66,6 +66,15 @@ def test_heatmap_is_centred_with_hover_and_ranks(tmp_path):
     fig = viz.head_heatmap(SCORE, metric_name="calibrated score", selected=[(1, 1)])
     heatmap = fig.data[0]
     assert heatmap.zmid == 0 and "rank" in heatmap.hovertemplate
+    # SCORE spans -0.9 … 0.5: the colour range is symmetric about 0, both ends used
+    assert (heatmap.zmin, heatmap.zmax) == pytest.approx((-0.9, 0.9))
+    assert [(t.name, t.showlegend) for t in fig.data[1:]] == [("selected", True)]
+    ranks = viz.head_heatmap(SCORE.abs() + 1, metric_name="rank score",
+                             outlined=[(0, 0)])  # one sign: a sequential scale
+    assert ranks.data[0].zmid is None and ranks.data[0].zmin is None
+    assert ranks.data[0].colorscale != heatmap.colorscale
+    assert [(t.name, t.showlegend) for t in ranks.data[1:]] == [
+        ("selected", False), ("planted (ground truth)", True)]
     assert heatmap.customdata[0][0] == [1] and heatmap.customdata[0][1] == [6]
     assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
     assert heatmap.colorbar.title.text == "calibrated score"

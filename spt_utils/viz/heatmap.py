@@ -57,12 +57,21 @@ def head_heatmap(
     selected: Sequence[Head] = (),
     uncertainty: HeadUncertainty | None = None,
     outlined: Sequence[Head] = (),
+    diverging: bool | None = None,
 ) -> go.Figure:
-    """A layer×head heatmap, diverging colours centred on 0, hover with head/score/rank (and,
-    given ``uncertainty``, the 95% interval and the share of pairs with the score's sign);
-    ``selected`` heads are marked with open squares, ``outlined`` ones (e.g. an organism's
-    planted heads) with larger green ones."""
+    """A layer×head heatmap with hover of head/score/rank (and, given ``uncertainty``, the 95%
+    interval and the share of pairs with the score's sign). A signed score (``diverging``;
+    None: when the scores take both signs) gets diverging colours on a range symmetric about
+    0, any other a sequential scale. ``selected`` heads are marked with black open squares,
+    ``outlined`` ones (e.g. an organism's planted heads) with larger green ones, each named in
+    the legend."""
     values = score.detach().float().cpu()
+    finite = values[values.isfinite()]
+    if diverging is None:
+        diverging = bool((finite < 0).any() and (finite > 0).any())
+    bound = float(finite.abs().max()) if len(finite) else 1.0
+    colours = ({"colorscale": "RdBu_r", "zmid": 0, "zmin": -bound, "zmax": bound}
+               if diverging else {"colorscale": "Viridis"})
     n_layers, n_heads = values.shape
     ranks = torch.empty(values.numel(), dtype=torch.long)
     ranks[torch.argsort(values.flatten().nan_to_num(float("-inf")), descending=True)] = (
@@ -79,8 +88,7 @@ def head_heatmap(
         z=values.tolist(),
         x=list(range(n_heads)),
         y=list(range(n_layers)),
-        colorscale="RdBu_r",
-        zmid=0,
+        **colours,
         customdata=torch.stack(fields, -1).tolist(),
         hovertemplate=hover + "<extra></extra>",
         colorbar={"title": {"text": metric_name}},
@@ -93,7 +101,7 @@ def head_heatmap(
         marker={"symbol": "square-open", "size": 14, "color": "black", "line": {"width": 2}},
         hoverinfo="skip",
         name="selected",
-        showlegend=False,
+        showlegend=bool(selected),
     )
     traces = [heatmap, markers]
     if outlined:
@@ -101,9 +109,10 @@ def head_heatmap(
             x=[h for _, h in outlined], y=[layer for layer, _ in outlined], mode="markers",
             marker={"symbol": "square-open", "size": 20, "color": "#1a9850",
                     "line": {"width": 2}},
-            hoverinfo="skip", name="planted", showlegend=False))
+            hoverinfo="skip", name="planted (ground truth)", showlegend=True))
     fig = go.Figure(traces)
-    fig.update_layout(title=title, width=520, height=max(360, 18 * n_layers + 120))
+    fig.update_layout(title=title, width=520, height=max(360, 18 * n_layers + 150),
+                      legend={"orientation": "h", "x": 0, "y": -0.08, "yanchor": "top"})
     fig.update_xaxes(dtick=1, range=[-0.5, n_heads - 0.5])
     fig.update_yaxes(dtick=1, range=[-0.5, n_layers - 0.5])
     return style_figure(fig, colorbar_title=metric_name)
@@ -218,6 +227,7 @@ class HeadSelector:
             markers = self.figure.data[1]
             markers.x = [h for _, h in self.selection]
             markers.y = [layer for layer, _ in self.selection]
+            markers.showlegend = bool(self.selection)
         names = ", ".join(head_name(h) for h in self.selection) or "none"
         qualify = (
             "" if self.eligible is None else
