@@ -6,6 +6,7 @@ interrupted run, resumed."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -228,6 +229,16 @@ def test_heads_json_holds_the_requested_top_k_of_the_saved_scores(executed_run):
     assert record["scores"] == pytest.approx([float(scores[layer, head])
                                               for layer, head in record["heads"]], abs=1e-4)
     assert (record["method"], record["sign"]) == (method, sign)
+    # the ranking table lists the selection in its order, each method's rank beside
+    _, _, figures = executed_run
+    with (figures / "02_head_ranking.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["head"] for row in table] == [f"L{layer}H{head}"
+                                              for layer, head in record["heads"]]
+    assert [int(row["selected"]) for row in table] == list(range(1, len(record["heads"]) + 1))
+    path_order = sorted(heads, key=lambda h: (-float(path.score[h]), h))
+    assert [int(row["rank: path"]) for row in table] == [path_order.index(tuple(h)) + 1
+                                                         for h in record["heads"]]
 
 
 def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
@@ -504,7 +515,8 @@ def static_export_works() -> bool:
 
 def test_every_figure_is_written_and_not_empty(executed_run):
     _, _, figures = executed_run
-    exported = ["02_path_patching_heatmap", "03_knockout_sweep", "04_loss_curves",
+    exported = ["02_path_patching_heatmap", f"02_head_ranking_{asked('02', 'head_finding')}",
+                "03_knockout_sweep", "04_loss_curves",
                 "05_results", "06_opinion_heads_self", "06_loss_curves"]
     formats = ["html", *(viz.STATIC_FORMATS if static_export_works() else ())]
     expected = {f"{name}.{fmt}" for name in exported for fmt in formats}
