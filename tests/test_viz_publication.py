@@ -84,11 +84,16 @@ def test_knockout_sweep_figure_draws_both_panels_with_titles_and_legend_in_the_f
     assert fig.layout.font.family == viz.FONT["family"]
     assert len(viz.knockout_sweep_figure({"method": "zero", "n_pairs": 8, "by_k": by_k})
                .layout.annotations) == 1
+    # each panel names its n and labels its axes; the k swept are the only ticks
+    assert "8 held-out pairs" in fig.layout.annotations[0].text
+    assert "10 held-out questions" in fig.layout.annotations[1].text
+    assert fig.layout.yaxis.title.text and fig.layout.yaxis2.title.text
+    assert list(fig.layout.xaxis.tickvals) == [1, 2] and fig.layout.xaxis2.type == "category"
 
 
 def test_one_k_draws_its_random_sets_as_a_box_and_the_planted_heads_beside_the_top():
     """The lean default sweeps k = 8 alone: the random sets' middle 95% is a box around it
-    (a band of no width would draw nothing), and generation's kinds at k stand apart."""
+    (a band of no width would draw nothing), and generation's kinds are categories."""
     by_k = [{"k": 8, "top": {"remaining": 0.2, "low": 0.1, "high": 0.3}, "bottom": 1.0,
              "random": _point(0.9, 0.6, 1.3), "layer_matched": None}]
     generation = [{"k": 8, "kind": kind, "admitted": {**_point(0.5, 0.3, 0.7), "n": 10}}
@@ -98,5 +103,6 @@ def test_one_k_draws_its_random_sets_as_a_box_and_the_planted_heads_beside_the_t
     assert list(band.x) == pytest.approx([7.7, 8.3, 8.3, 7.7])
     assert list(band.y) == pytest.approx([1.3, 1.3, 0.6, 0.6])
     points = {t.name: t.x[0] for t in fig.data if t.name.endswith("(generation)")}
-    assert points == pytest.approx({"top (generation)": 7.8, "random (generation)": 8.0,
-                                    "planted (generation)": 8.2})
+    assert points == {"top (generation)": "top 8", "random (generation)": "random 8",
+                      "planted (generation)": "planted 8"}
+    assert list(fig.layout.xaxis.range) == pytest.approx([7.4, 8.6])

@@ -120,13 +120,17 @@ def loss_curves(methods: dict[str, dict[str, Any]]) -> go.Figure:
 
 
 def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.Figure:
-    """Left: the share of the challenge effect remaining against k (top-k with its bootstrap
-    interval, bottom-k, the random and layer-matched sets' middle 95%). Right, given
-    ``generation`` rows ``{"k", "kind", "admitted": rate}``: the admitted-mistake rate on the
-    correct-before questions with exact intervals."""
+    """Left: the share of the challenge effect remaining at each k swept (ticks at those k
+    only; top-k with its bootstrap interval, bottom-k, the random and layer-matched sets'
+    middle 95%). Right, given ``generation`` rows ``{"k", "kind", "admitted": rate}``: the
+    admitted-mistake rate on the correct-before questions with exact intervals, one category
+    per set kind and k. Each panel's title names its n."""
     cols = 2 if generation else 1
-    titles = ["challenge effect remaining<br>(1 = intact, 0 = removed)",
-              "admitted-mistake rate<br>(correct before)"]
+    n_questions = max((g["admitted"]["n"] for g in generation), default=0)
+    titles = [f"challenge effect remaining, {result['n_pairs']} held-out pairs<br>"
+              "(1 = intact, 0 = removed)",
+              f"admitted-mistake rate, {n_questions} held-out questions<br>"
+              "(correct before; exact 95%)"]
     figure = make_subplots(rows=1, cols=cols, subplot_titles=titles[:cols])
     by_k = result["by_k"]
     ks = [r["k"] for r in by_k]
@@ -152,14 +156,14 @@ def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.F
     if all(r["bottom"] is not None for r in by_k):
         figure.add_scatter(x=ks, y=[r["bottom"] for r in by_k], name="bottom-k",
                            line={"color": "royalblue"})
-    # each kind beside the others at its k (on an organism, its planted heads too)
-    styles = {"none": ("black", 0.0), "top": ("crimson", -0.2), "random": ("grey", 0.0),
-              "planted": ("forestgreen", 0.2)}
-    for kind, (colour, shift) in styles.items():
+    # one category per kind and k (on an organism, its planted heads too)
+    styles = {"none": "black", "top": "crimson", "random": "grey", "planted": "forestgreen"}
+    for kind, colour in styles.items():
         points = [g for g in generation if g["kind"] == kind and g["admitted"]["n"]]
         if points:
             figure.add_scatter(
-                x=[g["k"] + shift for g in points], y=[g["admitted"]["value"] for g in points],
+                x=["none" if kind == "none" else f"{kind} {g['k']}" for g in points],
+                y=[g["admitted"]["value"] for g in points],
                 mode="markers", name=f"{kind} (generation)", marker={"color": colour},
                 error_y={"type": "data", "symmetric": False,
                          "array": [g["admitted"]["high"] - g["admitted"]["value"]
@@ -170,14 +174,17 @@ def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.F
             )
     figure.add_hline(y=1, line_dash="dot", line_color="black", line_width=2, opacity=1,
                      row=1, col=1)  # the template's shapes are invisible (width 0)
-    if generation:
-        figure.update_yaxes(range=[-0.02, 1.02], row=1, col=2)
     publication_figure(figure, title=f"Head knockout ({result['method']} ablation, both sides "
-                       f"of {result['n_pairs']} held-out pairs)", xaxis_title="",
-                       yaxis_title="", width=900, height=520)
+                       "of each pair)", xaxis_title="", yaxis_title="", width=900, height=520)
     # two-line panel titles under the figure's title, the legend under the panels: every
-    # label inside the frame at a paper's page width
-    figure.update_xaxes(title_text="k heads ablated")
+    # label inside the frame at a paper's page width; the k swept are ticks, not an axis
+    figure.update_xaxes(title_text="k heads knocked out", tickvals=ks,
+                        range=[min(ks) - 0.6, max(ks) + 0.6], row=1, col=1)
+    figure.update_yaxes(title_text="share of the effect left", row=1, col=1)
+    if generation:
+        figure.update_xaxes(title_text="heads knocked out (kind, k)", type="category",
+                            row=1, col=2)
+        figure.update_yaxes(title_text="admitted mistakes", range=[-0.02, 1.02], row=1, col=2)
     return figure.update_layout(
         margin={"l": 60, "r": 20, "t": 95, "b": 20}, title={"y": 0.97, "yanchor": "top"},
         legend={"orientation": "h", "x": 0.5, "xanchor": "center", "y": -0.2,
