@@ -92,6 +92,15 @@ def verdict(checks: dict[str, bool | None]) -> str:
     return "PASS" if all(ok is True for ok in checks.values()) else "UNDECIDED"
 
 
+def smoothed(values: Sequence[float], window: int = 10) -> list[float]:
+    """The trailing mean of each value and the ``window - 1`` before it (fewer at the
+    start): a per-batch training loss read without one batch's noise."""
+    if window < 1:
+        raise ValueError(f"smoothed: window {window} is not a positive count")
+    return [sum(values[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window))
+            for i in range(len(values))]
+
+
 def _average_ranks(values: Sequence[float]) -> list[float]:
     """Ranks 1..n, tied values sharing their average rank."""
     order = sorted(range(len(values)), key=lambda i: values[i])

@@ -75,3 +75,11 @@ def test_a_permutation_check_its_sets_cannot_decide_is_undecided():
     assert stats.verdict({"a": True, "b": True}) == "PASS"
     assert stats.verdict({"a": True, "b": None}) == "UNDECIDED"
     assert stats.verdict({"a": False, "b": None}) == "FAIL"
+
+
+def test_smoothed_is_the_trailing_mean_of_up_to_window_values():
+    assert stats.smoothed([4.0, 2.0, 6.0, 0.0], window=2) == [4.0, 3.0, 4.0, 3.0]
+    assert stats.smoothed([3.0, 1.0], window=5) == [3.0, 2.0]  # fewer at the start
+    assert stats.smoothed([], window=3) == []
+    with pytest.raises(ValueError, match="window 0"):
+        stats.smoothed([1.0], window=0)

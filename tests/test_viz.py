@@ -183,9 +183,15 @@ def test_loss_curves_plot_every_trained_method_and_skip_few_shot():
         "sft": {"kind": "sft", "losses": [2.0, 1.0]},
         "few_shot": {"kind": "few_shot", "k": 4},
     }
-    fig = viz.loss_curves(index)
-    assert [trace.name for trace in fig.data] == ["spt", "sft"]
+    index["spt"]["evals"] = [{"step": 3, "heldout_loss": 1.4}]
+    fig = viz.loss_curves(index, window=2)
+    assert [trace.name for trace in fig.data] == [
+        "spt (per batch)", "spt: training (mean of 2 batches)", "spt: held-out",
+        "sft (per batch)", "sft: training (mean of 2 batches)"]
     assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [2.0, 1.5, 1.2]
+    assert list(fig.data[1].y) == pytest.approx([2.0, 1.75, 1.35])  # trailing means of 2
+    assert (list(fig.data[2].x), list(fig.data[2].y)) == ([3], [1.4])
+    assert fig.data[1].line.color == fig.data[2].line.color != fig.data[4].line.color
     assert fig.layout.xaxis.title.text == "step"
 
 

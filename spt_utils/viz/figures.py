@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from spt_utils import stats
 from spt_utils.viz.heatmap import FONT, style_figure
 
 # --- the shared publication template (Pareto plot, interval bars) ------------------------
@@ -103,18 +105,33 @@ def interval_bars(
                               width=760)
 
 
-def loss_curves(methods: dict[str, dict[str, Any]]) -> go.Figure:
-    """Training loss per step for each method of a tuning index (``{"losses": [...]}``);
-    methods without losses (few-shot prompting trains nothing) are left out."""
+def loss_curves(methods: dict[str, dict[str, Any]], *, window: int = 10) -> go.Figure:
+    """Per method of a tuning index (``{"losses": [...], "evals": [{"step", "heldout_loss"},
+    ...]}``): the training loss smoothed over ``window`` batches (the raw per-batch loss faint
+    behind it) and the held-out loss where it was measured, in the same colour. Methods
+    without losses (few-shot prompting trains nothing) are left out."""
     fig = go.Figure()
+    colours = iter(qualitative.Plotly * 4)
     for method, entry in methods.items():
         losses = entry.get("losses") or []
-        if losses:
-            steps = list(range(1, len(losses) + 1))
-            fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines+markers", name=method))
+        if not losses:
+            continue
+        colour, steps = next(colours), list(range(1, len(losses) + 1))
+        fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines", name=f"{method} (per batch)",
+                                 line={"color": colour, "width": 1}, opacity=0.3,
+                                 showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=steps, y=stats.smoothed(losses, window), mode="lines",
+                                 name=f"{method}: training (mean of {window} batches)",
+                                 line={"color": colour}))
+        held_out = [e for e in entry.get("evals") or [] if "heldout_loss" in e]
+        if held_out:
+            fig.add_trace(go.Scatter(
+                x=[e["step"] for e in held_out], y=[e["heldout_loss"] for e in held_out],
+                mode="lines+markers", name=f"{method}: held-out",
+                line={"color": colour, "dash": "dash"}))
     style_figure(fig).update_layout(
-        title="Training loss per method", xaxis_title="step",
-        yaxis_title="loss (final assistant turn)", width=640, height=400,
+        title="Loss per method: training (smoothed) and held-out", xaxis_title="step",
+        yaxis_title="loss (final assistant turn)", width=700, height=440,
     )
     return fig
 
