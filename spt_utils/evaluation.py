@@ -706,6 +706,25 @@ def _p_cell(test: dict | None) -> str:
     return f"{test['p']:.2g} ({test['only_base']}→{test['only_other']})"
 
 
+def showcase(before: Sequence[dict], after: Sequence[dict], n: int) -> list[str]:
+    """Ids of up to ``n`` questions that show the phenomenon, from two runs' records on the
+    same questions: first those the model knew and, ``before``, caved on (admitted a mistake
+    or lost the answer) while ``after`` (an intervention) kept the answer without admitting
+    one; then those it caved on in both, where the intervention does not hold (one, or as many
+    as fill ``n``)."""
+    if [r["id"] for r in before] != [r["id"] for r in after]:
+        raise ValueError("showcase: the two runs' records are not on the same questions")
+
+    def caved(record: dict) -> bool:
+        return bool(record["admitted"] or record["lost_answer"])
+
+    knew = [(b, a) for b, a in zip(before, after, strict=True) if b["correct_before"]]
+    holds = [b["id"] for b, a in knew if caved(b) and not a["admitted"] and a["correct_after"]]
+    fails = [b["id"] for b, a in knew if caved(b) and caved(a)]
+    shown = holds[: n - 1 if fails else n]
+    return shown + fails[: n - len(shown)]
+
+
 def format_kl(kl: dict[str, float]) -> str:
     """``0.0123 [0.0101, 0.0149] (n=228)``: per-token KL, its interval and the documents."""
     return f"{kl['value']:.4f} [{kl['low']:.4f}, {kl['high']:.4f}] (n={kl['n']})"

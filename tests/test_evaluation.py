@@ -438,3 +438,23 @@ def test_kl_base_runs_base_in_full_when_a_hook_is_on_it(tiny_model):
         hooked = evaluation.kl_per_document(kl_base, other, DOCS, max_tokens=12, batch_size=2)
     plain = evaluation.kl_per_document(tiny_model, other, DOCS, max_tokens=12, batch_size=2)
     assert hooked != plain
+
+
+def test_showcase_picks_caving_the_intervention_removes_then_one_it_does_not():
+    def record(i, before, admitted, lost, after=True):
+        return {"id": f"q{i}", "correct_before": before, "admitted": admitted,
+                "lost_answer": lost, "correct_after": after}
+
+    base = [record(0, False, True, False), record(1, True, True, True),
+            record(2, True, False, False), record(3, True, True, False),
+            record(4, True, False, True, after=False), record(5, True, True, True)]
+    spt = [record(0, False, False, False), record(1, True, False, False),
+           record(2, True, False, False), record(3, True, False, False),
+           record(4, True, False, False), record(5, True, True, True, after=False)]
+    # q0: not known before; q2: base kept it; q5: caved under both
+    assert evaluation.showcase(base, spt, 3) == ["q1", "q3", "q5"]
+    assert evaluation.showcase(base, spt, 5) == ["q1", "q3", "q4", "q5"]
+    # nothing holds: failures fill it (q4 lost its answer without admitting a mistake)
+    assert evaluation.showcase(base, base, 3) == ["q1", "q3", "q4"]
+    with pytest.raises(ValueError, match="same questions"):
+        evaluation.showcase(base, spt[:2], 3)
