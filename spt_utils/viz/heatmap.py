@@ -112,7 +112,7 @@ def head_heatmap(
             hoverinfo="skip", name="planted (ground truth)", showlegend=True))
     fig = go.Figure(traces)
     fig.update_layout(title=title, width=520, height=max(360, 18 * n_layers + 150),
-                      legend={"orientation": "h", "x": 0, "y": -0.08, "yanchor": "top"})
+                      legend={"orientation": "h", "x": 0, "y": -0.11, "yanchor": "top"})
     fig.update_xaxes(dtick=1, range=[-0.5, n_heads - 0.5])
     fig.update_yaxes(dtick=1, range=[-0.5, n_layers - 0.5])
     return style_figure(fig, colorbar_title=metric_name)
