@@ -381,6 +381,10 @@ def run_pipeline(
                 progress_bar=False,
                 log_output=log_output,
                 kernel_manager_class=ipc_kernel_manager(Path(sockets)),
+                # an executed notebook is read without its kernel, where a widget cannot
+                # run: its saved state (each plotly FigureWidget embeds plotly.js, 5 MB) is
+                # left out; every figure a widget draws is exported to figures/ as well
+                store_widget_state=False,
             )
         manifest["timings_s"][notebook.name] = round(time.perf_counter() - started, 1)
         # notebook 00 plants an organism on first use; later ones must use that same one

@@ -220,17 +220,19 @@ def test_make_run_prints_a_progress_line_per_notebook(tmp_path, monkeypatch, cap
     assert lines == expected
 
 
-def test_notebooks_run_in_kernels_over_local_sockets_without_a_transport_warning(
+def test_notebooks_run_over_local_sockets_without_a_warning_or_widget_state(
     tmp_path, capfd, monkeypatch
 ):
     """ipykernel warns on every start over TCP ("without encryption"); the pipeline's
-    kernels use IPC sockets in a temporary folder, removed after each notebook."""
+    kernels use IPC sockets in a temporary folder, removed after each notebook. Widgets'
+    state is not saved with the executed notebook."""
     source = tmp_path / "07_hello.ipynb"
     parameters = nbformat.v4.new_code_cell(
         "model_name = run_dir = figures_dir = None\nseed = 0",
         metadata={"tags": ["parameters"]})
     nbformat.write(nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell(
-        "print(6 * 7)")], metadata={"kernelspec": {"name": "python3", "language": "python",
+        "print(6 * 7)"), nbformat.v4.new_code_cell(
+        "import ipywidgets; ipywidgets.IntSlider(value=3)")], metadata={"kernelspec": {"name": "python3", "language": "python",
                                                    "display_name": "Python 3"}}), source)
     sockets = tmp_path / "tmp"
     sockets.mkdir()
@@ -239,6 +241,9 @@ def test_notebooks_run_in_kernels_over_local_sockets_without_a_transport_warning
     pipeline.run_pipeline(tmp_path / "run", model_name=models.TINY_MODEL, profile="test",
                           figures_dir=tmp_path, notebooks=[source])
     executed = nbformat.read(tmp_path / "run" / source.name, as_version=4)
-    assert executed.cells[-1].outputs[-1]["text"].endswith("42\n")
+    assert executed.cells[-2].outputs[-1]["text"].endswith("42\n")
+    # widgets' state is not saved with the executed notebook (a plotly one weighs 5 MB)
+    assert "application/vnd.jupyter.widget-view+json" in executed.cells[-1].outputs[-1]["data"]
+    assert "widgets" not in executed.metadata
     assert "without encryption" not in capfd.readouterr().err
     assert not list(sockets.iterdir())  # the sockets' folder is gone
