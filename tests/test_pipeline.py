@@ -230,10 +230,11 @@ def test_notebooks_run_over_local_sockets_without_a_warning_or_widget_state(
     parameters = nbformat.v4.new_code_cell(
         "model_name = run_dir = figures_dir = None\nseed = 0",
         metadata={"tags": ["parameters"]})
-    nbformat.write(nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell(
-        "print(6 * 7)"), nbformat.v4.new_code_cell(
-        "import ipywidgets; ipywidgets.IntSlider(value=3)")], metadata={"kernelspec": {"name": "python3", "language": "python",
-                                                   "display_name": "Python 3"}}), source)
+    cells = [parameters, nbformat.v4.new_code_cell("print(6 * 7)"),
+             nbformat.v4.new_code_cell("import ipywidgets; ipywidgets.IntSlider(value=3)")]
+    kernel = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": kernel}),
+                   source)
     sockets = tmp_path / "tmp"
     sockets.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(sockets))
