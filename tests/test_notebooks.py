@@ -513,6 +513,15 @@ def static_export_works() -> bool:
         session.close()
 
 
+def test_executed_notebooks_stay_light(executed_run):
+    """At most 2 MB per executed notebook: no widget state (a plotly FigureWidget embeds
+    plotly.js, 5 MB) is saved with them."""
+    run_dir, _, _ = executed_run
+    sizes = {p.name: p.stat().st_size for p in run_dir.glob("*.ipynb")}
+    assert len(sizes) == len(pipeline.notebook_paths())
+    assert all(size <= 2_000_000 for size in sizes.values()), sizes
+
+
 def test_every_figure_is_written_and_not_empty(executed_run):
     _, _, figures = executed_run
     exported = ["02_path_patching_heatmap", f"02_head_ranking_{asked('02', 'head_finding')}",
