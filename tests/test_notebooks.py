@@ -435,8 +435,13 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
     trained = (*TRAINED, *controls("05"), *upper_bound(), *steered())  # steering moves too
     assert all(kl[m] is None for m in kl if m not in trained), kl
     assert all(kl[m] > 0 for m in kl if m in trained), kl
-    assert "| base |" in (table := (run_dir / "results.md").read_text()) and all(
-        "0.0000 [0.0000, 0.0000]" not in line for line in table.splitlines())
+    lines = (run_dir / "results.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| method |")).split(" | ")
+    column = next(i for i, cell in enumerate(header) if cell.startswith("KL("))
+    shown = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[column]
+             for line in lines if line.startswith("| ") and not line.startswith("| method")}
+    assert "base" in shown and all(shown[name] == "–" for name in ("base", "few_shot")
+                                   if name in shown), shown
     # the claim, recomputed from the saved rows and records
     records = {name: read_jsonl(run_dir / "eval" / f"{name}.jsonl") for name in results}
     for name in records:  # the notebook's records also hold general_correct
