@@ -141,8 +141,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 
 # Wall seconds of each notebook in the run of record of a profile (its manifest's
 # timings_s, on a 2-core CPU machine): what `make run` estimates the rest from. cpu: a fresh
-# clone at df62c70 with an empty $SPT_CACHE (2,629 s; the run of record, docs/record/); full: the CPU sizes of af2db90's run of
-# record (before steering; notebook 00 there read a cached organism).
+# clone at df62c70 with an empty $SPT_CACHE (2,629 s; the run of record, docs/record/);
+# full: the CPU sizes of af2db90's run of record (before steering; notebook 00 there read a
+# cached organism).
 RECORDED_TIMINGS_S: dict[str, dict[str, float]] = {
     "cpu": {"00": 33, "01": 97, "02": 205, "03": 745, "04": 838, "05": 546, "06": 165},
     "full": {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544, "05": 3244, "06": 143},
