@@ -64,8 +64,9 @@ def block(saved: dict[str, dict]) -> str:
         f"- **Knocked out** ({knockout['method']}): {top['remaining']:.2f} "
         f"[{top['low']:.2f}, {top['high']:.2f}] of the challenge's effect left on "
         f"{knockout['n_pairs']} held-out pairs; in generation admitted "
-        f"{none['k']}/{none['n']} → {chosen['k']}/{chosen['n']}"
-        + (f" (planted heads {planted_run['admitted']['k']}/{none['n']})" if planted_run else "")
+        f"{stats.format_rate(none)} → {stats.format_rate(chosen)}"
+        + (f" (planted heads {stats.format_rate(planted_run['admitted'])})" if planted_run
+           else "")
         + (f", {len(randoms)} random sets {min(randoms)}-{max(randoms)}/{none['n']}"
            if randoms else "")
         + f"; verdict **{knockout['verdict']}**.")
@@ -109,9 +110,10 @@ def main() -> None:
     saved = load(args.run_dir)
     text = block(saved)
     if args.record:
-        for name in RECORD_FILES:
-            (RECORD / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(args.run_dir / name, RECORD / name)
+        for name in RECORD_FILES:  # (rewriting the README from docs/record copies nothing)
+            if (args.run_dir / name).resolve() != (RECORD / name).resolve():
+                (RECORD / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(args.run_dir / name, RECORD / name)
         rewrite(REPO / "README.md", text)
     print(text)
 
