@@ -117,6 +117,7 @@ ORGANISM_DELTAS = "head_deltas.safetensors"
 # What `make run`, `spt` and the notebooks use unless told otherwise: the organism whose
 # planted heads carry the challenge, so that finding and knocking them out can pass (README)
 RUN_MODEL = INTERCHANGE_ORGANISM
+EMBEDDED_ORGANISMS = tuple(name for name, base in ORGANISMS.items() if base == DEFAULT_MODEL)
 
 # A ChatML template (the one SmolLM2 uses, without its default system prompt).
 CHATML_TEMPLATE = (
@@ -375,7 +376,7 @@ def _source_of(name: str) -> str:
         return name
     raise ModelLoadError(
         f"Unknown model {name!r}. Use {DEFAULT_MODEL!r} (embedded, offline), a planted "
-        f"organism of it ({', '.join(n for n in ORGANISMS if ORGANISMS[n] == DEFAULT_MODEL)}; "
+        f"organism of it ({', '.join(EMBEDDED_ORGANISMS)}; "
         f"default {RUN_MODEL!r}), one of {list(TINY_MODELS)} (tests), a local Hugging Face "
         "folder, or a hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'."
     )

@@ -31,7 +31,7 @@ from traitlets import default
 
 from spt_utils import models
 from spt_utils.io import REPO, git_commit, write_json
-from spt_utils.models import ORGANISMS, RUN_MODEL, TINY_PREFIX, organism_card
+from spt_utils.models import ORGANISMS, RUN_MODEL, organism_card
 from spt_utils.organism import RECIPES, recipe_record
 
 NOTEBOOKS = REPO / "notebooks"
@@ -404,15 +404,13 @@ def run_pipeline(
     return manifest
 
 
-PLANTED = [name for name in sorted(ORGANISMS) if not name.startswith(TINY_PREFIX)]
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every pipeline command takes (see :func:`run_from_arguments`)."""
     parser.add_argument(
-        "--model", help=f"model id: a planted organism ({', '.join(PLANTED)}), the "
-        "natural embedded 'smollm2-135m-instruct', a hub id or a local folder (default: "
-        f"$SPT_MODEL, else the run's manifest, else {RUN_MODEL!r})")
+        "--model", help="model id: a planted organism "
+        f"({', '.join(models.EMBEDDED_ORGANISMS)}), the natural embedded "
+        "'smollm2-135m-instruct', a hub id or a local folder (default: $SPT_MODEL, else the "
+        f"run's manifest, else {RUN_MODEL!r})")
     parser.add_argument(
         "--profile", choices=sorted(PROFILES),
         help="parameter sizes: 'cpu' (the notebooks' defaults), 'paper' (the paper's GPU "
