@@ -237,7 +237,7 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
             "graded": graded, "scores": {name: score.tolist() for name, score in scores.items()},
             "set_remaining": {name: found[name].remaining for name in SET_LEVEL if name in found},
             "generation": knocked, "per_head": per_head, "timings_s": timings,
-            "active_in_top": {name: sum(head in top(score, k) for head in active)
+            "active_in_top": {name: len(set(active) & set(top(score, k)))
                               for name, score in scores.items()}, "n_active": len(active),
             "seconds": time.perf_counter() - started}
 
