@@ -39,17 +39,19 @@ measurement here runs **left-padded** with an attention mask and mask-derived po
 exactly as :func:`spt_utils.chat.generate` does. Pad positions are masked as keys in every
 layer, so whatever an ablation writes there never reaches a real token (a test checks this).
 
-Hooks added on the bridge also fire when its Hugging Face model runs, so
+The knockout's hooks sit on the Hugging Face output projections (their input is ``z``, the
+heads side by side), so they act through the bridge and in its plain model alike:
 :func:`spt_utils.chat.generate` and :func:`spt_utils.evaluation.run_protocol` called inside
-``with knockout(...)`` generate with the heads ablated (in every turn of the conversation);
-the notebooks compose the two, so neither module imports the other.
+``with knockout(...)`` generate with the heads ablated (in every turn of the conversation) at
+a plain transformers model's speed; the notebooks compose the two, so neither module imports
+the other. ``hook_z`` itself records ``z`` before the knockout edits it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,7 +60,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from spt_utils import chat
@@ -71,6 +72,7 @@ from spt_utils.data import (
 )
 from spt_utils.grading import grade, judge_admission
 from spt_utils.io import atomic_write, check_provenance
+from spt_utils.models import attn_linear
 from spt_utils.patching import (
     AnswerTokens,
     Head,
@@ -279,7 +281,6 @@ def _drop_twins(
 
 def _interchange_z(
     z: Float[Tensor, "rows pos head d_head"],
-    hook: HookPoint,
     *,
     mask: Bool[Tensor, "batch_or_1 head"],
     state: dict,
@@ -322,7 +323,6 @@ def _source(
 
 def _ablate_z(
     z: Float[Tensor, "batch pos head d_head"],
-    hook: HookPoint,
     *,
     layer: int,
     mask: Bool[Tensor, "batch_or_1 head"],
@@ -364,15 +364,10 @@ def _masked_knockout(
         with _twin_knockout(model, mask, source):
             yield
         return
-    hooks = [
-        (
-            z_name(layer),
-            partial(_ablate_z, layer=layer, mask=mask[:, layer], source=source, rows=rows),
-        )
-        for layer in range(model.cfg.n_layers)
-        if mask[:, layer].any()
-    ]
-    with model.hooks(fwd_hooks=hooks):
+    edits = {layer: partial(_ablate_z, layer=layer, mask=mask[:, layer], source=source,
+                            rows=rows)
+             for layer in range(model.cfg.n_layers) if mask[:, layer].any()}
+    with _z_edits(model, edits):
         yield
 
 
@@ -384,8 +379,8 @@ def _twin_knockout(
     """Interchange ``mask``'s heads from each row's twin (:class:`Interchange`) in every
     forward pass of the bridge's Hugging Face model."""
     state: dict = {}
-    hooks = [(z_name(layer), partial(_interchange_z, mask=mask[:, layer], state=state))
-             for layer in range(model.cfg.n_layers) if mask[:, layer].any()]
+    edits = {layer: partial(_interchange_z, mask=mask[:, layer], state=state)
+             for layer in range(model.cfg.n_layers) if mask[:, layer].any()}
     hf_model = model.original_model
     with contextlib.ExitStack() as stack:
         stack.callback(hf_model.register_forward_pre_hook(
@@ -393,7 +388,33 @@ def _twin_knockout(
             with_kwargs=True).remove)
         stack.callback(hf_model.register_forward_hook(
             partial(_drop_twins, state=state), with_kwargs=True).remove)
-        stack.enter_context(model.hooks(fwd_hooks=hooks))
+        stack.enter_context(_z_edits(model, edits))
+        yield
+
+
+def _edit_projection_input(
+    _module: torch.nn.Module, args: tuple, *, edit: Callable[[Tensor], Tensor], n_heads: int
+) -> tuple[Tensor]:
+    """Forward pre-hook of an output projection: ``edit`` its input, every head's ``z``."""
+    heads_side_by_side, = args  # [batch, pos, head * d_head]
+    z = heads_side_by_side.unflatten(-1, (n_heads, -1))  # z: [batch, pos, head, d_head]
+    return (edit(z).flatten(-2),)
+
+
+@contextlib.contextmanager
+def _z_edits(
+    model: TransformerBridge, edits: Mapping[int, Callable[[Tensor], Tensor]]
+) -> Iterator[None]:
+    """Each layer's ``z`` (``[batch, pos, head, d_head]``, what ``hook_z`` records) edited by
+    ``edits[layer]`` as it enters the layer's output projection. The hooks sit on the Hugging
+    Face projection itself, so they act through the bridge and in its plain model alike
+    (:func:`spt_utils.chat.plain_hf_model`: generation at a plain model's speed), and go away
+    on exit, also after an exception. ``hook_z`` itself still records the unedited ``z``."""
+    with contextlib.ExitStack() as stack:
+        for layer, edit in edits.items():
+            projection = attn_linear(model.original_model, layer, "o_proj")
+            stack.callback(projection.register_forward_pre_hook(partial(
+                _edit_projection_input, edit=edit, n_heads=model.cfg.n_heads)).remove)
         yield
 
 
@@ -501,7 +522,7 @@ def ablated_logit_diffs(
         sets = torch.tensor([s for s, _ in chunk])
         prompts = torch.tensor([p for _, p in chunk])
         with _masked_knockout(model, masks[sets], source, rows=prompts):
-            logits = model.original_model(
+            logits = chat.forward_model(model)(
                 input_ids=ids[prompts].to(device),
                 attention_mask=attention[prompts].to(device),
                 position_ids=positions[prompts].to(device),
@@ -602,6 +623,15 @@ def _bootstrap_remaining(
     return low.item(), high.item()
 
 
+def _untouched(
+    pairs: PatchingPairs, side: str, method: str, interchange: Interchange | None
+) -> bool:
+    """Whether an interchange leaves ``side`` of the pairs as it is: its prompts hold no
+    ``find`` span, so each is its own twin (whatever the heads)."""
+    return method == "interchange" and interchange is not None and torch.equal(
+        interchange.twin(getattr(pairs, side)), getattr(pairs, side))
+
+
 def sweep(
     model: TransformerBridge,
     pairs: PatchingPairs,
@@ -646,10 +676,7 @@ def sweep(
             ranking[:k], n_layer_matched, n_heads, seed=seed, exclude=selection)]
     diffs = {}
     for side in SIDES:
-        # an interchange leaves a side whose prompts hold no `find` span as it is (each prompt
-        # is its own twin): that side runs once, with no set, for every set
-        untouched = method == "interchange" and interchange is not None and torch.equal(
-            interchange.twin(getattr(pairs, side)), getattr(pairs, side))
+        untouched = _untouched(pairs, side, method, interchange)  # runs once, with no set
         diffs[side] = ablated_logit_diffs(
             model, pairs, [[]] if untouched else [s["heads"] for s in sets], method, means=means,
             donors=donors, interchange=interchange, side=side, batch_size=batch_size,
@@ -721,13 +748,13 @@ def pair_metrics(
 ) -> dict:
     """Both sides of every pair, clean and with ``heads`` ablated (:func:`summarize_pairs`).
     ``clean`` (side → the clean logit difference per pair, :func:`clean_logit_diffs`) saves
-    the clean runs when given."""
+    the clean runs when given; a side an interchange leaves as it is is its clean run."""
     heads = validate_heads(list(heads), model.cfg.n_layers, model.cfg.n_heads)
     clean = clean_logit_diffs(model, pairs, batch_size=batch_size) if clean is None else clean
     ablated = clean if not heads else {
-        side: ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
-                                  interchange=interchange, side=side,
-                                  batch_size=batch_size)[0]
+        side: clean[side] if _untouched(pairs, side, method, interchange) else
+        ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
+                            interchange=interchange, side=side, batch_size=batch_size)[0]
         for side in SIDES
     }
     return summarize_pairs(pairs, clean, ablated, heads=heads, method=method, n_boot=n_boot,

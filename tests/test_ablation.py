@@ -40,9 +40,25 @@ def _logits(model, batch):
     return model(batch, return_type="logits")
 
 
+def _projections(model):
+    return [models.attn_linear(model.original_model, layer, "o_proj")
+            for layer in range(model.cfg.n_layers)]
+
+
 def _n_hooks(model):
+    """Hooks on the bridge's hook points and on the output projections (where a knockout
+    edits ``z``)."""
     points = {id(point): point for point in model.hook_dict.values()}  # aliases share points
-    return sum(len(point.fwd_hooks) for point in points.values())
+    return (sum(len(point.fwd_hooks) for point in points.values())
+            + sum(len(p._forward_pre_hooks) + len(p._forward_hooks) for p in _projections(model)))
+
+
+def _projection_inputs(model, layer, seen):
+    """A hook that records ``z`` as layer ``layer``'s output projection receives it (after a
+    knockout registered before it): ``[batch, pos, head, d_head]``."""
+    def record(module, args):
+        seen.append(args[0].unflatten(-1, (model.cfg.n_heads, -1)).detach().clone())
+    return _projections(model)[layer].register_forward_pre_hook(record)
 
 
 def test_empty_knockout_is_the_identity(tiny_model, pairs, means):
@@ -61,8 +77,11 @@ def test_knockout_changes_logits_and_hooks_go_away(tiny_model, pairs, means, don
     with ablation.knockout(tiny_model, [(1, 2), (0, 1)], method, means=means, donors=donors,
                            interchange=interchange):
         assert _n_hooks(tiny_model) == hooks_before + 2
+        assert not chat.has_bridge_hooks(tiny_model)  # generation may run the plain model
         inside = _logits(tiny_model, pairs.reference)
+        plain = chat.plain_hf_model(tiny_model)(input_ids=pairs.reference).logits
     assert not torch.allclose(before, inside)
+    assert torch.allclose(plain, inside, atol=1e-5)  # the plain model sees the knockout too
     assert _n_hooks(tiny_model) == hooks_before
     assert _n_module_hooks(tiny_model.original_model) == module_hooks
     assert torch.equal(_logits(tiny_model, pairs.reference), before)
@@ -86,25 +105,32 @@ def test_only_the_chosen_query_head_changes(tiny_model, pairs):
     """GQA: ablating query head 1 leaves head 0 (same kv group) untouched in that layer."""
     name = patching.z_name(0)
     _, clean = tiny_model.run_with_cache(pairs.reference, names_filter=[name])
+    seen = []
     with ablation.knockout(tiny_model, [(0, 1)], "zero"):
-        # the cache hook runs after the knockout's, so it records the ablated z
-        _, ablated = tiny_model.run_with_cache(pairs.reference, names_filter=[name])
-    z, z_clean = ablated[name], clean[name]  # z: [batch, pos, head, d_head]
+        handle = _projection_inputs(tiny_model, 0, seen)  # after the knockout's hook
+        try:
+            _, unedited = tiny_model.run_with_cache(pairs.reference, names_filter=[name])
+        finally:
+            handle.remove()
+    z, z_clean = seen[0], clean[name]  # z: [batch, pos, head, d_head]
+    assert torch.equal(unedited[name], z_clean)  # hook_z records z before the knockout
     assert z[:, :, 1].abs().sum() == 0 and z_clean[:, :, 1].abs().sum() > 0
     assert torch.equal(z[:, :, [0, 2, 3]], z_clean[:, :, [0, 2, 3]])
 
 
 def test_mean_ablation_writes_the_stored_means(tiny_model, pairs, means):
-    name = patching.z_name(1)
-    seen = {}
-    hooks = [(name, lambda z, hook: seen.setdefault("z", z.clone()))]
+    seen = []
     with ablation.knockout(tiny_model, [(1, 3)], "mean", means=means):
-        with tiny_model.hooks(fwd_hooks=hooks):
+        handle = _projection_inputs(tiny_model, 1, seen)
+        try:
             tiny_model(pairs.reference)
-    pos = seen["z"].shape[1]  # the pairs are shorter than the longest reference prompt
+        finally:
+            handle.remove()
+    z, = seen  # z: [batch, pos, head, d_head]
+    pos = z.shape[1]  # the pairs are shorter than the longest reference prompt
     assert pos <= means.z.shape[0]
-    expected = means.z[-pos:, 1, 3][None].expand_as(seen["z"][:, :, 3])
-    assert torch.allclose(seen["z"][:, :, 3], expected)
+    expected = means.z[-pos:, 1, 3][None].expand_as(z[:, :, 3])
+    assert torch.allclose(z[:, :, 3], expected)
 
 
 def test_means_are_over_real_positions_and_round_trip(tiny_model, prompts, means, tmp_path):
