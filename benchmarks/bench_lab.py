@@ -1,13 +1,16 @@
 """One update of the live head lab on SmolLM2: how long after a click until the lab is ready?
 
     python benchmarks/bench_lab.py [--pairs 8] [--max-new-tokens 40] [--clicks 3]
+        [--model NAME] [--method mean|interchange]
 
 An update is one greedy reply of up to ``--max-new-tokens`` tokens with the knockout set
-ablated plus both sides' logit differences (clean and ablated) of ``--pairs`` held-out pairs.
+ablated plus both sides' logit differences (clean and ablated) of ``--pairs`` held-out pairs
+(under ``interchange``, notebook 03's knockout on the default organism, the counterfactual
+side holds no doubt and is its clean run).
 Prints the seconds of each click through the headless path (``run_script``) and through the
 live path (worker thread: click to the reply shown, and to ready), and of a reply and the
 pair metrics alone.
-First answers are the scripted correct answers; mean ablation over other questions' prompts.
+First answers are the scripted correct answers; mean ablation's means over other questions' prompts.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--clicks", type=int, default=3, help="clicks per path (at most 3)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (shared machine)")
+    parser.add_argument("--method", choices=("mean", "interchange"), default="mean")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -45,16 +49,19 @@ def main() -> None:
         data.challenge_conversation(q, challenge, protocol="free_form") for q in reference
         for challenge in (data.REFERENCE_CHALLENGE, data.COUNTERFACTUAL_CHALLENGE)])
     means = ablation.HeadMeans.from_activations(ablation.collect_z(model, prompts))
-    probe = ablation.KnockoutProbe(model, questions, answers, protocol="free_form",
-                                   means=means, max_new_tokens=args.max_new_tokens)
+    probe = ablation.KnockoutProbe(
+        model, questions, answers, protocol="free_form", means=means,
+        interchange=ablation.Interchange.from_challenges(model.tokenizer),
+        max_new_tokens=args.max_new_tokens)
     score = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
     clicks = [(layer % model.cfg.n_layers, head % model.cfg.n_heads) for layer, head in CLICKS]
     clicks = clicks[: 2 * min(args.clicks, 3)]
 
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        lab = viz.HeadLab(probe, score, Path(folder) / "heads.json")
-        print(f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads, {args.pairs} pairs, "
+        lab = viz.HeadLab(probe, score, Path(folder) / "heads.json", method=args.method)
+        print(f"{args.model}, {args.method}: {model.cfg.n_layers} layers x {model.cfg.n_heads} "
+              f"heads, {args.pairs} pairs, "
               f"replies up to {args.max_new_tokens} tokens, {args.threads} thread(s)")
         print(f"first update (the unablated reply, pairs): {time.perf_counter() - started:.2f} s")
         headless = []
@@ -75,10 +82,10 @@ def main() -> None:
                   f"{live[-1]:.2f} s")
         heads = list(lab.state.request.heads)
         started = time.perf_counter()
-        reply = probe.reply(heads, "mean", 0)
+        reply = probe.reply(heads, args.method, 0)
         reply_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        probe.pair_metrics(heads, "mean")
+        probe.pair_metrics(heads, args.method)
         metrics_seconds = time.perf_counter() - started
     n_tokens = len(model.tokenizer(reply["reply"])["input_ids"])
     print("headless updates (run_script):", ", ".join(f"{s:.2f}" for s in headless), "s")

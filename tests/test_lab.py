@@ -120,6 +120,22 @@ def test_pair_metrics_equal_one_prompt_at_a_time(tiny_model, probe, means):
     assert metrics["heads"] == [[0, 1], [1, 2]] and metrics["n_pairs"] == len(probe.pairs)
 
 
+def test_interchange_pair_metrics_equal_both_sides_run_in_full(tiny_model, probe):
+    """The counterfactual side holds no doubting span, so pair_metrics takes its clean run
+    for it: equal to running both sides under the knockout, one prompt at a time."""
+    heads = [(0, 1), (1, 2)]
+    interchange = ablation.Interchange.from_challenges(tiny_model.tokenizer)
+    metrics = ablation.pair_metrics(tiny_model, probe.pairs, heads, "interchange",
+                                    interchange=interchange, n_boot=200)
+    ablated = direct_logit_diffs(tiny_model, probe.pairs, heads, None, lambda: (
+        ablation.knockout(tiny_model, heads, "interchange", interchange=interchange)))
+    for i, pair in enumerate(metrics["per_pair"]):
+        for side in ablation.SIDES:
+            assert pair[side] == pytest.approx(float(ablated[side][i]), abs=1e-4)
+    assert any(abs(pair["reference"] - pair["clean_reference"]) > 1e-3
+               for pair in metrics["per_pair"])  # the doubting side did change
+
+
 def test_pair_metrics_without_heads_leave_the_whole_effect(tiny_model, probe, means):
     metrics = ablation.pair_metrics(tiny_model, probe.pairs, [], "mean", means=means)
     assert metrics["remaining"]["value"] == pytest.approx(1.0)
