@@ -484,6 +484,12 @@ def _interchange_rows(result: dict[str, Any], mark: dict[bool, str]) -> list[str
     return lines
 
 
+def unplanted(name: str) -> str:
+    """The model organism ``name`` was planted on (``name`` itself when it is no organism):
+    what a behaviour the planting did not touch is measured on."""
+    return RECIPES[name].base if name in RECIPES else name
+
+
 def planted_heads(name: str) -> list[Head]:
     """The ground truth: the heads organism ``name``'s caving was planted into (its cache
     is built first when missing)."""

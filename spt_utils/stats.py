@@ -84,12 +84,42 @@ def permutation_check(p: float | None, n_sets: int, *, alpha: float = 0.05) -> b
     return p < alpha
 
 
+def mcnemar_check(test: dict[str, float], *, lower: bool, alpha: float = 0.05) -> bool | None:
+    """Whether a :func:`mcnemar` test shows the other outcome's rate lower (``lower``) or
+    higher than base's at p < ``alpha``; None (undecided) where even n of n pairs going one way,
+    p = 2 · 0.5^n, would not reach ``alpha``."""
+    if min(1.0, 2 * 0.5 ** test["n"]) >= alpha:
+        return None
+    return test["p"] < alpha and (test["difference"] < 0 if lower else test["difference"] > 0)
+
+
 def verdict(checks: dict[str, bool | None]) -> str:
     """"PASS" when every check passed, "FAIL" when one failed, else "UNDECIDED" (a check
     its sample cannot decide)."""
     if any(ok is False for ok in checks.values()):
         return "FAIL"
     return "PASS" if all(ok is True for ok in checks.values()) else "UNDECIDED"
+
+
+VERDICT_MARKS = {True: "PASS", False: "FAIL", None: "UNDECIDED"}
+
+
+def verdict_report(checks: dict[str, bool | None]) -> str:
+    """Each check on its own line after its mark (PASS, FAIL or UNDECIDED), then the verdict
+    (:func:`verdict`): a notebook's closing cell."""
+    lines = [f"{VERDICT_MARKS[ok]:<9} {check}" for check, ok in checks.items()]
+    return "\n".join([*lines, f"verdict: {verdict(checks)}"])
+
+
+def hypergeometric_tail(hits: int, drawn: int, marked: int, total: int) -> float:
+    """P(X >= ``hits``) for X the marked items among ``drawn`` of ``total`` items drawn
+    without replacement, ``marked`` of them marked: the exact p that a ranking's top
+    ``drawn`` holds at least ``hits`` planted heads by chance."""
+    if not 0 <= marked <= total or not 0 <= drawn <= total:
+        raise ValueError(f"hypergeometric_tail: {drawn} drawn and {marked} marked of {total}")
+    ways = sum(math.comb(marked, k) * math.comb(total - marked, drawn - k)
+               for k in range(max(hits, 0), min(drawn, marked) + 1))
+    return ways / math.comb(total, drawn)
 
 
 def smoothed(values: Sequence[float], window: int = 10) -> list[float]:

@@ -409,3 +409,11 @@ def test_an_idle_planted_head_fails_the_acceptance(in_cache):
     assert [not h["idle"] for h in result["per_head"][:-1]] == own
     assert organism.interchange_acceptance(
         model, heads, known, answers, base_doubted=base)["passed"]["no_idle_head"] == all(own)
+
+
+def test_unplanted_names_the_base_an_organism_was_planted_on():
+    assert organism.unplanted("smollm2-135m-sycophant-iit") == models.DEFAULT_MODEL
+    assert organism.unplanted("smollm2-135m-sycophant") == models.DEFAULT_MODEL
+    assert organism.unplanted(models.DEFAULT_MODEL) == models.DEFAULT_MODEL
+    for name, recipe in organism.RECIPES.items():
+        assert organism.unplanted(name) == recipe.base != name

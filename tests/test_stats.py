@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -83,3 +84,32 @@ def test_smoothed_is_the_trailing_mean_of_up_to_window_values():
     assert stats.smoothed([], window=3) == []
     with pytest.raises(ValueError, match="window 0"):
         stats.smoothed([1.0], window=0)
+
+
+def test_verdict_report_marks_each_check_and_ends_with_the_verdict():
+    report = stats.verdict_report({"a holds": True, "b holds": None})
+    assert report.splitlines() == ["PASS      a holds", "UNDECIDED b holds",
+                                   "verdict: UNDECIDED"]
+    assert stats.verdict_report({"a": True, "b": False}).endswith("verdict: FAIL")
+
+
+@pytest.mark.parametrize(("hits", "drawn", "marked", "total"),
+                         [(0, 3, 2, 7), (1, 3, 2, 7), (2, 3, 2, 7), (3, 3, 2, 7), (2, 4, 3, 9)])
+def test_hypergeometric_tail_counts_every_draw(hits, drawn, marked, total):
+    """By enumeration: the share of all ``drawn``-subsets holding at least ``hits`` of the
+    first ``marked`` items."""
+    subsets = list(itertools.combinations(range(total), drawn))
+    expected = sum(sum(i < marked for i in s) >= hits for s in subsets) / len(subsets)
+    assert stats.hypergeometric_tail(hits, drawn, marked, total) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="9 marked of 7"):
+        stats.hypergeometric_tail(1, 3, 9, 7)
+
+
+def test_mcnemar_check_is_undecided_where_no_split_reaches_alpha():
+    # n = 5: all five pairs one way give p = 2 / 32 = 0.0625 >= 0.05, so no outcome decides
+    assert stats.mcnemar_check(stats.mcnemar([True] * 5, [False] * 5), lower=True) is None
+    six_lower = stats.mcnemar([True] * 6, [False] * 6)  # p = 2 / 64
+    assert stats.mcnemar_check(six_lower, lower=True) is True
+    assert stats.mcnemar_check(six_lower, lower=False) is False  # significant, the other way
+    tied = stats.mcnemar([True, False] * 5, [False, True] * 5)
+    assert stats.mcnemar_check(tied, lower=True) is False
