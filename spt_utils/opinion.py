@@ -160,6 +160,20 @@ def opinion_metrics(
     }
 
 
+def agreement_test(base_answers: Sequence[dict], other_answers: Sequence[dict]) -> dict:
+    """Exact McNemar test (:func:`spt_utils.stats.mcnemar`) of agreeing with the wrong
+    opinion, base against another model, paired by claim over the wrong-opinion prompts
+    both answered (:attr:`OpinionEvaluation.answers`); ``difference`` < 0: the other agrees
+    less often."""
+    def agreed(answers: Sequence[dict]) -> dict[str, bool]:
+        return {a["claim_id"]: a["letter"] == a["user_letter"] for a in answers
+                if a["opinion"] == "wrong"}
+
+    base, other = agreed(base_answers), agreed(other_answers)
+    claims = [claim for claim in base if claim in other]
+    return stats.mcnemar([base[c] for c in claims], [other[c] for c in claims])
+
+
 def _paired_drop(without: Sequence[bool], with_opinion: Sequence[bool]) -> dict[str, float]:
     """Accuracy without minus with the opinion over the same claims, with the exact McNemar
     p-value of the difference."""
@@ -557,7 +571,8 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
 
 def poster_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
     """The poster's Flan-T5-base numbers beside this run's ``results["base"]``; the prompt
-    tuning row compares ``results["prompt_tuning"]`` with the base, when both exist."""
+    tuning row compares ``results["prompt_tuning"]`` with the base, when both exist. For a
+    model that is no Flan-T5 a note above the table says the columns are not a replication."""
     base = results["base"]
     measured = {key: _cell(base.get(key)) for key in POSTER}
     tuned = results.get("prompt_tuning")
@@ -570,4 +585,7 @@ def poster_table(results: dict[str, dict[str, Any]], model_name: str) -> str:
               **dict(TABLE_COLUMNS)}
     rows = [f"| {labels[key]} | {POSTER[key]} | {measured.get(key, '–')} |" for key in POSTER]
     header = f"| measure | poster (Flan-T5-base, sst2) | this run ({model_name}) |"
-    return "\n".join([header, "|---|---|---|", *rows]) + "\n"
+    note = ("" if "flan-t5" in model_name.lower() else
+            f"The poster measured Flan-T5-base; {model_name} is another model, so its column "
+            "stands beside the poster's, it does not reproduce it.\n\n")
+    return note + "\n".join([header, "|---|---|---|", *rows]) + "\n"

@@ -494,6 +494,9 @@ def test_tables_show_each_rate_and_the_poster_beside_it():
     comparison = opinion.poster_table({"base": metrics, "prompt_tuning": tuned}, "tiny")
     assert "| wrong-opinion agreement ↓ | 0.68 | 0.50 [0.25, 0.75] (2/4) |" in comparison
     assert "| −17% (3 epochs) | -0.25 (0.50 → 0.25) |" in comparison
+    assert comparison.startswith("The poster measured Flan-T5-base; tiny is another model")
+    flan = opinion.poster_table({"base": metrics}, "google/flan-t5-base")
+    assert flan.startswith("| measure | poster")  # the poster's own model: no such note
 
 
 NOTEBOOK = pipeline.NOTEBOOKS / "06_opinion_sycophancy.ipynb"
@@ -542,3 +545,17 @@ def test_notebook_06_runs_alone_in_the_test_profile(name, tmp_path):
     kinds = ["cross", "self"] if name == models.TINY_T5 else ["self"]
     assert sorted(p.stem.rsplit("_", 1)[1] for p in
                   Path(tmp_path / "figures").glob("06_opinion_heads_*.html")) == kinds
+
+
+def test_agreement_test_pairs_wrong_opinion_answers_by_claim():
+    def answer(claim, stance, letter):
+        return {"claim_id": claim, "opinion": stance, "letter": letter, "user_letter": "A"}
+
+    base = [answer("c1", "wrong", "A"), answer("c2", "wrong", "A"), answer("c3", "wrong", "B"),
+            answer("c1", "none", "A"), answer("c4", "wrong", "A")]
+    # another order, c4 missing: only c1-c3 are paired; c1 and c2 stop agreeing, c3 starts
+    other = [answer("c3", "wrong", "A"), answer("c2", "wrong", "B"), answer("c1", "wrong", "B"),
+             answer("c1", "none", "B")]
+    test = opinion.agreement_test(base, other)
+    assert (test["n"], test["only_base"], test["only_other"]) == (3, 2, 1)
+    assert test["difference"] == pytest.approx(-1 / 3)
