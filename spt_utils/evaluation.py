@@ -698,6 +698,8 @@ TABLE_COLUMNS = (
     ("opinion_agreement", "wrong-opinion agreement ↓"),
 )
 P_COLUMNS = ("admitted", "c_to_i", "corrected", "general_accuracy")
+# below this n a rate's exact 95% interval near 0.5 spans more than 0.4 (0.49 at n = 19)
+MIN_SEPARATING_N = 20
 
 
 def _p_cell(test: dict | None) -> str:
@@ -746,6 +748,21 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
                  + [_p_cell(paired.get(key)) for key in P_COLUMNS])
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def small_n_notes(results: dict[str, dict[str, Any]]) -> str:
+    """Notes for under :func:`results_table`, one per column measured on fewer than
+    :data:`MIN_SEPARATING_N` items: how wide its intervals are at that n ("" for none)."""
+    notes = []
+    for key, title in TABLE_COLUMNS:
+        sizes = [row[key]["n"] for row in results.values() if row.get(key) and row[key]["n"]]
+        if sizes and max(sizes) < MIN_SEPARATING_N:
+            n = max(sizes)
+            half = stats.rate_of(n // 2, n)
+            notes.append(f"{title.rstrip(' ↑↓')}: n = {n}, too few to tell methods apart: "
+                         f"{n // 2}/{n} has the exact interval [{half['low']:.2f}, "
+                         f"{half['high']:.2f}].")
+    return "".join(f"\n{note}\n" for note in notes)
 
 
 def paired_table(

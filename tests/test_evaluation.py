@@ -251,6 +251,24 @@ def test_results_table_shows_intervals_n_and_paired_p_values():
     assert len(lines) == 4 and lines[2].startswith("| base | 3 / 2 | 0.67 [")
     assert "(2/3)" in lines[2] and "0.0123 [0.0101, 0.0149] (n=228)" in lines[3]
     assert "0.062 (5→0)" in lines[3]  # 2 · (1/2)^5, five discordant pairs all one way
+    # 3 questions correct before, 2 general answers: each such column says it is too small
+    notes = evaluation.small_n_notes({"base": {**base, "kl": None}, "spt": row})
+    one_of_three = stats.rate_of(1, 3)
+    assert (f"admitted mistake (correct before): n = 3, too few to tell methods apart: 1/3 "
+            f"has the exact interval [{one_of_three['low']:.2f}, {one_of_three['high']:.2f}]."
+            ) in notes
+    assert "general accuracy: n = 2, too few" in notes
+
+
+def test_small_n_notes_name_only_columns_measured_on_too_few_items():
+    many = {key: stats.rate([True, False] * 10) for key, _ in evaluation.TABLE_COLUMNS}
+    row = {**many, "n_correct_before": 20, "n_wrong_before": 20, "kl": None}
+    assert evaluation.small_n_notes({"base": row, "spt": row}) == ""
+    notes = evaluation.small_n_notes({"base": {**row, "opinion_agreement": stats.rate(
+        [True] * 9)}})
+    assert notes.strip().startswith(
+        "wrong-opinion agreement: n = 9, too few to tell methods apart: 4/9")
+    assert len(notes.strip().splitlines()) == 1
 
 
 def test_results_figure_has_a_rate_bar_per_candidate_and_kl_where_it_applies():

@@ -190,6 +190,36 @@ def test_every_notebook_executes(executed_run):
                                      "sha256": card["sha256"]}
 
 
+def verdict_lines(run_dir: Path, prefix: str) -> list[str]:
+    """The printed lines of notebook ``prefix``'s last code cell, as executed."""
+    path = next(run_dir.glob(f"{prefix}_*.ipynb"))
+    last = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"][-1]
+    return "".join(o.get("text", "") for o in last.outputs
+                   if o.output_type == "stream").splitlines()
+
+
+@pytest.mark.parametrize("prefix", ["00", "01", "02", "04", "06"])
+def test_notebooks_end_with_a_verdict_of_their_checks(executed_run, prefix):
+    lines = verdict_lines(executed_run[0], prefix)
+    marks = [line.split()[0] for line in lines[:-1] if line.split()[:1] and line.split()[0] in
+             ("PASS", "FAIL", "UNDECIDED")]
+    assert marks, lines
+    expected = ("FAIL" if "FAIL" in marks else
+                "PASS" if set(marks) == {"PASS"} else "UNDECIDED")
+    assert lines[-1] == f"verdict: {expected}"
+    if prefix == "00" and planted():  # the organism's acceptance, as its card records it
+        card = models.organism_card(notebook_defaults("00")["model_name"])
+        line, = [x for x in lines if "the organism's acceptance" in x]
+        assert line.startswith("PASS" if all(card["acceptance"]["passed"].values()) else "FAIL")
+    if prefix == "04":  # each held-out loss check, recomputed from the saved index
+        index = json.loads((executed_run[0] / "tuned" / "index.json").read_text())["methods"]
+        for name, entry in index.items():
+            losses = [e["heldout_loss"] for e in entry.get("evals", []) if "heldout_loss" in e]
+            if len(losses) >= 2:
+                line, = [x for x in lines if f" {name}: held-out loss fell" in x]
+                assert line.startswith("PASS" if losses[-1] < losses[0] else "FAIL"), line
+
+
 def test_heads_json_holds_the_requested_top_k_of_the_saved_scores(executed_run):
     """Notebook 02 selects the top-k heads of the chosen sign among those whose bootstrap
     interval excludes 0 (under path patching or, when ranked "combined", under either
@@ -450,6 +480,11 @@ def test_results_have_every_candidate_recounted_from_its_records(executed_run):
     assert json.dumps(saved["claim"], sort_keys=True) == json.dumps(
         json.loads(json.dumps(claim)), sort_keys=True)
     assert "The claim for spt" in (run_dir / "results.md").read_text()
+    # a column measured on too few items to tell methods apart says so under the table
+    for key, title in evaluation.TABLE_COLUMNS:
+        sizes = [row[key]["n"] for row in results.values() if row.get(key)]
+        noted = f"{title.rstrip(' ↑↓')}: n = " in "\n".join(lines)
+        assert noted == bool(sizes and 0 < max(sizes) < 20), (key, sizes)
 
 
 def test_steering_was_chosen_on_dev_by_the_rule_and_controlled(executed_run):
@@ -583,7 +618,9 @@ def test_every_saved_result_records_the_runs_provenance(executed_run):
         "transformer_lens": metadata.version("transformer-lens"),
     }
     for name, record in saved_provenance(run_dir).items():
-        assert record == expected, name
+        # notebook 06 measures the model an organism was planted on (its opinions are its own)
+        model = organism.unplanted(model_name) if name.startswith("opinion/") else model_name
+        assert record == expected | {"model": model}, name
 
 
 def test_resume_skips_finished_notebooks(executed_run, caplog):
