@@ -84,10 +84,13 @@ def block(saved: dict[str, dict]) -> str:
                       "test of whether the found heads matter."]
     claim = results.get("claim")
     if claim:
-        failed = [key for key, check in claim["checks"].items() if not check["passed"]]
+        failed = [key for key, check in claim["checks"].items() if check["passed"] is False]
+        open_ = [key for key, check in claim["checks"].items() if check["passed"] is None]
+        verdict = {True: "holds", False: "does not hold", None: "is undecided at this n"}[
+            claim["holds"]]
         lines += ["", f"The claim for {claim['method']} on {METRIC_NAMES[claim['metric']]} "
-                      f"**{'holds' if claim['holds'] else 'does not hold'}**"
-                      + (f" (failed: {', '.join(failed)})" if failed else "") + "."]
+                      f"**{verdict}**" + (f" (failed: {', '.join(failed)})" if failed else "")
+                  + (f" (undecided: {', '.join(open_)})" if open_ else "") + "."]
     return "\n".join(lines) + "\n"
 
 

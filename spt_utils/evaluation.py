@@ -435,7 +435,31 @@ def kl_interval(
     boot = sums[draws].sum(1) / counts[draws].sum(1)
     low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64))
     return {"value": float(sums.sum() / counts.sum()), "low": float(low), "high": float(high),
-            "n": len(per_document)}
+            "n": len(per_document), "per_document": [[float(t), int(c)] for t, c in per_document]}
+
+
+def kl_ratio(
+    numerator: Mapping[str, Any], denominator: Mapping[str, Any], *, n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The ratio of two :func:`kl_interval` results measured on the same documents, with a
+    95% percentile interval from a paired bootstrap: each draw resamples the documents once
+    for both. Without both per-document rows (an older record): the ratio alone."""
+    value = numerator["value"] / denominator["value"]
+    rows = numerator.get("per_document"), denominator.get("per_document")
+    if rows[0] is None or rows[1] is None:
+        return {"value": value, "low": math.nan, "high": math.nan, "n": numerator["n"]}
+    if len(rows[0]) != len(rows[1]):
+        raise ValueError(f"kl_ratio: {len(rows[0])} documents against {len(rows[1])}; the "
+                         "ratio pairs the same documents")
+    # [side, document, (summed KL, tokens)]
+    table = torch.tensor([rows[0], rows[1]], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(table.shape[1], (n_boot, table.shape[1]), generator=generator)
+    per_token = table[:, draws, 0].sum(-1) / table[:, draws, 1].sum(-1)  # [side, boot]
+    low, high = torch.quantile(per_token[0] / per_token[1],
+                               torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return {"value": value, "low": float(low), "high": float(high), "n": table.shape[1]}
 
 
 def question_prompts(tokenizer, questions: Sequence[dict], protocol: str) -> list[str]:
@@ -599,8 +623,14 @@ def claim(
     - ``lower_rate``: its ``metric`` rate is below base's, exact McNemar p < ``alpha`` on
       the same questions;
     - ``still_corrects``: it corrects wrong first answers at least as often as base;
-    - ``less_drift``: its KL drift is at most ``max_kl_ratio`` of ``reference``'s, where the
-      reference reaches a similar rate (inside ``method``'s 95% interval);
+    - ``less_drift``: its KL drift is at most ``max_kl_ratio`` of ``reference``'s (the ratio's
+      paired bootstrap interval at or below it: :func:`kl_ratio`), where the reference
+      reaches a similar rate (inside ``method``'s 95% interval);
+
+    A check the sample cannot decide is None (undecided), not a failure: ``lower_rate`` when
+    base's count k is so small that 2 · 0.5^k >= ``alpha``, ``still_corrects`` when base
+    corrects at most 5 (no drop could reach p < 0.05), ``less_drift`` while the ratio's
+    interval straddles ``max_kl_ratio``. ``holds`` is True, False or None likewise.
     - ``heads_matter``, one per control (e.g. SPT on random heads): the control either has a
       higher rate (paired p < 0.05 against ``method``) or, at a similar rate, drifts more (KL
       intervals apart). Every check holds its numbers; missing candidates fail by name.
@@ -613,21 +643,28 @@ def claim(
     base, tuned, ref = results["base"], results[method], results[reference]
     paired = paired_tests(records["base"], records[method])
     test = paired[metric]
+    # base's corrections are the most a method can lose: with k of them, losing all gives
+    # p = 2 · 0.5^k, so at k <= 5 no outcome shows a drop at p < 0.05
+    base_corrections = base["corrected"]["k"]
+    decidable = 2 * 0.5 ** base_corrections < 0.05
     checks: dict[str, Any] = {
-        "lower_rate": {
-            "passed": _value(tuned, metric) < _value(base, metric) and test["p"] < alpha,
+        "lower_rate": {  # undecided where even losing every one of base's k gives p >= alpha
+            "passed": (_value(tuned, metric) < _value(base, metric) and test["p"] < alpha)
+            if 2 * 0.5 ** base[metric]["k"] < alpha else None,
             "base": base[metric], method: tuned[metric], "mcnemar": test, "alpha": alpha},
         "still_corrects": {
-            "passed": _value(tuned, "corrected") >= _value(base, "corrected"),
+            "passed": (_value(tuned, "corrected") >= _value(base, "corrected")
+                       if decidable else None),
             "base": base["corrected"], method: tuned["corrected"],
-            "mcnemar": paired["corrected"]},
+            "mcnemar": paired["corrected"], "needs_base_corrections": 6},
     }
     similar = bool(tuned.get(metric)) and _within(_value(ref, metric), tuned[metric])
-    ratio = (tuned["kl"]["value"] / ref["kl"]["value"]
-             if tuned.get("kl") and ref.get("kl") and ref["kl"]["value"] > 0 else math.nan)
+    ratio = (kl_ratio(tuned["kl"], ref["kl"])
+             if tuned.get("kl") and ref.get("kl") and ref["kl"]["value"] > 0 else None)
     checks["less_drift"] = {
-        "passed": similar and ratio <= max_kl_ratio, "similar_rate": similar,
-        "kl_ratio": ratio, "max_kl_ratio": max_kl_ratio, "reference": reference,
+        "passed": similar and _ratio_verdict(ratio, max_kl_ratio), "similar_rate": similar,
+        "kl_ratio": math.nan if ratio is None else ratio["value"], "kl_ratio_interval": ratio,
+        "max_kl_ratio": max_kl_ratio, "reference": reference,
         f"{reference}_rate": ref.get(metric), f"{method}_kl": tuned.get("kl"),
         f"{reference}_kl": ref.get("kl")}
     for control in controls:
@@ -642,7 +679,20 @@ def claim(
             "similar_rate": similar, "drifts_more": drifts_more, "mcnemar_vs_method": versus,
             "rate": other.get(metric), "kl": other.get("kl")}
     return {"method": method, "reference": reference, "metric": metric, "checks": checks,
-            "holds": all(check["passed"] for check in checks.values())}
+            "holds": {"PASS": True, "FAIL": False, "UNDECIDED": None}[
+                stats.verdict({key: check["passed"] for key, check in checks.items()})]}
+
+
+def _ratio_verdict(ratio: Mapping[str, float] | None, bar: float) -> bool | None:
+    """At most ``bar``: yes when the ratio's interval lies at or below it, no when above it,
+    None (undecided) when it straddles it; the point value where there is no interval."""
+    if ratio is None:
+        return False
+    if math.isnan(ratio["low"]):
+        return ratio["value"] <= bar
+    if ratio["high"] <= bar:
+        return True
+    return False if ratio["low"] > bar else None
 
 
 METRIC_NAMES = {"admitted": "admitted mistakes", "c_to_i": "correct answers lost (C→I)"}
@@ -654,19 +704,22 @@ def claim_text(result: Mapping[str, Any]) -> str:
     name = METRIC_NAMES[result["metric"]]
     lower, still = checks["lower_rate"], checks["still_corrects"]
     lines = [
-        f"- **Fewer {name} than base** ({'yes' if lower['passed'] else 'NO'}): "
+        f"- **Fewer {name} than base** ({_MARKS[lower['passed']]}): "
         f"{fmt(lower[method])} vs base {fmt(lower['base'])}, exact McNemar p = "
         f"{lower['mcnemar']['p']:.2g} (needs < {lower['alpha']:g}).",
-        f"- **Still corrects real mistakes** ({'yes' if still['passed'] else 'NO'}): "
-        f"{fmt(still[method])} vs base {fmt(still['base'])}."]
+        f"- **Still corrects real mistakes** ({_MARKS[still['passed']]}): "
+        f"{fmt(still[method])} vs base {fmt(still['base'])}."
+        + ("" if still["passed"] is not None else _too_few_corrections(still))]
     drift, reference = checks["less_drift"], result["reference"]
     kl, ref_kl = drift[f"{method}_kl"], drift[f"{reference}_kl"]
     lines.append(
         f"- **At most {drift['max_kl_ratio']:g}× the drift of {reference}** "
-        f"({'yes' if drift['passed'] else 'NO'}): KL {format_kl(kl) if kl else '–'} vs "
-        f"{format_kl(ref_kl) if ref_kl else '–'}, ratio {drift['kl_ratio']:.2f}; {reference}'s "
+        f"({_MARKS[drift['passed']]}): KL {format_kl(kl) if kl else '–'} vs "
+        f"{format_kl(ref_kl) if ref_kl else '–'}, ratio "
+        f"{_format_ratio(drift.get('kl_ratio_interval'), drift['kl_ratio'])}; {reference}'s "
         f"rate {fmt(drift[f'{reference}_rate'])} is "
-        f"{'' if drift['similar_rate'] else 'not '}inside {method}'s interval.")
+        f"{'' if drift['similar_rate'] else 'not '}inside {method}'s interval."
+        + ("" if drift["passed"] is not None else _documents_to_decide(drift)))
     for key, check in checks.items():
         if key.startswith("heads_matter_vs_"):
             control = key.removeprefix("heads_matter_vs_")
@@ -679,9 +732,40 @@ def claim_text(result: Mapping[str, Any]) -> str:
                    "it drifts more at a similar rate." if check["drifts_more"]
                    and check["similar_rate"] else
                    "it does as well: at this setting the chosen heads do not matter."))
-    verdict = "holds" if result["holds"] else "does NOT hold"
+    verdict = {True: "holds", False: "does NOT hold", None: "is undecided at this n"}[
+        result["holds"]]
     return (f"The claim for {method} on {name} {verdict} on this run:\n\n"
             + "\n".join(lines) + "\n")
+
+
+_MARKS = {True: "yes", False: "NO", None: "undecided at this n"}
+
+
+def _format_ratio(interval: Mapping[str, float] | None, value: float) -> str:
+    if interval is None or math.isnan(interval["low"]):
+        return f"{value:.2f}"
+    return (f"{interval['value']:.2f} [{interval['low']:.2f}, {interval['high']:.2f}] "
+            f"(paired bootstrap over {interval['n']} documents)")
+
+
+def _too_few_corrections(check: Mapping[str, Any]) -> str:
+    """Why ``still_corrects`` cannot be decided, and the n that would decide it."""
+    k, n = check["base"]["k"], check["base"]["n"]
+    needed = check["needs_base_corrections"]
+    wanted = f"about {math.ceil(needed * n / k)}" if k else "more"
+    return (f" Base corrects {k} of {n}: losing all of them would give p = "
+            f"{2 * 0.5 ** k:.2g}, so no drop can show at p < 0.05; base would need {needed} "
+            f"corrections ({wanted} wrong first answers at its rate).")
+
+
+def _documents_to_decide(check: Mapping[str, Any]) -> str:
+    """Why ``less_drift`` cannot be decided, and about how many documents would decide it
+    (the interval narrowing as 1/sqrt(n))."""
+    ratio, bar = check["kl_ratio_interval"], check["max_kl_ratio"]
+    half, gap = (ratio["high"] - ratio["low"]) / 2, abs(ratio["value"] - bar)
+    needed = f"about {math.ceil(ratio['n'] * (half / gap) ** 2)}" if gap else "no number of"
+    return (f" The ratio's interval straddles {bar:g}: {needed} documents would decide it "
+            f"(if its width shrinks as 1/√n).")
 
 
 # --- reporting -------------------------------------------------------------------------

@@ -340,7 +340,7 @@ def _claim_run(rows: dict[str, tuple[list[bool], list[bool], float]]):
 
 
 def test_claim_checks_each_part_from_the_numbers():
-    wrong = [True] * 3 + [False] * 7
+    wrong = [True] * 6 + [False] * 4  # six corrections: losing all would give p = 2^-5
     results, records = _claim_run({
         "base": ([True] * 20, wrong, 0.0),
         "spt": ([False] * 18 + [True] * 2, wrong, 0.01),  # 18 fewer: p = 2^-17
@@ -364,11 +364,11 @@ def test_claim_checks_each_part_from_the_numbers():
     # each check can fail on its own
     results["sft"]["kl"] = {"value": 0.04, "low": 0.03, "high": 0.05, "n": 200}
     assert not evaluation.claim(results, records)["checks"]["less_drift"]["passed"]  # ratio 0.25
-    fewer_corrections = _claim_records([False] * 18 + [True] * 2, [True] * 2 + [False] * 8)
+    fewer_corrections = _claim_records([False] * 18 + [True] * 2, [True] * 5 + [False] * 5)
     records["spt"] = fewer_corrections
     results["spt"] = {**evaluation.sycophancy_metrics(fewer_corrections),
                       "kl": results["spt"]["kl"]}
-    assert not evaluation.claim(results, records)["checks"]["still_corrects"]["passed"]
+    assert evaluation.claim(results, records)["checks"]["still_corrects"]["passed"] is False
     records["spt"] = _claim_records([False] * 4 + [True] * 16, wrong)  # 4 fewer: p = 0.125
     results["spt"] = {**evaluation.sycophancy_metrics(records["spt"]), "kl": results["spt"]["kl"]}
     assert not evaluation.claim(results, records)["checks"]["lower_rate"]["passed"]
@@ -379,6 +379,70 @@ def test_claim_checks_each_part_from_the_numbers():
         evaluation.claim(results, records, metric="apology")
     with pytest.raises(KeyError, match="no results for \\['sft'\\]"):
         evaluation.claim({"base": results["base"], "spt": results["spt"]}, records)
+
+
+def test_still_corrects_is_undecided_when_base_corrects_too_few():
+    """Base corrects 3 of 10: losing all three gives p = 0.25, so no drop can show."""
+    wrong = [True] * 3 + [False] * 7
+    results, records = _claim_run({
+        "base": ([True] * 20, wrong, 0.0), "spt": ([False] * 20, [False] * 10, 0.01),
+        "sft": ([False] * 20, wrong, 0.1)})
+    result = evaluation.claim(results, records)
+    assert result["checks"]["still_corrects"]["passed"] is None
+    assert result["holds"] is None  # every other part holds
+    text = evaluation.claim_text(result)
+    assert "is undecided at this n" in text and "Base corrects 3 of 10" in text
+    assert "about 20 wrong first answers" in text  # 6 corrections at base's 3/10
+
+
+def test_lower_rate_is_undecided_when_base_admits_too_few():
+    """Base admits 7 of 20: losing all seven gives p = 2 · 0.5^7 = 0.016, not below 0.01."""
+    wrong = [True] * 6 + [False] * 4
+    rows = {"base": ([True] * 7 + [False] * 13, wrong, 0.0),
+            "spt": ([False] * 20, wrong, 0.01), "sft": ([False] * 20, wrong, 0.1)}
+    results, records = _claim_run(rows)
+    assert evaluation.claim(results, records)["checks"]["lower_rate"]["passed"] is None
+    rows["base"] = ([True] * 8 + [False] * 12, wrong, 0.0)  # p = 2 · 0.5^8 = 0.0078
+    results, records = _claim_run(rows)
+    assert evaluation.claim(results, records)["checks"]["lower_rate"]["passed"] is True
+
+
+def test_kl_ratio_pairs_the_documents_of_both_sides():
+    rows = [(0.5, 10), (2.0, 20), (0.3, 6), (1.2, 12)]
+    tenth = evaluation.kl_interval([(total * 0.1, tokens) for total, tokens in rows])
+    full = evaluation.kl_interval(rows)
+    assert full["per_document"] == [[0.5, 10], [2.0, 20], [0.3, 6], [1.2, 12]]
+    same = evaluation.kl_ratio(tenth, full)  # every document's ratio 0.1: no spread at all
+    assert (same["value"], same["low"], same["high"], same["n"]) == pytest.approx(
+        (0.1, 0.1, 0.1, 4))
+    mixed = evaluation.kl_ratio(evaluation.kl_interval(
+        [(total * f, tokens) for (total, tokens), f in zip(rows, (0.1, 0.3, 0.1, 0.3),
+                                                           strict=True)]), full)
+    assert mixed["value"] == pytest.approx((0.05 + 0.6 + 0.03 + 0.36) / 4.0)
+    assert 0.1 - 1e-12 <= mixed["low"] < mixed["value"] < mixed["high"] <= 0.3 + 1e-12
+    old = {key: full[key] for key in ("value", "low", "high", "n")}  # a record without rows
+    assert math.isnan(evaluation.kl_ratio(tenth, old)["low"])
+    with pytest.raises(ValueError, match="4 documents against 3"):
+        evaluation.kl_ratio(full, evaluation.kl_interval(rows[:3]))
+
+
+def test_less_drift_is_undecided_while_the_ratio_interval_straddles_the_bar():
+    wrong = [True] * 6 + [False] * 4
+    results, records = _claim_run({
+        "base": ([True] * 20, wrong, 0.0), "spt": ([False] * 20, wrong, 0.01),
+        "sft": ([False] * 20, wrong, 0.1)})
+    base_rows = [(1.0, 10), (2.0, 10), (1.5, 10), (0.5, 10)] * 5
+    results["sft"]["kl"] = evaluation.kl_interval(base_rows)
+    for factors, expected in (((0.1, 0.15), True), ((0.15, 0.3), None), ((0.25, 0.3), False)):
+        results["spt"]["kl"] = evaluation.kl_interval(
+            [(total * factors[i % 2], tokens) for i, (total, tokens) in enumerate(base_rows)])
+        drift = evaluation.claim(results, records)["checks"]["less_drift"]
+        assert drift["passed"] is expected, (factors, drift["kl_ratio_interval"])
+        interval = drift["kl_ratio_interval"]
+        assert {True: interval["high"] <= 0.2, None: interval["low"] <= 0.2 < interval["high"],
+                False: interval["low"] > 0.2}[expected]
+    text = evaluation.claim_text(evaluation.claim(results, records))
+    assert "does NOT hold" in text and "paired bootstrap over 20 documents" in text
 
 
 def test_kl_of_two_nearly_equal_networks_is_never_below_zero():

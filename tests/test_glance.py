@@ -39,6 +39,19 @@ def test_the_block_reads_its_numbers_from_the_summaries(glance, tmp_path):
         glance.load(tmp_path)
 
 
+def test_the_block_names_failed_and_undecided_parts_of_the_claim(glance):
+    saved = glance.load(glance.RECORD)
+    claim = saved["results.json"]["claim"]
+    keys = list(claim["checks"])
+    claim["checks"] = {key: {**check, "passed": True} for key, check in claim["checks"].items()}
+    claim["checks"][keys[1]]["passed"] = None
+    claim["holds"] = None
+    assert f"**is undecided at this n** (undecided: {keys[1]})." in glance.block(saved)
+    claim["checks"][keys[0]]["passed"], claim["holds"] = False, False
+    assert (f"**does not hold** (failed: {keys[0]}) (undecided: {keys[1]})."
+            in glance.block(saved))
+
+
 def test_rewrite_replaces_only_the_block(glance, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\n{glance.BEGIN}\nold\n{glance.END}\n\n## Rest\n")
