@@ -633,7 +633,9 @@ def claim(
     interval straddles ``max_kl_ratio``. ``holds`` is True, False or None likewise.
     - ``heads_matter``, one per control (e.g. SPT on random heads): the control either has a
       higher rate (paired p < 0.05 against ``method``) or, at a similar rate, drifts more (KL
-      intervals apart). Every check holds its numbers; missing candidates fail by name.
+      intervals apart); and, given controls, ``beats_random_draws``: the controls as a
+      distribution (:func:`_draws_check`'s exact p). Every check holds its numbers; missing
+      candidates fail by name.
     """
     if metric not in ("admitted", "c_to_i"):
         raise ValueError(f"claim: metric {metric!r} is not 'admitted' or 'c_to_i'")
@@ -678,9 +680,35 @@ def claim(
             "passed": higher or (similar and drifts_more), "higher_rate": higher,
             "similar_rate": similar, "drifts_more": drifts_more, "mcnemar_vs_method": versus,
             "rate": other.get(metric), "kl": other.get("kl")}
+    if controls:
+        checks["beats_random_draws"] = _draws_check(results, method, controls, metric)
     return {"method": method, "reference": reference, "metric": metric, "checks": checks,
             "holds": {"PASS": True, "FAIL": False, "UNDECIDED": None}[
                 stats.verdict({key: check["passed"] for key, check in checks.items()})]}
+
+
+def _draws_check(
+    results: Mapping[str, Mapping[str, Any]], method: str, controls: Sequence[str], metric: str,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """``method`` against the random-head draws ``controls`` as a distribution: a draw does as
+    well when its ``metric`` rate and its KL (where both have one) are at most ``method``'s;
+    exact p = (1 + draws doing as well) / (1 + draws), undecided while even none doing as
+    well could not reach ``alpha`` (:func:`spt_utils.stats.permutation_check`)."""
+    tuned = results[method]
+
+    def as_good(row: Mapping[str, Any]) -> bool:
+        drifts_no_more = not (row.get("kl") and tuned.get("kl")) or (
+            row["kl"]["value"] <= tuned["kl"]["value"])
+        return _value(row, metric) <= _value(tuned, metric) and drifts_no_more
+
+    good = [name for name in controls if as_good(results[name])]
+    p = (1 + len(good)) / (1 + len(controls))
+    return {"passed": stats.permutation_check(p, len(controls), alpha=alpha), "p": p,
+            "alpha": alpha, "n_draws": len(controls), "as_good": good,
+            "draws_needed": math.floor(1 / alpha),  # the fewest with 1 / (1 + n) < alpha
+            "draws": {name: {"rate": results[name].get(metric), "kl": results[name].get("kl")}
+                      for name in controls}}
 
 
 def _ratio_verdict(ratio: Mapping[str, float] | None, bar: float) -> bool | None:
@@ -732,6 +760,15 @@ def claim_text(result: Mapping[str, Any]) -> str:
                    "it drifts more at a similar rate." if check["drifts_more"]
                    and check["similar_rate"] else
                    "it does as well: at this setting the chosen heads do not matter."))
+    draws = checks.get("beats_random_draws")
+    if draws:
+        lines.append(
+            f"- **Found heads beat random draws, as a distribution** ({_MARKS[draws['passed']]}):"
+            f" {len(draws['as_good'])} of {draws['n_draws']} random-head draws do as well on "
+            f"{name} and KL ({', '.join(draws['as_good']) or 'none'}), exact p = "
+            f"{draws['p']:.2g}"
+            + (f"; with {draws['n_draws']} draws no outcome reaches p < {draws['alpha']:g}, "
+               f"{draws['draws_needed']} draws could." if draws["passed"] is None else "."))
     verdict = {True: "holds", False: "does NOT hold", None: "is undecided at this n"}[
         result["holds"]]
     return (f"The claim for {method} on {name} {verdict} on this run:\n\n"

@@ -62,8 +62,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "02": {"n_oracle_layers": 3},
         "03": {"k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
                "n_random_generate": 10, "compare_methods": True},
-        "04": {"methods": FULL_TUNED, "random_head_draws": 2, "planted_bound": True},
-        "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 2,
+        # random heads as a distribution: five draws (one draw is not a test)
+        "04": {"methods": FULL_TUNED, "random_head_draws": 5, "planted_bound": True},
+        "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 5,
                "planted_bound": True, "steering_kinds": STEERING_KINDS,
                "steer_alphas": [0.5, 1.0, 2.0, 4.0], "steer_layers": [1 / 3, 1 / 2, 2 / 3]},
     },

@@ -407,6 +407,31 @@ def test_lower_rate_is_undecided_when_base_admits_too_few():
     assert evaluation.claim(results, records)["checks"]["lower_rate"]["passed"] is True
 
 
+def test_random_draws_are_judged_as_a_distribution():
+    wrong = [True] * 6 + [False] * 4
+    spt = [False] * 18 + [True] * 2
+    rows = {"base": ([True] * 20, wrong, 0.0), "spt": (spt, wrong, 0.01),
+            "sft": ([False] * 17 + [True] * 3, wrong, 0.1)}
+    # twenty draws: each admits more than spt, or as little but drifting more
+    draws = {f"spt_random_{i}": ([False] * 16 + [True] * 4, wrong, 0.005) if i % 2 else
+             (spt, wrong, 0.02) for i in range(20)}
+    results, records = _claim_run(rows | draws)
+    check = evaluation.claim(results, records, controls=list(draws))["checks"][
+        "beats_random_draws"]
+    assert (check["p"], check["as_good"], check["passed"]) == (1 / 21, [], True)
+    # one draw as good on both: p = 2/21 > 0.05
+    results["spt_random_0"]["kl"] = dict(results["spt"]["kl"])
+    check = evaluation.claim(results, records, controls=list(draws))["checks"][
+        "beats_random_draws"]
+    assert (check["p"], check["as_good"], check["passed"]) == (2 / 21, ["spt_random_0"], False)
+    # five draws cannot decide it: 1/6 is the smallest p
+    five = list(draws)[1:6]
+    result = evaluation.claim(results, records, controls=five)
+    assert result["checks"]["beats_random_draws"]["passed"] is None
+    assert "with 5 draws no outcome reaches p < 0.05, 20 draws could" in (
+        evaluation.claim_text(result))
+
+
 def test_kl_ratio_pairs_the_documents_of_both_sides():
     rows = [(0.5, 10), (2.0, 20), (0.3, 6), (1.2, 12)]
     tenth = evaluation.kl_interval([(total * 0.1, tokens) for total, tokens in rows])

@@ -93,9 +93,9 @@ def test_full_paper_and_test_profiles_keep_every_baseline(profile):
     evaluated = set(effective("05", profile)["methods"])
     assert BASELINES | {"base", "spt", "sft", "few_shot"} <= evaluated
     assert effective("04", profile)["planted_bound"] and effective("05", profile)["planted_bound"]
-    if profile != "test":
-        assert effective("04", profile)["random_head_draws"] >= 2
-        assert effective("05", profile)["random_head_draws"] >= 2
+    if profile != "test":  # random heads as a distribution, on every model
+        assert effective("04", profile)["random_head_draws"] >= 5
+        assert effective("05", profile)["random_head_draws"] >= 5
 
 
 def test_only_the_lean_default_leaves_the_ablation_methods_comparison_out():
