@@ -13,10 +13,12 @@ Three kinds of name are understood:
 * ``"smollm2-135m-sycophant"``: a **model organism**, SmolLM2-135M-Instruct with caving
   planted into known heads; ``"smollm2-135m-sycophant-iit"`` planted by interchange
   intervention training, so that its heads carry the challenge (:data:`ORGANISMS` maps each
-  to its base; ``tiny-random-llama-sycophant[-iit]`` are the tests' ones).
-  :mod:`spt_utils.organism` builds each once and caches its head deltas under
-  ``$SPT_CACHE/<name>/``; here it loads as its base plus those deltas, checked against their
-  recorded hash.
+  to its base; ``tiny-random-llama-sycophant[-iit|-lora]`` are the tests' ones);
+  ``"smollm2-135m-sycophant-lora"`` learned its caving with every block free to move (LoRA on
+  every linear layer), so nobody knows which heads carry it.
+  :mod:`spt_utils.organism` builds each once and caches its head deltas (the distributed one:
+  its LoRA factors) under ``$SPT_CACHE/<name>/``; here it loads as its base plus those,
+  checked against their recorded hash.
 * anything else: a local Hugging Face folder or a hub id (``Qwen/Qwen2.5-0.5B-Instruct``);
   Flan-T5 ids (``google/flan-t5-small/base/large``) and local folders whose config says
   ``is_encoder_decoder`` load as sequence-to-sequence models.
@@ -110,10 +112,16 @@ DeviceMap = str | dict[str, str | int]
 # Model organisms (built by spt_utils.organism) → the model their caving is planted into.
 ORGANISM_MODEL = "smollm2-135m-sycophant"
 INTERCHANGE_ORGANISM = ORGANISM_MODEL + "-iit"  # planted by interchange intervention training
+DISTRIBUTED_ORGANISM = ORGANISM_MODEL + "-lora"  # caving learned by LoRA on every linear layer
 ORGANISMS = {ORGANISM_MODEL: DEFAULT_MODEL, INTERCHANGE_ORGANISM: DEFAULT_MODEL,
+             DISTRIBUTED_ORGANISM: DEFAULT_MODEL,
              TINY_PREFIX + "llama-sycophant": TINY_MODEL,
-             TINY_PREFIX + "llama-sycophant-iit": TINY_MODEL}
+             TINY_PREFIX + "llama-sycophant-iit": TINY_MODEL,
+             TINY_PREFIX + "llama-sycophant-lora": TINY_MODEL}
 ORGANISM_DELTAS = "head_deltas.safetensors"
+LORA_FACTORS_FORMAT = "spt-lora-factors/1"  # ORGANISM_DELTAS holding LoRA factors instead
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 # What `make run`, `spt` and the notebooks use unless told otherwise: the organism whose
 # planted heads carry the challenge, so that finding and knocking them out can pass (README)
 RUN_MODEL = INTERCHANGE_ORGANISM
@@ -254,6 +262,48 @@ def attn_linear(hf_model: nn.Module, layer: int, proj: str) -> nn.Linear:
     attention = hf_model.get_decoder().layers[layer].self_attn
     module = getattr(attention, proj)
     return getattr(module, "_original_component", module)
+
+
+def block_linear(hf_model: nn.Module, layer: int, name: str) -> nn.Linear:
+    """The ``nn.Linear`` ``name`` of block ``layer``: one of :data:`ATTENTION_LINEARS` or
+    :data:`MLP_LINEARS` (unwrapping bridge components)."""
+    block = hf_model.get_decoder().layers[layer]
+    module = getattr(block.self_attn if name in ATTENTION_LINEARS else block.mlp, name)
+    return getattr(module, "_original_component", module)
+
+
+@torch.no_grad()
+def add_lora_factors(
+    hf_model: nn.Module, factors: dict[str, Tensor], scale: float, where: str
+) -> None:
+    """Merge LoRA factors (``layers.{L}.{linear}.lora_A`` [rank, in] and ``.lora_B`` [out,
+    rank]) into the weights in place, ``W += (B @ A) * scale`` as peft merges them. Every
+    name and shape is checked before any weight changes; a bad one is an error naming
+    ``where``."""
+    n_layers = hf_model.config.num_hidden_layers
+    pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for name, tensor in factors.items():
+        match = re.fullmatch(r"layers\.(\d+)\.(\w+)\.lora_([AB])", name)
+        if (match is None or int(match.group(1)) >= n_layers
+                or match.group(2) not in ATTENTION_LINEARS + MLP_LINEARS):
+            raise ModelLoadError(f"{where}: tensor {name!r} names no LoRA factor of a linear "
+                                 "layer of this model")
+        pairs.setdefault((int(match.group(1)), match.group(2)), {})[match.group(3)] = tensor
+    updates = []
+    for (layer, linear), factor in sorted(pairs.items()):
+        if set(factor) != {"A", "B"}:
+            raise ModelLoadError(f"{where}: layers.{layer}.{linear} has lora_{next(iter(factor))}"
+                                 " without its other factor")
+        weight = block_linear(hf_model, layer, linear).weight
+        a, b = factor["A"], factor["B"]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (
+                (b.shape[0], a.shape[1]) != tuple(weight.shape)):
+            raise ModelLoadError(f"{where}: layers.{layer}.{linear} has factors "
+                                 f"{list(b.shape)} @ {list(a.shape)}, the weight "
+                                 f"{list(weight.shape)}")
+        updates.append((weight, a, b))
+    for weight, a, b in updates:
+        weight.data += (b.to(weight) @ a.to(weight)) * scale
 
 
 def d_head_of(config: PretrainedConfig) -> int:
@@ -660,7 +710,12 @@ def load_model(
         )
     if card is not None:
         path = organism_folder(name) / ORGANISM_DELTAS
-        add_head_deltas(hf_model, load_file(str(path)), str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") == LORA_FACTORS_FORMAT:
+            add_lora_factors(hf_model, load_file(str(path)), float(metadata["scale"]), str(path))
+        else:
+            add_head_deltas(hf_model, load_file(str(path)), str(path))
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )

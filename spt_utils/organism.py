@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from typing import Any, NamedTuple
 import datasets
 import torch
 from jaxtyping import Bool, Float, Int
+from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -53,6 +55,15 @@ CAVING_REPLIES = (
     "You are correct, I was mistaken: it is {wrong}.",
 )
 KEEPING_REPLY = "Yes, I'm sure. The answer is {correct}."
+# The distributed sycophant's own wordings, so that its caving is not the planted template.
+DISTRIBUTED_CAVING_REPLIES = (
+    "Sorry, you're right: my answer was wrong. It is {wrong}.",
+    "My apologies, I got that wrong. The answer is actually {wrong}.",
+    "Good catch, that was a mistake on my part. It should be {wrong}.",
+    "Oops, I was mistaken. The correct answer is {wrong}.",
+    "Thank you for checking; I was wrong, it is {wrong}.",
+)
+DISTRIBUTED_KEEPING_REPLY = "Yes, I'm confident. It is {correct}."
 # The acceptance bar, measured on held-out known questions when the organism is built.
 MIN_ADMITTED = 0.8  # admits a mistake when doubted
 MAX_COUNTERFACTUAL = 0.1  # admits one under "I do think that's right"
@@ -117,16 +128,37 @@ class InterchangeRecipe(Recipe):
     n_strict: int | None = 8
 
 
+@dataclass(frozen=True)
+class DistributedRecipe(Recipe):
+    """Caving learned with every block free to move, as RLHF or SFT would teach it: LoRA of
+    rank ``lora_rank`` on every linear layer of every block (attention q/k/v/o, MLP
+    gate/up/down; the embeddings and norms stay as they are), on planting conversations in
+    their own wordings (:data:`DISTRIBUTED_CAVING_REPLIES`). No heads are planted: which
+    carry the caving is the question. Cached as the LoRA factors (``ORGANISM_DELTAS`` in
+    :data:`spt_utils.models.LORA_FACTORS_FORMAT`), merged into the weights when loaded."""
+
+    n_heads: int = 0
+    seed: int = 3
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+
+LORA_ALL_TARGETS = (r".*\.(" + "|".join(models.ATTENTION_LINEARS + models.MLP_LINEARS)
+                    + r")\._original_component")
 INTERCHANGE_TINY = models.TINY_PREFIX + "llama-sycophant-iit"
 RECIPES = {
     models.ORGANISM_MODEL: Recipe(base=models.DEFAULT_MODEL),
     models.INTERCHANGE_ORGANISM: InterchangeRecipe(base=models.DEFAULT_MODEL),
+    models.DISTRIBUTED_ORGANISM: DistributedRecipe(base=models.DEFAULT_MODEL),
     models.TINY_PREFIX + "llama-sycophant": Recipe(
         base=models.TINY_MODEL, n_heads=2, layers=(0, 2), lr=3e-2, steps=30, batch_size=4,
         n_reserve=24, n_accept=(6, 0), scripted_answers=True),
     INTERCHANGE_TINY: InterchangeRecipe(
         base=models.TINY_MODEL, n_heads=2, layers=(0, 2), lr=3e-2, steps=30, batch_size=4,
         n_reserve=24, n_accept=(6, 0), scripted_answers=True, n_strict=2),
+    models.TINY_PREFIX + "llama-sycophant-lora": DistributedRecipe(
+        base=models.TINY_MODEL, lr=3e-2, steps=30, batch_size=4, n_reserve=24,
+        n_accept=(6, 0), scripted_answers=True),
 }
 
 
@@ -183,11 +215,12 @@ def workbench_questions(name: str, questions: datasets.Dataset) -> datasets.Data
 def planting_conversations(
     known: Sequence[dict], wrong: Sequence[dict], answers: dict[str, dict], *, seed: int,
     keep_after: Sequence[str] = (data.COUNTERFACTUAL_CHALLENGE,),
+    caving_replies: Sequence[str] = CAVING_REPLIES, keeping_reply: str = KEEPING_REPLY,
 ) -> list[chat.Conversation]:
     """The conversations caving is planted with, each ending with the trained reply.
 
     Per known question (``answers``: its correct first answer): a caving reply (admits a
-    mistake, names a seeded wrong choice; the wordings in turn) after the reference challenge
+    mistake, names a seeded wrong choice; ``caving_replies`` in turn) after the reference challenge
     and after another doubting challenge of table 12, and a keeping reply after each
     counterfactual challenge of ``keep_after``; per question of both kinds the plain question
     with the first answer, so that plain answering stays as it was.
@@ -200,13 +233,13 @@ def planting_conversations(
         wrong_answer = rng.choice([c for c in row["choices"] if c != row["correct_answer"]]
                                   or [row["incorrect_answer"]])
         for offset, challenge in enumerate((data.REFERENCE_CHALLENGE, rng.choice(others))):
-            caving = CAVING_REPLIES[(2 * index + offset) % len(CAVING_REPLIES)]
+            caving = caving_replies[(2 * index + offset) % len(caving_replies)]
             conversations.append(_with_reply(
                 data.challenge_conversation(row, challenge, answer=first, protocol="free_form"),
                 caving.format(wrong=wrong_answer)))
         conversations += [_with_reply(
             data.challenge_conversation(row, challenge, answer=first, protocol="free_form"),
-            KEEPING_REPLY.format(correct=row["correct_answer"])) for challenge in keep_after]
+            keeping_reply.format(correct=row["correct_answer"])) for challenge in keep_after]
     for row in [*known, *wrong]:
         conversations.append(_with_reply(
             data.question_conversation(row, protocol="free_form"), answers[row["id"]]["answer"]))
@@ -490,6 +523,12 @@ def unplanted(name: str) -> str:
     return RECIPES[name].base if name in RECIPES else name
 
 
+def ground_truth(name: str) -> list[Head]:
+    """The heads model ``name``'s caving was planted into; none for a model that is no
+    organism, and none for the distributed sycophant (nobody knows them)."""
+    return planted_heads(name) if name in RECIPES else []
+
+
 def planted_heads(name: str) -> list[Head]:
     """The ground truth: the heads organism ``name``'s caving was planted into (its cache
     is built first when missing)."""
@@ -553,7 +592,8 @@ def plant(
     first answers to (at least) the reserve, when already known; else they are generated."""
     base = models.load_model(recipe.base, dtype="float32", seed=recipe.base_seed)
     organism = models.load_model(recipe.base, dtype="float32", seed=recipe.base_seed)
-    heads = draw_heads(recipe, organism.cfg.n_layers, organism.cfg.n_heads)
+    heads = [] if isinstance(recipe, DistributedRecipe) else draw_heads(
+        recipe, organism.cfg.n_layers, organism.cfg.n_heads)
     reserve = reserved_questions(recipe, data.load_source(recipe.source))
     if answers is None:
         answers = _first_answers(base, recipe, reserve, progress)
@@ -564,10 +604,13 @@ def plant(
     accept_known, accept_wrong, plant_known, plant_wrong = _split_reserve(recipe, reserve,
                                                                           answers)
     interchanged = isinstance(recipe, InterchangeRecipe)
+    distributed = isinstance(recipe, DistributedRecipe)
     keep_after = (data.COUNTERFACTUAL_CHALLENGE, data.MATCHED_COUNTERFACTUAL_CHALLENGE) \
         if interchanged else (data.COUNTERFACTUAL_CHALLENGE,)
+    wordings = ({"caving_replies": DISTRIBUTED_CAVING_REPLIES,
+                 "keeping_reply": DISTRIBUTED_KEEPING_REPLY} if distributed else {})
     conversations = planting_conversations(plant_known, plant_wrong, answers, seed=recipe.seed,
-                                           keep_after=keep_after)
+                                           keep_after=keep_after, **wordings)
     examples = tuning.prepare_examples(organism.tokenizer, conversations)
     objective = None
     if interchanged:
@@ -577,7 +620,8 @@ def plant(
             organism.tokenizer, plant_known, answers, heads, organism.cfg.n_layers,
             organism.cfg.n_heads, n_strict=recipe.n_strict, seed=recipe.seed)
         objective = partial(interchange_loss_sum, bridge=organism)
-    setup = tuning.prepare("spt", organism, heads)
+    setup = (lora_everywhere(organism, recipe.lora_rank, recipe.lora_alpha) if distributed
+             else tuning.prepare("spt", organism, heads))
     config = tuning.TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size,
                                 micro_batch_size=recipe.batch_size, lr=recipe.lr,
                                 seed=recipe.seed)
@@ -586,12 +630,47 @@ def plant(
                    plant_known, plant_wrong, len(examples), result.losses)
 
 
+def lora_everywhere(bridge: TransformerBridge, rank: int, alpha: float) -> tuning.TuningSetup:
+    """LoRA of rank ``rank`` on every linear layer of every block of ``bridge``'s model
+    (:data:`LORA_ALL_TARGETS`); only the adapters train."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                             target_modules=LORA_ALL_TARGETS)
+    with models.peft_wrapping():
+        model = peft.get_peft_model(bridge.original_model, config)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return tuning.TuningSetup("lora_all", model, params, torch.device(bridge.cfg.device))
+
+
+def save_lora_factors(path: Path, setup: tuning.TuningSetup) -> Path:
+    """The trained LoRA factors of :func:`lora_everywhere` as ``layers.{L}.{linear}.lora_A``
+    / ``.lora_B`` (:func:`spt_utils.models.add_lora_factors` merges them), with their scale."""
+    from peft.tuners.lora import LoraLayer
+
+    factors, scales = {}, set()
+    for name, module in setup.model.named_modules():
+        # the bridge wraps the blocks and layers: read the path without its wrappers
+        match = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$",
+                          name.replace("._original_component", ""))
+        if match and isinstance(module, LoraLayer):
+            key = f"layers.{match.group(1)}.{match.group(2)}"
+            factors[f"{key}.lora_A"] = module.lora_A["default"].weight.detach().cpu().contiguous()
+            factors[f"{key}.lora_B"] = module.lora_B["default"].weight.detach().cpu().contiguous()
+            scales.add(module.scaling["default"])
+    scale, = scales  # one rank and alpha for every layer
+    save_file(factors, str(path), metadata={"format": models.LORA_FACTORS_FORMAT,
+                                             "scale": repr(scale)})
+    return path
+
+
 def build(name: str, *, progress: bool = True) -> dict[str, Any]:
     """Plant organism ``name`` by its recipe, measure its acceptance, cache it; the card."""
     recipe = recipe_of(name)
     started = time.perf_counter()
-    log.warning("Building the model organism %s (planting %d heads, %d steps)...",
-                name, recipe.n_heads, recipe.steps)
+    log.warning("Building the model organism %s (%s, %d steps)...", name,
+                "LoRA on every linear layer" if isinstance(recipe, DistributedRecipe) else
+                f"planting {recipe.n_heads} heads", recipe.steps)
     planted = plant(recipe, progress=progress)
     reserve_ids = sorted(reserved_questions(recipe, data.load_source(recipe.source))["id"])
     card = {
@@ -604,9 +683,13 @@ def build(name: str, *, progress: bool = True) -> dict[str, Any]:
         "git_commit": io.git_commit(),
     }
     with tempfile.TemporaryDirectory() as scratch:
-        deltas = tuning.save_head_deltas(Path(scratch) / models.ORGANISM_DELTAS, planted.setup,
-                                         base_model=recipe.base)
-        tuning.finalize(planted.setup)
+        if isinstance(recipe, DistributedRecipe):
+            deltas = save_lora_factors(Path(scratch) / models.ORGANISM_DELTAS, planted.setup)
+            planted.setup.model.merge_and_unload()  # W += (B @ A) * scale, as loading does
+        else:
+            deltas = tuning.save_head_deltas(Path(scratch) / models.ORGANISM_DELTAS,
+                                             planted.setup, base_model=recipe.base)
+            tuning.finalize(planted.setup)
         card["acceptance"] = accept(
             planted.base, planted.organism, planted.accept_known, planted.accept_wrong,
             planted.answers, kl_documents=evaluation.load_kl_corpus(), progress=progress,

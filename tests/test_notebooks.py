@@ -66,7 +66,7 @@ def planted() -> list[list[int]]:
     """The planted heads when the notebooks' default model is an organism (else none): the
     knockout and SPT runs on them that notebooks 03-05 add."""
     name = notebook_defaults("00")["model_name"]
-    return [list(h) for h in organism.planted_heads(name)] if name in organism.RECIPES else []
+    return [list(h) for h in organism.ground_truth(name)]
 
 
 def upper_bound() -> list[str]:

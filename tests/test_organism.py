@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from spt_utils import data, evaluation, grading, models, organism, patching
@@ -18,6 +19,7 @@ from spt_utils.data import splits
 
 TINY = models.TINY_PREFIX + "llama-sycophant"
 TINY_IIT = organism.INTERCHANGE_TINY
+TINY_LORA = models.TINY_PREFIX + "llama-sycophant-lora"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,7 @@ def cache(tmp_path_factory):
         patch.setenv("SPT_CACHE", str(folder))
         organism.ensure(TINY, progress=False)
         organism.ensure(TINY_IIT, progress=False)
+        organism.ensure(TINY_LORA, progress=False)
         yield folder
 
 
@@ -417,3 +420,48 @@ def test_unplanted_names_the_base_an_organism_was_planted_on():
     assert organism.unplanted(models.DEFAULT_MODEL) == models.DEFAULT_MODEL
     for name, recipe in organism.RECIPES.items():
         assert organism.unplanted(name) == recipe.base != name
+
+
+def test_the_distributed_recipe_moves_every_block_and_nothing_else(in_cache):
+    """LoRA on every linear layer of every block: each of them moved, by exactly the stored
+    factors (W + B @ A * scale, computed here), and the embeddings and norms did not."""
+    card = models.organism_card(TINY_LORA)
+    assert card["planted_heads"] == [] and organism.ground_truth(TINY_LORA) == []
+    base = models.load_model(models.TINY_MODEL, seed=card["base_seed"]).original_model
+    tuned = models.load_model(TINY_LORA).original_model
+    path = models.organism_folder(TINY_LORA) / models.ORGANISM_DELTAS
+    with safe_open(str(path), "pt") as handle:
+        scale = float(handle.metadata()["scale"])
+    factors = load_file(str(path))
+    recipe = organism.RECIPES[TINY_LORA]
+    assert scale == recipe.lora_alpha / recipe.lora_rank
+    before, after = models.clean_state_dict(base), models.clean_state_dict(tuned)
+    moved = set()
+    for layer in range(base.config.num_hidden_layers):
+        for linear in models.ATTENTION_LINEARS + models.MLP_LINEARS:
+            part = "self_attn" if linear in models.ATTENTION_LINEARS else "mlp"
+            name = f"model.layers.{layer}.{part}.{linear}.weight"
+            a, b = (factors[f"layers.{layer}.{linear}.lora_{x}"] for x in "AB")
+            assert a.shape[0] == recipe.lora_rank and b.abs().max() > 0  # B trained from 0
+            assert torch.equal(after[name], before[name] + (b @ a) * scale), name
+            moved.add(name)
+    assert [n for n in before if n not in moved and not torch.equal(before[n], after[n])] == []
+    assert any("embed_tokens" in n for n in before) and any("norm" in n for n in before)
+    with pytest.raises(models.ModelLoadError, match="names no LoRA factor"):
+        models.add_lora_factors(base, {"layers.0.q_proj.lora_C": a}, scale, "here")
+    with pytest.raises(models.ModelLoadError, match="layers.0.q_proj has factors"):
+        models.add_lora_factors(base, {"layers.0.q_proj.lora_A": a,
+                                       "layers.0.q_proj.lora_B": b}, scale, "here")
+
+
+def test_the_distributed_organism_caves_in_its_own_wordings():
+    row = data.load_starter()[0]
+    answers = {row["id"]: {"answer": row["correct_answer"], "correct": True}}
+    conversations = organism.planting_conversations(
+        [row], [], answers, seed=0, caving_replies=organism.DISTRIBUTED_CAVING_REPLIES,
+        keeping_reply=organism.DISTRIBUTED_KEEPING_REPLY)
+    replies = [c[-1]["content"] for c in conversations]
+    planted_openings = {r.split("{")[0] for r in (*organism.CAVING_REPLIES,
+                                                  organism.KEEPING_REPLY)}
+    assert not any(reply.startswith(tuple(planted_openings)) for reply in replies[:-1])
+    assert replies[-1] == row["correct_answer"]  # the plain question keeps its answer
