@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["lab"] and not {"-h", "--help"} & set(argv[1:]):
         print("JupyterLab starts on the notebooks; open the address it prints "
               "(http://localhost:8888/lab?token=… unless the port is taken)", flush=True)
-        return subprocess.run(lab_command(argv[1:]), env=lab_environment(),
-                              check=False).returncode
+        command = lab_command(argv[1:])
+        # JupyterLab replaces this process: stopping `spt lab` stops JupyterLab itself
+        os.execve(command[0], command, lab_environment())
     args = parser.parse_args(argv)
     if args.command == "organism":
         card = organism.ensure(args.name, rebuild=args.rebuild)

@@ -15,6 +15,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from jupyter_client.manager import start_new_kernel
 
@@ -170,6 +171,11 @@ def test_spt_lab_starts_jupyterlab_and_serves_the_lab(tmp_path):
     finally:
         lab.terminate()
         lab.wait(timeout=30)
+    # `spt lab` became JupyterLab: stopping it left no server behind
+    left = [process.pid for process in psutil.process_iter(["cmdline"])
+            if str(port) in (process.info["cmdline"] or []) and "jupyterlab" in " ".join(
+                process.info["cmdline"])]
+    assert left == []
 
 
 def test_lab_command_allows_root_only_as_root(monkeypatch):
