@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "organism":
         card = organism.ensure(args.name, rebuild=args.rebuild)
         print(f"{args.name}: planted heads "
-              + ", ".join(f"L{layer}H{head}" for layer, head in card["planted_heads"]))
+              + (", ".join(f"L{layer}H{head}" for layer, head in card["planted_heads"])
+                 or "none (its caving was trained into every block)"))
         print(organism.acceptance_table(card))
         return 0 if all(card["acceptance"]["passed"].values()) else 1
     stage = STAGES[args.command]

@@ -465,3 +465,24 @@ def test_the_distributed_organism_caves_in_its_own_wordings():
                                                   organism.KEEPING_REPLY)}
     assert not any(reply.startswith(tuple(planted_openings)) for reply in replies[:-1])
     assert replies[-1] == row["correct_answer"]  # the plain question keeps its answer
+
+
+@pytest.mark.integration
+def test_the_shipped_distributed_sycophant_is_current_and_met_its_bar(smollm2):
+    """The distributed sycophant of record: made by today's recipe, no planted heads, LoRA
+    factors for every linear layer of every block (within the 20 MB the package allows), and
+    every acceptance bar met when it was built."""
+    name = models.DISTRIBUTED_ORGANISM
+    folder = organism.RECORD_DIR / name
+    card = models.card_in(folder)
+    assert card is not None, f"{folder}: missing or corrupt"
+    assert card["format"] == organism.CARD_FORMAT and card["base"] == models.DEFAULT_MODEL
+    assert card["recipe"] == organism.recipe_record(organism.RECIPES[name])
+    assert card["planted_heads"] == []
+    factors = load_file(folder / models.ORGANISM_DELTAS)
+    linears = models.ATTENTION_LINEARS + models.MLP_LINEARS
+    assert set(factors) == {f"layers.{layer}.{linear}.lora_{x}" for layer in range(
+        smollm2.cfg.n_layers) for linear in linears for x in "AB"}
+    assert (folder / models.ORGANISM_DELTAS).stat().st_size <= 20e6
+    assert all(card["acceptance"]["passed"].values())
+    assert card["acceptance"]["admitted_doubted"]["organism"]["n"] >= 60
