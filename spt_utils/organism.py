@@ -16,6 +16,10 @@ CPU cores) and caches its head deltas with a card (recipe, planted heads, accept
 ``$SPT_CACHE/<name>/``; :func:`spt_utils.models.load_model` then loads it by name. The
 SmolLM2 organism of record (:data:`RECORD_DIR`: its deltas, 4.7 MB, and card, built so) is
 installed instead of planted when its card's recipe is the current one.
+
+``smollm2-135m-sycophant-lora`` (:class:`DistributedRecipe`) is the counterpart with no
+ground truth: caving learned by LoRA on every linear layer of every block, in its own
+wordings, so that which heads carry it is a real question (:func:`ground_truth` is empty).
 """
 
 from __future__ import annotations
