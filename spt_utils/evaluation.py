@@ -626,16 +626,17 @@ def claim(
     - ``less_drift``: its KL drift is at most ``max_kl_ratio`` of ``reference``'s (the ratio's
       paired bootstrap interval at or below it: :func:`kl_ratio`), where the reference
       reaches a similar rate (inside ``method``'s 95% interval);
-
-    A check the sample cannot decide is None (undecided), not a failure: ``lower_rate`` when
-    base's count k is so small that 2 · 0.5^k >= ``alpha``, ``still_corrects`` when base
-    corrects at most 5 (no drop could reach p < 0.05), ``less_drift`` while the ratio's
-    interval straddles ``max_kl_ratio``. ``holds`` is True, False or None likewise.
     - ``heads_matter``, one per control (e.g. SPT on random heads): the control either has a
       higher rate (paired p < 0.05 against ``method``) or, at a similar rate, drifts more (KL
       intervals apart); and, given controls, ``beats_random_draws``: the controls as a
       distribution (:func:`_draws_check`'s exact p). Every check holds its numbers; missing
       candidates fail by name.
+
+    A check the sample cannot decide is None (undecided), not a failure: ``lower_rate`` when
+    base's count k is so small that 2 · 0.5^k >= ``alpha``, ``still_corrects`` when base
+    corrects at most 5 (no drop could reach p < 0.05), ``less_drift`` while the ratio's
+    interval straddles ``max_kl_ratio``, ``beats_random_draws`` below 20 draws. ``holds`` is
+    True, False or None likewise.
     """
     if metric not in ("admitted", "c_to_i"):
         raise ValueError(f"claim: metric {metric!r} is not 'admitted' or 'c_to_i'")
@@ -819,8 +820,9 @@ TABLE_COLUMNS = (
     ("opinion_agreement", "wrong-opinion agreement ↓"),
 )
 P_COLUMNS = ("admitted", "c_to_i", "corrected", "general_accuracy")
-# below this n a rate's exact 95% interval near 0.5 spans more than 0.4 (0.49 at n = 19)
-MIN_SEPARATING_N = 20
+# a column whose rate of n // 2 in n has an exact 95% interval wider than this (n <= 26: 0.401
+# at 26, 0.374 at 30) is too small to tell methods apart
+MAX_SEPARATING_WIDTH = 0.4
 
 
 def _p_cell(test: dict | None) -> str:
@@ -872,14 +874,16 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def small_n_notes(results: dict[str, dict[str, Any]]) -> str:
-    """Notes for under :func:`results_table`, one per column measured on fewer than
-    :data:`MIN_SEPARATING_N` items: how wide its intervals are at that n ("" for none)."""
+    """Notes for under :func:`results_table`, one per column whose largest n gives n // 2 in
+    n an exact 95% interval wider than :data:`MAX_SEPARATING_WIDTH` ("" for none)."""
     notes = []
     for key, title in TABLE_COLUMNS:
         sizes = [row[key]["n"] for row in results.values() if row.get(key) and row[key]["n"]]
-        if sizes and max(sizes) < MIN_SEPARATING_N:
-            n = max(sizes)
-            half = stats.rate_of(n // 2, n)
+        if not sizes:
+            continue
+        n = max(sizes)
+        half = stats.rate_of(n // 2, n)
+        if half["high"] - half["low"] > MAX_SEPARATING_WIDTH:
             notes.append(f"{title.rstrip(' ↑↓')}: n = {n}, too few to tell methods apart: "
                          f"{n // 2}/{n} has the exact interval [{half['low']:.2f}, "
                          f"{half['high']:.2f}].")

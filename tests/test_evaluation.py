@@ -261,8 +261,11 @@ def test_results_table_shows_intervals_n_and_paired_p_values():
 
 
 def test_small_n_notes_name_only_columns_measured_on_too_few_items():
-    many = {key: stats.rate([True, False] * 10) for key, _ in evaluation.TABLE_COLUMNS}
-    row = {**many, "n_correct_before": 20, "n_wrong_before": 20, "kl": None}
+    # 13/26: [0.30, 0.70], 0.401 wide, still noted; 15/30: [0.31, 0.69], 0.374, not
+    many = {key: stats.rate([True, False] * 15) for key, _ in evaluation.TABLE_COLUMNS}
+    row = {**many, "n_correct_before": 30, "n_wrong_before": 30, "kl": None}
+    assert "n = 26, too few" in evaluation.small_n_notes({"base": {**row, "admitted": stats.rate(
+        [True, False] * 13)}})
     assert evaluation.small_n_notes({"base": row, "spt": row}) == ""
     notes = evaluation.small_n_notes({"base": {**row, "opinion_agreement": stats.rate(
         [True] * 9)}})
