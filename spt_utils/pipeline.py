@@ -51,6 +51,10 @@ FULL_TUNED = ["spt", "sft", "lora_attn", "lora_heads", "prompt_tuning"]
 # Notebook 05's steering (issue 28): every profile but the lean default, which leaves it out to
 # stay within 30 minutes (issue 27); notebook 03's head lab steers in every profile.
 STEERING_KINDS = ["heads", "residual"]
+# Each kind's dev grid of alpha (full, paper): a head's z and the residual stream differ in
+# scale, so the residual grid reaches further.
+STEER_GRIDS = {"steer_head_alphas": [0.5, 1.0, 2.0, 4.0],
+               "steer_residual_alphas": [1.0, 2.0, 4.0, 8.0, 16.0]}
 # Parameter overrides per profile and notebook (by file-name prefix). The notebooks' own
 # `parameters` cells hold the CPU defaults; "paper" is the GPU configuration of the paper
 # (appendix C, tables 13-14) and "test" the smallest sizes that still exercise every cell.
@@ -66,7 +70,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "04": {"methods": FULL_TUNED, "random_head_draws": 5, "planted_bound": True},
         "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 5,
                "planted_bound": True, "steering_kinds": STEERING_KINDS,
-               "steer_alphas": [0.5, 1.0, 2.0, 4.0], "steer_layers": [1 / 3, 1 / 2, 2 / 3]},
+               **STEER_GRIDS, "steer_layers": [1 / 3, 1 / 2, 2 / 3]},
     },
     "paper": {
         "01": {
@@ -97,7 +101,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "n_opinion": 1000, "n_kl_docs": 48, "max_new_tokens": 64, "batch_size": 64,
             "random_head_draws": 5, "claim_metric": "admitted",
             "methods": ["base", *FULL_TUNED, "few_shot"], "planted_bound": True,
-            "steering_kinds": STEERING_KINDS, "steer_alphas": [0.5, 1.0, 2.0, 4.0],
+            "steering_kinds": STEERING_KINDS, **STEER_GRIDS,
             "steer_layers": [1 / 3, 1 / 2, 2 / 3],
         },
         "06": {
@@ -130,7 +134,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "05": {"n_opinion": 2, "n_kl_docs": 2, "max_new_tokens": 8, "random_head_draws": 1,
                "methods": ["base", *FULL_TUNED, "few_shot"], "planted_bound": True,
-               "steering_kinds": STEERING_KINDS, "steer_alphas": [2.0]},
+               "steering_kinds": STEERING_KINDS, "steer_head_alphas": [2.0],
+               "steer_residual_alphas": [2.0]},
         "06": {
             "n_eval": 2, "n_train": 3, "n_questions": 1, "max_new_tokens": 4,
             "protocol_tokens": 4, "n_pairs": 1, "top_k": 1, "n_shots": 1,

@@ -15,7 +15,10 @@ pass of the bridge or its Hugging Face model inside the block (so also generatio
 :func:`spt_utils.chat.generate`) is steered, and the hooks go on exit, also after an error.
 ``alpha = 0`` registers no hook at all (the identity, bit for bit). The controls
 (:func:`random_control`) keep each vector's norm and draw its direction at random, at the
-same layer or at as many random heads.
+same layer or at as many random heads; :func:`cost_matched` then sets the control's ``alpha``
+so that it costs what the chosen steering costs: the same KL drift from base on the dev
+split's question prompts (within ``KL_TOLERANCE``), so a control that does less is no
+weaker intervention in disguise, and one that does as much is a real null.
 
 Steering computes and draws nothing; :func:`candidate` wraps a steering as an
 :class:`~spt_utils.evaluation.Candidate` whose every forward pass is steered, and
@@ -25,6 +28,7 @@ Steering computes and draws nothing; :func:`candidate` wraps a steering as an
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -43,6 +47,7 @@ from spt_utils.evaluation import Candidate
 from spt_utils.patching import Head, cache_before_unembed, validate_heads, z_name
 
 KINDS = ("heads", "residual")
+KL_TOLERANCE = 0.1  # a cost-matched control's dev KL is within 10% of its steering's
 
 
 def resid_name(layer: int) -> str:
@@ -55,7 +60,8 @@ class Steering:
     """What is steered: ``kind`` ``"residual"`` (one vector at ``layer``) or ``"heads"``
     (one per head of ``heads``); ``vectors`` [component, width] (d_model or d_head);
     ``n_pairs`` the pairs they were read off (0 for a random control); ``label`` names a
-    control."""
+    control and ``match`` records how a control's ``alpha`` was matched on cost
+    (:func:`cost_matched`)."""
 
     kind: str
     vectors: Float[Tensor, "component width"]
@@ -63,6 +69,7 @@ class Steering:
     heads: tuple[Head, ...] = ()
     n_pairs: int = 0
     label: str = ""
+    match: Mapping[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -227,16 +234,25 @@ def control_heads(
                                      exclude=steering.heads)[0]
 
 
+def _check_alphas(kind: str, alphas: Sequence[float]) -> None:
+    if not alphas or any(alpha <= 0 for alpha in alphas):
+        raise ValueError(f"steering.settings: {kind} alphas {list(alphas)} must be given and "
+                         "positive (alpha = 0 is the base model)")
+
+
 def settings(
     model: TransformerBridge, pairs: PatchingPairs, *, heads: Sequence[Head] = (),
-    layers: Sequence[int] = (), alphas: Sequence[float], batch_size: int = 8,
+    layers: Sequence[int] = (), head_alphas: Sequence[float] = (),
+    residual_alphas: Sequence[float] = (), batch_size: int = 8,
 ) -> list[tuple[Steering, float]]:
-    """The grid to choose from: head steering at ``heads`` (when given) and residual steering
-    at each of ``layers``, each with every ``alpha``; every vector is read off in one pass
-    over the pairs."""
-    if not alphas or any(alpha <= 0 for alpha in alphas):
-        raise ValueError(f"steering.settings: alphas {list(alphas)} must be positive (alpha = 0 "
-                         "is the base model)")
+    """The grid to choose from: head steering at ``heads`` (when given) with every one of
+    ``head_alphas``, and residual steering at each of ``layers`` with every one of
+    ``residual_alphas`` (each kind its own grid: a head's ``z`` and the residual stream
+    differ in scale); every vector is read off in one pass over the pairs."""
+    if heads:
+        _check_alphas("head", head_alphas)
+    if layers:
+        _check_alphas("residual", residual_alphas)
     heads = _checked_heads(model, heads) if heads else []
     for layer in layers:
         _check_layer(model, layer)
@@ -245,7 +261,9 @@ def settings(
     means = _mean_difference(model, pairs, names, batch_size) if names else {}
     steerings = [_heads_from(model, means, heads, len(pairs))] if heads else []
     steerings += [_residual_from(model, means, layer, len(pairs)) for layer in layers]
-    return [(steering, float(alpha)) for steering in steerings for alpha in alphas]
+    alphas = {"heads": head_alphas, "residual": residual_alphas}
+    return [(steering, float(alpha)) for steering in steerings
+            for alpha in alphas[steering.kind]]
 
 
 def measure(
@@ -292,14 +310,52 @@ def choose(rows: Sequence[Mapping[str, Any]], target: str = "admitted") -> Mappi
     return min(kept, key=lambda row: (row[target]["value"], abs(row["alpha"])))
 
 
+def dev_kl(
+    model: TransformerBridge, steering: Steering, alpha: float, kl_base: evaluation.KLBase
+) -> float:
+    """The mean per-token KL(base ‖ steered) on ``kl_base``'s documents (the dev split's)."""
+    return evaluation.kl_drift(kl_base, candidate("dev", model, steering, alpha),
+                               kl_base.documents, max_tokens=kl_base.max_tokens,
+                               batch_size=kl_base.batch_size)
+
+
+def cost_matched(
+    model: TransformerBridge, control: Steering, target_kl: float,
+    kl_base: evaluation.KLBase, *, start: float, tolerance: float = KL_TOLERANCE,
+    max_steps: int = 40,
+) -> tuple[Steering, float]:
+    """``control`` and the ``alpha`` at which its dev KL (:func:`dev_kl`) is within
+    ``tolerance`` (relative) of ``target_kl``: from ``start``, doubled until the KL passes the
+    target, then bisected between the last ``alpha`` below it (0 at first: KL 0) and the
+    first above (KL is continuous in ``alpha``, so a crossing lies between). The returned
+    control's ``match`` holds the target, its own KL, the steps and whether it matched within
+    ``max_steps`` (else the last ``alpha`` measured)."""
+    if not target_kl > 0 or start <= 0:
+        raise ValueError(f"cost_matched: the target KL ({target_kl}) and the start alpha "
+                         f"({start}) must be positive")
+    alpha, below, above = float(start), 0.0, math.inf
+    for step in range(1, max_steps + 1):
+        kl = dev_kl(model, control, alpha, kl_base)
+        matched = abs(kl - target_kl) <= tolerance * target_kl
+        if matched or step == max_steps:
+            break
+        below, above = (alpha, above) if kl < target_kl else (below, alpha)
+        alpha = 2 * alpha if math.isinf(above) else (below + above) / 2
+    match = {"on": "dev KL", "target_kl": target_kl, "kl": kl, "tolerance": tolerance,
+             "matched": matched, "steps": step}
+    return replace(control, match=match), alpha
+
+
 def chosen_with_controls(
     model: TransformerBridge, grid: Sequence[tuple[Steering, float]],
-    rows: Sequence[Mapping[str, Any]], *, target: str = "admitted", seed: int = 0,
+    rows: Sequence[Mapping[str, Any]], *, kl_base: evaluation.KLBase,
+    target: str = "admitted", seed: int = 0, tolerance: float = KL_TOLERANCE,
 ) -> dict[str, tuple[Steering, float]]:
     """Per kind measured (``rows``: :func:`measure` of ``grid``), the dev choice
-    (:func:`choose`) as ``steer_<kind>`` and its control at the same alpha as
-    ``steer_<kind>_random``: random directions of the same norms, at the same layer or at as
-    many random heads."""
+    (:func:`choose`) as ``steer_<kind>`` and its control as ``steer_<kind>_random``: random
+    directions of the same norms, at the same layer or at as many random heads, at the
+    ``alpha`` that costs what the choice costs (:func:`cost_matched`: the same KL drift on
+    ``kl_base``'s dev documents within ``tolerance``)."""
     if len(rows) != len(grid):
         raise ValueError(f"steering: {len(rows)} measured rows for a grid of {len(grid)}")
     result = {}
@@ -312,7 +368,9 @@ def chosen_with_controls(
         heads = (control_heads(steering, model.cfg.n_layers, model.cfg.n_heads, seed=seed)
                  if kind == "heads" else None)
         result[f"steer_{kind}"] = (steering, alpha)
-        result[f"steer_{kind}_random"] = (random_control(steering, seed=seed, heads=heads), alpha)
+        result[f"steer_{kind}_random"] = cost_matched(
+            model, random_control(steering, seed=seed, heads=heads),
+            dev_kl(model, steering, alpha, kl_base), kl_base, start=alpha, tolerance=tolerance)
     return result
 
 

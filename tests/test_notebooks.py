@@ -37,6 +37,7 @@ from spt_utils import (
     patching,
     pipeline,
     stats,
+    steering,
     viz,
 )
 from spt_utils.ablation import HeadMeans
@@ -505,16 +506,18 @@ def test_steering_was_chosen_on_dev_by_the_rule_and_controlled(executed_run):
     same alpha with the same norms, and the comparison with SPT written."""
     run_dir, _, _ = executed_run
     saved = json.loads((run_dir / "eval" / "steering_dev.json").read_text())
-    rows, chosen, alphas = saved["rows"], saved["chosen"], asked("05", "steer_alphas")
-    kinds = asked("05", "steering_kinds")
+    rows, chosen, kinds = saved["rows"], saved["chosen"], asked("05", "steering_kinds")
+    alphas = {"heads": asked("05", "steer_head_alphas"),
+              "residual": asked("05", "steer_residual_alphas")}
     layers = {row["layer"] for row in rows if row["kind"] == "residual"}
-    assert len(rows) == len(alphas) * (("heads" in kinds) + len(layers))
+    assert len(rows) == (len(alphas["heads"]) * ("heads" in kinds)
+                         + len(alphas["residual"]) * len(layers))
     assert len(layers) == len(set(asked("05", "steer_layers")))
     heads = patching.load_heads(run_dir / "heads.json")
     dev_known = [q for q in data.load_questions(run_dir / "data" / "dev_questions.jsonl")
                  if data.load_answers(run_dir / "data" / data.ANSWERS_FILE)[q["id"]]["correct"]]
     for row in rows:
-        assert row["alpha"] in alphas and row["n_correct_before"] == len(dev_known)
+        assert row["alpha"] in alphas[row["kind"]] and row["n_correct_before"] == len(dev_known)
         assert row["kl"] is None and not non_finite_numbers(row)
         if row["kind"] == "heads":
             assert [tuple(h) for h in row["heads"]] == [tuple(h) for h in heads]
@@ -525,8 +528,11 @@ def test_steering_was_chosen_on_dev_by_the_rule_and_controlled(executed_run):
         best = min(kept or mine, key=lambda row: (row[saved["target"]]["value"], row["alpha"]))
         choice, control = chosen[f"steer_{kind}"], chosen[f"steer_{kind}_random"]
         assert (choice["alpha"], choice["layer"]) == (best["alpha"], best["layer"])
-        assert control["alpha"] == choice["alpha"] and control["label"].startswith("random")
+        assert control["label"].startswith("random") and choice["match"] is None
         assert control["norms"] == pytest.approx(choice["norms"], rel=1e-4)
+        match = control["match"]  # matched on cost: its dev KL within the tolerance
+        assert match["matched"] and match["tolerance"] == steering.KL_TOLERANCE
+        assert abs(match["kl"] - match["target_kl"]) <= match["tolerance"] * match["target_kl"]
         if kind == "heads":
             assert len(control["heads"]) == len(choice["heads"])
             assert not {tuple(h) for h in control["heads"]} & {tuple(h) for h in choice["heads"]}

@@ -132,8 +132,9 @@ def test_every_other_profile_steers_at_the_heads_and_the_residual_stream(profile
     inside the model."""
     evaluated = effective("05", profile)
     assert set(evaluated["steering_kinds"]) == {"heads", "residual"}
-    assert len(evaluated["steer_alphas"]) >= (1 if profile == "test" else 2)
-    assert all(alpha > 0 for alpha in evaluated["steer_alphas"])
+    for grid in ("steer_head_alphas", "steer_residual_alphas"):  # each kind its own grid
+        assert len(evaluated[grid]) >= (1 if profile == "test" else 2)
+        assert all(alpha > 0 for alpha in evaluated[grid])
     assert evaluated["steer_layers"] and all(0 <= f <= 1 for f in evaluated["steer_layers"])
     if profile in ("full", "paper"):
         assert len(evaluated["steer_layers"]) >= 3

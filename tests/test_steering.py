@@ -1,6 +1,7 @@
 """Steering on the tiny random model: the vectors are the pairs' mean differences (a planted
 direction is recovered), steering moves only the hooked component, the hooks go on exit and
-after an error, alpha = 0 is the identity, the controls keep the norms, the dev choice
+after an error, alpha = 0 is the identity, the controls keep the norms and match the
+chosen steering's cost (dev KL), the dev choice
 follows the sweep's rule, and a steered candidate is steered in its own passes only."""
 
 from __future__ import annotations
@@ -58,16 +59,19 @@ def test_the_grid_reads_every_vector_in_one_pass(tiny_model, pairs, monkeypatch)
     read = steering.cache_before_unembed
     monkeypatch.setattr(steering, "cache_before_unembed",
                         lambda *args, **kwargs: calls.append(1) or read(*args, **kwargs))
-    grid = steering.settings(tiny_model, pairs, heads=HEADS, layers=[0, 1], alphas=[1.0, 2.0],
+    grid = steering.settings(tiny_model, pairs, heads=HEADS, layers=[0, 1],
+                             head_alphas=[1.0, 2.0], residual_alphas=[4.0, 8.0, 16.0],
                              batch_size=4)
     assert len(calls) == 2 * -(-len(pairs) // 4)  # two sides × batches
     monkeypatch.setattr(steering, "cache_before_unembed", read)
     alone = [steering.head_steering(tiny_model, pairs, HEADS, batch_size=4),
              steering.residual_steering(tiny_model, pairs, 0, batch_size=4),
              steering.residual_steering(tiny_model, pairs, 1, batch_size=4)]
-    assert [(s.kind, s.layer, alpha) for s, alpha in grid] == [
-        (s.kind, s.layer, alpha) for s in alone for alpha in (1.0, 2.0)]
-    for (steered, _alpha), expected in zip(grid[::2], alone, strict=True):
+    assert [(s.kind, s.layer, alpha) for s, alpha in grid] == [  # each kind its own grid
+        (s.kind, s.layer, alpha) for s in alone
+        for alpha in ((1.0, 2.0) if s.kind == "heads" else (4.0, 8.0, 16.0))]
+    firsts = [grid[0], grid[2], grid[5]]  # each steering's first alpha
+    for (steered, _alpha), expected in zip(firsts, alone, strict=True):
         assert steered.heads == expected.heads
         torch.testing.assert_close(steered.vectors, expected.vectors, atol=1e-6, rtol=0)
 
@@ -215,6 +219,64 @@ def test_bad_steering_input_is_a_clear_error(tiny_model, pairs):
     t5 = models.load_model(models.TINY_T5, device="cpu")
     with pytest.raises(chat.UnsupportedModelError, match="decoder-only"):
         steering.residual_steering(t5, pairs, 0)
+
+
+def _kl_by_hand(model, vectors, alpha, documents, max_tokens):
+    """Mean per-token KL(base ‖ steered), one unpadded document at a time."""
+    total, count = 0.0, 0
+    for text in documents:
+        ids = chat.encode(model.tokenizer, text)[:max_tokens][None]
+        with torch.no_grad():
+            base = model(ids, return_type="logits").double().log_softmax(-1)
+            with steering.steer(model, vectors, alpha):
+                steered = model(ids, return_type="logits").double().log_softmax(-1)
+        total += float((base.exp() * (base - steered)).sum())
+        count += ids.shape[1]
+    return total / count
+
+
+@pytest.mark.parametrize("kind", steering.KINDS)
+def test_the_control_is_matched_on_cost(tiny_model, pairs, kind):
+    """Issue 37: the random control's alpha makes its dev KL its steering's within the
+    tolerance, both KLs recomputed by hand here; the norms stay those of the steering."""
+    chosen = (steering.head_steering(tiny_model, pairs, HEADS) if kind == "heads"
+              else steering.residual_steering(tiny_model, pairs, 1))
+    documents = evaluation.load_kl_corpus()[:3]
+    kl_base = evaluation.KLBase.build(tiny_model, documents, max_tokens=24, batch_size=2)
+    grid = [(chosen, 10.0), (chosen, 30.0)]
+    rows = [{**_row(10.0, 0.5), "kind": kind}, {**_row(30.0, 0.2), "kind": kind}]  # choice: 30
+    result = steering.chosen_with_controls(tiny_model, grid, rows, kl_base=kl_base, seed=5,
+                                           tolerance=0.05)
+    (steered, alpha), (control, control_alpha) = (result[f"steer_{kind}"],
+                                                  result[f"steer_{kind}_random"])
+    assert steered is chosen and alpha == 30.0 and control.label == "random 5"
+    target = _kl_by_hand(tiny_model, chosen, 30.0, documents, 24)
+    cost = _kl_by_hand(tiny_model, control, control_alpha, documents, 24)
+    assert target > 0 and abs(cost - target) <= 0.05 * target
+    assert control.match["matched"] and control.match["kl"] == pytest.approx(cost, rel=1e-4)
+    assert control.match["target_kl"] == pytest.approx(target, rel=1e-4)
+    torch.testing.assert_close(control.norms(), chosen.norms(), atol=1e-5, rtol=1e-5)
+    # a cost the start alpha misses (five times the steering's) is met by a larger alpha
+    dearer, dearer_alpha = steering.cost_matched(tiny_model, control, 5 * target, kl_base,
+                                                 start=30.0, tolerance=0.05)
+    assert dearer_alpha > 30.0 and dearer.match["steps"] > 1
+    assert abs(_kl_by_hand(tiny_model, control, dearer_alpha, documents, 24) - 5 * target) <= (
+        0.05 * 5 * target)
+
+
+def test_a_control_that_cannot_match_says_so(tiny_model, pairs):
+    chosen = steering.residual_steering(tiny_model, pairs, 1)
+    kl_base = evaluation.KLBase.build(tiny_model, evaluation.load_kl_corpus()[:2],
+                                      max_tokens=16, batch_size=2)
+    control, alpha = steering.cost_matched(tiny_model, steering.random_control(chosen),
+                                           1e9, kl_base, start=1.0, max_steps=3)
+    assert not control.match["matched"] and control.match["steps"] == 3 and alpha == 4.0
+    with pytest.raises(ValueError, match="must be positive"):
+        steering.cost_matched(tiny_model, chosen, 0.0, kl_base, start=1.0)
+    with pytest.raises(ValueError, match="head alphas"):
+        steering.settings(tiny_model, pairs, heads=HEADS, residual_alphas=[1.0])
+    with pytest.raises(ValueError, match="residual alphas"):
+        steering.settings(tiny_model, pairs, layers=[0], head_alphas=[1.0])
 
 
 def _empty(pairs):
