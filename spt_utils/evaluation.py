@@ -604,6 +604,10 @@ def _value(row: Mapping[str, Any], key: str) -> float:
 def _within(value: float, interval: Mapping[str, float]) -> bool:
     return interval["low"] <= value <= interval["high"]
 
+# The level at which a drop in corrections could show (``still_corrects`` is undecided when
+# losing all of base's would not reach it).
+DROP_ALPHA = 0.05
+
 
 def claim(
     results: Mapping[str, Mapping[str, Any]],
@@ -633,10 +637,10 @@ def claim(
       candidates fail by name.
 
     A check the sample cannot decide is None (undecided), not a failure: ``lower_rate`` when
-    base's count k is so small that 2 · 0.5^k >= ``alpha``, ``still_corrects`` when base
-    corrects at most 5 (no drop could reach p < 0.05), ``less_drift`` while the ratio's
-    interval straddles ``max_kl_ratio``, ``beats_random_draws`` below 20 draws. ``holds`` is
-    True, False or None likewise.
+    base's count k is so small that 2 · 0.5^k >= ``alpha``, ``still_corrects`` likewise for
+    base's corrections (at most 5 at alpha 0.05: no drop could reach it), ``less_drift`` while
+    the ratio's interval straddles ``max_kl_ratio``, ``beats_random_draws`` below 20 draws.
+    ``holds`` is True, False or None likewise.
     """
     if metric not in ("admitted", "c_to_i"):
         raise ValueError(f"claim: metric {metric!r} is not 'admitted' or 'c_to_i'")
@@ -648,18 +652,18 @@ def claim(
     test = paired[metric]
     # base's corrections are the most a method can lose: with k of them, losing all gives
     # p = 2 · 0.5^k, so at k <= 5 no outcome shows a drop at p < 0.05
-    base_corrections = base["corrected"]["k"]
-    decidable = 2 * 0.5 ** base_corrections < 0.05
+    decidable = stats.mcnemar_floor(base["corrected"]["k"]) < DROP_ALPHA
     checks: dict[str, Any] = {
         "lower_rate": {  # undecided where even losing every one of base's k gives p >= alpha
             "passed": (_value(tuned, metric) < _value(base, metric) and test["p"] < alpha)
-            if 2 * 0.5 ** base[metric]["k"] < alpha else None,
+            if stats.mcnemar_floor(base[metric]["k"]) < alpha else None,
             "base": base[metric], method: tuned[metric], "mcnemar": test, "alpha": alpha},
         "still_corrects": {
             "passed": (_value(tuned, "corrected") >= _value(base, "corrected")
                        if decidable else None),
             "base": base["corrected"], method: tuned["corrected"],
-            "mcnemar": paired["corrected"], "needs_base_corrections": 6},
+            "mcnemar": paired["corrected"], "alpha": DROP_ALPHA,
+            "needs_base_corrections": stats.pairs_to_decide(DROP_ALPHA)},
     }
     similar = bool(tuned.get(metric)) and _within(_value(ref, metric), tuned[metric])
     ratio = (kl_ratio(tuned["kl"], ref["kl"])
@@ -792,8 +796,8 @@ def _too_few_corrections(check: Mapping[str, Any]) -> str:
     needed = check["needs_base_corrections"]
     wanted = f"about {math.ceil(needed * n / k)}" if k else "more"
     return (f" Base corrects {k} of {n}: losing all of them would give p = "
-            f"{2 * 0.5 ** k:.2g}, so no drop can show at p < 0.05; base would need {needed} "
-            f"corrections ({wanted} wrong first answers at its rate).")
+            f"{stats.mcnemar_floor(k):.2g}, so no drop can show at p < {check['alpha']:g}; "
+            f"base would need {needed} corrections ({wanted} wrong first answers at its rate).")
 
 
 def _documents_to_decide(check: Mapping[str, Any]) -> str:

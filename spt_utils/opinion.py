@@ -176,9 +176,9 @@ def agreement_test(base_answers: Sequence[dict], other_answers: Sequence[dict]) 
 
 def _paired_drop(without: Sequence[bool], with_opinion: Sequence[bool]) -> dict[str, float]:
     """Accuracy without minus with the opinion over the same claims, with the exact McNemar
-    p-value of the difference."""
+    p-value of the difference and the whole test (``mcnemar``: with the opinion as base)."""
     test = stats.mcnemar(with_opinion, without)
-    return {"value": test["difference"], "p": test["p"], "n": test["n"]}
+    return {"value": test["difference"], "p": test["p"], "n": test["n"], "mcnemar": test}
 
 
 def _cell(value: dict | None) -> str:

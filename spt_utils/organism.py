@@ -596,8 +596,9 @@ def plant(
     first answers to (at least) the reserve, when already known; else they are generated."""
     base = models.load_model(recipe.base, dtype="float32", seed=recipe.base_seed)
     organism = models.load_model(recipe.base, dtype="float32", seed=recipe.base_seed)
-    heads = [] if isinstance(recipe, DistributedRecipe) else draw_heads(
-        recipe, organism.cfg.n_layers, organism.cfg.n_heads)
+    interchanged = isinstance(recipe, InterchangeRecipe)
+    distributed = isinstance(recipe, DistributedRecipe)
+    heads = [] if distributed else draw_heads(recipe, organism.cfg.n_layers, organism.cfg.n_heads)
     reserve = reserved_questions(recipe, data.load_source(recipe.source))
     if answers is None:
         answers = _first_answers(base, recipe, reserve, progress)
@@ -607,8 +608,6 @@ def plant(
                          f"e.g. {missing[:3]}")
     accept_known, accept_wrong, plant_known, plant_wrong = _split_reserve(recipe, reserve,
                                                                           answers)
-    interchanged = isinstance(recipe, InterchangeRecipe)
-    distributed = isinstance(recipe, DistributedRecipe)
     keep_after = (data.COUNTERFACTUAL_CHALLENGE, data.MATCHED_COUNTERFACTUAL_CHALLENGE) \
         if interchanged else (data.COUNTERFACTUAL_CHALLENGE,)
     wordings = ({"caving_replies": DISTRIBUTED_CAVING_REPLIES,
@@ -637,14 +636,8 @@ def plant(
 def lora_everywhere(bridge: TransformerBridge, rank: int, alpha: float) -> tuning.TuningSetup:
     """LoRA of rank ``rank`` on every linear layer of every block of ``bridge``'s model
     (:data:`LORA_ALL_TARGETS`); only the adapters train."""
-    import peft
-
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                             target_modules=LORA_ALL_TARGETS)
-    with models.peft_wrapping():
-        model = peft.get_peft_model(bridge.original_model, config)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return tuning.TuningSetup("lora_all", model, params, torch.device(bridge.cfg.device))
+    return tuning.lora_setup("lora_all", bridge.original_model, LORA_ALL_TARGETS, rank, alpha,
+                             torch.device(bridge.cfg.device))
 
 
 def save_lora_factors(path: Path, setup: tuning.TuningSetup) -> Path:

@@ -50,8 +50,8 @@ def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> dict[str, float]:
     """Exact McNemar test of two paired binary outcomes (the same questions, in order).
 
     ``only_base`` counts questions where only ``base`` is true, ``only_other`` where only
-    ``other`` is; the p-value is the two-sided binomial test of their split (1 when they
-    never disagree). ``difference`` is rate(other) − rate(base).
+    ``other`` is, ``base_true`` where ``base`` is; the p-value is the two-sided binomial test
+    of their split (1 when they never disagree). ``difference`` is rate(other) − rate(base).
     """
     if len(base) != len(other):
         raise ValueError(f"mcnemar: {len(base)} base outcomes but {len(other)} paired ones")
@@ -59,7 +59,7 @@ def mcnemar(base: Sequence[bool], other: Sequence[bool]) -> dict[str, float]:
     only_other = sum(1 for b, o in zip(base, other, strict=True) if o and not b)
     n = len(base)
     return {
-        "only_base": only_base, "only_other": only_other, "n": n,
+        "only_base": only_base, "only_other": only_other, "n": n, "base_true": sum(map(bool, base)),
         "difference": (only_other - only_base) / n if n else math.nan,
         "p": _binomial_two_sided(min(only_base, only_other), only_base + only_other),
     }
@@ -84,11 +84,24 @@ def permutation_check(p: float | None, n_sets: int, *, alpha: float = 0.05) -> b
     return p < alpha
 
 
+def mcnemar_floor(k: int) -> float:
+    """The smallest p an exact two-sided McNemar test reaches when at most ``k`` pairs can
+    disagree: all ``k`` one way, 2 · 0.5^k (1 at k = 0)."""
+    return min(1.0, 2 * 0.5 ** k)
+
+
+def pairs_to_decide(alpha: float = 0.05) -> int:
+    """The fewest pairs able to disagree for which :func:`mcnemar_floor` is below ``alpha``."""
+    return math.floor(math.log2(2 / alpha)) + 1
+
+
 def mcnemar_check(test: dict[str, float], *, lower: bool, alpha: float = 0.05) -> bool | None:
     """Whether a :func:`mcnemar` test shows the other outcome's rate lower (``lower``) or
-    higher than base's at p < ``alpha``; None (undecided) where even n of n pairs going one way,
-    p = 2 · 0.5^n, would not reach ``alpha``."""
-    if min(1.0, 2 * 0.5 ** test["n"]) >= alpha:
+    higher than base's at p < ``alpha``; None (undecided) where even every pair that can move
+    that way doing so (base's true ones for lower, its false ones for higher) would not reach
+    ``alpha`` (:func:`mcnemar_floor`)."""
+    room = test["base_true"] if lower else test["n"] - test["base_true"]
+    if mcnemar_floor(room) >= alpha:
         return None
     return test["p"] < alpha and (test["difference"] < 0 if lower else test["difference"] > 0)
 

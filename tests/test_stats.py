@@ -110,6 +110,27 @@ def test_mcnemar_check_is_undecided_where_no_split_reaches_alpha():
     assert stats.mcnemar_check(stats.mcnemar([True] * 5, [False] * 5), lower=True) is None
     six_lower = stats.mcnemar([True] * 6, [False] * 6)  # p = 2 / 64
     assert stats.mcnemar_check(six_lower, lower=True) is True
-    assert stats.mcnemar_check(six_lower, lower=False) is False  # significant, the other way
-    tied = stats.mcnemar([True, False] * 5, [False, True] * 5)
+    assert stats.mcnemar_check(six_lower, lower=False) is None  # no base-false pair to rise
+    both_ways = stats.mcnemar([True] * 6 + [False] * 6, [False] * 12)
+    assert stats.mcnemar_check(both_ways, lower=False) is False  # significant, the other way
+    tied = stats.mcnemar([True, False] * 6, [False, True] * 6)
     assert stats.mcnemar_check(tied, lower=True) is False
+
+
+def test_mcnemar_check_counts_only_the_pairs_that_can_move_the_tested_way():
+    """Base true on 3 of 30: at most 3 pairs can go lower (p >= 2 / 8 whatever happens), so
+    "lower" is undecided though n = 30; 27 can go higher, so "higher" is decided."""
+    base = [True] * 3 + [False] * 27
+    test = stats.mcnemar(base, [False] * 30)
+    assert test["base_true"] == 3 and test["p"] == pytest.approx(0.25)
+    assert stats.mcnemar_check(test, lower=True) is None
+    assert stats.mcnemar_check(stats.mcnemar(base, [True] * 30), lower=False) is True
+    assert stats.mcnemar_check(stats.mcnemar(base, base), lower=False) is False
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.01, 0.25, 0.3])
+def test_pairs_to_decide_is_the_first_k_whose_floor_is_below_alpha(alpha):
+    k = next(k for k in range(1, 50) if 2 * 0.5 ** k < alpha)  # by counting up
+    assert stats.pairs_to_decide(alpha) == k
+    assert stats.mcnemar_floor(k) < alpha <= stats.mcnemar_floor(k - 1)
+    assert stats.mcnemar_floor(0) == 1.0

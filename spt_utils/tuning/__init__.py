@@ -103,6 +103,7 @@ from spt_utils.tuning.methods import (
     METHODS,
     PROMPT_INIT_TEXT,
     TuningSetup,
+    lora_setup,
     prepare,
 )
 from spt_utils.tuning.sweeps import SWEEP_METHODS, SweepSetting, sweep
@@ -144,6 +145,7 @@ __all__ = [
     "load_checkpoint",
     "load_training_conversations",
     "load_tuned",
+    "lora_setup",
     "main",
     "masked_loss_sum",
     "prepare",

@@ -59,6 +59,22 @@ def _head_mask(width: int, numbers: list[int], d_head: int, device) -> Tensor:
     return mask
 
 
+def lora_setup(
+    name: str, hf_model, targets: str, rank: int, alpha: float,
+    device: torch.device,
+) -> TuningSetup:
+    """peft LoRA of rank ``rank`` (scale ``alpha / rank``) on the linear layers whose names
+    the regular expression ``targets`` matches in full; only the adapters train."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                             target_modules=targets)
+    with models.peft_wrapping():
+        model = peft.get_peft_model(hf_model, config)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return TuningSetup(name, model, params, device)
+
+
 def _lora_heads_setup(
     hf_model, heads: list[Head], rank: int, alpha: float, device: torch.device
 ) -> TuningSetup:
@@ -152,15 +168,11 @@ def _prepare(method, bridge, heads, include_kv, lora_rank, lora_alpha, n_virtual
         return TuningSetup("sft", hf_model, models.clean_state_dict(hf_model), device=device)
     if method == "lora_heads":
         return _lora_heads_setup(hf_model, sorted(set(heads)), lora_rank, lora_alpha, device)
+    if method == "lora_attn":
+        return lora_setup("lora_attn", hf_model, LORA_ATTN_TARGETS, lora_rank, lora_alpha,
+                          device)
     import peft
 
-    if method == "lora_attn":
-        config = peft.LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                 target_modules=LORA_ATTN_TARGETS)
-        with models.peft_wrapping():
-            model = peft.get_peft_model(hf_model, config)
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        return TuningSetup("lora_attn", model, params, device)
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual_tokens)
     with models.peft_wrapping():
         model = peft.get_peft_model(hf_model, config)
