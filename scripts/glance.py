@@ -1,12 +1,16 @@
-"""Results at a glance: the README's opening results block, written from a run's saved
-summaries so that it cannot drift from them.
+"""Results at a glance: the README's opening results block, and its table of every method on
+every model, written from runs' saved summaries so that they cannot drift from them.
 
     python scripts/glance.py runs/<timestamp>            # print the block
     python scripts/glance.py runs/<timestamp> --record   # copy the summaries to docs/record/
                                                          # and rewrite README.md's block
+    python scripts/glance.py runs/<timestamp> --model    # copy the run's results to
+                                                         # docs/record/models/<model>/ and
+                                                         # rewrite README.md's table
 
 The block reads only the files :data:`RECORD_FILES` names (``--record`` copies them into
-``docs/record/``, which the tests compare the README against).
+``docs/record/``, which the tests compare the README against); the table reads the run of
+record's and each ``docs/record/models/<model>/``'s :data:`MODEL_FILES`.
 """
 
 from __future__ import annotations
@@ -22,18 +26,38 @@ from spt_utils.evaluation import METRIC_NAMES
 REPO = Path(__file__).resolve().parent.parent
 RECORD = REPO / "docs" / "record"
 RECORD_FILES = ("manifest.json", "heads.json", "knockout/summary.json", "results.json")
+MODELS = RECORD / "models"
+MODEL_FILES = ("manifest.json", "results.json")
 BEGIN, END = "<!-- glance -->", "<!-- /glance -->"
+TABLE_BEGIN, TABLE_END = "<!-- models -->", "<!-- /models -->"
 SHOWN = (("admitted", "admitted a mistake"), ("c_to_i", "C→I"),
          ("corrected", "corrected (wrong before)"), ("general_accuracy", "general accuracy"))
+# the table of every model: the claim's rates, general ability and drift
+TABLE_SHOWN = (("admitted", "admitted a mistake"), ("c_to_i", "C→I"),
+               ("general_accuracy", "general accuracy"))
 
 
-def load(run_dir: Path) -> dict[str, dict]:
+def load(run_dir: Path, files: tuple[str, ...] = RECORD_FILES) -> dict[str, dict]:
     """The run's summaries by file name; a missing one is an error naming it."""
-    missing = [name for name in RECORD_FILES if not (run_dir / name).is_file()]
+    missing = [name for name in files if not (run_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir}: no {', '.join(missing)} (a finished `make run` "
                                 "writes them)")
-    return {name: json.loads((run_dir / name).read_text()) for name in RECORD_FILES}
+    return {name: json.loads((run_dir / name).read_text()) for name in files}
+
+
+def load_models(record: Path = RECORD, models: Path = MODELS) -> list[dict[str, dict]]:
+    """The run of record's summaries, then each other model's in ``models`` (by name); a
+    model recorded twice is an error."""
+    runs = [load(record, MODEL_FILES)]
+    runs += [load(folder, MODEL_FILES) for folder in sorted(models.iterdir())
+             if folder.is_dir()] if models.is_dir() else []
+    names = [run["manifest.json"]["model"] for run in runs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{models}: {', '.join(twice)} recorded more than once (the run of "
+                         f"record's model is in {record} itself)")
+    return runs
 
 
 def head(h: list[int]) -> str:
@@ -73,35 +97,71 @@ def block(saved: dict[str, dict]) -> str:
     lines += ["", "| method | " + " | ".join(label for _, label in SHOWN) + " | KL per token |",
               "| --- |" + " --- |" * (len(SHOWN) + 1)]
     for name, row in results["results"].items():
-        kl = row.get("kl")
-        cells = [stats.format_rate(row.get(key)) for key, _ in SHOWN]
-        cells.append("–" if kl is None else f"{kl['value']:.3f} [{kl['low']:.3f}, "
-                     f"{kl['high']:.3f}]")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells(row, SHOWN)) + " |")
     draws = [name for name in results["results"] if name.startswith("spt_random_")]
     if len(draws) == 1:
         lines += ["", f"`{draws[0]}` is SPT on one draw of random heads: one draw is not a "
                       "test of whether the found heads matter."]
     claim = results.get("claim")
     if claim:
-        failed = [key for key, check in claim["checks"].items() if check["passed"] is False]
-        open_ = [key for key, check in claim["checks"].items() if check["passed"] is None]
-        verdict = {True: "holds", False: "does not hold", None: "is undecided at this n"}[
-            claim["holds"]]
-        lines += ["", f"The claim for {claim['method']} on {METRIC_NAMES[claim['metric']]} "
-                      f"**{verdict}**" + (f" (failed: {', '.join(failed)})" if failed else "")
-                  + (f" (undecided: {', '.join(open_)})" if open_ else "") + "."]
+        lines += ["", f"The claim {claim_verdict(claim)}."]
     return "\n".join(lines) + "\n"
 
 
-def rewrite(readme: Path, text: str) -> None:
-    """Replace what stands between the README's glance markers by ``text``."""
+def cells(row: dict, shown: tuple[tuple[str, str], ...]) -> list[str]:
+    """A results row's rates (interval and n) and its KL per token with its interval."""
+    kl = row.get("kl")
+    return [*(stats.format_rate(row.get(key)) for key, _ in shown),
+            "–" if kl is None else f"{kl['value']:.3f} [{kl['low']:.3f}, {kl['high']:.3f}]"]
+
+
+def claim_verdict(claim: dict) -> str:
+    """``for spt on admitted mistakes **does not hold** (failed: less_drift)``."""
+    failed = [key for key, check in claim["checks"].items() if check["passed"] is False]
+    open_ = [key for key, check in claim["checks"].items() if check["passed"] is None]
+    verdict = {True: "holds", False: "does not hold", None: "is undecided at this n"}[
+        claim["holds"]]
+    return (f"for {claim['method']} on {METRIC_NAMES[claim['metric']]} **{verdict}**"
+            + (f" (failed: {', '.join(failed)})" if failed else "")
+            + (f" (undecided: {', '.join(open_)})" if open_ else ""))
+
+
+def command(manifest: dict) -> str:
+    """The command that reproduces a run: its model and profile (seed 0 is the default)."""
+    settings = [f"SPT_MODEL={manifest['model']}"]
+    if manifest["profile"] != "cpu":
+        settings.append(f"SPT_PROFILE={manifest['profile']}")
+    if manifest["seed"] != 0:
+        settings.append(f"SPT_SEED={manifest['seed']}")
+    return " ".join(settings) + " make run"
+
+
+def models_block(runs: list[dict[str, dict]]) -> str:
+    """One table of every method on every model (rates with interval and n, KL with its
+    interval), each model's rows from its own run, then each model's run and claim."""
+    lines = ["| model | method | " + " | ".join(label for _, label in TABLE_SHOWN)
+             + " | KL per token |", "| --- | --- |" + " --- |" * (len(TABLE_SHOWN) + 1)]
+    notes = [""]
+    for run in runs:
+        manifest, results = run["manifest.json"], run["results.json"]
+        model = f"`{manifest['model']}`"
+        for name, row in results["results"].items():
+            lines.append(f"| {model} | {name} | " + " | ".join(cells(row, TABLE_SHOWN)) + " |")
+        claim = results.get("claim")
+        notes.append(f"- {model}: `{command(manifest)}` (commit {manifest['git_commit'][:7]}); "
+                     + (f"the claim {claim_verdict(claim)}." if claim else "no claim checked."))
+    return "\n".join(lines + notes) + "\n"
+
+
+def rewrite(readme: Path, text: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Replace what stands between the README's ``markers`` by ``text``."""
+    begin, end = markers
     current = readme.read_text()
-    if BEGIN not in current or END not in current:
-        raise ValueError(f"{readme}: no {BEGIN} … {END} markers to write the block between")
-    before, rest = current.split(BEGIN, 1)
-    _, after = rest.split(END, 1)
-    readme.write_text(f"{before}{BEGIN}\n{text}{END}{after}")
+    if begin not in current or end not in current:
+        raise ValueError(f"{readme}: no {begin} … {end} markers to write the block between")
+    before, rest = current.split(begin, 1)
+    _, after = rest.split(end, 1)
+    readme.write_text(f"{before}{begin}\n{text}{end}{after}")
 
 
 def main() -> None:
@@ -109,16 +169,30 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--record", action="store_true",
                         help="copy the summaries to docs/record/ and rewrite README.md")
+    parser.add_argument("--model", action="store_true",
+                        help="copy the run's results to docs/record/models/<model>/ and "
+                             "rewrite README.md's table of every model")
     args = parser.parse_args()
-    saved = load(args.run_dir)
-    text = block(saved)
-    if args.record:
-        for name in RECORD_FILES:  # (rewriting the README from docs/record copies nothing)
-            if (args.run_dir / name).resolve() != (RECORD / name).resolve():
-                (RECORD / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(args.run_dir / name, RECORD / name)
-        rewrite(REPO / "README.md", text)
+    if args.model:
+        saved = load(args.run_dir, MODEL_FILES)
+        copy(args.run_dir, MODELS / saved["manifest.json"]["model"], MODEL_FILES)
+        text = models_block(load_models())
+        rewrite(REPO / "README.md", text, (TABLE_BEGIN, TABLE_END))
+    else:
+        text = block(load(args.run_dir))
+        if args.record:
+            copy(args.run_dir, RECORD, RECORD_FILES)
+            rewrite(REPO / "README.md", text)
+            rewrite(REPO / "README.md", models_block(load_models()), (TABLE_BEGIN, TABLE_END))
     print(text)
+
+
+def copy(run_dir: Path, folder: Path, files: tuple[str, ...]) -> None:
+    """The run's ``files`` into ``folder`` (rewriting from the record itself copies nothing)."""
+    for name in files:
+        if (run_dir / name).resolve() != (folder / name).resolve():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / name, folder / name)
 
 
 if __name__ == "__main__":

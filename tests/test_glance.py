@@ -60,3 +60,37 @@ def test_rewrite_replaces_only_the_block(glance, tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- glance --> … <!-- /glance --> markers"):
         glance.rewrite(readme, "new\n")
+
+
+def test_the_readme_table_is_the_scripts_output_for_every_recorded_model(glance):
+    """Issue 37: one table of every method on every model, from the committed records."""
+    readme = (REPO / "README.md").read_text()
+    written = readme.split(glance.TABLE_BEGIN + "\n", 1)[1].split(glance.TABLE_END, 1)[0]
+    assert written == glance.models_block(glance.load_models())
+
+
+def _record(folder, model, profile="cpu", seed=0):
+    """A model's record: the run of record's results under another model's manifest."""
+    folder.mkdir(parents=True)
+    manifest = json.loads((REPO / "docs/record/manifest.json").read_text())
+    manifest.update(model=model, profile=profile, seed=seed)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "results.json").write_text((REPO / "docs/record/results.json").read_text())
+
+
+def test_the_table_has_a_row_per_method_and_model_and_each_runs_command(glance, tmp_path):
+    _record(tmp_path / "record", "organism-a")
+    _record(tmp_path / "models" / "model-b", "model-b", profile="full", seed=3)
+    results = json.loads((tmp_path / "models/model-b/results.json").read_text())
+    results["results"]["spt"]["admitted"] = {"value": 0.5, "low": 0.25, "high": 0.75,
+                                             "k": 7, "n": 14}
+    (tmp_path / "models/model-b/results.json").write_text(json.dumps(results))
+    text = glance.models_block(glance.load_models(tmp_path / "record", tmp_path / "models"))
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 2 * len(results["results"])
+    assert "| `model-b` | spt | 0.50 [0.25, 0.75] (7/14) |" in text
+    assert "`SPT_MODEL=organism-a make run`" in text
+    assert "`SPT_MODEL=model-b SPT_PROFILE=full SPT_SEED=3 make run`" in text
+    _record(tmp_path / "models" / "again", "organism-a")
+    with pytest.raises(ValueError, match="organism-a recorded more than once"):
+        glance.load_models(tmp_path / "record", tmp_path / "models")
