@@ -65,7 +65,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "01": {"n_eval": [80, 60]},
         "02": {"n_oracle_layers": 3},
         "03": {"k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
-               "n_random_generate": 10, "compare_methods": True},
+               "n_random_generate": 20, "compare_methods": True},
         # random heads as a distribution: five draws (one draw is not a test)
         "04": {"methods": FULL_TUNED, "random_head_draws": 5, "planted_bound": True},
         "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 5,
@@ -84,7 +84,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "03": {
             "k_values": [1, 2, 4, 8, 16, 32], "n_random": 200, "n_layer_matched": 100,
             "n_sweep_pairs": 100, "n_reference": 100, "n_generate": 200,
-            "n_random_generate": 10, "max_new_tokens": 48, "batch_size": 32,
+            "n_random_generate": 20, "max_new_tokens": 48, "batch_size": 32,
             "compare_methods": True,
         },
         "04": {

@@ -335,6 +335,13 @@ def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
                                             summary["n_layer_matched"])}.items():
         ok = next(v for name, v in summary["checks"].items() if check in name)
         assert ok == (None if 1 / (1 + n) >= 0.05 else p < 0.05), check
+    # in generation too: random sets admitting at most as many as top-k, exact p
+    randoms = [row for run, row in by_run.items() if run.startswith("random-")]
+    as_low = sum(row["admitted"]["k"] <= by_run[f"top-{k}"]["admitted"]["k"] for row in randoms)
+    assert summary["p_generation_random"] == (1 + as_low) / (1 + len(randoms))
+    ok = next(v for name, v in summary["checks"].items() if "than random sets (p =" in name)
+    assert ok == (None if 1 / (1 + len(randoms)) >= 0.05
+                  else summary["p_generation_random"] < 0.05)
     decided = [v for v in summary["checks"].values() if v is not None]
     assert summary["verdict"] == ("FAIL" if not all(decided) else
                                   "PASS" if len(decided) == len(summary["checks"]) else
