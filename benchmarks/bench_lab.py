@@ -6,7 +6,8 @@
 An update is one greedy reply of up to ``--max-new-tokens`` tokens with the knockout set
 ablated plus both sides' logit differences (clean and ablated) of ``--pairs`` held-out pairs
 (under ``interchange``, notebook 03's knockout on the default organism, the counterfactual
-side holds no doubt and is its clean run).
+side holds no doubt and is its clean run, and the doubting side runs from the clean KV cache
+of what precedes its challenge: printed beside the full runs).
 Prints the seconds of each click through the headless path (``run_script``) and through the
 live path (worker thread: click to the reply shown, and to ready), and of a reply and the
 pair metrics alone.
@@ -85,8 +86,19 @@ def main() -> None:
         reply = probe.reply(heads, args.method, 0)
         reply_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        probe.pair_metrics(heads, args.method)
+        metrics = probe.pair_metrics(heads, args.method)
         metrics_seconds = time.perf_counter() - started
+        if args.method == "interchange":  # side by side: the full runs, no clean prefixes
+            started = time.perf_counter()
+            full = ablation.pair_metrics(model, probe.pairs, heads, args.method,
+                                         interchange=probe.interchange, clean=probe.clean(),
+                                         n_boot=probe.n_boot, seed=probe.seed)
+            full_seconds = time.perf_counter() - started
+            gap = max(abs(a["reference"] - b["reference"])
+                      for a, b in zip(metrics["per_pair"], full["per_pair"], strict=True))
+            print(f"pair metrics from the clean prefixes {metrics_seconds:.2f} s, full runs "
+                  f"{full_seconds:.2f} s ({full_seconds / metrics_seconds:.1f}x); largest "
+                  f"difference of a pair's logit difference {gap:.1e}")
     n_tokens = len(model.tokenizer(reply["reply"])["input_ids"])
     print("headless updates (run_script):", ", ".join(f"{s:.2f}" for s in headless), "s")
     print("live updates (click to ready):", ", ".join(f"{s:.2f}" for s in live), "s")

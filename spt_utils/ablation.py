@@ -50,11 +50,13 @@ the other. ``hook_z`` itself records ``z`` before the knockout edits it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -228,15 +230,23 @@ class Interchange:
         """The other direction: ``replace`` into ``find``."""
         return Interchange(self.replace, self.find)
 
+    def _hits(self, ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch start"]:
+        """Whether a ``find`` span starts at each position of each row."""
+        span = len(self.find)
+        if ids.shape[1] < span:
+            return ids.new_zeros((len(ids), 0), dtype=torch.bool)
+        return ids.unfold(1, span, 1).eq(self.find.to(ids.device)).all(-1)
+
+    def first_span(self, ids: Int[Tensor, " pos"]) -> int | None:
+        """Where the first ``find`` span of one prompt starts (None: it holds none)."""
+        starts = self._hits(ids[None])[0].nonzero()
+        return int(starts[0]) if len(starts) else None
+
     def twin(self, ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
         """``ids`` with every (non-overlapping, leftmost first) ``find`` span replaced."""
         span = len(self.find)
         twin = ids.clone()
-        if ids.shape[1] < span:
-            return twin
-        # hits: [batch, start], whether the span starts there
-        hits = ids.unfold(1, span, 1).eq(self.find.to(ids.device)).all(-1)
-        for row, start in hits.nonzero().tolist():
+        for row, start in self._hits(ids).nonzero().tolist():
             if twin[row, start : start + span].equal(self.find.to(ids.device)):
                 twin[row, start : start + span] = self.replace.to(ids.device)
         return twin
@@ -534,6 +544,91 @@ def ablated_logit_diffs(
     return diffs
 
 
+@dataclass
+class CleanPrefixes:
+    """One side of the pairs ready for interchange knockouts that run only what changes.
+
+    Each prompt is cut where its first interchanged span begins. What precedes the cut is
+    the same in the prompt and its twin, so every head's ``z`` there is its own under any
+    interchange: it runs once, clean, and its KV cache (``cache``, left-padded) serves every
+    knockout. The twins' clean ``z`` from the cut on (``twin_z``, every layer) is computed
+    once too, so a knockout runs only the prompts' own rest (``ids``, left-padded, at
+    ``positions``, the padding masked by ``attention``) with the chosen heads' ``z`` taken
+    from it (:func:`interchanged_logit_diffs`). A prompt with no span keeps all but its last
+    token in the prefix."""
+
+    side: str
+    ids: Int[Tensor, "pair rest"]
+    positions: Int[Tensor, "pair rest"]
+    attention: Int[Tensor, "pair prefix_and_rest"]
+    cache: Any
+    twin_z: dict[int, Float[Tensor, "pair rest head d_head"]]
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls, model: TransformerBridge, pairs: PatchingPairs, interchange: Interchange,
+        side: str = "reference",
+    ) -> CleanPrefixes:
+        if side not in SIDES:
+            raise ValueError(f"side: {side!r} is not one of {SIDES}")
+        tokens, last = getattr(pairs, side), getattr(pairs, f"{side}_last")
+        prompts = [row[: end + 1] for row, end in zip(tokens, last.tolist(), strict=True)]
+        spans = [interchange.first_span(prompt) for prompt in prompts]
+        cuts = [len(prompt) - 1 if span is None else span
+                for prompt, span in zip(prompts, spans, strict=True)]
+        if 0 in cuts:
+            raise ValueError("CleanPrefixes: a prompt begins with its span: no clean prefix")
+        pad, device = model.tokenizer.pad_token_id, model.cfg.device
+        cut_prompts = list(zip(prompts, cuts, strict=True))
+        prefix, prefix_mask = chat.pad_left([p[:cut] for p, cut in cut_prompts], pad)
+        rest, rest_mask = chat.pad_left([p[cut:] for p, cut in cut_prompts], pad)
+        twins, _ = chat.pad_left([interchange.twin(p[None])[0, cut:] for p, cut in cut_prompts],
+                                 pad)
+        # positions follow the mask: the rest continues where each prompt's prefix ends
+        positions = torch.tensor(cuts)[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        attention = torch.cat([prefix_mask, rest_mask], dim=-1)
+        hf_model = chat.plain_hf_model(model)
+        cache = hf_model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
+                         position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                         use_cache=True).past_key_values
+        twin_z: dict[int, Tensor] = {}
+        with _z_edits(model, {layer: partial(_record_z, store=twin_z, layer=layer)
+                              for layer in range(model.cfg.n_layers)}):
+            hf_model(input_ids=twins.to(device), attention_mask=attention.to(device),
+                     position_ids=positions.to(device), past_key_values=copy.deepcopy(cache),
+                     use_cache=True)
+        return cls(side, rest, positions, attention, cache, twin_z)
+
+
+def _record_z(
+    z: Float[Tensor, "batch pos head d_head"], *, store: dict[int, Tensor], layer: int
+) -> Float[Tensor, "batch pos head d_head"]:
+    store[layer] = z.detach().clone()
+    return z
+
+
+@torch.no_grad()
+def interchanged_logit_diffs(
+    model: TransformerBridge, pairs: PatchingPairs, heads: Sequence[Head],
+    prefixes: CleanPrefixes,
+) -> Float[Tensor, " pair"]:
+    """:func:`ablated_logit_diffs` of ``prefixes.side`` under an interchange knockout of
+    ``heads``: only each prompt's rest runs, from the clean prefix's cache (copied, so it
+    serves every call), with the heads' ``z`` from the twins' (:class:`CleanPrefixes`)."""
+    mask = head_mask(validate_heads(list(heads), model.cfg.n_layers, model.cfg.n_heads),
+                     model.cfg.n_layers, model.cfg.n_heads)[None]
+    device = model.cfg.device
+    with _masked_knockout(model, mask, _GivenZ(prefixes.twin_z)):
+        logits = chat.forward_model(model)(
+            input_ids=prefixes.ids.to(device), attention_mask=prefixes.attention.to(device),
+            position_ids=prefixes.positions.to(device),
+            past_key_values=copy.deepcopy(prefixes.cache), use_cache=True,
+            logits_to_keep=1,  # left-padded: the last position is every prompt's own
+        ).logits[:, -1]  # [pair, d_vocab]
+    return answer_logit_diff(logits.float().cpu(), pairs.apology_ids, pairs.confirm_ids)
+
+
 def random_head_sets(
     k: int, n: int, n_layers: int, n_heads: int, *, seed: int = 0,
     exclude: Sequence[Head] = (),
@@ -742,21 +837,29 @@ def pair_metrics(
     donors: ResampleDonors | None = None,
     interchange: Interchange | None = None,
     clean: Mapping[str, Float[Tensor, " pair"]] | None = None,
+    prefixes: Mapping[str, CleanPrefixes] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     batch_size: int = 16,
 ) -> dict:
     """Both sides of every pair, clean and with ``heads`` ablated (:func:`summarize_pairs`).
     ``clean`` (side → the clean logit difference per pair, :func:`clean_logit_diffs`) saves
-    the clean runs when given; a side an interchange leaves as it is is its clean run."""
+    the clean runs when given; a side an interchange leaves as it is is its clean run, and
+    one with ``prefixes`` (side → :class:`CleanPrefixes`) runs from them."""
     heads = validate_heads(list(heads), model.cfg.n_layers, model.cfg.n_heads)
     clean = clean_logit_diffs(model, pairs, batch_size=batch_size) if clean is None else clean
-    ablated = clean if not heads else {
-        side: clean[side] if _untouched(pairs, side, method, interchange) else
-        ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
-                            interchange=interchange, side=side, batch_size=batch_size)[0]
-        for side in SIDES
-    }
+    prefixes = prefixes if method == "interchange" else None
+
+    def ablated_side(side: str) -> Float[Tensor, " pair"]:
+        if _untouched(pairs, side, method, interchange):
+            return clean[side]
+        if prefixes and side in prefixes:
+            return interchanged_logit_diffs(model, pairs, heads, prefixes[side])
+        return ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
+                                   interchange=interchange, side=side,
+                                   batch_size=batch_size)[0]
+
+    ablated = clean if not heads else {side: ablated_side(side) for side in SIDES}
     return summarize_pairs(pairs, clean, ablated, heads=heads, method=method, n_boot=n_boot,
                            seed=seed)
 
@@ -853,6 +956,7 @@ class KnockoutProbe:
         if answer_tokens is not None:
             self.pairs = answer_tokens.apply(self.pairs)
         self._clean: dict[str, Tensor] | None = None  # the pairs' clean runs, once
+        self._prefixes: dict[str, CleanPrefixes] | None = None  # interchange's, once
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -908,9 +1012,14 @@ class KnockoutProbe:
     def pair_metrics(
         self, heads: Sequence[Head], method: str, alpha: float | None = None
     ) -> dict:
-        """:func:`pair_metrics` of every question's pair (the clean runs computed once)."""
+        """:func:`pair_metrics` of every question's pair (the clean runs computed once; under
+        interchange, each changed side from its clean prefixes, computed once)."""
         self._check_alpha(method, alpha)
+        if method == "interchange" and self._prefixes is None:
+            self._prefixes = {
+                side: CleanPrefixes.build(self.model, self.pairs, self.interchange, side)
+                for side in SIDES if not _untouched(self.pairs, side, method, self.interchange)}
         return pair_metrics(self.model, self.pairs, heads, method, means=self.means,
                             donors=self.donors, interchange=self.interchange,
-                            clean=self.clean(), n_boot=self.n_boot,
+                            clean=self.clean(), prefixes=self._prefixes, n_boot=self.n_boot,
                             seed=self.seed, batch_size=self.batch_size)

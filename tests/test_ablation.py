@@ -426,6 +426,43 @@ def test_interchange_knockout_equals_z_copied_from_the_counterfactual_run(
     assert torch.allclose(cf[1], cf[0], atol=1e-5) and torch.allclose(cf[2], cf[0], atol=1e-5)
 
 
+def test_interchange_from_clean_prefixes_equals_the_full_run(tiny_model, interchange):
+    """Issue 38: the lab's interchange runs each prompt from the clean KV cache of what
+    precedes its span; the logit differences equal the full runs', and the prefixes serve
+    every call unchanged."""
+    rows = data.load_starter().select(range(4))
+    pairs = data.build_patching_pairs(rows, tiny_model.tokenizer, wording="matched")
+    prefixes = ablation.CleanPrefixes.build(tiny_model, pairs, interchange)
+    span = len(interchange.find)
+    for row in range(len(pairs)):  # cut at the span, not where the twins first differ
+        rest = prefixes.ids[row][prefixes.attention[row, -prefixes.ids.shape[1]:].bool()]
+        start = int(pairs.reference_last[row]) + 1 - len(rest)
+        assert torch.equal(rest, pairs.reference[row, start : int(pairs.reference_last[row]) + 1])
+        assert int(prefixes.positions[row, -1]) == int(pairs.reference_last[row])
+        twin = interchange.twin(pairs.reference[row : row + 1])[0]
+        first_difference = int((twin != pairs.reference[row]).nonzero()[0])
+        assert torch.equal(pairs.reference[row, start : start + span], interchange.find)
+        assert start < first_difference  # the two challenges open with the same words
+    assert not prefixes.attention.bool().all()  # prompts of other lengths: padding within
+    sets = [[(0, 1)], [(0, 3), (1, 2)], []]
+    full = ablation.ablated_logit_diffs(tiny_model, pairs, sets, "interchange",
+                                        interchange=interchange)
+    for heads, expected in zip(sets, full, strict=True):
+        got = ablation.interchanged_logit_diffs(tiny_model, pairs, heads, prefixes)
+        assert torch.allclose(got, expected, atol=1e-4), heads
+    assert not torch.allclose(full[1], full[2], atol=1e-4)  # the knockout changes something
+    again = ablation.interchanged_logit_diffs(tiny_model, pairs, sets[1], prefixes)
+    assert torch.allclose(again, full[1], atol=1e-4)
+    # a side with no span keeps all but its last token in the prefix: its clean run
+    untouched = ablation.CleanPrefixes.build(tiny_model, pairs, interchange, "counterfactual")
+    assert untouched.ids.shape[1] == 1  # the last token alone
+    cf = ablation.interchanged_logit_diffs(tiny_model, pairs, sets[1], untouched)
+    assert torch.allclose(cf, ablation.clean_logit_diffs(tiny_model, pairs)["counterfactual"],
+                          atol=1e-4)
+    with pytest.raises(ValueError, match="side: 'both'"):
+        ablation.CleanPrefixes.build(tiny_model, pairs, interchange, "both")
+
+
 def test_interchange_sweep_runs_the_untouched_side_once_with_the_same_shares(
     tiny_model, interchange
 ):
