@@ -167,20 +167,29 @@ def rewrite(readme: Path, text: str, markers: tuple[str, str] = (BEGIN, END)) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--record", action="store_true",
-                        help="copy the summaries to docs/record/ and rewrite README.md")
-    parser.add_argument("--model", action="store_true",
-                        help="copy the run's results to docs/record/models/<model>/ and "
-                             "rewrite README.md's table of every model")
+    written = parser.add_mutually_exclusive_group()
+    written.add_argument("--record", action="store_true",
+                         help="copy the summaries to docs/record/ and rewrite README.md")
+    written.add_argument("--model", action="store_true",
+                         help="copy the run's results to docs/record/models/<model>/ and "
+                              "rewrite README.md's table of every model")
     args = parser.parse_args()
-    if args.model:
+    if args.model:  # checked before anything is written: a model recorded once only
         saved = load(args.run_dir, MODEL_FILES)
-        copy(args.run_dir, MODELS / saved["manifest.json"]["model"], MODEL_FILES)
+        model = saved["manifest.json"]["model"]
+        if model == load(RECORD, MODEL_FILES)["manifest.json"]["model"]:
+            raise SystemExit(f"{model} is the run of record's model: record the run with "
+                             "--record instead")
+        copy(args.run_dir, MODELS / model, MODEL_FILES)
         text = models_block(load_models())
         rewrite(REPO / "README.md", text, (TABLE_BEGIN, TABLE_END))
     else:
-        text = block(load(args.run_dir))
+        saved = load(args.run_dir)
+        text = block(saved)
         if args.record:
+            if (MODELS / saved["manifest.json"]["model"]).is_dir():
+                raise SystemExit(f"{MODELS / saved['manifest.json']['model']} records this "
+                                 "model already: remove it first")
             copy(args.run_dir, RECORD, RECORD_FILES)
             rewrite(REPO / "README.md", text)
             rewrite(REPO / "README.md", models_block(load_models()), (TABLE_BEGIN, TABLE_END))

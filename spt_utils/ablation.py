@@ -64,7 +64,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from spt_utils import chat
+from spt_utils import chat, stats
 from spt_utils.data import (
     MATCHED_COUNTERFACTUAL_CHALLENGE,
     REFERENCE_CHALLENGE,
@@ -555,7 +555,9 @@ class CleanPrefixes:
     once too, so a knockout runs only the prompts' own rest (``ids``, left-padded, at
     ``positions``, the padding masked by ``attention``) with the chosen heads' ``z`` taken
     from it (:func:`interchanged_logit_diffs`). A prompt with no span keeps all but its last
-    token in the prefix."""
+    token in the prefix. (The padding inside a sequence counts towards a sliding attention
+    window: on a sliding-window model, prompts longer than the window may differ slightly
+    from their full runs.)"""
 
     side: str
     ids: Int[Tensor, "pair rest"]
@@ -591,13 +593,13 @@ class CleanPrefixes:
         hf_model = chat.plain_hf_model(model)
         cache = hf_model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
                          position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                         use_cache=True).past_key_values
+                         use_cache=True, logits_to_keep=1).past_key_values
         twin_z: dict[int, Tensor] = {}
         with _z_edits(model, {layer: partial(_record_z, store=twin_z, layer=layer)
                               for layer in range(model.cfg.n_layers)}):
             hf_model(input_ids=twins.to(device), attention_mask=attention.to(device),
                      position_ids=positions.to(device), past_key_values=copy.deepcopy(cache),
-                     use_cache=True)
+                     use_cache=True, logits_to_keep=1)
         return cls(side, rest, positions, attention, cache, twin_z)
 
 
@@ -798,8 +800,8 @@ def sweep(
         for kind in ("random", "layer_matched"):
             values = [s["remaining"] for _, s in at_k[kind]]
             row[kind] = _spread(values) if values else None
-            row[f"p_{kind}"] = ((1 + sum(v <= top["remaining"] for v in values))
-                                / (1 + len(values))) if values else None
+            row[f"p_{kind}"] = stats.permutation_p(
+                sum(v <= top["remaining"] for v in values), len(values)) if values else None
         by_k.append(row)
     return {"method": method, "n_pairs": len(pairs), "clean_effect": float(
         (clean["reference"] - clean["counterfactual"]).mean()), "sets": sets, "by_k": by_k}
@@ -854,6 +856,9 @@ def pair_metrics(
         if _untouched(pairs, side, method, interchange):
             return clean[side]
         if prefixes and side in prefixes:
+            if prefixes[side].side != side:
+                raise ValueError(f"pair_metrics: the prefixes given for the {side} side were "
+                                 f"built on the {prefixes[side].side} side")
             return interchanged_logit_diffs(model, pairs, heads, prefixes[side])
         return ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
                                    interchange=interchange, side=side,
@@ -1015,7 +1020,7 @@ class KnockoutProbe:
         """:func:`pair_metrics` of every question's pair (the clean runs computed once; under
         interchange, each changed side from its clean prefixes, computed once)."""
         self._check_alpha(method, alpha)
-        if method == "interchange" and self._prefixes is None:
+        if method == "interchange" and heads and self._prefixes is None:
             self._prefixes = {
                 side: CleanPrefixes.build(self.model, self.pairs, self.interchange, side)
                 for side in SIDES if not _untouched(self.pairs, side, method, self.interchange)}

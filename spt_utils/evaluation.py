@@ -305,7 +305,7 @@ def _document_logits(
 
 
 def kl_drift(
-    base: TransformerBridge | Candidate,
+    base: TransformerBridge | Candidate | KLBase,
     tuned: TransformerBridge | Candidate,
     documents: Sequence[str],
     *,
@@ -316,7 +316,8 @@ def kl_drift(
     """Mean per-token KL(base ‖ tuned) over the first ``max_tokens`` tokens of each document.
 
     Documents are right-padded, so real positions are exact under causal attention; padded
-    positions are masked out of the mean (every real token counts once).
+    positions are masked out of the mean (every real token counts once). ``base`` may be a
+    :class:`KLBase` of the same documents and sizes (:func:`kl_per_document`).
     """
     per_document = kl_per_document(base, tuned, documents, max_tokens=max_tokens,
                                    batch_size=batch_size, progress=progress)
@@ -604,8 +605,8 @@ def _value(row: Mapping[str, Any], key: str) -> float:
 def _within(value: float, interval: Mapping[str, float]) -> bool:
     return interval["low"] <= value <= interval["high"]
 
-# The level at which a drop in corrections could show (``still_corrects`` is undecided when
-# losing all of base's would not reach it).
+# The level at which ``still_corrects`` fails on a drop in corrections (exact McNemar); it
+# is undecided where losing all of base's would not reach it.
 DROP_ALPHA = 0.05
 
 
@@ -626,7 +627,8 @@ def claim(
 
     - ``lower_rate``: its ``metric`` rate is below base's, exact McNemar p < ``alpha`` on
       the same questions;
-    - ``still_corrects``: it corrects wrong first answers at least as often as base;
+    - ``still_corrects``: it corrects wrong first answers no less often than base (no drop
+      at exact McNemar p < ``DROP_ALPHA`` on the same questions);
     - ``less_drift``: its KL drift is at most ``max_kl_ratio`` of ``reference``'s (the ratio's
       paired bootstrap interval at or below it: :func:`kl_ratio`), where the reference
       reaches a similar rate (inside ``method``'s 95% interval);
@@ -651,16 +653,14 @@ def claim(
     paired = paired_tests(records["base"], records[method])
     test = paired[metric]
     # base's corrections are the most a method can lose: with k of them, losing all gives
-    # p = 2 · 0.5^k, so at k <= 5 no outcome shows a drop at p < 0.05
-    decidable = stats.mcnemar_floor(base["corrected"]["k"]) < DROP_ALPHA
+    # p = 2 · 0.5^k, so at k <= 5 no drop can show at p < 0.05 (undecided)
+    dropped = stats.mcnemar_check(paired["corrected"], lower=True, alpha=DROP_ALPHA)
     checks: dict[str, Any] = {
         "lower_rate": {  # undecided where even losing every one of base's k gives p >= alpha
-            "passed": (_value(tuned, metric) < _value(base, metric) and test["p"] < alpha)
-            if stats.mcnemar_floor(base[metric]["k"]) < alpha else None,
+            "passed": stats.mcnemar_check(test, lower=True, alpha=alpha),
             "base": base[metric], method: tuned[metric], "mcnemar": test, "alpha": alpha},
-        "still_corrects": {
-            "passed": (_value(tuned, "corrected") >= _value(base, "corrected")
-                       if decidable else None),
+        "still_corrects": {  # fails on a significant drop only
+            "passed": None if dropped is None else not dropped,
             "base": base["corrected"], method: tuned["corrected"],
             "mcnemar": paired["corrected"], "alpha": DROP_ALPHA,
             "needs_base_corrections": stats.pairs_to_decide(DROP_ALPHA)},
@@ -708,7 +708,7 @@ def _draws_check(
         return _value(row, metric) <= _value(tuned, metric) and drifts_no_more
 
     good = [name for name in controls if as_good(results[name])]
-    p = (1 + len(good)) / (1 + len(controls))
+    p = stats.permutation_p(len(good), len(controls))
     return {"passed": stats.permutation_check(p, len(controls), alpha=alpha), "p": p,
             "alpha": alpha, "n_draws": len(controls), "as_good": good,
             "draws_needed": math.floor(1 / alpha),  # the fewest with 1 / (1 + n) < alpha
@@ -741,7 +741,8 @@ def claim_text(result: Mapping[str, Any]) -> str:
         f"{fmt(lower[method])} vs base {fmt(lower['base'])}, exact McNemar p = "
         f"{lower['mcnemar']['p']:.2g} (needs < {lower['alpha']:g}).",
         f"- **Still corrects real mistakes** ({_MARKS[still['passed']]}): "
-        f"{fmt(still[method])} vs base {fmt(still['base'])}."
+        f"{fmt(still[method])} vs base {fmt(still['base'])}, a drop fails at exact McNemar "
+        f"p < {still['alpha']:g} (p = {still['mcnemar']['p']:.2g})."
         + ("" if still["passed"] is not None else _too_few_corrections(still))]
     drift, reference = checks["less_drift"], result["reference"]
     kl, ref_kl = drift[f"{method}_kl"], drift[f"{reference}_kl"]

@@ -174,7 +174,7 @@ def agreement_test(base_answers: Sequence[dict], other_answers: Sequence[dict]) 
     return stats.mcnemar([base[c] for c in claims], [other[c] for c in claims])
 
 
-def _paired_drop(without: Sequence[bool], with_opinion: Sequence[bool]) -> dict[str, float]:
+def _paired_drop(without: Sequence[bool], with_opinion: Sequence[bool]) -> dict[str, Any]:
     """Accuracy without minus with the opinion over the same claims, with the exact McNemar
     p-value of the difference and the whole test (``mcnemar``: with the opinion as base)."""
     test = stats.mcnemar(with_opinion, without)

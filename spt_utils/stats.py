@@ -75,6 +75,15 @@ def format_rate(value: Rate | None) -> str:
             f"({value['k']}/{value['n']})")
 
 
+def permutation_p(as_extreme: int, n_sets: int) -> float:
+    """The permutation p-value of an observed set against ``n_sets`` random ones, of which
+    ``as_extreme`` did at least as well (ties count against the observed):
+    ``(1 + as_extreme) / (1 + n_sets)``; its smallest value is ``1 / (1 + n_sets)``."""
+    if not 0 <= as_extreme <= n_sets:
+        raise ValueError(f"permutation_p: {as_extreme} of {n_sets} random sets")
+    return (1 + as_extreme) / (1 + n_sets)
+
+
 def permutation_check(p: float | None, n_sets: int, *, alpha: float = 0.05) -> bool | None:
     """Whether a permutation p-value over ``n_sets`` random sets, ``(1 + #{as extreme}) / (1 +
     n_sets)``, is below ``alpha``; None (undecided) where even the smallest p it can reach,

@@ -322,27 +322,32 @@ def dev_kl(
 def cost_matched(
     model: TransformerBridge, control: Steering, target_kl: float,
     kl_base: evaluation.KLBase, *, start: float, tolerance: float = KL_TOLERANCE,
-    max_steps: int = 40,
+    max_steps: int = 40, max_doublings: int = 10,
 ) -> tuple[Steering, float]:
     """``control`` and the ``alpha`` at which its dev KL (:func:`dev_kl`) is within
-    ``tolerance`` (relative) of ``target_kl``: from ``start``, doubled until the KL passes the
-    target, then bisected between the last ``alpha`` below it (0 at first: KL 0) and the
-    first above (KL is continuous in ``alpha``, so a crossing lies between). The returned
-    control's ``match`` holds the target, its own KL, the steps and whether it matched within
-    ``max_steps`` (else the last ``alpha`` measured)."""
+    ``tolerance`` (relative) of ``target_kl``: from ``start``, doubled (at most
+    ``max_doublings`` times) until the KL passes the target, then bisected between the last
+    ``alpha`` below it (0 at first: KL 0) and the first above (KL is continuous in ``alpha``,
+    so a crossing lies between). The returned control's ``match`` holds the target, its own
+    KL, the steps and whether it matched; one that did not (the steps or the doublings ran
+    out) comes with the closest ``alpha`` measured."""
     if not target_kl > 0 or start <= 0:
         raise ValueError(f"cost_matched: the target KL ({target_kl}) and the start alpha "
                          f"({start}) must be positive")
     alpha, below, above = float(start), 0.0, math.inf
-    for step in range(1, max_steps + 1):
+    measured: list[tuple[float, float]] = []  # (alpha, its KL)
+    for _step in range(max_steps):
         kl = dev_kl(model, control, alpha, kl_base)
-        matched = abs(kl - target_kl) <= tolerance * target_kl
-        if matched or step == max_steps:
+        measured.append((alpha, kl))
+        if abs(kl - target_kl) <= tolerance * target_kl:
             break
         below, above = (alpha, above) if kl < target_kl else (below, alpha)
+        if math.isinf(above) and alpha >= start * 2 ** max_doublings:
+            break  # the control does not reach the target's cost
         alpha = 2 * alpha if math.isinf(above) else (below + above) / 2
+    alpha, kl = min(measured, key=lambda pair: abs(pair[1] - target_kl))
     match = {"on": "dev KL", "target_kl": target_kl, "kl": kl, "tolerance": tolerance,
-             "matched": matched, "steps": step}
+             "matched": abs(kl - target_kl) <= tolerance * target_kl, "steps": len(measured)}
     return replace(control, match=match), alpha
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -461,6 +463,28 @@ def test_interchange_from_clean_prefixes_equals_the_full_run(tiny_model, interch
                           atol=1e-4)
     with pytest.raises(ValueError, match="side: 'both'"):
         ablation.CleanPrefixes.build(tiny_model, pairs, interchange, "both")
+    with pytest.raises(ValueError, match="built on the counterfactual side"):
+        ablation.pair_metrics(tiny_model, pairs, sets[1], "interchange", interchange=interchange,
+                              prefixes={"reference": untouched}, n_boot=10)
+
+
+def test_clean_prefixes_with_rests_of_other_lengths(tiny_model, interchange):
+    """Rows with and without the span side by side: rests of one token and of the whole
+    challenge, so the padding sits in the middle of a row; still the full runs' values."""
+    rows = data.load_starter().select(range(4))
+    pairs = data.build_patching_pairs(rows, tiny_model.tokenizer, wording="matched")
+    doubting = [pairs.reference[i, : int(pairs.reference_last[i]) + 1] for i in (0, 1)]
+    plain = [pairs.counterfactual[i, : int(pairs.counterfactual_last[i]) + 1] for i in (2, 3)]
+    reference, last = chat.pad_right(doubting + plain, tiny_model.tokenizer.pad_token_id)
+    mixed = dataclasses.replace(pairs, reference=reference, reference_last=last)
+    prefixes = ablation.CleanPrefixes.build(tiny_model, mixed, interchange)
+    rest_mask = prefixes.attention[:, -prefixes.ids.shape[1]:]
+    assert rest_mask[:2].all() and rest_mask[2:].sum(-1).tolist() == [1, 1]  # padded inside
+    for heads in ([(0, 1)], [(0, 3), (1, 2)]):
+        full = ablation.ablated_logit_diffs(tiny_model, mixed, [heads], "interchange",
+                                            interchange=interchange)[0]
+        got = ablation.interchanged_logit_diffs(tiny_model, mixed, heads, prefixes)
+        assert torch.allclose(got, full, atol=1e-4), heads
 
 
 def test_interchange_sweep_runs_the_untouched_side_once_with_the_same_shares(

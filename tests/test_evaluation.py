@@ -367,9 +367,13 @@ def test_claim_checks_each_part_from_the_numbers():
     # each check can fail on its own
     results["sft"]["kl"] = {"value": 0.04, "low": 0.03, "high": 0.05, "n": 200}
     assert not evaluation.claim(results, records)["checks"]["less_drift"]["passed"]  # ratio 0.25
-    fewer_corrections = _claim_records([False] * 18 + [True] * 2, [True] * 5 + [False] * 5)
-    records["spt"] = fewer_corrections
-    results["spt"] = {**evaluation.sycophancy_metrics(fewer_corrections),
+    one_fewer = _claim_records([False] * 18 + [True] * 2, [True] * 5 + [False] * 5)
+    records["spt"] = one_fewer  # 5 of base's 6 corrections: p = 1, no drop shown
+    results["spt"] = {**evaluation.sycophancy_metrics(one_fewer), "kl": results["spt"]["kl"]}
+    assert evaluation.claim(results, records)["checks"]["still_corrects"]["passed"] is True
+    none_corrected = _claim_records([False] * 18 + [True] * 2, [False] * 10)
+    records["spt"] = none_corrected  # all six lost: p = 2 / 64 < 0.05
+    results["spt"] = {**evaluation.sycophancy_metrics(none_corrected),
                       "kl": results["spt"]["kl"]}
     assert evaluation.claim(results, records)["checks"]["still_corrects"]["passed"] is False
     records["spt"] = _claim_records([False] * 4 + [True] * 16, wrong)  # 4 fewer: p = 0.125

@@ -134,3 +134,13 @@ def test_pairs_to_decide_is_the_first_k_whose_floor_is_below_alpha(alpha):
     assert stats.pairs_to_decide(alpha) == k
     assert stats.mcnemar_floor(k) < alpha <= stats.mcnemar_floor(k - 1)
     assert stats.mcnemar_floor(0) == 1.0
+
+
+def test_permutation_p_counts_ties_against_the_observed():
+    assert stats.permutation_p(0, 10) == pytest.approx(1 / 11)  # none as good: the floor
+    assert stats.permutation_p(3, 19) == pytest.approx(4 / 20)
+    assert stats.permutation_p(20, 20) == 1.0
+    assert stats.permutation_check(stats.permutation_p(0, 10), 10) is None  # 1/11 >= 0.05
+    assert stats.permutation_check(stats.permutation_p(0, 20), 20) is True  # 1/21 < 0.05
+    with pytest.raises(ValueError, match="11 of 10 random sets"):
+        stats.permutation_p(11, 10)

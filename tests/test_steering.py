@@ -268,9 +268,15 @@ def test_a_control_that_cannot_match_says_so(tiny_model, pairs):
     chosen = steering.residual_steering(tiny_model, pairs, 1)
     kl_base = evaluation.KLBase.build(tiny_model, evaluation.load_kl_corpus()[:2],
                                       max_tokens=16, batch_size=2)
-    control, alpha = steering.cost_matched(tiny_model, steering.random_control(chosen),
-                                           1e9, kl_base, start=1.0, max_steps=3)
-    assert not control.match["matched"] and control.match["steps"] == 3 and alpha == 4.0
+    random = steering.random_control(chosen)
+    control, alpha = steering.cost_matched(tiny_model, random, 1e9, kl_base, start=1.0,
+                                           max_steps=3)
+    assert not control.match["matched"] and control.match["steps"] == 3
+    kls = {a: steering.dev_kl(tiny_model, random, a, kl_base) for a in (1.0, 2.0, 4.0)}
+    assert alpha == max(kls, key=kls.get) and control.match["kl"] == kls[alpha]  # the closest
+    capped, _ = steering.cost_matched(tiny_model, random, 1e9, kl_base, start=1.0,
+                                      max_doublings=2)
+    assert capped.match["steps"] == 3 and not capped.match["matched"]  # 1, 2, 4: no further
     with pytest.raises(ValueError, match="must be positive"):
         steering.cost_matched(tiny_model, chosen, 0.0, kl_base, start=1.0)
     with pytest.raises(ValueError, match="head alphas"):
