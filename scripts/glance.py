@@ -46,9 +46,11 @@ def load(run_dir: Path, files: tuple[str, ...] = RECORD_FILES) -> dict[str, dict
     return {name: json.loads((run_dir / name).read_text()) for name in files}
 
 
-def load_models(record: Path = RECORD, models: Path = MODELS) -> list[dict[str, dict]]:
-    """The run of record's summaries, then each other model's in ``models`` (by name); a
-    model recorded twice is an error."""
+def load_models(record: Path | None = None, models: Path | None = None) -> list[dict[str, dict]]:
+    """The run of record's summaries (``record``, default :data:`RECORD`), then each other
+    model's in ``models`` (default :data:`MODELS`), by name; a model recorded twice is an
+    error."""
+    record, models = record or RECORD, models or MODELS
     runs = [load(record, MODEL_FILES)]
     runs += [load(folder, MODEL_FILES) for folder in sorted(models.iterdir())
              if folder.is_dir()] if models.is_dir() else []

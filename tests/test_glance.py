@@ -94,3 +94,36 @@ def test_the_table_has_a_row_per_method_and_model_and_each_runs_command(glance, 
     _record(tmp_path / "models" / "again", "organism-a")
     with pytest.raises(ValueError, match="organism-a recorded more than once"):
         glance.load_models(tmp_path / "record", tmp_path / "models")
+
+
+def test_recording_a_model_twice_is_refused_before_anything_is_written(glance, tmp_path,
+                                                                       monkeypatch):
+    _record(tmp_path / "record", "organism-a")
+    for name in glance.RECORD_FILES:  # the run of record's other summaries
+        if not (tmp_path / "record" / name).exists():
+            (tmp_path / "record" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "record" / name).write_text((glance.RECORD / name).read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{glance.BEGIN}\nold\n{glance.END}\n{glance.TABLE_BEGIN}\nold\n"
+                      f"{glance.TABLE_END}\n")
+    monkeypatch.setattr(glance, "RECORD", tmp_path / "record")
+    monkeypatch.setattr(glance, "MODELS", tmp_path / "models")
+    monkeypatch.setattr(glance, "REPO", tmp_path)
+    monkeypatch.setattr("sys.argv", ["glance", str(tmp_path / "record"), "--model"])
+    with pytest.raises(SystemExit, match="organism-a is the run of record's model"):
+        glance.main()
+    assert not (tmp_path / "models").exists() and "old" in readme.read_text()
+    _record(tmp_path / "run", "model-b")
+    monkeypatch.setattr("sys.argv", ["glance", str(tmp_path / "run"), "--model"])
+    glance.main()
+    assert (tmp_path / "models/model-b/results.json").is_file()
+    assert "| `model-b` | spt |" in readme.read_text()
+    for name in glance.RECORD_FILES:  # the same model as a run of record: refused
+        if not (tmp_path / "run" / name).exists():
+            (tmp_path / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "run" / name).write_text((glance.RECORD / name).read_text())
+    before = readme.read_text()
+    monkeypatch.setattr("sys.argv", ["glance", str(tmp_path / "run"), "--record"])
+    with pytest.raises(SystemExit, match="records this model already"):
+        glance.main()
+    assert readme.read_text() == before
