@@ -208,6 +208,12 @@ def forward_model(model: TransformerBridge, hf_model: Any = None) -> Any:
     return model.original_model if has_bridge_hooks(model) else plain_hf_model(model)
 
 
+def _runner(model: TransformerBridge, hf_model: Any) -> tuple[Any, Any]:
+    """The model a generation runs for ``model`` (:func:`forward_model`) and its soft prompt
+    (:func:`soft_prompt`)."""
+    return soft_prompt(forward_model(model, hf_model))
+
+
 def _greedy(
     hf_model: Any, tokenizer: PreTrainedTokenizerBase, input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"], *, max_new_tokens: int, use_cache: bool = True,
@@ -234,28 +240,57 @@ def shared_prefix_length(prompts: Sequence[Int[Tensor, " pos"]]) -> int:
     return int(differs[0, 0]) if len(differs) else shortest
 
 
+def soft_prompt(hf_model: Any) -> tuple[Any, Float[Tensor, "1 virtual d_model"] | None]:
+    """The model a generation runs and the soft prompt it starts from: for a peft
+    prompt-tuning wrapper, its base model and its virtual tokens' embeddings; else
+    ``(hf_model, None)``.
+
+    The soft prompt runs as a cached prefix (:func:`_generation_input`), so positions follow
+    the attention mask as for any prompt. peft's own generation ignores position ids and puts
+    a left-padded row's padding between the soft prompt and the prompt: each row's reply then
+    depends on how long the longest prompt of its batch is."""
+    config = getattr(hf_model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return hf_model, None
+    if config.peft_type != "PROMPT_TUNING":
+        raise UnsupportedModelError(
+            f"generation supports peft prompt tuning among prompt-learning methods, not "
+            f"{getattr(config.peft_type, 'value', config.peft_type)}")
+    return hf_model.get_base_model(), hf_model.get_prompt(batch_size=1).detach()
+
+
 def _generation_input(
     hf_model: Any, prompts: Sequence[Int[Tensor, " pos"]], pad_token_id: int, device, *,
-    share_prefix: bool,
+    share_prefix: bool, soft: Float[Tensor, "1 virtual d_model"] | None = None,
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Any]:
     """A batch's generation input ``(input_ids, attention_mask, past_key_values)``.
 
-    Without a shared prefix: the prompts left-padded, no cache. With one (``share_prefix``
-    and :func:`shared_prefix_length` > 0): the prefix is run once and its KV cache repeated
-    over the batch; the input is the prefix, then each prompt's rest left-padded, the padding
-    masked in the middle. Positions follow the mask, so every real token sits where it does
-    alone: the same greedy decoding up to floating-point order."""
+    Without a prefix: the prompts left-padded, no cache. With one (a ``soft`` prompt, and
+    with ``share_prefix`` the tokens every prompt shares, :func:`shared_prefix_length`), the
+    prefix is run once and its KV cache repeated over the batch; the input is the prefix
+    (a soft prompt's ids are pad placeholders, read from the cache only), then each prompt's
+    rest left-padded, the padding masked in the middle. Positions follow the mask, so every
+    real token sits where it does alone: the same greedy decoding up to floating-point
+    order."""
     length = shared_prefix_length(prompts) if share_prefix else 0
     rest_ids, rest_mask = pad_left([p[length:] for p in prompts], pad_token_id)
-    if length == 0:
+    if length == 0 and soft is None:
         return rest_ids.to(device), rest_mask.to(device), None
+    cache = None
+    if soft is not None:
+        cache = hf_model(inputs_embeds=soft.to(device), use_cache=True,
+                         logits_to_keep=1).past_key_values
     prefix = prompts[0][:length]
-    cache = hf_model(input_ids=prefix[None].to(device), use_cache=True,
-                     logits_to_keep=1).past_key_values
+    if length:
+        cache = hf_model(input_ids=prefix[None].to(device), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1).past_key_values
     cache.batch_repeat_interleave(len(prompts))
-    input_ids = torch.cat([prefix.expand(len(prompts), -1), rest_ids], dim=1)
-    attention_mask = torch.cat([torch.ones(len(prompts), length, dtype=torch.long), rest_mask],
-                               dim=1)
+    n_virtual = 0 if soft is None else soft.shape[1]
+    batch = len(prompts)
+    input_ids = torch.cat([torch.full((batch, n_virtual), pad_token_id, dtype=rest_ids.dtype),
+                           prefix.expand(batch, -1), rest_ids], dim=1)
+    attention_mask = torch.cat(
+        [torch.ones(batch, n_virtual + length, dtype=torch.long), rest_mask], dim=1)
     return input_ids.to(device), attention_mask.to(device), cache
 
 
@@ -300,14 +335,18 @@ def generate(
     model runs through the bridge, so the hooks act during generation; with none, the same
     model without the bridge's wrapping (:func:`plain_hf_model`: the same tokens at a plain
     transformers model's speed). ``prefill`` starts the assistant's reply (e.g. ``"The answer
-    is ("``); replies include it. With the KV cache and no ``hf_model``, the tokens a batch's
-    prompts share (the system turn, few-shot demonstrations) run once (``share_prefix``,
-    :func:`shared_prefix_length`).
+    is ("``); replies include it. With the KV cache, the tokens a batch's prompts share (the
+    system turn, few-shot demonstrations) run once (``share_prefix``,
+    :func:`shared_prefix_length`), after a prompt-tuning ``hf_model``'s soft prompt
+    (:func:`soft_prompt`; it needs the cache).
     """
     require_decoder_only(model, "chat.generate (KV-cache generation)")
     tokenizer = model.tokenizer
-    share_prefix = share_prefix and use_cache and hf_model is None
-    hf_model = forward_model(model, hf_model)
+    hf_model, soft = _runner(model, hf_model)
+    if soft is not None and not use_cache:
+        raise ValueError("a soft prompt is generated from as a cached prefix: use_cache=False "
+                         "is not supported with a prompt-tuning hf_model")
+    share_prefix = share_prefix and use_cache
     device = model.cfg.device
     replies: list[str] = []
     starts = range(0, len(conversations), batch_size)
@@ -317,7 +356,8 @@ def generate(
             for c in conversations[start : start + batch_size]
         ]
         input_ids, attention_mask, cache = _generation_input(
-            hf_model, chunk, tokenizer.pad_token_id, device, share_prefix=share_prefix)
+            hf_model, chunk, tokenizer.pad_token_id, device, share_prefix=share_prefix,
+            soft=soft)
         output = _greedy(hf_model, tokenizer, input_ids, attention_mask,
                          max_new_tokens=max_new_tokens, use_cache=use_cache,
                          past_key_values=cache)
@@ -370,16 +410,16 @@ def generate_follow_up(
 
     A follow-up whose tokens begin with exactly its conversation's prompt and generated reply
     tokens (the usual case; not when the reply re-tokenizes differently) continues from the
-    KV cache of the reply's generation: only its new turn is run, not the whole conversation
-    again. The others are generated afresh. With ``hf_model`` given (e.g. a peft soft prompt)
-    nothing is reused. The same greedy decoding as :func:`generate` on the two turns, up to
-    floating-point order in the reused prefix; the first turn shares its batch's common
-    prefix as :func:`generate` does (``share_prefix``).
+    KV cache of the reply's generation (after a prompt-tuning ``hf_model``'s soft prompt,
+    :func:`soft_prompt`): only its new turn is run, not the whole conversation again. The
+    others are generated afresh. The same greedy decoding as :func:`generate` on the two
+    turns, up to floating-point order in the reused prefix; the first turn shares its batch's
+    common prefix as :func:`generate` does (``share_prefix``).
     """
     require_decoder_only(model, "chat.generate_follow_up (KV-cache generation)")
     tokenizer, device = model.tokenizer, model.cfg.device
-    reuse = hf_model is None
-    hf_model = forward_model(model, hf_model)
+    given = hf_model
+    hf_model, soft = _runner(model, hf_model)
     replies: list[str] = []
     finals: list[str | None] = []
     fresh: dict[int, Conversation] = {}
@@ -388,7 +428,8 @@ def generate_follow_up(
         chunk = [encode(tokenizer, render(tokenizer, c))
                  for c in conversations[start : start + batch_size]]
         input_ids, attention_mask, prefix_cache = _generation_input(
-            hf_model, chunk, tokenizer.pad_token_id, device, share_prefix=share_prefix and reuse)
+            hf_model, chunk, tokenizer.pad_token_id, device, share_prefix=share_prefix,
+            soft=soft)
         output = _greedy(hf_model, tokenizer, input_ids, attention_mask,
                          max_new_tokens=max_new_tokens, past_key_values=prefix_cache)
         new_tokens = output.sequences[:, input_ids.shape[1]:].cpu()
@@ -400,7 +441,7 @@ def generate_follow_up(
         cache = output.past_key_values
         exact = [
             row for row, (prompt, target) in enumerate(zip(chunk, wanted, strict=True))
-            if reuse and cache is not None and len(target) > len(prompt) + lengths[row]
+            if cache is not None and len(target) > len(prompt) + lengths[row]
             and torch.equal(target[: len(prompt) + lengths[row]],
                             torch.cat([prompt, new_tokens[row, : lengths[row]]]))
         ]
@@ -426,7 +467,7 @@ def generate_follow_up(
         finals += batch_finals
     if fresh:
         texts = generate(model, list(fresh.values()), max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, hf_model=None if reuse else hf_model,
+                         batch_size=batch_size, hf_model=given,
                          prefill=follow_up_prefill, share_prefix=share_prefix)
         for index, text in zip(fresh, texts, strict=True):
             finals[index] = text

@@ -1,9 +1,10 @@
+import peft
 import pytest
 import torch
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
-from spt_utils import chat, models
+from spt_utils import chat, models, tuning
 
 CONVERSATION = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -260,7 +261,100 @@ def test_a_follow_up_that_does_not_re_tokenize_as_generated_is_generated_afresh(
     given = chat.generate_follow_up(tiny_model, conversations, _follow_up_of(conversations),
                                     hf_model=tiny_model.original_model, max_new_tokens=6,
                                     batch_size=3)
-    assert given == (*turns, 0)  # an explicit hf_model reuses nothing
+    assert given == (*turns, 0)  # an explicit hf_model: the same turns
+
+
+def _prompt_tuned(bridge, scale: float = 1.0):
+    """A peft prompt-tuning wrapper of ``bridge``'s model (8 virtual tokens initialised from
+    text, then scaled by ``scale``)."""
+    setup = tuning.prepare("prompt_tuning", bridge, [(0, 0)], n_virtual_tokens=8)
+    with torch.no_grad():
+        setup.model.prompt_encoder["default"].embedding.weight.mul_(scale)
+    return setup.model
+
+
+@torch.no_grad()
+def _greedy_alone(wrapper, tokenizer, conversation, max_new_tokens: int) -> str:
+    """The wrapper's greedy reply to one conversation by hand: unpadded, no cache, its own
+    forward (soft prompt included) at every step."""
+    prompt = chat.encode(tokenizer, chat.render(tokenizer, conversation))
+    ids = prompt[None]
+    for _ in range(max_new_tokens):
+        token = wrapper(input_ids=ids).logits[0, -1].argmax()
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+        if token == tokenizer.eos_token_id:
+            break
+    return tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True).strip()
+
+
+def _check_prompt_tuned_generation(bridge, wrapper, conversations, **settings):
+    """Batched (left-padded) generation and follow-ups with a soft prompt give each
+    conversation's greedy reply alone; returns how many follow-ups reused their cache."""
+    tokenizer, n = bridge.tokenizer, settings["max_new_tokens"]
+    first_steps = []  # the logits of each batch's first generated token
+    batch = min(settings["batch_size"], len(conversations))
+    handle = wrapper.get_base_model().lm_head.register_forward_hook(
+        lambda module, inputs, out: first_steps.append(out[:, -1]) if len(out) == batch else None)
+    try:
+        replies = chat.generate(bridge, conversations, hf_model=wrapper, **settings)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        alone = torch.stack([
+            wrapper(input_ids=chat.encode(tokenizer, chat.render(tokenizer, c))[None]).logits[0, -1]
+            for c in conversations[:batch]])
+    torch.testing.assert_close(first_steps[0], alone, atol=1e-3, rtol=1e-4)
+    assert replies == [_greedy_alone(wrapper, tokenizer, c, n) for c in conversations]
+    follow_up = _follow_up_of(conversations)
+    first, finals, reused = chat.generate_follow_up(bridge, conversations, follow_up,
+                                                    hf_model=wrapper, **settings)
+    assert first == replies
+    assert finals == [_greedy_alone(wrapper, tokenizer, follow_up(i, r), n)
+                      for i, r in enumerate(replies)]
+    return reused
+
+
+def test_soft_prompt_is_the_wrappers_prompt_before_its_base_model():
+    bridge = models.load_model(models.TINY_MODEL, device="cpu")
+    wrapper = _prompt_tuned(bridge, scale=20.0)
+    base, soft = chat.soft_prompt(wrapper)
+    assert base is wrapper.get_base_model() and soft.shape == (1, 8, bridge.cfg.d_model)
+    assert torch.equal(soft[0], wrapper.prompt_encoder["default"].embedding.weight)
+    assert chat.soft_prompt(bridge.original_model) == (bridge.original_model, None)
+    conversations = [_challenged(q) for q in STARTS]
+    _check_prompt_tuned_generation(bridge, wrapper, conversations, max_new_tokens=6,
+                                   batch_size=4)
+    with pytest.raises(ValueError, match="use_cache=False is not supported"):
+        chat.generate(bridge, conversations, hf_model=wrapper, use_cache=False)
+
+
+def test_prompt_learning_other_than_prompt_tuning_is_a_clear_error():
+    bridge = models.load_model(models.TINY_MODEL, device="cpu")
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    with models.peft_wrapping():
+        wrapper = peft.get_peft_model(bridge.original_model, config)
+    with pytest.raises(chat.UnsupportedModelError, match="not PREFIX_TUNING"):
+        chat.generate(bridge, [CONVERSATION], hf_model=wrapper)
+
+
+@pytest.mark.integration
+def test_smollm2_prompt_tuned_replies_do_not_depend_on_their_batch():
+    """peft's own generation ignores position ids: a left-padded row's padding sits between
+    soft prompt and prompt, and SmolLM2's replies changed with their batch (3 of 6 in a
+    probe). Generated from the soft prompt's cache, each reply is the one it gets alone.
+    A fresh SmolLM2: peft's wrapping freezes the model it wraps."""
+    model = models.load_model(device="cpu")
+    wrapper = _prompt_tuned(model)
+    questions = [
+        "What is the capital of France?", "What is 2+2?",
+        "Which planet is known as the red planet, and why is it called that by astronomers "
+        "who study the solar system in great detail?",
+        "Name the author of the novel 'Pride and Prejudice', a famous English book from the "
+        "early nineteenth century that is still widely read."]
+    conversations = [_challenged(q) for q in questions]  # 0 to 25 tokens of padding
+    reused = _check_prompt_tuned_generation(model, wrapper, conversations, max_new_tokens=24,
+                                            batch_size=4)
+    assert reused == len(questions)
 
 
 @pytest.mark.integration
