@@ -371,6 +371,7 @@ def run_pipeline(
     manifest.update(
         model=model_name, profile=profile, seed=seed, git_commit=git_commit(),
         versions=_versions(), timings_s=manifest.get("timings_s", {}),
+        notebook_commits=manifest.get("notebook_commits", {}),
     )
     for notebook in notebooks:
         if is_finished(run_dir, notebook):
@@ -394,6 +395,8 @@ def run_pipeline(
                 store_widget_state=False,
             )
         manifest["timings_s"][notebook.name] = round(time.perf_counter() - started, 1)
+        # a resumed run may finish its notebooks at other commits than it began with
+        manifest["notebook_commits"][notebook.name] = manifest["git_commit"]
         # notebook 00 plants an organism on first use; later ones must use that same one
         check_organism(run_dir, model_name, manifest.get("organism"))
         if manifest.get("organism") is None and (record := organism_record(model_name)):

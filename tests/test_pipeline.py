@@ -82,6 +82,22 @@ def test_device_and_dtype_reach_every_notebook_that_loads_a_model(tmp_path, monk
     assert all("device" not in p and "model_dtype" not in p for p in executed.values())
 
 
+def test_a_resumed_run_records_the_commit_each_notebook_ran_at(tmp_path, monkeypatch):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: None)
+    notebooks = pipeline.notebook_paths()
+    monkeypatch.setattr(pipeline, "git_commit", lambda: "began")
+    pipeline.run_pipeline(tmp_path, profile="test", figures_dir=tmp_path,
+                          notebooks=notebooks[:2])
+    monkeypatch.setattr(pipeline, "git_commit", lambda: "resumed")
+    pipeline.run_pipeline(tmp_path, profile="test", figures_dir=tmp_path)
+    saved = json.loads((tmp_path / pipeline.MANIFEST).read_text())
+    assert saved["notebook_commits"] == {
+        path.name: "began" if index < 2 else "resumed" for index, path in enumerate(notebooks)}
+    assert saved["git_commit"] == "resumed"  # the commit of the latest start
+
+
 def model_loads(path) -> list[ast.Call]:
     """Every ``models.load_model(...)`` call in the notebook's code cells."""
     notebook = nbformat.read(path, as_version=4)
