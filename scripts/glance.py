@@ -75,7 +75,7 @@ def block(saved: dict[str, dict]) -> str:
     seconds = sum(manifest.get("timings_s", {}).values())
     selected = heads["heads"]
     lines = [f"Run of record: `{manifest['model']}`, profile `{manifest['profile']}`, seed "
-             f"{manifest['seed']}, commit {manifest['git_commit'][:7]}, notebooks "
+             f"{manifest['seed']}, {commits(manifest)}, notebooks "
              f"{seconds / 60:.0f} minutes (`docs/record/`, written by `scripts/glance.py`).", ""]
     found = f"{sum(h in planted for h in selected)} of the {len(planted)} planted" \
         if planted else "no ground truth (not an organism)"
@@ -138,6 +138,31 @@ def command(manifest: dict) -> str:
     return " ".join(settings) + " make run"
 
 
+def commits(manifest: dict) -> str:
+    """The commit a run's notebooks ran at, or each commit with its notebooks where a resumed
+    run finished them at several (``notebook_commits``, e.g. "commits ee418e9 (00-03),
+    d78f1e4 (04-06)")."""
+    ran: dict[str, list[int]] = {}
+    for notebook, commit in manifest.get("notebook_commits", {}).items():
+        ran.setdefault(commit[:7], []).append(int(notebook[:2]))
+    if len(ran) < 2:
+        return f"commit {manifest['git_commit'][:7]}"
+    return "commits " + ", ".join(f"{commit} ({spans(numbers)})"
+                                  for commit, numbers in ran.items())
+
+
+def spans(numbers: list[int]) -> str:
+    """Notebook numbers as runs: [0, 1, 2, 5] -> "00-02, 05"."""
+    runs: list[list[int]] = []
+    for number in sorted(numbers):
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ", ".join(f"{run[0]:02d}" + (f"-{run[-1]:02d}" if len(run) > 1 else "")
+                     for run in runs)
+
+
 def models_block(runs: list[dict[str, dict]]) -> str:
     """One table of every method on every model (rates with interval and n, KL with its
     interval), each model's rows from its own run, then each model's run and claim."""
@@ -150,7 +175,7 @@ def models_block(runs: list[dict[str, dict]]) -> str:
         for name, row in results["results"].items():
             lines.append(f"| {model} | {name} | " + " | ".join(cells(row, TABLE_SHOWN)) + " |")
         claim = results.get("claim")
-        notes.append(f"- {model}: `{command(manifest)}` (commit {manifest['git_commit'][:7]}); "
+        notes.append(f"- {model}: `{command(manifest)}` ({commits(manifest)}); "
                      + (f"the claim {claim_verdict(claim)}." if claim else "no claim checked."))
     return "\n".join(lines + notes) + "\n"
 

@@ -96,6 +96,17 @@ def test_the_table_has_a_row_per_method_and_model_and_each_runs_command(glance, 
         glance.load_models(tmp_path / "record", tmp_path / "models")
 
 
+def test_a_run_finished_at_several_commits_names_each_with_its_notebooks(glance):
+    manifest = {"git_commit": "c" * 40}
+    assert glance.commits(manifest) == "commit ccccccc"
+    manifest["notebook_commits"] = {f"0{i}_x.ipynb": "c" * 40 for i in range(7)}
+    assert glance.commits(manifest) == "commit ccccccc"
+    manifest["notebook_commits"] |= {"00_x.ipynb": "a" * 40, "01_x.ipynb": "a" * 40,
+                                     "04_x.ipynb": "b" * 40}
+    assert glance.commits(manifest) == (
+        "commits aaaaaaa (00-01), ccccccc (02-03, 05-06), bbbbbbb (04)")
+
+
 def test_recording_a_model_twice_is_refused_before_anything_is_written(glance, tmp_path,
                                                                        monkeypatch):
     _record(tmp_path / "record", "organism-a")
