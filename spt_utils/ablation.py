@@ -281,12 +281,13 @@ def _append_twins(
     return (), {**kwargs, **doubled}
 
 
-def _drop_twins(
-    _module: torch.nn.Module, _args: tuple, _kwargs: dict, output: object, *, state: dict
-) -> object:
-    """Forward hook: the caller's rows of the logits only."""
-    output.logits = output.logits[: state["batch"]]  # logits: [batch, pos, d_vocab]
-    return output
+def _drop_twins(_module: torch.nn.Module, args: tuple, *, state: dict) -> tuple | None:
+    """Forward pre-hook of the unembedding: only the caller's rows of the final residual
+    stream are unembedded (the twins' logits are never read)."""
+    if not state.get("twins"):
+        return None
+    residual, = args  # [rows, pos, d_model]: the batch, then its twins
+    return (residual[: state["batch"]],)
 
 
 def _interchange_z(
@@ -396,8 +397,10 @@ def _twin_knockout(
         stack.callback(hf_model.register_forward_pre_hook(
             partial(_append_twins, interchange=interchange, state=state),
             with_kwargs=True).remove)
-        stack.callback(hf_model.register_forward_hook(
-            partial(_drop_twins, state=state), with_kwargs=True).remove)
+        unembed = hf_model.get_output_embeddings()
+        unembed = getattr(unembed, "_original_component", unembed)
+        stack.callback(unembed.register_forward_pre_hook(
+            partial(_drop_twins, state=state)).remove)
         stack.enter_context(_z_edits(model, edits))
         yield
 

@@ -522,8 +522,16 @@ def test_interchange_generation_teacher_forces_the_twin(tiny_model, interchange)
     and copies the heads' z from it at every position."""
     heads, n_new = [(0, 1), (1, 3)], 12
     conversations = _conversations(6)
-    with ablation.knockout(tiny_model, heads, "interchange", interchange=interchange):
-        replies = chat.generate(tiny_model, conversations, max_new_tokens=n_new)
+    unembedded = []  # rows the unembedding sees: the batch, never its twins
+    handle = chat.plain_hf_model(tiny_model).lm_head.register_forward_hook(
+        lambda module, inputs, out: unembedded.append(len(out)))
+    try:
+        with ablation.knockout(tiny_model, heads, "interchange", interchange=interchange):
+            replies = chat.generate(tiny_model, conversations, max_new_tokens=n_new,
+                                    batch_size=4)
+    finally:
+        handle.remove()
+    assert set(unembedded) == {1, 4, 2}  # shared prefixes (alone), batches of 4 and 2
     tokenizer = tiny_model.tokenizer
     expected = []
     for conversation in conversations:
