@@ -141,12 +141,16 @@ def command(manifest: dict) -> str:
 def commits(manifest: dict) -> str:
     """The commit a run's notebooks ran at, or each commit with its notebooks where a resumed
     run finished them at several (``notebook_commits``, e.g. "commits ee418e9 (00-03),
-    d78f1e4 (04-06)")."""
+    d78f1e4 (04-06)"; a notebook without one, from before they were recorded: "unknown")."""
+    recorded = manifest.get("notebook_commits") or {}
+    if not recorded:
+        return f"commit {(manifest['git_commit'] or 'unknown')[:7]}"
     ran: dict[str, list[int]] = {}
-    for notebook, commit in manifest.get("notebook_commits", {}).items():
+    for notebook in manifest.get("timings_s") or recorded:
+        commit = recorded.get(notebook) or "unknown"
         ran.setdefault(commit[:7], []).append(int(notebook[:2]))
-    if len(ran) < 2:
-        return f"commit {manifest['git_commit'][:7]}"
+    if len(ran) == 1:
+        return f"commit {next(iter(ran))}"
     return "commits " + ", ".join(f"{commit} ({spans(numbers)})"
                                   for commit, numbers in ran.items())
 

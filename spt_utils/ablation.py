@@ -284,9 +284,9 @@ def _append_twins(
 def _drop_twins(_module: torch.nn.Module, args: tuple, *, state: dict) -> tuple | None:
     """Forward pre-hook of the unembedding: only the caller's rows of the final residual
     stream are unembedded (the twins' logits are never read)."""
-    if not state.get("twins"):
-        return None
     residual, = args  # [rows, pos, d_model]: the batch, then its twins
+    if not state.get("twins") or len(residual) != 2 * state["batch"]:
+        return None
     return (residual[: state["batch"]],)
 
 

@@ -256,7 +256,9 @@ def soft_prompt(hf_model: Any) -> tuple[Any, Float[Tensor, "1 virtual d_model"] 
         raise UnsupportedModelError(
             f"generation supports peft prompt tuning among prompt-learning methods, not "
             f"{getattr(config.peft_type, 'value', config.peft_type)}")
-    return hf_model.get_base_model(), hf_model.get_prompt(batch_size=1).detach()
+    base = hf_model.get_base_model()
+    # peft keeps the soft prompt in float32 and casts it as it runs; so does this
+    return base, hf_model.get_prompt(batch_size=1).detach().to(base.dtype)
 
 
 def _generation_input(
@@ -271,7 +273,8 @@ def _generation_input(
     (a soft prompt's ids are pad placeholders, read from the cache only), then each prompt's
     rest left-padded, the padding masked in the middle. Positions follow the mask, so every
     real token sits where it does alone: the same greedy decoding up to floating-point
-    order."""
+    order. (The padding inside a sequence counts towards a sliding attention window: on a
+    sliding-window model, a prompt longer than the window may differ slightly.)"""
     length = shared_prefix_length(prompts) if share_prefix else 0
     rest_ids, rest_mask = pad_left([p[length:] for p in prompts], pad_token_id)
     if length == 0 and soft is None:

@@ -378,6 +378,8 @@ def run_pipeline(
             log.info("%s: already finished in this run, skipped", notebook.name)
             continue
         log.info("%s ...", notebook.name)
+        # a long run may see commits land: its kernel imports what is checked out now
+        commit = git_commit()
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="spt-kernel-") as sockets:
             papermill.execute_notebook(
@@ -395,8 +397,7 @@ def run_pipeline(
                 store_widget_state=False,
             )
         manifest["timings_s"][notebook.name] = round(time.perf_counter() - started, 1)
-        # a resumed run may finish its notebooks at other commits than it began with
-        manifest["notebook_commits"][notebook.name] = manifest["git_commit"]
+        manifest["notebook_commits"][notebook.name] = commit
         # notebook 00 plants an organism on first use; later ones must use that same one
         check_organism(run_dir, model_name, manifest.get("organism"))
         if manifest.get("organism") is None and (record := organism_record(model_name)):

@@ -236,9 +236,8 @@ def _follow_up_of(conversations):
     return follow_up
 
 
-def test_follow_up_reuses_the_reply_cache_and_gives_the_same_tokens():
-    """A tiny model biased to tokens that re-tokenize as generated ("No", "Yes", "!", "."), so
-    every follow-up's prefix is exact and reused; both turns equal two fresh generations."""
+def _biased_tiny():
+    """A tiny model biased to tokens that re-tokenize as generated ("No", "Yes", "!", ".")."""
     model = models.load_model(models.TINY_MODEL, device="cpu")
     tokenizer = model.tokenizer
     clean = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in
@@ -246,6 +245,13 @@ def test_follow_up_reuses_the_reply_cache_and_gives_the_same_tokens():
     assert all(len(ids) == 1 for ids in clean)
     with torch.no_grad():
         chat.plain_hf_model(model).lm_head.bias[[ids[0] for ids in clean]] += 30.0
+    return model
+
+
+def test_follow_up_reuses_the_reply_cache_and_gives_the_same_tokens():
+    """The biased tiny model: every follow-up's prefix is exact and reused; both turns equal
+    two fresh generations."""
+    model = _biased_tiny()
     turns, reused, expected = _reused_and_two_calls(model, STARTS, max_new_tokens=6,
                                                     batch_size=3)
     assert reused == len(STARTS) and turns == expected
@@ -326,6 +332,26 @@ def test_soft_prompt_is_the_wrappers_prompt_before_its_base_model():
                                    batch_size=4)
     with pytest.raises(ValueError, match="use_cache=False is not supported"):
         chat.generate(bridge, conversations, hf_model=wrapper, use_cache=False)
+
+
+def test_a_soft_prompt_continues_into_follow_ups_from_its_cache():
+    """The biased tiny model's replies re-tokenize as generated (see above): every
+    follow-up continues from the cache that holds the soft prompt."""
+    bridge = _biased_tiny()
+    wrapper = _prompt_tuned(bridge, scale=20.0)
+    reused = _check_prompt_tuned_generation(bridge, wrapper, [_challenged(q) for q in STARTS],
+                                            max_new_tokens=6, batch_size=3)
+    assert reused == len(STARTS)
+
+
+def test_a_soft_prompt_runs_in_the_models_dtype():
+    """peft keeps the soft prompt in float32; a bfloat16 model is given it in bfloat16."""
+    bridge = models.load_model(models.TINY_MODEL, device="cpu", dtype="bfloat16")
+    wrapper = _prompt_tuned(bridge)
+    assert chat.soft_prompt(wrapper)[1].dtype == torch.bfloat16
+    replies = chat.generate(bridge, [CONVERSATION, CONVERSATION[:1]], hf_model=wrapper,
+                            max_new_tokens=3)
+    assert all(isinstance(reply, str) for reply in replies)
 
 
 def test_prompt_learning_other_than_prompt_tuning_is_a_clear_error():

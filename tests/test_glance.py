@@ -97,14 +97,19 @@ def test_the_table_has_a_row_per_method_and_model_and_each_runs_command(glance, 
 
 
 def test_a_run_finished_at_several_commits_names_each_with_its_notebooks(glance):
-    manifest = {"git_commit": "c" * 40}
-    assert glance.commits(manifest) == "commit ccccccc"
-    manifest["notebook_commits"] = {f"0{i}_x.ipynb": "c" * 40 for i in range(7)}
-    assert glance.commits(manifest) == "commit ccccccc"
-    manifest["notebook_commits"] |= {"00_x.ipynb": "a" * 40, "01_x.ipynb": "a" * 40,
+    notebooks = [f"0{i}_x.ipynb" for i in range(7)]
+    manifest = {"git_commit": "c" * 40, "timings_s": dict.fromkeys(notebooks, 1.0)}
+    assert glance.commits(manifest) == "commit ccccccc"  # none recorded per notebook
+    manifest["notebook_commits"] = dict.fromkeys(notebooks, "a" * 40)
+    assert glance.commits(manifest) == "commit aaaaaaa"  # not the latest start's
+    manifest["notebook_commits"] |= {"02_x.ipynb": "c" * 40, "03_x.ipynb": "c" * 40,
+                                     "05_x.ipynb": "c" * 40, "06_x.ipynb": "c" * 40,
                                      "04_x.ipynb": "b" * 40}
     assert glance.commits(manifest) == (
         "commits aaaaaaa (00-01), ccccccc (02-03, 05-06), bbbbbbb (04)")
+    del manifest["notebook_commits"]["00_x.ipynb"]  # finished before commits were recorded
+    assert glance.commits(manifest).startswith("commits unknown (00), aaaaaaa (01), ")
+    assert glance.commits({"git_commit": None}) == "commit unknown"
 
 
 def test_recording_a_model_twice_is_refused_before_anything_is_written(glance, tmp_path,

@@ -82,20 +82,21 @@ def test_device_and_dtype_reach_every_notebook_that_loads_a_model(tmp_path, monk
     assert all("device" not in p and "model_dtype" not in p for p in executed.values())
 
 
-def test_a_resumed_run_records_the_commit_each_notebook_ran_at(tmp_path, monkeypatch):
+def test_a_run_records_the_commit_each_notebook_ran_at(tmp_path, monkeypatch):
+    """Read as each notebook starts (commits may land during a long run), kept on resume."""
     import papermill
 
-    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: None)
     notebooks = pipeline.notebook_paths()
-    monkeypatch.setattr(pipeline, "git_commit", lambda: "began")
-    pipeline.run_pipeline(tmp_path, profile="test", figures_dir=tmp_path,
-                          notebooks=notebooks[:2])
-    monkeypatch.setattr(pipeline, "git_commit", lambda: "resumed")
+    commits = iter(["began", "began", *[f"later {i}" for i in range(len(notebooks))]])
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline, "git_commit", lambda: next(commits))
+    pipeline.run_pipeline(tmp_path, profile="test", figures_dir=tmp_path, notebooks=notebooks[:1])
     pipeline.run_pipeline(tmp_path, profile="test", figures_dir=tmp_path)
     saved = json.loads((tmp_path / pipeline.MANIFEST).read_text())
-    assert saved["notebook_commits"] == {
-        path.name: "began" if index < 2 else "resumed" for index, path in enumerate(notebooks)}
-    assert saved["git_commit"] == "resumed"  # the commit of the latest start
+    # the first start and its notebook, then the resume's start and one commit per notebook
+    assert saved["notebook_commits"] == {notebooks[0].name: "began"} | {
+        path.name: f"later {index}" for index, path in enumerate(notebooks[1:], start=1)}
+    assert saved["git_commit"] == "later 0"  # the commit of the latest start
 
 
 def model_loads(path) -> list[ast.Call]:
