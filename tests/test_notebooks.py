@@ -328,6 +328,13 @@ def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
     assert by_run[f"top-{k}"]["heads"] == [list(h) for h in heads[:k]]
     if planted():
         assert by_run[f"planted-{len(planted())}"]["heads"] == planted()
+    # McNemar against none, undecided where none's admitted mistakes are too few to decide it
+    for run, row in by_run.items():
+        if run != "none":
+            test = row["vs_none"]["admitted"]
+            room = sum(r["admitted"] for r in read_jsonl(out / "records_none.jsonl"))
+            assert row["removes"] == (None if 0.5 ** room * 2 >= 0.05 else (
+                test["p"] < 0.05 and row["admitted"]["k"] < by_run["none"]["admitted"]["k"])), run
     # a permutation check its sets cannot decide (smallest p 1/(1 + n) >= 0.05) is None
     by_k = next(r for r in summary["by_k"] if r["k"] == k)
     for check, (p, n) in {"random sets": (by_k["p_random"], summary["n_random"]),
