@@ -208,12 +208,6 @@ def forward_model(model: TransformerBridge, hf_model: Any = None) -> Any:
     return model.original_model if has_bridge_hooks(model) else plain_hf_model(model)
 
 
-def _runner(model: TransformerBridge, hf_model: Any) -> tuple[Any, Any]:
-    """The model a generation runs for ``model`` (:func:`forward_model`) and its soft prompt
-    (:func:`soft_prompt`)."""
-    return soft_prompt(forward_model(model, hf_model))
-
-
 def _greedy(
     hf_model: Any, tokenizer: PreTrainedTokenizerBase, input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"], *, max_new_tokens: int, use_cache: bool = True,
@@ -345,7 +339,7 @@ def generate(
     """
     require_decoder_only(model, "chat.generate (KV-cache generation)")
     tokenizer = model.tokenizer
-    hf_model, soft = _runner(model, hf_model)
+    hf_model, soft = soft_prompt(forward_model(model, hf_model))
     if soft is not None and not use_cache:
         raise ValueError("a soft prompt is generated from as a cached prefix: use_cache=False "
                          "is not supported with a prompt-tuning hf_model")
@@ -422,7 +416,7 @@ def generate_follow_up(
     require_decoder_only(model, "chat.generate_follow_up (KV-cache generation)")
     tokenizer, device = model.tokenizer, model.cfg.device
     given = hf_model
-    hf_model, soft = _runner(model, hf_model)
+    hf_model, soft = soft_prompt(forward_model(model, hf_model))
     replies: list[str] = []
     finals: list[str | None] = []
     fresh: dict[int, Conversation] = {}
