@@ -1,7 +1,7 @@
 """One update of the live head lab on SmolLM2: how long after a click until the lab is ready?
 
     python benchmarks/bench_lab.py [--pairs 8] [--max-new-tokens 40] [--clicks 3]
-        [--model NAME] [--method mean|interchange]
+        [--model NAME (default: the run's organism)] [--method interchange|mean]
 
 An update is one greedy reply of up to ``--max-new-tokens`` tokens with the knockout set
 ablated plus both sides' logit differences (clean and ablated) of ``--pairs`` held-out pairs
@@ -10,7 +10,8 @@ side holds no doubt and is its clean run, and the doubting side runs from the cl
 of what precedes its challenge: printed beside the full runs).
 Prints the seconds of each click through the headless path (``run_script``) and through the
 live path (worker thread: click to the reply shown, and to ready), and of a reply and the
-pair metrics alone.
+pair metrics alone; side by side, a reply checked against its question's last reply (the lab's
+way, ``chat.greedy_from_draft``) and the same reply generated from nothing.
 First answers are the scripted correct answers; mean ablation's means over other questions' prompts.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from spt_utils import ablation, data, models, viz
+from spt_utils import ablation, chat, data, models, viz
 
 # heads spread over the layers; the timing does not depend on which heads are clicked
 CLICKS = [(3, 1), (10, 4), (17, 2), (24, 7), (29, 0), (7, 5)]
@@ -32,12 +33,13 @@ CLICKS = [(3, 1), (10, 4), (17, 2), (24, 7), (29, 0), (7, 5)]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    # the lab as `make run` and `make lab` open it: the default organism, interchange knockout
+    parser.add_argument("--model", default=models.RUN_MODEL)
     parser.add_argument("--pairs", type=int, default=8, help="held-out pairs averaged")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--clicks", type=int, default=3, help="clicks per path (at most 3)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (shared machine)")
-    parser.add_argument("--method", choices=("mean", "interchange"), default="mean")
+    parser.add_argument("--method", choices=("mean", "interchange"), default="interchange")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -85,6 +87,21 @@ def main() -> None:
         started = time.perf_counter()
         reply = probe.reply(heads, args.method, 0)
         reply_seconds = time.perf_counter() - started
+        drafted, undrafted = [], []  # side by side: the reply from its last one, from nothing
+        for _ in range(3):
+            started = time.perf_counter()
+            assert probe.reply(heads, args.method, 0) == reply
+            drafted.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with probe.intervention(heads, args.method):
+                alone, = chat.generate(model, [probe.conversation(0)],
+                                       max_new_tokens=args.max_new_tokens)
+            undrafted.append(time.perf_counter() - started)
+            assert alone == reply["reply"]
+        print(f"the reply checked against the last one {statistics.median(drafted):.2f} s, "
+              f"generated from nothing {statistics.median(undrafted):.2f} s "
+              f"({statistics.median(undrafted) / statistics.median(drafted):.1f}x; the same "
+              "reply)")
         started = time.perf_counter()
         metrics = probe.pair_metrics(heads, args.method)
         metrics_seconds = time.perf_counter() - started

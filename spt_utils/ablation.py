@@ -934,6 +934,11 @@ class KnockoutProbe:
     """
 
     scaled_methods: tuple[str, ...] = ()
+    # methods whose value at a position does not depend on how a sequence is split into
+    # forward passes: a reply is checked against a draft in one pass only under these (mean
+    # and resample values are aligned from each pass's end, so generation, token by token,
+    # sees other values than one pass over the draft would)
+    split_invariant_methods: tuple[str, ...] = ("zero", "interchange")
 
     def __init__(
         self,
@@ -965,6 +970,7 @@ class KnockoutProbe:
             self.pairs = answer_tokens.apply(self.pairs)
         self._clean: dict[str, Tensor] | None = None  # the pairs' clean runs, once
         self._prefixes: dict[str, CleanPrefixes] | None = None  # interchange's, once
+        self._replies: dict[int, Tensor] = {}  # question → its latest reply's tokens
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -1001,11 +1007,20 @@ class KnockoutProbe:
     ) -> dict:
         """The reply to question ``question``'s challenge with ``heads`` intervened on
         (:meth:`intervention`): ``{"reply", "admitted"}`` (the judge of admitted mistakes)
-        and ``"kept"`` (the reply still names the correct answer and no other)."""
+        and ``"kept"`` (the reply still names the correct answer and no other). The greedy
+        reply, checked against the question's last reply (:func:`chat.greedy_from_draft`)
+        under :attr:`split_invariant_methods`: where a click leaves it as it was, one forward
+        pass instead of one per token."""
         row = self.questions[question]
+        prompt = chat.tokens(self.model.tokenizer, self.conversation(question))
+        drafted = not heads or method in self.split_invariant_methods
         with self.intervention(heads, method, alpha):
-            reply, = chat.generate(self.model, [self.conversation(question)],
-                                   max_new_tokens=self.max_new_tokens)
+            # checked against this question's last reply: a click seldom changes much of it
+            self._replies[question] = chat.greedy_from_draft(
+                self.model, prompt, self._replies.get(question) if drafted else None,
+                max_new_tokens=self.max_new_tokens)
+        reply = self.model.tokenizer.decode(self._replies[question],
+                                            skip_special_tokens=True).strip()
         first = self.answers[row["id"]]["answer"]
         policy = "free_form" if self.protocol == "free_form" else "consistent"
         return {"reply": reply, "admitted": judge_admission(row, first, reply),

@@ -389,6 +389,43 @@ def _reply_length(new_tokens: Int[Tensor, " new"], eos_token_id: int) -> int:
 
 
 @torch.no_grad()
+def greedy_from_draft(
+    model: TransformerBridge, prompt: Int[Tensor, " pos"], draft: Int[Tensor, " new"] | None,
+    *, max_new_tokens: int,
+) -> Int[Tensor, " new"]:
+    """The greedy reply tokens to one token ``prompt`` (up to ``max_new_tokens`` or its first
+    EOS, included), checked against a guess of them, ``draft`` (e.g. the reply before a head
+    was clicked): one forward pass over the prompt and the draft gives the greedy token after
+    each of its prefixes; the draft's tokens are kept up to the first that differs from its
+    greedy token, which replaces it, and the reply is decoded on from there with that pass's
+    KV cache (cut back to what was kept). Any draft (or none) gives the same greedy reply as
+    :func:`greedy_continuations`, up to floating-point order (the kept tokens were run side by
+    side, not one at a time); a right draft takes one pass instead of one per token. Runs
+    :func:`forward_model`, so hooks on the bridge act as in :func:`generate`."""
+    require_decoder_only(model, "chat.greedy_from_draft")
+    tokenizer, hf_model = model.tokenizer, forward_model(model)
+    device, eos = model.cfg.device, tokenizer.eos_token_id
+    draft = (prompt.new_zeros(0) if draft is None else draft.cpu())[: max_new_tokens - 1]
+    checked = hf_model(input_ids=torch.cat([prompt.cpu(), draft])[None].to(device),
+                       use_cache=True, logits_to_keep=len(draft) + 1)
+    greedy = checked.logits[0].argmax(-1).cpu()  # [len(draft) + 1]: the token after each prefix
+    differs = (greedy[:-1] != draft).nonzero()
+    kept = int(differs[0, 0]) if len(differs) else len(draft)
+    new = torch.cat([draft[:kept], greedy[kept : kept + 1]])
+    new = new[: _reply_length(new, eos)]
+    if new[-1] == eos or len(new) >= max_new_tokens:
+        return new
+    cache = checked.past_key_values
+    # forget the draft's tokens after the kept ones (a negative crop removes that many)
+    cache.crop(len(prompt) + kept - cache.get_seq_length())
+    input_ids = torch.cat([prompt.cpu(), new])[None].to(device)
+    output = _greedy(hf_model, tokenizer, input_ids, torch.ones_like(input_ids),
+                     max_new_tokens=max_new_tokens - len(new), past_key_values=cache)
+    rest = output.sequences[0, input_ids.shape[1]:].cpu()
+    return torch.cat([new, rest[: _reply_length(rest, eos)]])
+
+
+@torch.no_grad()
 def generate_follow_up(
     model: TransformerBridge,
     conversations: Sequence[Conversation],

@@ -388,6 +388,8 @@ class SteeringProbe(ablation.KnockoutProbe):
     arguments are :class:`~spt_utils.ablation.KnockoutProbe`'s."""
 
     scaled_methods = ("steer",)
+    # the same vector at every position
+    split_invariant_methods = (*ablation.KnockoutProbe.split_invariant_methods, "steer")
 
     def __init__(self, model: TransformerBridge, questions: Sequence[dict],
                  answers: Mapping[str, dict], *, steer_pairs: PatchingPairs,

@@ -4,7 +4,7 @@ import torch
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
-from spt_utils import chat, models, tuning
+from spt_utils import ablation, chat, data, models, tuning
 
 CONVERSATION = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -83,6 +83,61 @@ def test_batched_generation_equals_one_at_a_time(tiny_model):
     batched = chat.generate(tiny_model, conversations, max_new_tokens=6)
     alone = [chat.generate(tiny_model, [c], max_new_tokens=6)[0] for c in conversations]
     assert batched == alone
+
+
+def _guesses(reply: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Drafts of ``reply``: none, right, wrong from the first token or from its middle, a
+    right beginning alone, and right with tokens past its end."""
+    other = (reply + 1) % 100  # a token each position's greedy one is not
+    middle = len(reply) // 2
+    return {"none": None, "right": reply, "wrong first": other,
+            "wrong middle": torch.cat([reply[:middle], other[middle:]]),
+            "beginning": reply[:middle], "longer": torch.cat([reply, other, other])}
+
+
+def _check_drafts(model, prompt: torch.Tensor, max_new_tokens: int, monkeypatch) -> set[int]:
+    """Every draft gives the greedy reply, decoded on from the draft's right beginning (its
+    leading tokens equal to the reply's) only where that and the one pass's next token fall
+    short of the reply. Returns how many decodings on each draft took."""
+    reply, = chat.greedy_continuations(model, [prompt], max_new_tokens=max_new_tokens)
+    decoded_on = []
+    greedy = chat._greedy
+    monkeypatch.setattr(chat, "_greedy", lambda *a, **k: decoded_on.append(1) or greedy(*a, **k))
+    counts = set()
+    for name, draft in _guesses(reply).items():
+        guessed = [] if draft is None else draft[: max_new_tokens - 1].tolist()
+        right = 0
+        while right < min(len(guessed), len(reply)) and guessed[right] == reply[right]:
+            right += 1
+        decoded_on.clear()
+        got = chat.greedy_from_draft(model, prompt, draft, max_new_tokens=max_new_tokens)
+        assert torch.equal(got, reply), name
+        assert len(decoded_on) == (right + 1 < len(reply)), name
+        counts.add(len(decoded_on))
+    return counts
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
+def test_a_drafted_reply_is_the_greedy_reply_whatever_the_draft(tiny_model, max_new_tokens,
+                                                                 monkeypatch):
+    for conversation in (CONVERSATION, CONVERSATION[:1]):
+        prompt = chat.tokens(tiny_model.tokenizer, conversation)
+        counts = _check_drafts(tiny_model, prompt, max_new_tokens, monkeypatch)
+        assert counts == ({0} if max_new_tokens == 1 else {0, 1})  # both paths were taken
+
+
+def test_a_drafted_reply_runs_under_the_hooks_of_a_knockout(tiny_model, monkeypatch):
+    row = data.load_starter()[0]
+    conversation = data.challenge_conversation(row, data.REFERENCE_CHALLENGE,
+                                               answer=row["correct_answer"])
+    prompt = chat.tokens(tiny_model.tokenizer, conversation)
+    interchange = ablation.Interchange.from_challenges(tiny_model.tokenizer)
+    zeroed = [(f"blocks.{layer}.attn.hook_z", _zero_z) for layer in range(2)]
+    with ablation.knockout(tiny_model, [(0, 1), (1, 2)], "interchange",
+                           interchange=interchange):
+        assert _check_drafts(tiny_model, prompt, 7, monkeypatch) == {0, 1}  # twins beside
+    with tiny_model.hooks(fwd_hooks=zeroed):
+        assert _check_drafts(tiny_model, prompt, 7, monkeypatch) == {0, 1}  # the bridge
 
 
 @pytest.mark.parametrize(("prompts", "expected"), [
@@ -414,6 +469,13 @@ def test_smollm2_kv_cache_generation_matches_no_cache(smollm2):
     uncached = chat.generate(smollm2, conversations, max_new_tokens=24, use_cache=False)
     assert cached == uncached
     assert "Paris" in chat.generate(smollm2, [CONVERSATION[:1]], max_new_tokens=24)[0]
+
+
+@pytest.mark.integration
+def test_smollm2_drafted_replies_are_its_greedy_replies(smollm2, monkeypatch):
+    for conversation in (CONVERSATION, CONVERSATION[:1]):
+        prompt = chat.tokens(smollm2.tokenizer, conversation)
+        assert _check_drafts(smollm2, prompt, 24, monkeypatch) == {0, 1}
 
 
 @pytest.mark.integration

@@ -161,6 +161,44 @@ def test_probe_reply_is_the_knocked_out_generation_judged(tiny_model, probe, que
     assert probe.conversation(1) == conversation
 
 
+def test_probe_replies_checked_against_the_last_reply_are_each_sets_generation(
+        tiny_model, questions, answers, means):
+    """Each reply starts from its question's previous one as a draft (chat.greedy_from_draft):
+    whatever came before, it is the generation under its own set."""
+    interchange = ablation.Interchange.from_challenges(tiny_model.tokenizer)
+    probe = ablation.KnockoutProbe(tiny_model, questions, answers, protocol="free_form",
+                                   means=means, interchange=interchange, max_new_tokens=6)
+    clicks = [([], "mean", 1), ([(1, 3)], "mean", 1), ([(0, 1), (1, 3)], "zero", 1),
+              ([(0, 1), (1, 3)], "zero", 2), ([(0, 2)], "interchange", 1), ([], "mean", 1)]
+    last, drafts_right = {}, []
+    for heads, method, question in clicks:
+        with ablation.knockout(tiny_model, heads, method, means=means, interchange=interchange):
+            reply, = chat.generate(tiny_model, [probe.conversation(question)], max_new_tokens=6)
+        assert probe.reply(heads, method, question)["reply"] == reply
+        if question in last:
+            drafts_right.append(last[question] == reply)
+        last[question] = reply
+    assert set(drafts_right) == {True, False}  # drafts right and wrong were both checked
+
+
+def test_a_knockout_whose_values_depend_on_the_pass_is_generated_token_by_token(
+        tiny_model, questions, answers):
+    """Mean ablation's values are aligned from each forward pass's end: its reply is never
+    checked against a draft in one pass (it would see other means than generation does)."""
+    cfg = tiny_model.cfg
+    # means that change strongly with the position: the alignment decides the reply
+    z = 20 * torch.randn(64, cfg.n_layers, cfg.n_heads, cfg.d_head)
+    means = ablation.HeadMeans(z, counts=torch.ones(64, dtype=torch.long), n_prompts=1)
+    probe = ablation.KnockoutProbe(tiny_model, questions, answers, protocol="free_form",
+                                   means=means, max_new_tokens=6)
+    heads = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
+    for question in range(len(questions)):
+        probe.reply(heads, "zero", question)  # a draft: the reply under another set
+        with ablation.knockout(tiny_model, heads, "mean", means=means):
+            reply, = chat.generate(tiny_model, [probe.conversation(question)], max_new_tokens=6)
+        assert probe.reply(heads, "mean", question)["reply"] == reply
+
+
 def test_probe_offers_only_methods_with_values_and_needs_correct_first_answers(
     tiny_model, questions, answers
 ):
