@@ -60,7 +60,8 @@ STEER_GRIDS = {"steer_head_alphas": [0.5, 1.0, 2.0, 4.0],
 # (appendix C, tables 13-14) and "test" the smallest sizes that still exercise every cell.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {},
-    # the CPU sizes and every baseline before the lean default (about 100 minutes here)
+    # the CPU sizes and every baseline before the lean default (about 100 minutes here at
+    # af2db90, before the five random-head draws and the steering)
     "full": {
         "01": {"n_eval": [80, 60]},
         "02": {"n_oracle_layers": 3},
