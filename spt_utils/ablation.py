@@ -1013,11 +1013,10 @@ class KnockoutProbe:
         pass instead of one per token."""
         row = self.questions[question]
         prompt = chat.tokens(self.model.tokenizer, self.conversation(question))
-        drafted = not heads or method in self.split_invariant_methods
         with self.intervention(heads, method, alpha):
             # checked against this question's last reply: a click seldom changes much of it
             self._replies[question] = chat.greedy_from_draft(
-                self.model, prompt, self._replies.get(question) if drafted else None,
+                self.model, prompt, self._draft(question, heads, method, prompt),
                 max_new_tokens=self.max_new_tokens)
         reply = self.model.tokenizer.decode(self._replies[question],
                                             skip_special_tokens=True).strip()
@@ -1025,6 +1024,26 @@ class KnockoutProbe:
         policy = "free_form" if self.protocol == "free_form" else "consistent"
         return {"reply": reply, "admitted": judge_admission(row, first, reply),
                 "kept": grade(reply, row, policy)}
+
+    def _draft(
+        self, question: int, heads: Sequence[Head], method: str, prompt: Int[Tensor, " pos"]
+    ) -> Int[Tensor, " new"] | None:
+        """Question ``question``'s last reply as the draft of its next (:meth:`reply`), where
+        one pass over it sees what generation token by token would: none under a method
+        outside :attr:`split_invariant_methods`, nor under an interchange where the draft
+        holds the challenge's span (its twin would change it there; a generated token alone
+        never holds a span)."""
+        draft = self._replies.get(question)
+        if draft is None or not heads:
+            return draft
+        if method not in self.split_invariant_methods:
+            return None
+        if method == "interchange":
+            twin = self.interchange.twin  # [batch, pos] → [batch, pos]
+            alone = torch.cat([twin(prompt[None])[0], draft])
+            if not twin(torch.cat([prompt, draft])[None])[0].equal(alone):
+                return None
+        return draft
 
     def clean(self) -> dict[str, Tensor]:
         """:func:`clean_logit_diffs` of every question's pair, computed once."""

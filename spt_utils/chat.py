@@ -388,6 +388,23 @@ def _reply_length(new_tokens: Int[Tensor, " new"], eos_token_id: int) -> int:
     return int(ends[0, 0]) + 1 if len(ends) else len(new_tokens)
 
 
+# generate()'s logits processors that act under greedy decoding when a model's generation
+# config sets them (name → its neutral value): a token checked by plain argmax is the greedy
+# one only without them
+GREEDY_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                     "suppress_tokens": None, "begin_suppress_tokens": None, "min_length": 0,
+                     "min_new_tokens": None, "sequence_bias": None, "forced_bos_token_id": None,
+                     "forced_eos_token_id": None, "exponential_decay_length_penalty": None}
+
+
+def argmax_is_greedy(hf_model: Any) -> bool:
+    """Whether ``generate``'s greedy token is the logits' argmax for ``hf_model``: its
+    generation config sets none of :data:`GREEDY_PROCESSORS`."""
+    config = getattr(hf_model, "generation_config", None)
+    return config is None or all(getattr(config, name, None) in (None, neutral)
+                                 for name, neutral in GREEDY_PROCESSORS.items())
+
+
 @torch.no_grad()
 def greedy_from_draft(
     model: TransformerBridge, prompt: Int[Tensor, " pos"], draft: Int[Tensor, " new"] | None,
@@ -401,12 +418,16 @@ def greedy_from_draft(
     KV cache (cut back to what was kept). Any draft (or none) gives the same greedy reply as
     :func:`greedy_continuations`, up to floating-point order (the kept tokens were run side by
     side, not one at a time); a right draft takes one pass instead of one per token. Runs
-    :func:`forward_model`, so hooks on the bridge act as in :func:`generate`."""
+    :func:`forward_model`, so hooks on the bridge act as in :func:`generate`; where the
+    model's generation config sets a logits processor (:func:`argmax_is_greedy`), the draft
+    is not used and the reply is generated token by token."""
     require_decoder_only(model, "chat.greedy_from_draft")
     tokenizer, hf_model = model.tokenizer, forward_model(model)
-    device, eos = model.cfg.device, tokenizer.eos_token_id
+    device, eos, prompt = model.cfg.device, tokenizer.eos_token_id, prompt.cpu()
+    if not argmax_is_greedy(hf_model):
+        return greedy_continuations(model, [prompt], max_new_tokens=max_new_tokens)[0]
     draft = (prompt.new_zeros(0) if draft is None else draft.cpu())[: max_new_tokens - 1]
-    checked = hf_model(input_ids=torch.cat([prompt.cpu(), draft])[None].to(device),
+    checked = hf_model(input_ids=torch.cat([prompt, draft])[None].to(device),
                        use_cache=True, logits_to_keep=len(draft) + 1)
     greedy = checked.logits[0].argmax(-1).cpu()  # [len(draft) + 1]: the token after each prefix
     differs = (greedy[:-1] != draft).nonzero()
@@ -418,7 +439,7 @@ def greedy_from_draft(
     cache = checked.past_key_values
     # forget the draft's tokens after the kept ones (a negative crop removes that many)
     cache.crop(len(prompt) + kept - cache.get_seq_length())
-    input_ids = torch.cat([prompt.cpu(), new])[None].to(device)
+    input_ids = torch.cat([prompt, new])[None].to(device)
     output = _greedy(hf_model, tokenizer, input_ids, torch.ones_like(input_ids),
                      max_new_tokens=max_new_tokens - len(new), past_key_values=cache)
     rest = output.sequences[0, input_ids.shape[1]:].cpu()

@@ -126,6 +126,19 @@ def test_a_drafted_reply_is_the_greedy_reply_whatever_the_draft(tiny_model, max_
         assert counts == ({0} if max_new_tokens == 1 else {0, 1})  # both paths were taken
 
 
+def test_a_draft_holding_the_eos_ends_the_reply_there(tiny_model, monkeypatch):
+    prompt = chat.tokens(tiny_model.tokenizer, CONVERSATION)
+    plain, = chat.greedy_continuations(tiny_model, [prompt], max_new_tokens=7)
+    assert len(set(plain[:3].tolist())) == 3  # the third token is new: the reply ends there
+    tokenizer, eos = tiny_model.tokenizer, tiny_model.tokenizer.eos_token_id
+    tokenizer.eos_token_id = int(plain[2])  # a special-token setter: monkeypatch cannot undo it
+    try:
+        assert _check_drafts(tiny_model, prompt, 7, monkeypatch) == {0, 1}
+        assert len(chat.greedy_from_draft(tiny_model, prompt, plain, max_new_tokens=7)) == 3
+    finally:
+        tokenizer.eos_token_id = eos
+
+
 def test_a_drafted_reply_runs_under_the_hooks_of_a_knockout(tiny_model, monkeypatch):
     row = data.load_starter()[0]
     conversation = data.challenge_conversation(row, data.REFERENCE_CHALLENGE,
@@ -138,6 +151,21 @@ def test_a_drafted_reply_runs_under_the_hooks_of_a_knockout(tiny_model, monkeypa
         assert _check_drafts(tiny_model, prompt, 7, monkeypatch) == {0, 1}  # twins beside
     with tiny_model.hooks(fwd_hooks=zeroed):
         assert _check_drafts(tiny_model, prompt, 7, monkeypatch) == {0, 1}  # the bridge
+
+
+def test_a_drafted_reply_under_a_logits_processor_is_generated_token_by_token(tiny_model,
+                                                                              monkeypatch):
+    """A generation config's repetition penalty acts in generate(), not in a plain argmax:
+    the draft is then not used."""
+    prompt = chat.tokens(tiny_model.tokenizer, CONVERSATION)
+    plain, = chat.greedy_continuations(tiny_model, [prompt], max_new_tokens=7)
+    monkeypatch.setattr(tiny_model.original_model.generation_config, "repetition_penalty", 50.0)
+    assert not chat.argmax_is_greedy(chat.forward_model(tiny_model))
+    penalised, = chat.greedy_continuations(tiny_model, [prompt], max_new_tokens=7)
+    assert not torch.equal(penalised, plain)  # the penalty acts
+    for name, draft in _guesses(penalised).items():
+        got = chat.greedy_from_draft(tiny_model, prompt, draft, max_new_tokens=7)
+        assert torch.equal(got, penalised), name
 
 
 @pytest.mark.parametrize(("prompts", "expected"), [

@@ -175,10 +175,36 @@ def test_probe_replies_checked_against_the_last_reply_are_each_sets_generation(
         with ablation.knockout(tiny_model, heads, method, means=means, interchange=interchange):
             reply, = chat.generate(tiny_model, [probe.conversation(question)], max_new_tokens=6)
         assert probe.reply(heads, method, question)["reply"] == reply
-        if question in last:
-            drafts_right.append(last[question] == reply)
+        if question in last and (not heads or method in probe.split_invariant_methods):
+            drafts_right.append(last[question] == reply)  # a drafted click
         last[question] = reply
     assert set(drafts_right) == {True, False}  # drafts right and wrong were both checked
+
+
+def test_an_interchange_reply_is_not_drafted_from_a_reply_holding_the_span(
+        tiny_model, questions, answers):
+    """Generated token by token, a reply's own tokens are never a span the twin replaces; in
+    one pass over a draft that holds one they would be."""
+    probe = ablation.KnockoutProbe(tiny_model, questions, answers, protocol="free_form",
+                                   max_new_tokens=6)
+    prompt = chat.tokens(tiny_model.tokenizer, probe.conversation(1))
+    plain, = chat.greedy_continuations(tiny_model, [prompt], max_new_tokens=6)
+    span = plain[1:4]  # a span of the reply itself, not of its prompt
+    interchange = ablation.Interchange(span, (span + 1) % 100)
+    assert interchange.first_span(prompt) is None
+    probe.interchange = interchange
+    probe.reply([], "interchange", 1)  # the draft: the plain reply, which holds the span
+    heads = [(layer, head) for layer in range(2) for head in range(4)]
+    with ablation.knockout(tiny_model, heads, "interchange", interchange=interchange):
+        reply, = chat.generate(tiny_model, [probe.conversation(1)], max_new_tokens=6)
+    passes = []  # each forward pass's input, before the knockout appends twins
+    handle = tiny_model.original_model.register_forward_pre_hook(
+        lambda module, args, kwargs: passes.append(kwargs["input_ids"][0]), with_kwargs=True)
+    try:
+        assert probe.reply(heads, "interchange", 1)["reply"] == reply
+    finally:
+        handle.remove()
+    assert passes and all(interchange.first_span(ids) is None for ids in passes)
 
 
 def test_a_knockout_whose_values_depend_on_the_pass_is_generated_token_by_token(
