@@ -114,8 +114,10 @@ def test_export_writes_html_only_with_one_warning_when_static_export_fails(
     monkeypatch.setattr(kaleido, "Kaleido", no_browser)
     monkeypatch.setattr(viz.export, "_session", viz.KaleidoSession())
     monkeypatch.setattr(viz.export, "_static_export_warned", False)
+    loops = spy_on_event_loops(monkeypatch)
     with pytest.warns(RuntimeWarning, match="HTML only"):
         written = viz.export_figure(fig, tmp_path, "heatmap")
+    assert len(loops) == 1 and loops[0].is_closed()  # no unclosed loop left (ResourceWarning)
     assert [p.name for p in written] == ["heatmap.html"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -129,9 +131,22 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", path.read_bytes()[16:24])
 
 
+def spy_on_event_loops(monkeypatch) -> list:
+    """The event loops the export module opens from now on (the list fills as they open)."""
+    loops, new_event_loop = [], viz.export.asyncio.new_event_loop
+
+    def recorded():
+        loops.append(new_event_loop())
+        return loops[-1]
+
+    monkeypatch.setattr(viz.export.asyncio, "new_event_loop", recorded)
+    return loops
+
+
 def test_export_writes_all_formats_from_one_browser(tmp_path, monkeypatch):
     session = viz.KaleidoSession()
     monkeypatch.setattr(viz.export, "_session", session)
+    loops = spy_on_event_loops(monkeypatch)
     heatmap = viz.head_heatmap(SCORE, metric_name="score")
     written = viz.export_figure(heatmap, tmp_path, "h", scale=2.0)
     assert sorted(p.suffix for p in written) == [".html", ".pdf", ".png", ".svg"]
@@ -142,7 +157,9 @@ def test_export_writes_all_formats_from_one_browser(tmp_path, monkeypatch):
     viz.export_figure(curves, tmp_path, "curves", scale=1.0)
     assert all((tmp_path / f"curves.{fmt}").stat().st_size > 0 for fmt in viz.STATIC_FORMATS)
     assert session.launches == 1  # six images, one browser
+    assert not loops[0].is_closed()
     session.close()
+    assert loops[0].is_closed()  # closing the session closes its loop (no ResourceWarning)
 
 
 def test_export_is_byte_identical_for_the_same_figure(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ class KaleidoSession:
         self.timeout_s = timeout_s
         self.launches = 0  # browsers started (tests count them)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._browser: Any = None
         self._error: Exception | None = None
@@ -48,7 +49,9 @@ class KaleidoSession:
             return await self._stack.enter_async_context(kaleido.Kaleido(n=1))
 
         self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name="kaleido", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kaleido",
+                                        daemon=True)
+        self._thread.start()
         self.launches += 1
         try:
             self._browser = self._call(enter())
@@ -59,8 +62,12 @@ class KaleidoSession:
         atexit.register(self.close)
 
     def _stop_loop(self) -> None:
+        """Stop the loop, wait for its thread, and close it (its selector and self-pipe)."""
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop = None
+        self._thread.join(self.timeout_s)
+        if not self._thread.is_alive():  # a loop still running cannot be closed
+            self._loop.close()
+        self._loop = self._thread = None
 
     def render(self, fig: go.Figure, fmt: str, scale: float) -> bytes:
         """``fig`` as ``fmt`` bytes, sized as ``fig.to_image`` sizes it."""
