@@ -146,24 +146,33 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# Wall seconds of each notebook in the run of record of a profile (its manifest's
-# timings_s, on a 2-core CPU machine): what `make run` estimates the rest from. cpu: a fresh
-# clone at df62c70 with an empty $SPT_CACHE (2,629 s; the run of record, docs/record/);
-# full: the CPU sizes of af2db90's run of record (before steering; notebook 00 there read a
-# cached organism).
-RECORDED_TIMINGS_S: dict[str, dict[str, float]] = {
-    "cpu": {"00": 33, "01": 97, "02": 205, "03": 745, "04": 838, "05": 546, "06": 165},
-    "full": {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544, "05": 3244, "06": 143},
+# Wall seconds of each notebook in a run of record of a profile and model (its manifest's
+# timings_s, on the idle 2-core CPU machine): what `make run` estimates the rest from. A model
+# with no record of its own is paced against the default model's (models.RUN_MODEL): models
+# differ in where their time goes (notebook 01 asks a natural model its first answers). cpu:
+# the runs of record in docs/record/ (the default model: a fresh clone at df62c70 with an empty
+# $SPT_CACHE, 2,629 s; the distributed sycophant: 1a8355c, 2,160 s); full: the CPU sizes of
+# af2db90's run of record (before steering; notebook 00 there read a cached organism).
+RECORDED_TIMINGS_S: dict[tuple[str, str], dict[str, float]] = {
+    ("cpu", RUN_MODEL): {"00": 33, "01": 97, "02": 205, "03": 745, "04": 838, "05": 546,
+                         "06": 165},
+    ("cpu", models.DISTRIBUTED_ORGANISM): {"00": 12, "01": 12, "02": 225, "03": 535, "04": 799,
+                                           "05": 450, "06": 127},
+    ("full", RUN_MODEL): {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544, "05": 3244,
+                          "06": 143},
 }
 
 
-def time_left(profile: str, finished: dict[str, float], remaining: list[str]) -> float | None:
+def time_left(
+    profile: str, model_name: str, finished: dict[str, float], remaining: list[str],
+) -> float | None:
     """Seconds the ``remaining`` notebooks should take: their recorded times (by file-name
-    prefix, :data:`RECORDED_TIMINGS_S`), scaled by how this run's ``finished`` notebooks
-    (name → seconds) compare with theirs. Notebook 00 does not set the pace (on first use it
-    plants the organism: minutes, against seconds recorded). None when the profile has no
-    record of one."""
-    recorded = RECORDED_TIMINGS_S.get(profile, {})
+    prefix, :data:`RECORDED_TIMINGS_S`: the model's own record in the profile, else the
+    default model's), scaled by how this run's ``finished`` notebooks (name → seconds) compare
+    with theirs. Notebook 00 does not set the pace (on first use it plants the organism:
+    minutes, against seconds recorded). None when the profile has no record of one."""
+    recorded = RECORDED_TIMINGS_S.get((profile, model_name),
+                                      RECORDED_TIMINGS_S.get((profile, RUN_MODEL), {}))
     if any(name[:2] not in recorded for name in [*finished, *remaining]):
         return None
     pacing = {name: seconds for name, seconds in finished.items() if name[:2] != "00"}
@@ -407,7 +416,8 @@ def run_pipeline(
         write_json(manifest_path, manifest)
         timings = {n.name: manifest["timings_s"][n.name] for n in notebooks
                    if n.name in manifest["timings_s"]}
-        left = time_left(profile, timings, [n.name for n in notebooks if n.name not in timings])
+        left = time_left(profile, model_name, timings,
+                         [n.name for n in notebooks if n.name not in timings])
         log.info("%s: %s s (this run so far: %.0f s%s)", notebook.name,
                  manifest["timings_s"][notebook.name], sum(timings.values()),
                  "" if left is None else f"; about {left / 60:.0f} min left")

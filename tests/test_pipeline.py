@@ -156,18 +156,33 @@ def test_a_damaged_manifest_is_a_clear_error(tmp_path):
 
 
 def test_time_left_scales_the_recorded_times_by_this_runs_pace(monkeypatch):
-    monkeypatch.setitem(pipeline.RECORDED_TIMINGS_S, "cpu", {"00": 10, "01": 30, "02": 60})
+    default, other = models.RUN_MODEL, "another-model"
+    monkeypatch.setitem(pipeline.RECORDED_TIMINGS_S, ("cpu", default),
+                        {"00": 10, "01": 30, "02": 60})
     # nothing finished yet: the recorded times themselves
-    assert pipeline.time_left("cpu", {}, ["00_a.ipynb", "01_b.ipynb"]) == 40
+    assert pipeline.time_left("cpu", default, {}, ["00_a.ipynb", "01_b.ipynb"]) == 40
     # this run took twice the record so far, so the rest should too
-    assert pipeline.time_left("cpu", {"00_a.ipynb": 20, "01_b.ipynb": 60},
+    assert pipeline.time_left("cpu", default, {"00_a.ipynb": 20, "01_b.ipynb": 60},
                               ["02_c.ipynb"]) == 120
-    assert pipeline.time_left("cpu", {"00_a.ipynb": 5}, []) == 0
+    assert pipeline.time_left("cpu", default, {"00_a.ipynb": 5}, []) == 0
     # notebook 00 planting the organism (minutes, not seconds) does not set the pace
-    assert pipeline.time_left("cpu", {"00_a.ipynb": 700}, ["01_b.ipynb"]) == 30
+    assert pipeline.time_left("cpu", default, {"00_a.ipynb": 700}, ["01_b.ipynb"]) == 30
+    # a model with no record of its own is paced against the default model's
+    assert pipeline.time_left("cpu", other, {"01_b.ipynb": 15}, ["02_c.ipynb"]) == 30
+    # ... and one with its own record against its own (another split of the time)
+    monkeypatch.setitem(pipeline.RECORDED_TIMINGS_S, ("cpu", other),
+                        {"00": 10, "01": 5, "02": 100})
+    assert pipeline.time_left("cpu", other, {"01_b.ipynb": 10}, ["02_c.ipynb"]) == 200
     # no record for the profile or for one notebook: no estimate
-    assert pipeline.time_left("test", {}, ["00_a.ipynb"]) is None
-    assert pipeline.time_left("cpu", {}, ["07_new.ipynb"]) is None
+    assert pipeline.time_left("test", default, {}, ["00_a.ipynb"]) is None
+    assert pipeline.time_left("cpu", default, {}, ["07_new.ipynb"]) is None
+
+
+def test_every_recorded_timing_names_a_profile_a_model_and_every_notebook():
+    notebooks = {path.name[:2] for path in pipeline.notebook_paths()}
+    for (profile, model_name), recorded in pipeline.RECORDED_TIMINGS_S.items():
+        assert profile in pipeline.PROFILES and model_name in models.ORGANISMS, model_name
+        assert set(recorded) == notebooks, (profile, model_name)
 
 
 def test_a_run_records_its_organism_and_refuses_another_one(tmp_path, monkeypatch):
@@ -208,7 +223,7 @@ def test_make_run_prints_a_progress_line_per_notebook(tmp_path, monkeypatch, cap
     the record of the notebooks left (once notebook 00, which sets no pace, is not alone)."""
     import papermill
 
-    recorded = pipeline.RECORDED_TIMINGS_S["cpu"]
+    recorded = pipeline.RECORDED_TIMINGS_S["cpu", models.RUN_MODEL]
     clock = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
 
