@@ -60,8 +60,8 @@ STEER_GRIDS = {"steer_head_alphas": [0.5, 1.0, 2.0, 4.0],
 # (appendix C, tables 13-14) and "test" the smallest sizes that still exercise every cell.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {},
-    # the CPU sizes and every baseline before the lean default (about 100 minutes here at
-    # af2db90, before the five random-head draws and the steering)
+    # the CPU sizes and every baseline before the lean default (108 minutes here on the
+    # distributed sycophant at 2400f81, with the five random-head draws and the steering)
     "full": {
         "01": {"n_eval": [80, 60]},
         "02": {"n_oracle_layers": 3},
@@ -152,7 +152,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 # differ in where their time goes (notebook 01 asks a natural model its first answers). cpu:
 # the runs of record in docs/record/ (the default model: a fresh clone at df62c70 with an empty
 # $SPT_CACHE, 2,629 s; the distributed sycophant: 1a8355c, 2,160 s); full: the CPU sizes of
-# af2db90's run of record (before steering; notebook 00 there read a cached organism).
+# af2db90's run of record (before steering; notebook 00 there read a cached organism), and the
+# distributed sycophant's at 2400f81 (6,486 s, notebook 03 partly beside benchmarks).
 RECORDED_TIMINGS_S: dict[tuple[str, str], dict[str, float]] = {
     ("cpu", RUN_MODEL): {"00": 33, "01": 97, "02": 205, "03": 745, "04": 838, "05": 546,
                          "06": 165},
@@ -160,6 +161,8 @@ RECORDED_TIMINGS_S: dict[tuple[str, str], dict[str, float]] = {
                                            "05": 450, "06": 127},
     ("full", RUN_MODEL): {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544, "05": 3244,
                           "06": 143},
+    ("full", models.DISTRIBUTED_ORGANISM): {"00": 12, "01": 11, "02": 271, "03": 1558,
+                                            "04": 2137, "05": 2380, "06": 116},
 }
 
 
