@@ -148,19 +148,20 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 
 # Wall seconds of each notebook in a run of record of a profile and model (its manifest's
 # timings_s, on the idle 2-core CPU machine): what `make run` estimates the rest from. A model
-# with no record of its own is paced against the default model's (models.RUN_MODEL): models
-# differ in where their time goes (notebook 01 asks a natural model its first answers). cpu:
-# the runs of record in docs/record/ (the default model: a fresh clone at df62c70 with an empty
-# $SPT_CACHE, 2,629 s; the distributed sycophant: 1a8355c, 2,160 s); full: the CPU sizes of
-# af2db90's run of record (before steering; notebook 00 there read a cached organism), and the
-# distributed sycophant's at 2400f81 (6,486 s, notebook 03 partly beside benchmarks).
+# with no record of its own is paced against the default model's (models.RUN_MODEL), else
+# against the profile's first record: models differ in where their time goes (notebook 01
+# asks a natural model its first answers). cpu: the runs of record in docs/record/ (the
+# default model: a fresh clone at df62c70 with an empty $SPT_CACHE, 2,629 s; the distributed
+# sycophant: 1a8355c, 2,160 s); full: the plain organism, the default model at af2db90 (before
+# the draws and steering; notebook 00 there read a cached organism), and the distributed
+# sycophant at 2400f81 (6,486 s, notebook 03 partly beside benchmarks).
 RECORDED_TIMINGS_S: dict[tuple[str, str], dict[str, float]] = {
     ("cpu", RUN_MODEL): {"00": 33, "01": 97, "02": 205, "03": 745, "04": 838, "05": 546,
                          "06": 165},
     ("cpu", models.DISTRIBUTED_ORGANISM): {"00": 12, "01": 12, "02": 225, "03": 535, "04": 799,
                                            "05": 450, "06": 127},
-    ("full", RUN_MODEL): {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544, "05": 3244,
-                          "06": 143},
+    ("full", models.ORGANISM_MODEL): {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544,
+                                      "05": 3244, "06": 143},
     ("full", models.DISTRIBUTED_ORGANISM): {"00": 12, "01": 11, "02": 271, "03": 1558,
                                             "04": 2137, "05": 2380, "06": 116},
 }
@@ -171,11 +172,14 @@ def time_left(
 ) -> float | None:
     """Seconds the ``remaining`` notebooks should take: their recorded times (by file-name
     prefix, :data:`RECORDED_TIMINGS_S`: the model's own record in the profile, else the
-    default model's), scaled by how this run's ``finished`` notebooks (name → seconds) compare
-    with theirs. Notebook 00 does not set the pace (on first use it plants the organism:
-    minutes, against seconds recorded). None when the profile has no record of one."""
-    recorded = RECORDED_TIMINGS_S.get((profile, model_name),
-                                      RECORDED_TIMINGS_S.get((profile, RUN_MODEL), {}))
+    default model's, else the profile's first), scaled by how this run's ``finished``
+    notebooks (name → seconds) compare with theirs. Notebook 00 does not set the pace (on
+    first use it plants the organism: minutes, against seconds recorded). None when the
+    profile has no record of one."""
+    records = {model: timings for (name, model), timings in RECORDED_TIMINGS_S.items()
+               if name == profile}
+    recorded = records.get(model_name) or records.get(RUN_MODEL) or next(
+        iter(records.values()), {})
     if any(name[:2] not in recorded for name in [*finished, *remaining]):
         return None
     pacing = {name: seconds for name, seconds in finished.items() if name[:2] != "00"}
