@@ -341,7 +341,11 @@ def _ablate_z(
     rows: Int[Tensor, " batch"] | None,
 ) -> Float[Tensor, "batch pos head d_head"]:
     """Replace the masked heads' ``z`` with the source's values; ``rows`` numbers each batch
-    row's prompt (default: its place in the batch), which picks its resample donor."""
+    row's prompt (default: its place in the batch it was generated in, which
+    :func:`spt_utils.chat.decoding_rows` gives while finished rows are dropped), which picks
+    its resample donor."""
+    if rows is None:
+        rows = chat.decoding_rows()
     rows = torch.arange(len(z)) if rows is None else rows
     return torch.where(mask.to(z.device)[:, None, :, None], source.values(layer, z, rows), z)
 

@@ -7,8 +7,11 @@ holds the template's own start tokens, so it is always tokenized without an auto
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,6 +22,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -208,18 +212,134 @@ def forward_model(model: TransformerBridge, hf_model: Any = None) -> Any:
     return model.original_model if has_bridge_hooks(model) else plain_hf_model(model)
 
 
+# The places in its batch of the rows a forward pass of greedy decoding runs (rows that have
+# finished are dropped, :func:`_greedy`); None outside decoding.
+_DECODING_ROWS: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
+    "decoding_rows", default=None)
+
+
+def decoding_rows() -> Int[Tensor, " batch"] | None:
+    """While :func:`_greedy` decodes, each running row's place in the batch it was given (a
+    row that has finished no longer runs, so a hook that picks something per row, such as a
+    resample donor, keeps it per place); None outside decoding."""
+    return _DECODING_ROWS.get()
+
+
+@contextlib.contextmanager
+def _decoding(rows: Int[Tensor, " batch"]) -> Iterator[None]:
+    token = _DECODING_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _DECODING_ROWS.reset(token)
+
+
 def _greedy(
     hf_model: Any, tokenizer: PreTrainedTokenizerBase, input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"], *, max_new_tokens: int, use_cache: bool = True,
-    past_key_values: Any = None,
+    past_key_values: Any = None, drop_finished: bool = True,
 ) -> Any:
-    """One batched greedy ``generate`` call; returns its output dict (sequences and cache)."""
+    """Batched greedy decoding; returns ``sequences`` (the input, then each row's new tokens,
+    padded after its EOS) and the KV cache, as ``generate`` does. With ``drop_finished``, the
+    cache and no logits processor (:func:`argmax_is_greedy`),
+    :func:`_decode_dropping_finished`; otherwise one ``generate`` call."""
+    if drop_finished and use_cache and argmax_is_greedy(hf_model):
+        return _decode_dropping_finished(
+            hf_model, input_ids, attention_mask, eos=tokenizer.eos_token_id,
+            pad=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+            past_key_values=past_key_values)
     return hf_model.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         do_sample=False, use_cache=use_cache, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, past_key_values=past_key_values,
         return_dict_in_generate=True,
     )
+
+
+def _rows_of_copies(rows: Int[Tensor, " kept"], batch: int, copies: int) -> Int[Tensor, " held"]:
+    """A cache's row indices for ``rows`` of a batch when it holds ``copies`` rows per batch
+    row (an interchange knockout appends the twins after the batch: 2)."""
+    return torch.cat([copy * batch + rows for copy in range(copies)])
+
+
+@torch.no_grad()
+def _decode_dropping_finished(
+    hf_model: Any, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
+    *, eos: int, pad: int, max_new_tokens: int, past_key_values: Any = None,
+) -> SimpleNamespace:
+    """Greedy decoding with the KV cache that stops running a row once it has finished: the
+    step after a row's EOS (its EOS is run too, so its cache holds the whole reply for a
+    follow-up turn), the row's cache is set aside and the batch goes on without it. A
+    decoding step costs about its rows here, and replies end at different lengths, so the
+    finished rows ``generate`` would run to the longest reply are not paid for.
+
+    The same tokens as ``generate`` up to floating-point order (the batch shrinks); the cache
+    returned is ``generate``'s for every position a row attends to (the prompt, the reply and
+    its EOS; later positions are zeros where ``generate`` ran padding, masked by any
+    follow-up). ``past_key_values`` covers the first columns of ``input_ids`` (a shared
+    prefix), and positions follow the attention mask. Hooks that pick a value per row read
+    each running row's place in the batch from :func:`decoding_rows`. Rows are dropped only
+    from a cache of plain dynamic layers (not a sliding window's)."""
+    batch, width = input_ids.shape
+    device = input_ids.device
+    past = 0 if past_key_values is None else past_key_values.get_seq_length()
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    running = torch.arange(batch, device=device)
+    with _decoding(running):
+        output = hf_model(input_ids=input_ids[:, past:], attention_mask=attention_mask,
+                          position_ids=positions[:, past:], past_key_values=past_key_values,
+                          use_cache=True, logits_to_keep=1)
+    cache, mask = output.past_key_values, attention_mask
+    copies = (cache_rows(cache) or batch) // batch
+    droppable = all(type(layer) is DynamicLayer for layer in cache.layers)
+    new_tokens = input_ids.new_full((batch, max_new_tokens), pad)
+    set_aside: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]] = []  # (rows, per-layer k, v)
+    token = output.logits[:, -1].argmax(-1)  # [running]
+    steps = 0
+    for step in range(max_new_tokens):
+        new_tokens[running, step] = token
+        steps = step + 1
+        finished = token == eos
+        if finished.all() or steps == max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=1)
+        with _decoding(running):
+            output = hf_model(input_ids=token[:, None], attention_mask=mask,
+                              position_ids=mask.sum(-1, keepdim=True) - 1,
+                              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = output.logits[:, -1].argmax(-1)
+        if droppable and finished.any():  # these rows have now run their EOS
+            done = _rows_of_copies(finished.nonzero()[:, 0], len(running), copies)
+            set_aside.append((running[finished], [(layer.keys[done], layer.values[done])
+                                                 for layer in cache.layers]))
+            kept = ~finished
+            cache.batch_select_indices(_rows_of_copies(kept.nonzero()[:, 0], len(running),
+                                                       copies))
+            running, mask, token = running[kept], mask[kept], token[kept]
+    if set_aside:
+        _reassemble(cache, running, set_aside, batch, copies)
+    return SimpleNamespace(sequences=torch.cat([input_ids, new_tokens[:, :steps]], dim=1),
+                           past_key_values=cache)
+
+
+def _reassemble(
+    cache: Any, running: Int[Tensor, " running"],
+    set_aside: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]], batch: int, copies: int,
+) -> None:
+    """Put the rows set aside back into ``cache`` in their places (every copy of each), their
+    positions after the reply zeros, as long as the rows that ran to the end."""
+    for index, layer in enumerate(cache.layers):
+        keys, values = layer.keys, layer.values  # [copies * running, kv_head, pos, d_head]
+        full_keys = keys.new_zeros((copies * batch, *keys.shape[1:]))
+        full_values = values.new_zeros((copies * batch, *values.shape[1:]))
+        places = _rows_of_copies(running, batch, copies)
+        full_keys[places], full_values[places] = keys, values
+        for rows, layers in set_aside:
+            done_keys, done_values = layers[index]
+            places, length = _rows_of_copies(rows, batch, copies), done_keys.shape[2]
+            full_keys[places, :, :length], full_values[places, :, :length] = (done_keys,
+                                                                              done_values)
+        layer.keys, layer.values = full_keys, full_values
 
 
 def shared_prefix_length(prompts: Sequence[Int[Tensor, " pos"]]) -> int:
@@ -324,6 +444,7 @@ def generate(
     hf_model: Any = None,
     prefill: str = "",
     share_prefix: bool = True,
+    drop_finished: bool = True,
 ) -> list[str]:
     """Greedy replies to each conversation, batched with left padding.
 
@@ -335,7 +456,9 @@ def generate(
     is ("``); replies include it. With the KV cache, the tokens a batch's prompts share (the
     system turn, few-shot demonstrations) run once (``share_prefix``,
     :func:`shared_prefix_length`), after a prompt-tuning ``hf_model``'s soft prompt
-    (:func:`soft_prompt`; it needs the cache).
+    (:func:`soft_prompt`; it needs the cache). With the cache, a row stops running once it has
+    finished (``drop_finished``, :func:`_decode_dropping_finished`; False: transformers'
+    ``generate``, which runs every row of a batch to its longest reply).
     """
     require_decoder_only(model, "chat.generate (KV-cache generation)")
     tokenizer = model.tokenizer
@@ -357,7 +480,7 @@ def generate(
             soft=soft)
         output = _greedy(hf_model, tokenizer, input_ids, attention_mask,
                          max_new_tokens=max_new_tokens, use_cache=use_cache,
-                         past_key_values=cache)
+                         past_key_values=cache, drop_finished=drop_finished)
         replies += _decode(tokenizer, output.sequences[:, input_ids.shape[1]:], prefill)
     return replies
 

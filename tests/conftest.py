@@ -50,6 +50,26 @@ def smollm2():
     return models.load_model(device="cpu")
 
 
+def _token_ending_rows_apart(new_tokens: torch.Tensor) -> int:
+    """A token of ``new_tokens`` ([batch, new]) that, as their EOS, ends rows apart: of the
+    tokens in some rows before the last step but not in every row, the one whose first
+    appearances fall on the most different steps."""
+    def steps_ended(token: int) -> int:
+        hits = new_tokens[:, :-1] == token
+        if not hits.any() or (new_tokens == token).any(1).all():
+            return 0
+        return len({int(row.nonzero()[0, 0]) for row in hits if row.any()})
+    token = max(new_tokens.unique().tolist(), key=steps_ended)
+    assert steps_ended(token), "no token of these rows ends them apart"
+    return token
+
+
+@pytest.fixture(scope="session")
+def ending_token():
+    """:func:`_token_ending_rows_apart`: an EOS that makes greedy rows finish apart."""
+    return _token_ending_rows_apart
+
+
 def _load_benchmark(name: str):
     """The script ``benchmarks/<name>.py`` as a module (its functions, not its ``main``)."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"

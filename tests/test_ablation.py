@@ -1,4 +1,5 @@
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -250,6 +251,31 @@ def test_resample_donors_do_not_depend_on_batching(tiny_model, pairs, donors):
     torch.testing.assert_close(by_5, by_8, atol=1e-5, rtol=0)
     torch.testing.assert_close(by_5[2:], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(by_5[2], by_5[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["resample", "interchange"])
+def test_a_knockout_follows_its_rows_when_finished_rows_stop(
+    tiny_model, prompts, method, ending_token, monkeypatch, request
+):
+    """Greedy decoding stops running a row after its EOS (an EOS chosen so rows end apart);
+    each row keeps its resample donor, and its twin stops with it: the tokens of
+    ``generate``, which runs every row to the end."""
+    hf_model, pad = tiny_model.original_model, tiny_model.tokenizer.pad_token_id
+    ids, mask = chat.pad_left(list(prompts), pad)
+    width, n_new = ids.shape[1], 12
+    source = {"resample": "donors", "interchange": "interchange"}[method]
+
+    def decoded(eos: int) -> torch.Tensor:
+        tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=pad)
+        return chat._greedy(hf_model, tokenizer, ids, mask, max_new_tokens=n_new).sequences
+
+    with ablation.knockout(tiny_model, [(0, 1), (1, 2)], method,
+                           **{source: request.getfixturevalue(source)}):
+        eos = ending_token(decoded(-1)[:, width:])
+        dropping = decoded(eos)
+        monkeypatch.setattr(chat, "argmax_is_greedy", lambda model: False)  # generate()
+        generated = decoded(eos)
+    assert torch.equal(dropping, generated)
 
 
 def test_generation_runs_with_the_heads_ablated(tiny_model):

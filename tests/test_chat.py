@@ -331,6 +331,45 @@ def _biased_tiny():
     return model
 
 
+def test_decoding_drops_finished_rows_with_generates_tokens_and_cache(tiny_model,
+                                                                     ending_token):
+    """Rows ending at different steps (an EOS chosen so): the tokens ``generate`` gives, no
+    row runs on after its EOS has run, and the cache is ``generate``'s wherever a follow-up
+    attends (the prompt, the reply and its EOS)."""
+    hf_model, pad = chat.plain_hf_model(tiny_model), tiny_model.tokenizer.pad_token_id
+    ids, mask = chat.pad_left([chat.tokens(tiny_model.tokenizer, _challenged(q))
+                               for q in STARTS], pad)
+    width, n_new = ids.shape[1], 10
+    probe = chat._decode_dropping_finished(hf_model, ids, mask, eos=-1, pad=pad,
+                                           max_new_tokens=n_new)
+    eos = ending_token(probe.sequences[:, width:])
+    expected = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=eos,
+                                 return_dict_in_generate=True)
+    rows_run = []
+    handle = hf_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_run.append(len(kwargs["input_ids"])), with_kwargs=True)
+    try:
+        got = chat._decode_dropping_finished(hf_model, ids, mask, eos=eos, pad=pad,
+                                             max_new_tokens=n_new)
+    finally:
+        handle.remove()
+    assert torch.equal(got.sequences, expected.sequences)
+    lengths = [chat._reply_length(row, eos) for row in expected.sequences[:, width:]]
+    assert len(set(lengths)) > 1 and min(rows_run) < len(STARTS)
+    # rows a step runs: those whose EOS has not run yet (a row runs its EOS, then stops)
+    assert rows_run[1:] == [sum(length >= step for length in lengths)
+                            for step in range(1, len(rows_run))]
+    for ours, theirs in zip(got.past_key_values.layers, expected.past_key_values.layers,
+                            strict=True):
+        assert ours.keys.shape == theirs.keys.shape
+        for row, length in enumerate(lengths):
+            generated = torch.arange(ours.keys.shape[2] - width) < length
+            attended = torch.cat([mask[row].bool(), generated])
+            for mine, reference in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                torch.testing.assert_close(mine[row][:, attended], reference[row][:, attended])
+
+
 def test_follow_up_reuses_the_reply_cache_and_gives_the_same_tokens():
     """The biased tiny model: every follow-up's prefix is exact and reused; both turns equal
     two fresh generations."""
@@ -474,6 +513,20 @@ def test_smollm2_follow_ups_reuse_the_prefix_with_identical_tokens(smollm2):
     lengths = [len(smollm2.tokenizer(r, add_special_tokens=False)["input_ids"])
                for r in turns[0]]
     assert min(lengths) < 20 < max(lengths)  # replies that ended early (EOS masked) and late
+
+
+@pytest.mark.integration
+def test_smollm2_dropping_finished_rows_gives_generates_tokens(smollm2, monkeypatch):
+    """Both turns of challenged conversations whose replies end apart: the tokens of
+    transformers' ``generate``, which runs every row to the longest reply of its batch."""
+    conversations = [_challenged(q) for q in STARTS]
+    follow_up = _follow_up_of(conversations)
+    settings = {"max_new_tokens": 24, "batch_size": 4}
+    assert chat.generate(smollm2, conversations, **settings) == chat.generate(
+        smollm2, conversations, drop_finished=False, **settings)
+    dropping = chat.generate_follow_up(smollm2, conversations, follow_up, **settings)
+    monkeypatch.setattr(chat, "argmax_is_greedy", lambda model: False)  # generate()
+    assert dropping == chat.generate_follow_up(smollm2, conversations, follow_up, **settings)
 
 
 @pytest.mark.integration
