@@ -619,23 +619,37 @@ def _record_z(
 
 @torch.no_grad()
 def interchanged_logit_diffs(
-    model: TransformerBridge, pairs: PatchingPairs, heads: Sequence[Head],
-    prefixes: CleanPrefixes,
-) -> Float[Tensor, " pair"]:
-    """:func:`ablated_logit_diffs` of ``prefixes.side`` under an interchange knockout of
-    ``heads``: only each prompt's rest runs, from the clean prefix's cache (copied, so it
-    serves every call), with the heads' ``z`` from the twins' (:class:`CleanPrefixes`)."""
-    mask = head_mask(validate_heads(list(heads), model.cfg.n_layers, model.cfg.n_heads),
-                     model.cfg.n_layers, model.cfg.n_heads)[None]
+    model: TransformerBridge, pairs: PatchingPairs, head_sets: Sequence[Sequence[Head]],
+    prefixes: CleanPrefixes, *, batch_size: int = 16, progress: bool = False,
+) -> Float[Tensor, "n_sets n_pairs"]:
+    """:func:`ablated_logit_diffs` of ``prefixes.side`` under an interchange knockout of each
+    of ``head_sets``, batched (each row carries its own set): only each prompt's rest runs,
+    from the clean prefix's cache (the rows a batch needs, copied, so it serves every call),
+    with the heads' ``z`` from the twins' (:class:`CleanPrefixes`)."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    masks = torch.stack([head_mask(validate_heads(list(s), n_layers, n_heads), n_layers, n_heads)
+                         for s in head_sets])
+    rows = [(s, p) for s in range(len(head_sets)) for p in range(len(pairs))]
+    diffs = torch.empty(len(head_sets), len(pairs))
     device = model.cfg.device
-    with _masked_knockout(model, mask, _GivenZ(prefixes.twin_z)):
-        logits = chat.forward_model(model)(
-            input_ids=prefixes.ids.to(device), attention_mask=prefixes.attention.to(device),
-            position_ids=prefixes.positions.to(device),
-            past_key_values=copy.deepcopy(prefixes.cache), use_cache=True,
-            logits_to_keep=1,  # left-padded: the last position is every prompt's own
-        ).logits[:, -1]  # [pair, d_vocab]
-    return answer_logit_diff(logits.float().cpu(), pairs.apology_ids, pairs.confirm_ids)
+    for start in tqdm(range(0, len(rows), batch_size), desc="knockout", disable=not progress):
+        chunk = rows[start : start + batch_size]
+        sets = torch.tensor([s for s, _ in chunk])
+        prompts = torch.tensor([p for _, p in chunk])
+        cache = copy.deepcopy(prefixes.cache)
+        cache.batch_select_indices(prompts.to(device))
+        # twin_z: layer → [pair, rest, head, d_head]; each row takes its prompt's twin
+        given = _GivenZ({layer: z[prompts.to(z.device)] for layer, z in prefixes.twin_z.items()})
+        with _masked_knockout(model, masks[sets], given):
+            logits = chat.forward_model(model)(
+                input_ids=prefixes.ids[prompts].to(device),
+                attention_mask=prefixes.attention[prompts].to(device),
+                position_ids=prefixes.positions[prompts].to(device), past_key_values=cache,
+                use_cache=True, logits_to_keep=1,  # left-padded: every prompt's own last
+            ).logits[:, -1]  # [batch, d_vocab]
+        diffs[sets, prompts] = answer_logit_diff(logits.float().cpu(), pairs.apology_ids,
+                                                 pairs.confirm_ids)
+    return diffs
 
 
 def random_head_sets(
@@ -781,6 +795,12 @@ def sweep(
     diffs = {}
     for side in SIDES:
         untouched = _untouched(pairs, side, method, interchange)  # runs once, with no set
+        if method == "interchange" and not untouched:  # only what follows the clean prefixes
+            diffs[side] = interchanged_logit_diffs(
+                model, pairs, [s["heads"] for s in sets],
+                CleanPrefixes.build(model, pairs, interchange, side), batch_size=batch_size,
+                progress=progress)
+            continue
         diffs[side] = ablated_logit_diffs(
             model, pairs, [[]] if untouched else [s["heads"] for s in sets], method, means=means,
             donors=donors, interchange=interchange, side=side, batch_size=batch_size,
@@ -866,7 +886,8 @@ def pair_metrics(
             if prefixes[side].side != side:
                 raise ValueError(f"pair_metrics: the prefixes given for the {side} side were "
                                  f"built on the {prefixes[side].side} side")
-            return interchanged_logit_diffs(model, pairs, heads, prefixes[side])
+            return interchanged_logit_diffs(model, pairs, [heads], prefixes[side],
+                                            batch_size=batch_size)[0]
         return ablated_logit_diffs(model, pairs, [heads], method, means=means, donors=donors,
                                    interchange=interchange, side=side,
                                    batch_size=batch_size)[0]

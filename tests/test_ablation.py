@@ -476,15 +476,18 @@ def test_interchange_from_clean_prefixes_equals_the_full_run(tiny_model, interch
     full = ablation.ablated_logit_diffs(tiny_model, pairs, sets, "interchange",
                                         interchange=interchange)
     for heads, expected in zip(sets, full, strict=True):
-        got = ablation.interchanged_logit_diffs(tiny_model, pairs, heads, prefixes)
+        got = ablation.interchanged_logit_diffs(tiny_model, pairs, [heads], prefixes)[0]
         assert torch.allclose(got, expected, atol=1e-4), heads
     assert not torch.allclose(full[1], full[2], atol=1e-4)  # the knockout changes something
-    again = ablation.interchanged_logit_diffs(tiny_model, pairs, sets[1], prefixes)
+    # every set at once, in batches that split sets and pairs: each row its own set
+    batched = ablation.interchanged_logit_diffs(tiny_model, pairs, sets, prefixes, batch_size=3)
+    assert torch.allclose(batched, full, atol=1e-4)
+    again = ablation.interchanged_logit_diffs(tiny_model, pairs, sets[1:2], prefixes)[0]
     assert torch.allclose(again, full[1], atol=1e-4)
     # a side with no span keeps all but its last token in the prefix: its clean run
     untouched = ablation.CleanPrefixes.build(tiny_model, pairs, interchange, "counterfactual")
     assert untouched.ids.shape[1] == 1  # the last token alone
-    cf = ablation.interchanged_logit_diffs(tiny_model, pairs, sets[1], untouched)
+    cf = ablation.interchanged_logit_diffs(tiny_model, pairs, sets[1:2], untouched)[0]
     assert torch.allclose(cf, ablation.clean_logit_diffs(tiny_model, pairs)["counterfactual"],
                           atol=1e-4)
     with pytest.raises(ValueError, match="side: 'both'"):
@@ -509,7 +512,7 @@ def test_clean_prefixes_with_rests_of_other_lengths(tiny_model, interchange):
     for heads in ([(0, 1)], [(0, 3), (1, 2)]):
         full = ablation.ablated_logit_diffs(tiny_model, mixed, [heads], "interchange",
                                             interchange=interchange)[0]
-        got = ablation.interchanged_logit_diffs(tiny_model, mixed, heads, prefixes)
+        got = ablation.interchanged_logit_diffs(tiny_model, mixed, [heads], prefixes)[0]
         assert torch.allclose(got, full, atol=1e-4), heads
 
 
