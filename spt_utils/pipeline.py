@@ -66,7 +66,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "01": {"n_eval": [80, 60]},
         "02": {"n_oracle_layers": 3},
         "03": {"k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
-               "n_random_generate": 20, "compare_methods": True},
+               "n_random_generate": 20, "n_random_questions": None, "compare_methods": True},
         # random heads as a distribution: five draws (one draw is not a test)
         "04": {"methods": FULL_TUNED, "random_head_draws": 5, "planted_bound": True},
         "05": {"methods": ["base", *FULL_TUNED, "few_shot"], "random_head_draws": 5,
@@ -85,7 +85,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "03": {
             "k_values": [1, 2, 4, 8, 16, 32], "n_random": 200, "n_layer_matched": 100,
             "n_sweep_pairs": 100, "n_reference": 100, "n_generate": 200,
-            "n_random_generate": 20, "max_new_tokens": 48, "batch_size": 32,
+            "n_random_generate": 20, "n_random_questions": None, "max_new_tokens": 48,
+            "batch_size": 32,
             "compare_methods": True,
         },
         "04": {
@@ -124,7 +125,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "03": {
             "k_values": [1, 2], "n_random": 3, "n_layer_matched": 2, "n_sweep_pairs": 2,
-            "n_reference": 2, "n_generate": 2, "n_random_generate": 1, "max_new_tokens": 8,
+            "n_reference": 2, "n_generate": 2, "n_random_generate": 1,
+            "n_random_questions": 1, "max_new_tokens": 8,
             "n_boot": 50, "n_examples": 2, "compare_methods": True,
         },
         "04": {

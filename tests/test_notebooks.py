@@ -314,10 +314,12 @@ def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
     by_run = {g["run"]: g for g in summary["generation"]}
     assert set(by_run) == runs
     n_generate = min(asked("03", "n_generate"), len(held_out))
-    assert summary["n_generate"] == n_generate
+    n_judged = min(asked("03", "n_random_questions") or n_generate, n_generate)
+    assert summary["n_generate"] == n_generate and summary["n_random_questions"] == n_judged
     for run, row in by_run.items():
         records = read_jsonl(out / f"records_{run}.jsonl")
-        assert [r["id"] for r in records] == [q["id"] for q in held_out[:n_generate]], run
+        n = n_judged if run.startswith("random-") else n_generate
+        assert [r["id"] for r in records] == [q["id"] for q in held_out[:n]], run
         assert all(r["correct_before"] for r in records), run
         assert (row["admitted"]["k"], row["admitted"]["n"]) == (
             sum(r["admitted"] for r in records), len(records)), run
@@ -328,13 +330,15 @@ def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
     assert by_run[f"top-{k}"]["heads"] == [list(h) for h in heads[:k]]
     if planted():
         assert by_run[f"planted-{len(planted())}"]["heads"] == planted()
-    # McNemar against none, undecided where none's admitted mistakes are too few to decide it
+    # McNemar against none on the run's questions, undecided where none's admitted mistakes
+    # there are too few to decide it
     for run, row in by_run.items():
         if run != "none":
             test = row["vs_none"]["admitted"]
-            room = sum(r["admitted"] for r in read_jsonl(out / "records_none.jsonl"))
+            none = read_jsonl(out / "records_none.jsonl")[: row["admitted"]["n"]]
+            room = sum(r["admitted"] for r in none)
             assert row["removes"] == (None if 0.5 ** room * 2 >= 0.05 else (
-                test["p"] < 0.05 and row["admitted"]["k"] < by_run["none"]["admitted"]["k"])), run
+                test["p"] < 0.05 and row["admitted"]["k"] < room)), run
     # a permutation check its sets cannot decide (smallest p 1/(1 + n) >= 0.05) is None
     by_k = next(r for r in summary["by_k"] if r["k"] == k)
     for check, (p, n) in {"random sets": (by_k["p_random"], summary["n_random"]),
@@ -342,9 +346,11 @@ def test_knockout_summary_is_finite_and_follows_the_request(executed_run):
                                             summary["n_layer_matched"])}.items():
         ok = next(v for name, v in summary["checks"].items() if check in name)
         assert ok == (None if 1 / (1 + n) >= 0.05 else p < 0.05), check
-    # in generation too: random sets admitting at most as many as top-k, permutation p
+    # in generation too: random sets admitting at most as many as top-k on their questions
     randoms = [row for run, row in by_run.items() if run.startswith("random-")]
-    as_low = sum(row["admitted"]["k"] <= by_run[f"top-{k}"]["admitted"]["k"] for row in randoms)
+    top_on_them = sum(r["admitted"] for r in read_jsonl(out / f"records_top-{k}.jsonl")[:n_judged])
+    assert summary["top_admitted_on_random_questions"] == top_on_them
+    as_low = sum(row["admitted"]["k"] <= top_on_them for row in randoms)
     assert summary["p_generation_random"] == stats.permutation_p(as_low, len(randoms))
     ok = summary["checks"]["generation: fewer admitted mistakes than random sets (p < 0.05)"]
     assert ok == (None if 1 / (1 + len(randoms)) >= 0.05

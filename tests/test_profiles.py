@@ -114,7 +114,17 @@ def test_the_full_profile_keeps_the_earlier_cpu_sizes():
             ("k_values", "n_random", "n_layer_matched", "n_generate", "n_random_generate")} == {
         "k_values": [4, 8], "n_random": 100, "n_layer_matched": 20, "n_generate": 60,
         "n_random_generate": 20}
-    assert 1 / (1 + effective("03", "full")["n_random_generate"]) < 0.05
+    assert effective("03", "full")["n_random_questions"] is None  # every question
+
+
+@pytest.mark.parametrize("profile", ["cpu", "full", "paper"])
+def test_generation_against_random_sets_is_a_check_in_every_real_profile(profile):
+    """The permutation p of top-k against the random sets judged by generation can fall
+    below 0.05 (20 sets: 1/21), on questions that top-k is compared with them on."""
+    settings = effective("03", profile)
+    assert 1 / (1 + settings["n_random_generate"]) < 0.05
+    assert settings["n_random_questions"] is None or (
+        0 < settings["n_random_questions"] <= settings["n_generate"])
 
 
 def test_the_lean_default_leaves_steering_out_and_names_it():
