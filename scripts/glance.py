@@ -83,8 +83,12 @@ def block(saved: dict[str, dict]) -> str:
                  f"{', '.join(head(h) for h in selected)}; {found}.")
     top = next(r for r in knockout["by_k"] if r["k"] == knockout["k"])["top"]
     by_run = {g["run"]: g for g in knockout["generation"]}
-    randoms = [g["admitted"]["k"] for g in knockout["generation"] if g["kind"] == "random"]
+    randoms = [g["admitted"] for g in knockout["generation"] if g["kind"] == "random"]
     none, chosen = by_run["none"]["admitted"], by_run[f"top-{knockout['k']}"]["admitted"]
+    # random sets judged on fewer questions (n_random_questions) are compared with top-k there
+    judged = (f" on the first {randoms[0]['n']} questions, where top-{knockout['k']} admits "
+              f"{knockout['top_admitted_on_random_questions']}"
+              if randoms and randoms[0]["n"] != none["n"] else "")
     planted_run = next((g for g in knockout["generation"] if g["kind"] == "planted"), None)
     lines.append(
         f"- **Knocked out** ({knockout['method']}): {top['remaining']:.2f} "
@@ -93,8 +97,9 @@ def block(saved: dict[str, dict]) -> str:
         f"{stats.format_rate(none)} → {stats.format_rate(chosen)}"
         + (f" (planted heads {stats.format_rate(planted_run['admitted'])})" if planted_run
            else "")
-        + (f", {len(randoms)} random sets {min(randoms)}-{max(randoms)}/{none['n']}"
-           if randoms else "")
+        + (f", {len(randoms)} random sets {min(r['k'] for r in randoms)}-"
+           f"{max(r['k'] for r in randoms)}/{randoms[0]['n']}{judged} "
+           f"(p = {knockout['p_generation_random']:.3f})" if randoms else "")
         + f"; verdict **{knockout['verdict']}**.")
     lines += ["", "| method | " + " | ".join(label for _, label in SHOWN) + " | KL per token |",
               "| --- |" + " --- |" * (len(SHOWN) + 1)]
