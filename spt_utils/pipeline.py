@@ -153,13 +153,13 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 # with no record of its own is paced against the default model's (models.RUN_MODEL), else
 # against the profile's first record: models differ in where their time goes (notebook 01
 # asks a natural model its first answers). cpu: the runs of record in docs/record/ (the
-# default model: a fresh clone at df62c70 with an empty $SPT_CACHE, 2,629 s; the distributed
+# default model: a fresh clone at f5125ad with an empty $SPT_CACHE, 1,706 s; the distributed
 # sycophant: 1a8355c, 2,160 s); full: the plain organism, the default model at af2db90 (before
 # the draws and steering; notebook 00 there read a cached organism), and the distributed
 # sycophant at 2400f81 (6,486 s, notebook 03 partly beside benchmarks).
 RECORDED_TIMINGS_S: dict[tuple[str, str], dict[str, float]] = {
-    ("cpu", RUN_MODEL): {"00": 33, "01": 97, "02": 205, "03": 745, "04": 838, "05": 546,
-                         "06": 165},
+    ("cpu", RUN_MODEL): {"00": 24, "01": 61, "02": 157, "03": 296, "04": 644, "05": 401,
+                         "06": 123},
     ("cpu", models.DISTRIBUTED_ORGANISM): {"00": 12, "01": 12, "02": 225, "03": 535, "04": 799,
                                            "05": 450, "06": 127},
     ("full", models.ORGANISM_MODEL): {"00": 14, "01": 122, "02": 184, "03": 790, "04": 1544,
