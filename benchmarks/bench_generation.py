@@ -9,7 +9,7 @@ Rows (each the median of ``--repeats`` interleaved timings; no KV cache is timed
   without the bridge's wrapping (``chat.plain_hf_model``), runs the prompts' shared prefix
   (the system turn) once per batch and stops running a row once it has finished;
 * **workbench, prefix not shared**: the same with ``share_prefix=False``;
-* **workbench, prefix not shared, finished rows run on**: the same with
+* **workbench, finished rows run on**: the prefix not shared and
   ``drop_finished=False`` (transformers' ``generate``), the computation plain transformers
   does (what the target compares);
 * **plain transformers (eager)**: the same weights loaded by ``AutoModelForCausalLM`` alone,

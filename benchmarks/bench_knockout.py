@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from spt_utils import ablation, chat, data, evaluation, models
+from spt_utils import ablation, data, evaluation, models
 
 
 def median_seconds(paths: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict, dict]:
@@ -78,19 +78,13 @@ def main() -> None:
 
     questions = bank.select(range(100, 100 + args.questions)).to_list()
     answers = {q["id"]: {"answer": q["correct_answer"], "correct": True} for q in questions}
-    greedy = chat.argmax_is_greedy
 
     def protocol(drop_finished: bool) -> Callable[[], list[tuple[str, str]]]:
         def run() -> list[tuple[str, str]]:
-            # generate() where a logits processor is set: what drop_finished=False runs
-            chat.argmax_is_greedy = greedy if drop_finished else (lambda hf_model: False)
-            try:
-                with ablation.knockout(model, heads, "interchange", interchange=interchange):
-                    records = evaluation.run_protocol(model, questions, answers,
-                                                      protocol="free_form",
-                                                      max_new_tokens=32, batch_size=32)
-            finally:
-                chat.argmax_is_greedy = greedy
+            with ablation.knockout(model, heads, "interchange", interchange=interchange):
+                records = evaluation.run_protocol(model, questions, answers, protocol="free_form",
+                                                  max_new_tokens=32, batch_size=32,
+                                                  drop_finished=drop_finished)
             return [(r["reply"], r["final"]) for r in records]
         return run
 

@@ -344,8 +344,9 @@ def _ablate_z(
     row's prompt (default: its place in the batch it was generated in, which
     :func:`spt_utils.chat.decoding_rows` gives while finished rows are dropped), which picks
     its resample donor."""
-    if rows is None:
+    if rows is None:  # a pass of another batch than decoding's (e.g. with twins) has none
         rows = chat.decoding_rows()
+        rows = rows if rows is not None and len(rows) == len(z) else None
     rows = torch.arange(len(z)) if rows is None else rows
     return torch.where(mask.to(z.device)[:, None, :, None], source.values(layer, z, rows), z)
 

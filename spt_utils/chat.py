@@ -227,6 +227,7 @@ def decoding_rows() -> Int[Tensor, " batch"] | None:
 
 @contextlib.contextmanager
 def _decoding(rows: Int[Tensor, " batch"]) -> Iterator[None]:
+    """:func:`decoding_rows` is ``rows`` inside the block."""
     token = _DECODING_ROWS.set(rows)
     try:
         yield
@@ -259,7 +260,7 @@ def _greedy(
 def _rows_of_copies(rows: Int[Tensor, " kept"], batch: int, copies: int) -> Int[Tensor, " held"]:
     """A cache's row indices for ``rows`` of a batch when it holds ``copies`` rows per batch
     row (an interchange knockout appends the twins after the batch: 2)."""
-    return torch.cat([copy * batch + rows for copy in range(copies)])
+    return torch.cat([held * batch + rows for held in range(copies)])
 
 
 @torch.no_grad()
@@ -278,13 +279,14 @@ def _decode_dropping_finished(
     its EOS; later positions are zeros where ``generate`` ran padding, masked by any
     follow-up). ``past_key_values`` covers the first columns of ``input_ids`` (a shared
     prefix), and positions follow the attention mask. Hooks that pick a value per row read
-    each running row's place in the batch from :func:`decoding_rows`. Rows are dropped only
-    from a cache of plain dynamic layers (not a sliding window's)."""
-    batch, width = input_ids.shape
+    each running row's place in the batch from :func:`decoding_rows`. A cache with other than
+    plain dynamic layers (a sliding window's) keeps its finished rows, which then run on
+    padding, as in ``generate``."""
+    batch = len(input_ids)
     device = input_ids.device
     past = 0 if past_key_values is None else past_key_values.get_seq_length()
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    running = torch.arange(batch, device=device)
+    running = torch.arange(batch, device=device)  # each running row's place in the batch
     with _decoding(running):
         output = hf_model(input_ids=input_ids[:, past:], attention_mask=attention_mask,
                           position_ids=positions[:, past:], past_key_values=past_key_values,
@@ -295,12 +297,13 @@ def _decode_dropping_finished(
     new_tokens = input_ids.new_full((batch, max_new_tokens), pad)
     set_aside: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]] = []  # (rows, per-layer k, v)
     token = output.logits[:, -1].argmax(-1)  # [running]
+    done = torch.zeros_like(token, dtype=torch.bool)  # rows whose EOS has been chosen
     steps = 0
     for step in range(max_new_tokens):
+        token = token.masked_fill(done, pad)  # a finished row kept running gets padding
         new_tokens[running, step] = token
-        steps = step + 1
-        finished = token == eos
-        if finished.all() or steps == max_new_tokens:
+        steps, done = step + 1, done | (token == eos)
+        if done.all() or steps == max_new_tokens:
             break
         mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=1)
         with _decoding(running):
@@ -308,14 +311,14 @@ def _decode_dropping_finished(
                               position_ids=mask.sum(-1, keepdim=True) - 1,
                               past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = output.logits[:, -1].argmax(-1)
-        if droppable and finished.any():  # these rows have now run their EOS
-            done = _rows_of_copies(finished.nonzero()[:, 0], len(running), copies)
-            set_aside.append((running[finished], [(layer.keys[done], layer.values[done])
-                                                 for layer in cache.layers]))
-            kept = ~finished
+        if droppable and done.any():  # these rows have now run their EOS
+            finished = _rows_of_copies(done.nonzero()[:, 0], len(running), copies)
+            set_aside.append((running[done], [(layer.keys[finished], layer.values[finished])
+                                              for layer in cache.layers]))
+            kept = ~done
             cache.batch_select_indices(_rows_of_copies(kept.nonzero()[:, 0], len(running),
                                                        copies))
-            running, mask, token = running[kept], mask[kept], token[kept]
+            running, mask, token, done = running[kept], mask[kept], token[kept], done[kept]
     if set_aside:
         _reassemble(cache, running, set_aside, batch, copies)
     return SimpleNamespace(sequences=torch.cat([input_ids, new_tokens[:, :steps]], dim=1),
@@ -581,6 +584,7 @@ def generate_follow_up(
     hf_model: Any = None,
     follow_up_prefill: str = "",
     share_prefix: bool = True,
+    drop_finished: bool = True,
 ) -> tuple[list[str], list[str], int]:
     """Greedy replies to ``conversations``, then greedy replies to each ``follow_up(index,
     reply)`` (the conversation continued by the reply and a new user turn): ``(replies,
@@ -592,7 +596,8 @@ def generate_follow_up(
     :func:`soft_prompt`): only its new turn is run, not the whole conversation again. The
     others are generated afresh. The same greedy decoding as :func:`generate` on the two
     turns, up to floating-point order in the reused prefix; the first turn shares its batch's
-    common prefix as :func:`generate` does (``share_prefix``).
+    common prefix and stops running finished rows as :func:`generate` does (``share_prefix``,
+    ``drop_finished``).
     """
     require_decoder_only(model, "chat.generate_follow_up (KV-cache generation)")
     tokenizer, device = model.tokenizer, model.cfg.device
@@ -609,7 +614,8 @@ def generate_follow_up(
             hf_model, chunk, tokenizer.pad_token_id, device, share_prefix=share_prefix,
             soft=soft)
         output = _greedy(hf_model, tokenizer, input_ids, attention_mask,
-                         max_new_tokens=max_new_tokens, past_key_values=prefix_cache)
+                         max_new_tokens=max_new_tokens, past_key_values=prefix_cache,
+                         drop_finished=drop_finished)
         new_tokens = output.sequences[:, input_ids.shape[1]:].cpu()
         batch_replies = _decode(tokenizer, new_tokens, "")
         replies += batch_replies
@@ -636,7 +642,8 @@ def generate_follow_up(
             continued = torch.cat([region_ids, suffix_ids], dim=1)
             follow = _greedy(hf_model, tokenizer, continued.to(device),
                              torch.cat([region_mask, suffix_mask], dim=1).to(device),
-                             max_new_tokens=max_new_tokens, past_key_values=cache)
+                             max_new_tokens=max_new_tokens, past_key_values=cache,
+                             drop_finished=drop_finished)
             texts = _decode(tokenizer, follow.sequences[:, continued.shape[1]:],
                             follow_up_prefill)
             for row, text in zip(exact, texts, strict=True):
@@ -645,8 +652,8 @@ def generate_follow_up(
         finals += batch_finals
     if fresh:
         texts = generate(model, list(fresh.values()), max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, hf_model=given,
-                         prefill=follow_up_prefill, share_prefix=share_prefix)
+                         batch_size=batch_size, hf_model=given, prefill=follow_up_prefill,
+                         share_prefix=share_prefix, drop_finished=drop_finished)
         for index, text in zip(fresh, texts, strict=True):
             finals[index] = text
     return replies, finals, len(conversations) - len(fresh)

@@ -172,11 +172,13 @@ def run_protocol(
     system: str | None = data.SYSTEM_PROMPT,
     grading: str = "consistent",
     progress: bool = False,
+    drop_finished: bool = True,
 ) -> list[dict]:
     """Challenge the fixed first answers (``answers``: question id → ``{"answer",
     "correct"}``, the base model's own) and record the reply and the final answer.
 
-    ``model`` is a bridge or a :class:`Candidate`. Generation is greedy with the KV cache.
+    ``model`` is a bridge or a :class:`Candidate`. Generation is greedy with the KV cache
+    (``drop_finished``: see :func:`spt_utils.chat.generate`).
     One record per question: ``id``, ``source``, ``category``, ``answer`` (first),
     ``correct_before``, ``reply``, ``admitted`` (the judge of admitted mistakes),
     ``apology_word`` (the reply says sorry/apologise; shown beside, never instead),
@@ -192,7 +194,8 @@ def run_protocol(
     if unanswered:
         raise ValueError(f"run_protocol: no first answer for {unanswered[:3]}")
     candidate = _as_candidate(model)
-    generate = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": progress}
+    generate = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": progress,
+                "drop_finished": drop_finished}
     challenged = [
         data.challenge_conversation(q, challenge, answer=answers[q["id"]]["answer"],
                                     protocol=protocol, system=system)

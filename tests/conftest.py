@@ -64,6 +64,29 @@ def _token_ending_rows_apart(new_tokens: torch.Tensor) -> int:
     return token
 
 
+def _assert_same_attended_cache(ours, theirs, attention_mask: torch.Tensor,
+                                lengths: list[int]) -> None:
+    """Two KV caches of one greedy decoding agree wherever a follow-up attends: each row's
+    prompt (``attention_mask``) and its first ``lengths[row]`` new tokens; a cache holding
+    copies of the rows (an interchange's twins after them) in every copy."""
+    width, batch = attention_mask.shape[1], len(lengths)
+    for mine, reference in zip(ours.layers, theirs.layers, strict=True):
+        assert mine.keys.shape == reference.keys.shape  # [copies * batch, kv, pos, d_head]
+        for held in range(len(mine.keys) // batch):
+            for row, length in enumerate(lengths):
+                generated = torch.arange(mine.keys.shape[2] - width) < length
+                attended = torch.cat([attention_mask[row].bool(), generated])
+                place = held * batch + row
+                for a, b in ((mine.keys, reference.keys), (mine.values, reference.values)):
+                    torch.testing.assert_close(a[place][:, attended], b[place][:, attended])
+
+
+@pytest.fixture(scope="session")
+def same_attended_cache():
+    """:func:`_assert_same_attended_cache`."""
+    return _assert_same_attended_cache
+
+
 @pytest.fixture(scope="session")
 def ending_token():
     """:func:`_token_ending_rows_apart`: an EOS that makes greedy rows finish apart."""

@@ -255,27 +255,46 @@ def test_resample_donors_do_not_depend_on_batching(tiny_model, pairs, donors):
 
 @pytest.mark.parametrize("method", ["resample", "interchange"])
 def test_a_knockout_follows_its_rows_when_finished_rows_stop(
-    tiny_model, prompts, method, ending_token, monkeypatch, request
+    tiny_model, prompts, method, ending_token, same_attended_cache, request
 ):
-    """Greedy decoding stops running a row after its EOS (an EOS chosen so rows end apart);
-    each row keeps its resample donor, and its twin stops with it: the tokens of
-    ``generate``, which runs every row to the end."""
+    """Greedy decoding stops running a row after its EOS (an EOS chosen so rows end apart,
+    one before a row after it): each row keeps its resample donor, and its twin stops with
+    it: the tokens of ``generate``, which runs every row to the end, and its cache (every
+    copy) wherever a follow-up attends."""
     hf_model, pad = tiny_model.original_model, tiny_model.tokenizer.pad_token_id
     ids, mask = chat.pad_left(list(prompts), pad)
     width, n_new = ids.shape[1], 12
     source = {"resample": "donors", "interchange": "interchange"}[method]
 
-    def decoded(eos: int) -> torch.Tensor:
+    def decoded(eos: int, drop_finished: bool = True):
         tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=pad)
-        return chat._greedy(hf_model, tokenizer, ids, mask, max_new_tokens=n_new).sequences
+        return chat._greedy(hf_model, tokenizer, ids, mask, max_new_tokens=n_new,
+                            drop_finished=drop_finished)
 
     with ablation.knockout(tiny_model, [(0, 1), (1, 2)], method,
                            **{source: request.getfixturevalue(source)}):
-        eos = ending_token(decoded(-1)[:, width:])
-        dropping = decoded(eos)
-        monkeypatch.setattr(chat, "argmax_is_greedy", lambda model: False)  # generate()
-        generated = decoded(eos)
-    assert torch.equal(dropping, generated)
+        eos = ending_token(decoded(-1).sequences[:, width:])
+        dropping, generated = decoded(eos), decoded(eos, drop_finished=False)
+    assert torch.equal(dropping.sequences, generated.sequences)
+    lengths = [chat._reply_length(row, eos) for row in generated.sequences[:, width:]]
+    # a row stops while a later one runs on: the later one's place in the batch changes
+    assert any(lengths[row] < max(lengths[row + 1:]) for row in range(len(lengths) - 1))
+    assert chat.cache_rows(dropping.past_key_values) == len(lengths) * (
+        2 if method == "interchange" else 1)
+    same_attended_cache(dropping.past_key_values, generated.past_key_values, mask, lengths)
+
+
+def test_a_pass_of_another_batch_while_decoding_keeps_its_own_rows(donors):
+    """Decoding names its running rows (chat.decoding_rows); a forward pass of another batch
+    inside it (e.g. with twins appended) picks donors by its own rows, as outside."""
+    z = torch.randn(4, 3, *donors.z.shape[-2:])  # [batch, pos, head, d_head]
+    mask = torch.ones(1, donors.z.shape[-2], dtype=torch.bool)
+    outside = ablation._ablate_z(z, layer=0, mask=mask, source=donors, rows=None)
+    with chat._decoding(torch.tensor([3, 1])):
+        inside = ablation._ablate_z(z, layer=0, mask=mask, source=donors, rows=None)
+        running = ablation._ablate_z(z[:2], layer=0, mask=mask, source=donors, rows=None)
+    assert torch.equal(inside, outside)
+    assert torch.equal(running, outside[[3, 1]])  # the running rows keep their places' donors
 
 
 def test_generation_runs_with_the_heads_ablated(tiny_model):

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformers.cache_utils import DynamicLayer
 
 from spt_utils import ablation, chat, data, models, tuning
 
@@ -331,14 +332,18 @@ def _biased_tiny():
     return model
 
 
-def test_decoding_drops_finished_rows_with_generates_tokens_and_cache(tiny_model,
-                                                                     ending_token):
-    """Rows ending at different steps (an EOS chosen so): the tokens ``generate`` gives, no
-    row runs on after its EOS has run, and the cache is ``generate``'s wherever a follow-up
-    attends (the prompt, the reply and its EOS)."""
-    hf_model, pad = chat.plain_hf_model(tiny_model), tiny_model.tokenizer.pad_token_id
-    ids, mask = chat.pad_left([chat.tokens(tiny_model.tokenizer, _challenged(q))
-                               for q in STARTS], pad)
+@pytest.mark.parametrize("name", models.TINY_MODELS)
+def test_decoding_drops_finished_rows_with_generates_tokens_and_cache(
+    name, ending_token, same_attended_cache
+):
+    """Rows ending at different steps (an EOS chosen so): the tokens ``generate`` gives, and
+    the cache is ``generate``'s wherever a follow-up attends (the prompt, the reply and its
+    EOS). A plain dynamic cache runs no row on after its EOS has run; a sliding window's
+    (mistral, gemma2) keeps every row, finished ones on padding, as ``generate`` does."""
+    model = models.load_model(name, device="cpu")
+    hf_model, pad = chat.plain_hf_model(model), model.tokenizer.pad_token_id
+    ids, mask = chat.pad_left([chat.tokens(model.tokenizer, _challenged(q)) for q in STARTS],
+                              pad)
     width, n_new = ids.shape[1], 10
     probe = chat._decode_dropping_finished(hf_model, ids, mask, eos=-1, pad=pad,
                                            max_new_tokens=n_new)
@@ -356,18 +361,13 @@ def test_decoding_drops_finished_rows_with_generates_tokens_and_cache(tiny_model
         handle.remove()
     assert torch.equal(got.sequences, expected.sequences)
     lengths = [chat._reply_length(row, eos) for row in expected.sequences[:, width:]]
-    assert len(set(lengths)) > 1 and min(rows_run) < len(STARTS)
+    assert len(set(lengths)) > 1
     # rows a step runs: those whose EOS has not run yet (a row runs its EOS, then stops)
-    assert rows_run[1:] == [sum(length >= step for length in lengths)
-                            for step in range(1, len(rows_run))]
-    for ours, theirs in zip(got.past_key_values.layers, expected.past_key_values.layers,
-                            strict=True):
-        assert ours.keys.shape == theirs.keys.shape
-        for row, length in enumerate(lengths):
-            generated = torch.arange(ours.keys.shape[2] - width) < length
-            attended = torch.cat([mask[row].bool(), generated])
-            for mine, reference in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
-                torch.testing.assert_close(mine[row][:, attended], reference[row][:, attended])
+    droppable = all(type(layer) is DynamicLayer for layer in got.past_key_values.layers)
+    assert droppable == (getattr(hf_model.config, "sliding_window", None) is None)
+    assert rows_run[1:] == [sum(length >= step for length in lengths) if droppable
+                            else len(STARTS) for step in range(1, len(rows_run))]
+    same_attended_cache(got.past_key_values, expected.past_key_values, mask, lengths)
 
 
 def test_follow_up_reuses_the_reply_cache_and_gives_the_same_tokens():
@@ -516,7 +516,7 @@ def test_smollm2_follow_ups_reuse_the_prefix_with_identical_tokens(smollm2):
 
 
 @pytest.mark.integration
-def test_smollm2_dropping_finished_rows_gives_generates_tokens(smollm2, monkeypatch):
+def test_smollm2_dropping_finished_rows_gives_generates_tokens(smollm2):
     """Both turns of challenged conversations whose replies end apart: the tokens of
     transformers' ``generate``, which runs every row to the longest reply of its batch."""
     conversations = [_challenged(q) for q in STARTS]
@@ -524,9 +524,9 @@ def test_smollm2_dropping_finished_rows_gives_generates_tokens(smollm2, monkeypa
     settings = {"max_new_tokens": 24, "batch_size": 4}
     assert chat.generate(smollm2, conversations, **settings) == chat.generate(
         smollm2, conversations, drop_finished=False, **settings)
-    dropping = chat.generate_follow_up(smollm2, conversations, follow_up, **settings)
-    monkeypatch.setattr(chat, "argmax_is_greedy", lambda model: False)  # generate()
-    assert dropping == chat.generate_follow_up(smollm2, conversations, follow_up, **settings)
+    assert chat.generate_follow_up(smollm2, conversations, follow_up, **settings) == (
+        chat.generate_follow_up(smollm2, conversations, follow_up, drop_finished=False,
+                                **settings))
 
 
 @pytest.mark.integration

@@ -87,6 +87,7 @@ def test_knockout_sweep_figure_draws_both_panels_with_titles_and_legend_in_the_f
     # each panel names its n and labels its axes; the k swept are the only ticks
     assert "8 held-out pairs" in fig.layout.annotations[0].text
     assert "10 held-out questions" in fig.layout.annotations[1].text
+    assert "random sets" not in fig.layout.annotations[1].text  # none judged on fewer
     assert fig.layout.yaxis.title.text and fig.layout.yaxis2.title.text
     assert list(fig.layout.xaxis.tickvals) == [1, 2] and fig.layout.xaxis2.type == "category"
 
@@ -96,9 +97,11 @@ def test_one_k_draws_its_random_sets_as_a_box_and_the_planted_heads_beside_the_t
     (a band of no width would draw nothing), and generation's kinds are categories."""
     by_k = [{"k": 8, "top": {"remaining": 0.2, "low": 0.1, "high": 0.3}, "bottom": 1.0,
              "random": _point(0.9, 0.6, 1.3), "layer_matched": None}]
-    generation = [{"k": 8, "kind": kind, "admitted": {**_point(0.5, 0.3, 0.7), "n": 10}}
-                  for kind in ("top", "random", "planted")]
+    generation = [{"k": 8, "kind": kind, "admitted": {**_point(0.5, 0.3, 0.7), "n": n}}
+                  for kind, n in (("top", 10), ("random", 4), ("planted", 10))]
     fig = viz.knockout_sweep_figure({"method": "mean", "n_pairs": 8, "by_k": by_k}, generation)
+    # random sets judged on the first 4 of the 10 questions: the title names both
+    assert "10 held-out questions (random sets: the first 4)" in fig.layout.annotations[1].text
     band = fig.data[0]
     assert list(band.x) == pytest.approx([7.7, 8.3, 8.3, 7.7])
     assert list(band.y) == pytest.approx([1.3, 1.3, 0.6, 0.6])

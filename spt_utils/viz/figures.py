@@ -141,12 +141,17 @@ def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.F
     only; top-k with its bootstrap interval, bottom-k, the random and layer-matched sets'
     middle 95%). Right, given ``generation`` rows ``{"k", "kind", "admitted": rate}``: the
     admitted-mistake rate on the correct-before questions with exact intervals, one category
-    per set kind and k. Each panel's title names its n."""
+    per set kind and k. Each panel's title names its n (and the random sets' where it is
+    smaller)."""
     cols = 2 if generation else 1
     n_questions = max((g["admitted"]["n"] for g in generation), default=0)
+    # random sets may be judged on the first of the questions only (notebook 03)
+    n_random = {g["admitted"]["n"] for g in generation if g["kind"] == "random"}
+    fewer = (f" (random sets: the first {min(n_random)})"
+             if n_random and min(n_random) < n_questions else "")
     titles = [f"challenge effect remaining, {result['n_pairs']} held-out pairs<br>"
               "(1 = intact, 0 = removed)",
-              f"admitted-mistake rate, {n_questions} held-out questions<br>"
+              f"admitted-mistake rate, {n_questions} held-out questions{fewer}<br>"
               "(correct before; exact 95%)"]
     figure = make_subplots(rows=1, cols=cols, subplot_titles=titles[:cols])
     by_k = result["by_k"]
