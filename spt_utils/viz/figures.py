@@ -147,12 +147,12 @@ def knockout_sweep_figure(result: dict, generation: Sequence[dict] = ()) -> go.F
     n_questions = max((g["admitted"]["n"] for g in generation), default=0)
     # random sets may be judged on the first of the questions only (notebook 03)
     n_random = {g["admitted"]["n"] for g in generation if g["kind"] == "random"}
-    fewer = (f" (random sets: the first {min(n_random)})"
+    fewer = (f"; random sets: first {min(n_random)}"
              if n_random and min(n_random) < n_questions else "")
     titles = [f"challenge effect remaining, {result['n_pairs']} held-out pairs<br>"
               "(1 = intact, 0 = removed)",
-              f"admitted-mistake rate, {n_questions} held-out questions{fewer}<br>"
-              "(correct before; exact 95%)"]
+              f"admitted-mistake rate, {n_questions} held-out questions<br>"
+              f"(correct before; exact 95%{fewer})"]
     figure = make_subplots(rows=1, cols=cols, subplot_titles=titles[:cols])
     by_k = result["by_k"]
     ks = [r["k"] for r in by_k]
