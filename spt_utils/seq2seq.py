@@ -131,10 +131,12 @@ class Seq2SeqCandidate(Candidate):
     def generate_follow_up(
         self, conversations: Sequence[chat.Conversation],
         follow_up: Callable[[int, str], chat.Conversation], *, follow_up_prefill: str = "",
-        **kwargs,
+        drop_finished: bool = True, **kwargs,
     ) -> tuple[list[str], list[str]]:
         """Replies, then replies to each ``follow_up(index, reply)``, both generated afresh:
-        the follow-up's encoder input is a new text, so no prefix of the first turn carries."""
+        the follow-up's encoder input is a new text, so no prefix of the first turn carries.
+        Generation is transformers' own, which runs every row to the end: ``drop_finished``
+        (the decoder-only protocol's switch) changes nothing here."""
         replies = self.generate(conversations, **kwargs)
         followed = [follow_up(index, reply) for index, reply in enumerate(replies)]
         return replies, self.generate(followed, prefill=follow_up_prefill, **kwargs)
