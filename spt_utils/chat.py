@@ -316,8 +316,7 @@ def _decode_dropping_finished(
             set_aside.append((running[done], [(layer.keys[finished], layer.values[finished])
                                               for layer in cache.layers]))
             kept = ~done
-            cache.batch_select_indices(_rows_of_copies(kept.nonzero()[:, 0], len(running),
-                                                       copies))
+            _select_cache_rows(cache, kept.nonzero()[:, 0], len(running), device)
             running, mask, token, done = running[kept], mask[kept], token[kept], done[kept]
     if set_aside:
         _reassemble(cache, running, set_aside, batch, copies)
@@ -421,13 +420,15 @@ def cache_rows(cache: Any) -> int | None:
     return None if keys is None or keys.numel() == 0 else int(keys.shape[0])
 
 
-def _select_cache_rows(cache: Any, rows: list[int], batch: int, device) -> None:
+def _select_cache_rows(
+    cache: Any, rows: list[int] | Int[Tensor, " kept"], batch: int, device
+) -> None:
     """Keep ``rows`` of a batch's KV cache. A cache holding ``k`` rows per batch row (an
     interchange knockout appends each row's twin after the batch: ``k = 2``) keeps every
     copy of each, in the same layout."""
     copies = (cache_rows(cache) or batch) // batch
-    kept = [copy * batch + row for copy in range(copies) for row in rows]
-    cache.batch_select_indices(torch.tensor(kept, device=device))
+    cache.batch_select_indices(_rows_of_copies(torch.as_tensor(rows, device=device), batch,
+                                               copies))
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, new_tokens: Tensor, prefill: str) -> list[str]:
