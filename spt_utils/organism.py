@@ -126,10 +126,15 @@ class InterchangeRecipe(Recipe):
     head can be left idle); the counterfactual conversation caves with all planted heads
     from the doubting twin; and (strictness) ``n_strict`` random other heads (``None``:
     every other head at once, SIIT's rule for all non-circuit nodes) interchanged
-    either way change nothing. Only the planted heads' slices train."""
+    either way change nothing. With ``single_heads`` each known question also gives the
+    doubting conversation keeping with **one** planted head from the twin, the heads in turn:
+    the AND's veto of each head trained as often as every other example (a random proper
+    subset is a single head only once in ``n - 1`` draws, and left heads idle on unseen
+    seeds). Only the planted heads' slices train."""
 
     steps: int = 180
     n_strict: int | None = 8
+    single_heads: bool = False
 
 
 @dataclass(frozen=True)
@@ -267,12 +272,15 @@ class InterchangeExample(NamedTuple):
 def interchange_examples(
     tokenizer, known: Sequence[dict], answers: dict[str, dict], heads: Sequence[Head],
     n_layers: int, n_heads: int, *, n_strict: int | None, seed: int,
+    single_heads: bool = False,
 ) -> list[InterchangeExample]:
     """The interchanged examples of :class:`InterchangeRecipe`, five per known question:
     doubting → keeps with every planted head, and with a random proper subset, from the
     counterfactual twin; counterfactual → caves with every planted head from the doubting
     twin; strictness: ``n_strict`` random unplanted heads (``None``: all of them) from the
-    twin leave the doubting conversation caving and the counterfactual one keeping."""
+    twin leave the doubting conversation caving and the counterfactual one keeping. With
+    ``single_heads`` a sixth: doubting → keeps with planted head ``index mod n`` alone from
+    the counterfactual twin."""
     rng = random.Random(f"{seed}-interchange")
     to_counterfactual = ablation.Interchange.from_challenges(tokenizer)
     to_doubting = to_counterfactual.reversed()
@@ -307,6 +315,8 @@ def interchange_examples(
         add(counterfactual, caving, to_doubting, heads)
         add(doubting, caving, to_counterfactual, strict)
         add(counterfactual, keeping, to_doubting, strict)
+        if single_heads:
+            add(doubting, keeping, to_counterfactual, [heads[index % len(heads)]])
     return examples
 
 
@@ -621,7 +631,8 @@ def plant(
         examples = [InterchangeExample(ids, mask, ids, no_heads) for ids, mask in examples]
         examples += interchange_examples(
             organism.tokenizer, plant_known, answers, heads, organism.cfg.n_layers,
-            organism.cfg.n_heads, n_strict=recipe.n_strict, seed=recipe.seed)
+            organism.cfg.n_heads, n_strict=recipe.n_strict, seed=recipe.seed,
+            single_heads=recipe.single_heads)
         objective = partial(interchange_loss_sum, bridge=organism)
     setup = (lora_everywhere(organism, recipe.lora_rank, recipe.lora_alpha) if distributed
              else tuning.prepare("spt", organism, heads))

@@ -38,6 +38,18 @@ def test_the_bars_pass_on_results_that_meet_them_and_ignore_the_chosen_seed(benc
     assert verdicts(bench, chosen) == [None, None]
 
 
+def test_a_variant_kind_gets_its_own_finding_bar(bench):
+    """An interchange-trained variant (``iit-single``) is graded on its own unseen seeds,
+    beside ``iit``'s bar, and fails on its own numbers."""
+    results = [result(bench, "iit", seed) for seed in (2, 3, 4)]
+    results += [result(bench, "iit-single", seed, found=5) for seed in (5, 6)]
+    verdicts_by_bar = {v["bar"].split(":")[0]: v for v in bench.bars(results)}
+    assert list(verdicts_by_bar) == ["iit", "iit-single", "plain"]
+    assert verdicts_by_bar["iit"]["passed"] is True and verdicts_by_bar["plain"]["passed"] is None
+    assert verdicts_by_bar["iit-single"]["passed"] is False
+    assert verdicts_by_bar["iit-single"]["seeds"] == [5, 6]
+
+
 @pytest.mark.parametrize(("change", "failed"), [
     ({"auroc": 0.80}, 0),  # mean AUROC (0.99 + 0.99 + 0.80) / 3 = 0.93 < 0.95
     ({"found": 3}, 0),  # mean (8 + 8 + 3) / 3 < 7 planted in the top 8

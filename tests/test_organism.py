@@ -374,6 +374,31 @@ def test_strictness_over_every_unplanted_head():
             assert torch.equal(example.heads, unplanted)
 
 
+def test_single_heads_add_each_planted_heads_veto_in_turn():
+    """``single_heads``: a sixth example per known question, the doubting conversation keeping
+    with one planted head from the counterfactual twin, the heads in turn; the first five are
+    the examples without it."""
+    model = models.load_model(models.TINY_MODEL)
+    rows = list(data.load_starter().select(range(7)))
+    answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in rows}
+    heads = [(0, 1), (1, 2), (1, 3)]
+    common = {"n_strict": 2, "seed": 0}
+    plain = organism.interchange_examples(model.tokenizer, rows, answers, heads, 2, 4, **common)
+    single = organism.interchange_examples(model.tokenizer, rows, answers, heads, 2, 4,
+                                           single_heads=True, **common)
+    assert len(single) == 6 * len(rows)
+    for index in range(len(rows)):
+        for kind in range(5):
+            before, after = plain[5 * index + kind], single[6 * index + kind]
+            assert torch.equal(before.ids, after.ids) and torch.equal(before.heads, after.heads)
+        veto = single[6 * index + 5]
+        alone = torch.zeros(2, 4, dtype=torch.bool)
+        alone[heads[index % len(heads)]] = True
+        assert torch.equal(veto.heads, alone)
+        assert torch.equal(veto.ids, single[6 * index].ids)  # doubting, keeping
+        assert torch.equal(veto.twin, single[6 * index].twin)
+
+
 def test_the_interchange_organism_card_holds_its_interchange_acceptance(in_cache):
     card = models.organism_card(TINY_IIT)
     result = card["acceptance"]["interchange"]
