@@ -53,7 +53,7 @@ FIRST_TOKEN_IG = "integrated_gradients_first_token"
 LABELS = {name: finder.label for name, finder in patching.FINDERS.items()} | {
     FIRST_TOKEN_IG: "integrated gradients (first token)"}
 DEFAULT = next(name for name, finder in patching.FINDERS.items() if finder.default)
-PER_HEAD = ("activation", "denoising")  # the methods that run a forward pass per head
+PER_HEAD = ("activation", "denoising", "noising")  # a forward pass per head
 SET_LEVEL = ("greedy", "greedy_interchange")  # the methods that find a set
 
 

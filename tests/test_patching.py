@@ -661,7 +661,7 @@ def test_every_head_finder_scores_every_head_as_its_method_does(tiny_model,
               for name, finder in patching.FINDERS.items()}
     assert set(found) - {"replies"} == set(scores) == {
         "path", "attribution", "activation", "knockout_attribution", "combined", "greedy",
-        "denoising", "integrated_gradients", "greedy_interchange"}
+        "denoising", "noising", "integrated_gradients", "greedy_interchange"}
     for name, score in scores.items():
         assert score.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads), name
     knockout = patching.knockout_attribution_heads(tiny_model, pairs)
@@ -676,6 +676,7 @@ def test_every_head_finder_scores_every_head_as_its_method_does(tiny_model,
             knockout.score),
         "denoising": patching.activation_patch_heads(tiny_model, pairs.swapped(),
                                                      position="all").score,
+        "noising": patching.activation_patch_heads(tiny_model, pairs, position="all").score,
         "integrated_gradients": integrated,
         "greedy_interchange": patching.greedy_interchange_heads(tiny_model, runs, 2).ranking(
             integrated),

@@ -179,6 +179,25 @@ def test_denoising_is_the_share_each_doubting_head_restores(tiny_model, matched_
         assert score[layer, head].item() == pytest.approx(restored, abs=1e-3)
 
 
+def test_noising_is_the_share_each_head_interchanged_alone_removes(tiny_model, matched_pairs,
+                                                                  tiny_pairs_unequal):
+    """Each head's z from the counterfactual twin in the doubting run (the interchange
+    knockout of that head alone), measured on the first token; unmatched pairs are refused."""
+    score = patching.FINDERS["noising"].score(tiny_model, matched_pairs)
+    calibration = patching.calibrate(tiny_model, matched_pairs)
+    to_counterfactual = ablation.Interchange.from_challenges(tiny_model.tokenizer)
+    runs = patching.first_token_runs(matched_pairs)
+    for layer, head in [(0, 0), (1, 2)]:
+        with torch.no_grad(), ablation.knockout(tiny_model, [(layer, head)], "interchange",
+                                                interchange=to_counterfactual):
+            patched = patching.run_side(tiny_model, runs, "reference").mean().item()
+        removed = (patched - calibration.reference) / (
+            calibration.counterfactual - calibration.reference)
+        assert score[layer, head].item() == pytest.approx(removed, abs=1e-3)
+    with pytest.raises(ValueError, match="position='all'"):
+        patching.FINDERS["noising"].score(tiny_model, tiny_pairs_unequal)
+
+
 def test_swapped_pairs_exchange_the_sides(tiny_pairs_unequal):
     swapped = tiny_pairs_unequal.swapped()
     assert torch.equal(swapped.reference, tiny_pairs_unequal.counterfactual)

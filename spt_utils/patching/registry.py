@@ -150,6 +150,15 @@ def _denoising(
     return activation_patch_heads(model, pairs.swapped(), position=position, **options)
 
 
+def _noising(
+    model: TransformerBridge, pairs: PatchingPairs, found: Found, **options: Any
+) -> HeadScores:
+    """Activation patching of each head's z from the counterfactual run into the doubting one
+    at every position: the interchange knockout of that head alone, everything downstream
+    live; its score is the share of the effect it removes (necessity; matched pairs)."""
+    return activation_patch_heads(model, pairs, position="all", **options)
+
+
 def _greedy_ranking(greedy: GreedyKnockout, found: Found) -> Float[Tensor, "layer head"]:
     """The greedy set first, in its order, then the other heads by knockout attribution."""
     return greedy.ranking(found["knockout_attribution"].score)
@@ -180,6 +189,10 @@ FINDERS: dict[str, Finder] = {finder.name: finder for finder in (
            "Activation patching the other way: each head's z from the doubting run into the "
            "counterfactual one (every position on matched pairs), the share of the effect it "
            "restores alone (options: position, layers).", _denoising),
+    Finder("noising", "noising (interchange)",
+           "Activation patching of each head's z from the counterfactual run into the "
+           "doubting one at every position (matched pairs): the exact interchange of that "
+           "head alone, the share of the effect it removes (options: layers).", _noising),
     Finder("integrated_gradients", "integrated gradients",
            "EAP-IG style: interchanging each head (every position, matched pairs) estimated "
            "by gradients integrated along the path from the doubting to the counterfactual "
