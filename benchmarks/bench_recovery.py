@@ -41,10 +41,12 @@ PLACEMENTS = {1: (10, 30), 2: (10, 30), 3: (5, 25), 4: (15, 30), 5: (10, 30), 6:
 CHOSEN_ON = (1,)
 # the organism kinds: (organism, changes to its recipe): the plain planting, the
 # interchange-trained one, a variant whose strictness interchanges every unplanted head and
-# one that trains each planted head's veto alone
+# one that trains each planted head's veto alone (for 180 steps, about one pass over its
+# examples, and for 360)
 KINDS = {"plain": (models.ORGANISM_MODEL, {}), "iit": (models.INTERCHANGE_ORGANISM, {}),
          "iit-strict": (models.INTERCHANGE_ORGANISM, {"n_strict": None}),
-         "iit-single": (models.INTERCHANGE_ORGANISM, {"single_heads": True})}
+         "iit-single": (models.INTERCHANGE_ORGANISM, {"single_heads": True}),
+         "iit-single-360": (models.INTERCHANGE_ORGANISM, {"single_heads": True, "steps": 360})}
 
 
 FIRST_TOKEN_IG = "integrated_gradients_first_token"
