@@ -163,37 +163,30 @@ def test_greedy_interchange_adds_the_best_head_and_measures_what_remains(tiny_mo
         patching.greedy_interchange_heads(tiny_model, runs, 8)
 
 
-def test_denoising_is_the_share_each_doubting_head_restores(tiny_model, matched_pairs):
-    """Each head's z from the doubting twin in the counterfactual run (the knockout's
-    reversed interchange), measured on the first token."""
-    score = patching.FINDERS["denoising"].score(tiny_model, matched_pairs)
+@pytest.mark.parametrize(("finder", "side"), [("denoising", "counterfactual"),
+                                             ("noising", "reference")])
+def test_denoising_and_noising_are_each_heads_interchange_alone(tiny_model, matched_pairs,
+                                                                finder, side):
+    """Denoising: each head's z from the doubting twin in the counterfactual run (the
+    knockout's reversed interchange), the share of the effect it restores; noising: from the
+    counterfactual twin in the doubting run, the share it removes. Measured on the first
+    token, both calibrated 0 doubting, 1 counterfactual."""
+    score = patching.FINDERS[finder].score(tiny_model, matched_pairs)
     calibration = patching.calibrate(tiny_model, matched_pairs)
-    to_doubting = ablation.Interchange.from_challenges(tiny_model.tokenizer).reversed()
+    interchange = ablation.Interchange.from_challenges(tiny_model.tokenizer)
+    if side == "counterfactual":
+        interchange = interchange.reversed()
     runs = patching.first_token_runs(matched_pairs)
     for layer, head in [(0, 0), (1, 2)]:
         with torch.no_grad(), ablation.knockout(tiny_model, [(layer, head)], "interchange",
-                                                interchange=to_doubting):
-            patched = patching.run_side(tiny_model, runs, "counterfactual").mean().item()
-        restored = (patched - calibration.counterfactual) / (
-            calibration.reference - calibration.counterfactual)
-        assert score[layer, head].item() == pytest.approx(restored, abs=1e-3)
+                                                interchange=interchange):
+            patched = patching.run_side(tiny_model, runs, side).mean().item()
+        moved = calibration.normalise(patched)  # 0 doubting, 1 counterfactual
+        expected = 1 - moved if side == "counterfactual" else moved
+        assert score[layer, head].item() == pytest.approx(expected, abs=1e-3)
 
 
-def test_noising_is_the_share_each_head_interchanged_alone_removes(tiny_model, matched_pairs,
-                                                                  tiny_pairs_unequal):
-    """Each head's z from the counterfactual twin in the doubting run (the interchange
-    knockout of that head alone), measured on the first token; unmatched pairs are refused."""
-    score = patching.FINDERS["noising"].score(tiny_model, matched_pairs)
-    calibration = patching.calibrate(tiny_model, matched_pairs)
-    to_counterfactual = ablation.Interchange.from_challenges(tiny_model.tokenizer)
-    runs = patching.first_token_runs(matched_pairs)
-    for layer, head in [(0, 0), (1, 2)]:
-        with torch.no_grad(), ablation.knockout(tiny_model, [(layer, head)], "interchange",
-                                                interchange=to_counterfactual):
-            patched = patching.run_side(tiny_model, runs, "reference").mean().item()
-        removed = (patched - calibration.reference) / (
-            calibration.counterfactual - calibration.reference)
-        assert score[layer, head].item() == pytest.approx(removed, abs=1e-3)
+def test_noising_refuses_unmatched_pairs(tiny_model, tiny_pairs_unequal):
     with pytest.raises(ValueError, match="position='all'"):
         patching.FINDERS["noising"].score(tiny_model, tiny_pairs_unequal)
 
