@@ -264,8 +264,8 @@ def bars(results: list[dict]) -> list[dict]:
     unseen = {kind: [r for r in results if r["kind"] == kind and not r["chosen_on"]]
               for kind in KINDS}
     verdicts = []
-    for kind in [kind for kind in KINDS if kind == "iit" or kind.startswith("iit-")
-                 and unseen[kind]]:
+    for kind in [kind for kind in KINDS if kind == "iit" or (kind.startswith("iit-")
+                                                              and unseen[kind])]:
         ran = unseen[kind]
         aurocs = [r["graded"][DEFAULT]["signed"]["auroc"] for r in ran]
         found = [r["graded"][DEFAULT]["signed"]["found"] for r in ran]

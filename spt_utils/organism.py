@@ -129,8 +129,10 @@ class InterchangeRecipe(Recipe):
     either way change nothing. With ``single_heads`` each known question also gives the
     doubting conversation keeping with **one** planted head from the twin, the heads in turn:
     the AND's veto of each head trained as often as every other example (a random proper
-    subset is a single head only once in ``n - 1`` draws, and left heads idle on unseen
-    seeds). Only the planted heads' slices train."""
+    subset is a single head only once in ``n - 1`` draws). Measured on unseen seeds, it
+    neither wakes the heads a planting leaves idle nor, at 180 steps, keeps the caving
+    (docs/organism.md); the shipped recipe leaves it off. Only the planted heads' slices
+    train."""
 
     steps: int = 180
     n_strict: int | None = 8
