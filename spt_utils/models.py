@@ -38,9 +38,6 @@ import importlib.util
 import json
 import logging
 import re
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,16 +78,6 @@ log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()
 hf_hub_utils.disable_progress_bars()
 
-
-@contextmanager
-def peft_wrapping() -> Iterator[None]:
-    """Where peft wraps a model: peft reads transformers' deprecated
-    ``is_gradient_checkpointing`` while it builds a PeftModel (peft 0.21, transformers 5.23),
-    a FutureWarning between the two libraries that no caller can act on, so it is filtered."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                category=FutureWarning)
-        yield
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_PREFIX = "tiny-random-"

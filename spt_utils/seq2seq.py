@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from spt_utils import chat, models, tuning
+from spt_utils import chat, tuning
 from spt_utils.evaluation import Candidate
 from spt_utils.patching import Hooks, gather_last
 
@@ -244,7 +244,7 @@ def prompt_tuning_model(
         task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n_virtual_tokens,
         prompt_tuning_init=peft.PromptTuningInit.SAMPLE_VOCAB,
     )
-    with torch.random.fork_rng(devices=[]), models.peft_wrapping():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return peft.get_peft_model(bridge.original_model, config)
 

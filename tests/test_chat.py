@@ -479,8 +479,7 @@ def test_a_soft_prompt_runs_in_the_models_dtype():
 def test_prompt_learning_other_than_prompt_tuning_is_a_clear_error():
     bridge = models.load_model(models.TINY_MODEL, device="cpu")
     config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    with models.peft_wrapping():
-        wrapper = peft.get_peft_model(bridge.original_model, config)
+    wrapper = peft.get_peft_model(bridge.original_model, config)
     with pytest.raises(chat.UnsupportedModelError, match="not PREFIX_TUNING"):
         chat.generate(bridge, [CONVERSATION], hf_model=wrapper)
 

@@ -126,8 +126,7 @@ def load_tuned(
         bridge = base or models.load_model(record["base_model"], device=device, dtype=dtype,
                                            seed=record.get("base_seed", 0))
         flags = [(p, p.requires_grad) for p in bridge.original_model.parameters()]
-        with models.peft_wrapping():
-            hf_model = peft.PeftModel.from_pretrained(bridge.original_model, str(folder))
+        hf_model = peft.PeftModel.from_pretrained(bridge.original_model, str(folder))
         hf_model.eval()
         for parameter, flag in flags:  # peft freezes the base: a shared base keeps its flags
             parameter.requires_grad_(flag)

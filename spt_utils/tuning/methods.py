@@ -69,8 +69,7 @@ def lora_setup(
 
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                              target_modules=targets)
-    with models.peft_wrapping():
-        model = peft.get_peft_model(hf_model, config)
+    model = peft.get_peft_model(hf_model, config)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     return TuningSetup(name, model, params, device)
 
@@ -83,10 +82,9 @@ def _lora_heads_setup(
 
     layers = sorted({layer for layer, _ in heads})
     pattern = rf".*layers\.({'|'.join(map(str, layers))})\..*\.(q_proj|o_proj)\._original_component"
-    with models.peft_wrapping():
-        model = peft.get_peft_model(
-            hf_model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                      target_modules=pattern))
+    model = peft.get_peft_model(
+        hf_model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                  target_modules=pattern))
     d_head = d_head_of(hf_model.config)
     handles, zeroers = [], []
     for layer in layers:
@@ -174,8 +172,7 @@ def _prepare(method, bridge, heads, include_kv, lora_rank, lora_alpha, n_virtual
     import peft
 
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual_tokens)
-    with models.peft_wrapping():
-        model = peft.get_peft_model(hf_model, config)
+    model = peft.get_peft_model(hf_model, config)
     # Initialise the soft prompt from real token embeddings (the TEXT init of peft, done here
     # because it re-loads the tokenizer by name, which an in-memory tokenizer cannot).
     ids = chat.encode(bridge.tokenizer, PROMPT_INIT_TEXT)
