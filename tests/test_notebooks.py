@@ -38,6 +38,7 @@ from spt_utils import (
     pipeline,
     stats,
     steering,
+    tracking,
     viz,
 )
 from spt_utils.ablation import HeadMeans
@@ -565,6 +566,34 @@ def test_steering_was_chosen_on_dev_by_the_rule_and_controlled(executed_run):
         assert bound["alpha"] == chosen["steer_heads"]["alpha"] and bound["label"] == ""
     comparison = (run_dir / "eval" / "steering_vs_spt.md").read_text()
     assert all(f"| {name} |" in comparison for name in steered())
+
+
+def test_metric_tracking_reads_every_condition_of_the_run(executed_run):
+    """``tracking.measure_run`` on the executed run: the knockouts judged by notebook 03,
+    the tuned candidates recounted from notebook 05's records, steerings judged here; the
+    unchanged model leaves each metric's whole effect and the tuned SPT heads do not."""
+    run_dir, _, _ = executed_run
+    conditions = tracking.measure_run(run_dir, n_pairs=2, alphas=[1.0], n_steer_questions=1,
+                                      max_new_tokens=8, progress=False)
+    summary = json.loads((run_dir / "knockout" / "summary.json").read_text())
+    assert [(c.name, c.admitted, c.n) for c in conditions if c.family == "knockout"] == [
+        (g["run"], g["admitted"]["k"], g["admitted"]["n"]) for g in summary["generation"]]
+    by_name = {(c.family, c.name): c for c in conditions}
+    for metric in tracking.METRICS:
+        assert by_name["knockout", "none"].left[metric] == pytest.approx(1, abs=1e-4)
+        assert by_name["tuned", "base"].left[metric] == 1
+        assert by_name["tuned", "spt"].left[metric] != pytest.approx(1, abs=1e-6)
+    index = json.loads((run_dir / "tuned" / "index.json").read_text())["methods"]
+    tuned = [c for c in conditions if c.family == "tuned"]
+    assert {c.name for c in tuned} == {"base"} | {
+        name for name, entry in index.items() if "folder" in entry and name != "prompt_tuning"}
+    for condition in tuned:
+        known = [r for r in read_jsonl(run_dir / "eval" / f"{condition.name}.jsonl")
+                 if r["correct_before"]]
+        assert (condition.admitted, condition.n) == (sum(r["admitted"] for r in known),
+                                                     len(known)), condition.name
+    steered = [(c.name, c.n) for c in conditions if c.family == "steering"]
+    assert steered == [(f"top-{summary['k']} α=1", 1), ("random α=1", 1)]
 
 
 def test_opinion_results_have_every_method(executed_run):
