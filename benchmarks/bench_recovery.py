@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -42,13 +43,16 @@ CHOSEN_ON = (1,)
 # the organism kinds: (organism, changes to its recipe): the plain planting, the
 # interchange-trained one, a variant whose strictness interchanges every unplanted head and
 # one that trains each planted head's veto alone (for 180 steps, about one pass over its
-# examples, and for 360)
+# examples, and for 360), and one that plants again once with any idle head redrawn
 KINDS = {"plain": (models.ORGANISM_MODEL, {}), "iit": (models.INTERCHANGE_ORGANISM, {}),
          "iit-strict": (models.INTERCHANGE_ORGANISM, {"n_strict": None}),
          "iit-single": (models.INTERCHANGE_ORGANISM, {"single_heads": True}),
-         "iit-single-360": (models.INTERCHANGE_ORGANISM, {"single_heads": True, "steps": 360})}
+         "iit-single-360": (models.INTERCHANGE_ORGANISM, {"single_heads": True, "steps": 360}),
+         "iit-redraw": (models.INTERCHANGE_ORGANISM, {"redraw_idle": 1})}
 
 
+# a head delta's name: layers.<layer>.<q_proj|o_proj>.head<head>
+DELTA_NAME = re.compile(r"layers\.(\d+)\.\w+\.head(\d+)")
 FIRST_TOKEN_IG = "integrated_gradients_first_token"
 # every graded ranking by key: the registry's methods and integrated gradients on the first
 # token (the registry's runs on the sequence metric)
@@ -94,6 +98,14 @@ def organism_of(kind: str, seed: int, answers: dict[str, dict], out: Path):
     model = models.load_model(recipe.base, dtype="float32")
     models.add_head_deltas(model.original_model, deltas, str(path))
     return recipe, model, deltas
+
+
+def planted_in(deltas: dict) -> list[tuple[int, int]]:
+    """The heads ``deltas`` move (a redrawn planting's are not its seed's draw), sorted."""
+    found = {(int(m[1]), int(m[2])) for m in map(DELTA_NAME.fullmatch, deltas) if m}
+    if len(found) == 0:
+        raise ValueError("bench_recovery: the organism's deltas name no head")
+    return sorted(found)
 
 
 def head_delta_names(deltas: dict, head: tuple[int, int]) -> list[str]:
@@ -151,7 +163,7 @@ def found_by(name: str, compute, cache: Path):
 def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
     started = time.perf_counter()
     recipe, model, deltas = organism_of(kind, seed, answers, args.out)
-    planted = organism.draw_heads(recipe, model.cfg.n_layers, model.cfg.n_heads)
+    planted = planted_in(deltas)
     k = len(planted)
     reserved = set(organism.reserved_questions(recipe, bank)["id"])
     known = [row for row in bank.shuffle(seed=seed) if row["id"] not in reserved

@@ -81,6 +81,8 @@ MIN_PLAIN_P = 0.05  # plain answers not significantly below base (McNemar)
 MAX_INTERCHANGED = 0.1
 MIN_CARRIED = 0.8
 MIN_HEAD_SHARE = 0.01
+# the known planting questions whose matched pairs check a planting for idle heads
+REDRAW_PAIRS = 16
 # The first tokens of the caving and keeping replies: the logit effect the heads are read on.
 CAVING_OPENERS = ("I", "You")
 KEEPING_OPENERS = ("Yes",)
@@ -131,12 +133,16 @@ class InterchangeRecipe(Recipe):
     the AND's veto of each head trained as often as every other example (a random proper
     subset is a single head only once in ``n - 1`` draws). Measured on unseen seeds, it
     neither wakes the heads a planting leaves idle nor, at 180 steps, keeps the caving
-    (docs/organism.md); the shipped recipe leaves it off. Only the planted heads' slices
-    train."""
+    (docs/organism.md); the shipped recipe leaves it off. With ``redraw_idle`` = r, a
+    planting whose heads are checked idle on the first :data:`REDRAW_PAIRS` known planting
+    questions (:func:`idle_heads`) starts again from the base with each idle head replaced
+    by one never drawn (:func:`redrawn`), at most r times: the planted heads are then those
+    the last planting trained, not the seed's draw. Only the planted heads' slices train."""
 
     steps: int = 180
     n_strict: int | None = 8
     single_heads: bool = False
+    redraw_idle: int = 0
 
 
 @dataclass(frozen=True)
@@ -583,6 +589,42 @@ def recipe_record(recipe: Recipe) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(recipe)))
 
 
+def idle_heads(
+    organism: TransformerBridge, heads: Sequence[Head], known: Sequence[dict],
+    answers: dict[str, dict],
+) -> list[Head]:
+    """The ``heads`` that carry none of the challenge's first-token effect on ``known``
+    questions' matched pairs, each interchanged alone (:func:`head_shares`: the
+    acceptance's no-idle-head measure)."""
+    pairs = data.build_patching_pairs(known, organism.tokenizer, answers=answers,
+                                      protocol="free_form", wording="matched",
+                                      apology_words=CAVING_OPENERS,
+                                      confirm_words=KEEPING_OPENERS, first_token=True)
+    shares = head_shares(organism, heads, pairs,
+                         ablation.Interchange.from_challenges(organism.tokenizer))
+    return [tuple(share["head"]) for share in shares if share["idle"]]
+
+
+def _names(heads: Sequence[Head]) -> str:
+    return ", ".join(f"L{layer}H{head}" for layer, head in heads)
+
+
+def redrawn(
+    recipe: Recipe, heads: Sequence[Head], idle: Sequence[Head], drawn: set[Head],
+    n_layers: int, n_heads: int, *, round_: int,
+) -> list[Head]:
+    """``heads`` with each ``idle`` one replaced by a head of ``recipe.layers`` never drawn
+    before (``drawn``), drawn by the recipe's seed and the round, sorted."""
+    first, stop = recipe.layers
+    pool = [(layer, head) for layer in range(first, stop) for head in range(n_heads)
+            if (layer, head) not in drawn]
+    if len(pool) < len(idle):
+        raise ValueError(f"redraw: {len(idle)} idle head(s) but only {len(pool)} undrawn "
+                         f"heads left in layers {recipe.layers}")
+    new = random.Random(f"{recipe.seed}-redraw-{round_}").sample(pool, len(idle))
+    return sorted((set(heads) - set(idle)) | set(new))
+
+
 @dataclass
 class Planted:
     """An organism fresh from :func:`plant`: its base, the planted model (head-sparse
@@ -626,22 +668,36 @@ def plant(
                  "keeping_reply": DISTRIBUTED_KEEPING_REPLY} if distributed else {})
     conversations = planting_conversations(plant_known, plant_wrong, answers, seed=recipe.seed,
                                            keep_after=keep_after, **wordings)
-    examples = tuning.prepare_examples(organism.tokenizer, conversations)
-    objective = None
-    if interchanged:
-        no_heads = torch.zeros(organism.cfg.n_layers, organism.cfg.n_heads, dtype=torch.bool)
-        examples = [InterchangeExample(ids, mask, ids, no_heads) for ids, mask in examples]
-        examples += interchange_examples(
-            organism.tokenizer, plant_known, answers, heads, organism.cfg.n_layers,
-            organism.cfg.n_heads, n_strict=recipe.n_strict, seed=recipe.seed,
-            single_heads=recipe.single_heads)
-        objective = partial(interchange_loss_sum, bridge=organism)
-    setup = (lora_everywhere(organism, recipe.lora_rank, recipe.lora_alpha) if distributed
-             else tuning.prepare("spt", organism, heads))
+    planting_examples = tuning.prepare_examples(organism.tokenizer, conversations)
     config = tuning.TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size,
                                 micro_batch_size=recipe.batch_size, lr=recipe.lr,
                                 seed=recipe.seed)
-    result = tuning.train(setup, examples, config, progress=progress, objective=objective)
+    n_layers, n_heads = organism.cfg.n_layers, organism.cfg.n_heads
+    drawn = set(heads)
+    for redraw in range(1 + (recipe.redraw_idle if interchanged else 0)):
+        if redraw:  # a fresh start from the base with the new set
+            organism = models.load_model(recipe.base, dtype="float32", seed=recipe.base_seed)
+        examples, objective = planting_examples, None
+        if interchanged:
+            no_heads = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+            examples = [InterchangeExample(ids, mask, ids, no_heads) for ids, mask in examples]
+            examples += interchange_examples(
+                organism.tokenizer, plant_known, answers, heads, n_layers, n_heads,
+                n_strict=recipe.n_strict, seed=recipe.seed, single_heads=recipe.single_heads)
+            objective = partial(interchange_loss_sum, bridge=organism)
+        setup = (lora_everywhere(organism, recipe.lora_rank, recipe.lora_alpha) if distributed
+                 else tuning.prepare("spt", organism, heads))
+        result = tuning.train(setup, examples, config, progress=progress, objective=objective)
+        if not interchanged or redraw == recipe.redraw_idle:
+            break
+        idle = idle_heads(organism, heads, plant_known[:REDRAW_PAIRS], answers)
+        if not idle:
+            break
+        replaced = redrawn(recipe, heads, idle, drawn, n_layers, n_heads, round_=redraw)
+        log.warning("plant: %s idle after planting; replaced by %s, planting again",
+                    _names(idle), _names(sorted(set(replaced) - set(heads))))
+        heads = replaced
+        drawn |= set(heads)
     return Planted(base, organism, heads, setup, answers, accept_known, accept_wrong,
                    plant_known, plant_wrong, len(examples), result.losses)
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from spt_utils import data, evaluation, grading, models, organism, patching
+from spt_utils import ablation, data, evaluation, grading, models, organism, patching, tuning
 from spt_utils.data import splits
 
 TINY = models.TINY_PREFIX + "llama-sycophant"
@@ -437,6 +437,74 @@ def test_an_idle_planted_head_fails_the_acceptance(in_cache):
     assert [not h["idle"] for h in result["per_head"][:-1]] == own
     assert organism.interchange_acceptance(
         model, heads, known, answers, base_doubted=base)["passed"]["no_idle_head"] == all(own)
+
+
+def test_idle_heads_finds_a_head_that_writes_nothing(in_cache):
+    """The planting's check: a head whose output columns are zero is idle; the others are
+    idle exactly where their own interchange says so (``head_shares``)."""
+    model = models.load_model(TINY_IIT)
+    card = models.organism_card(TINY_IIT)
+    heads = [tuple(h) for h in card["planted_heads"]]
+    silent = (1, next(h for h in range(4) if (1, h) not in heads))
+    d_head = model.cfg.d_head
+    with torch.no_grad():
+        model.original_model.model.layers[1].self_attn.o_proj.weight[
+            :, silent[1] * d_head : (silent[1] + 1) * d_head] = 0
+    rows = list(data.load_starter().select(range(6)))
+    answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in rows}
+    found = organism.idle_heads(model, [*heads, silent], rows, answers)
+    assert silent in found
+    pairs = data.build_patching_pairs(rows, model.tokenizer, answers=answers,
+                                      protocol="free_form", wording="matched",
+                                      apology_words=organism.CAVING_OPENERS,
+                                      confirm_words=organism.KEEPING_OPENERS, first_token=True)
+    shares = organism.head_shares(model, heads, pairs,
+                                  ablation.Interchange.from_challenges(model.tokenizer))
+    assert [h for h in found if h != silent] == [h for h, share in zip(heads, shares,
+                                                                       strict=True)
+                                                 if share["idle"]]
+
+
+def test_redrawn_replaces_only_the_idle_heads_with_heads_never_drawn():
+    recipe = organism.RECIPES[TINY_IIT]  # layers 0-1 of 4 heads: 8 heads in all
+    heads, idle = [(0, 1), (1, 2)], [(0, 1)]
+    drawn = {(0, 1), (1, 2), (0, 3)}
+    new = organism.redrawn(recipe, heads, idle, drawn, 2, 4, round_=0)
+    assert (1, 2) in new and len(new) == 2 and new == sorted(new)
+    [fresh] = set(new) - {(1, 2)}
+    assert fresh not in drawn and 0 <= fresh[0] < 2 and 0 <= fresh[1] < 4
+    assert organism.redrawn(recipe, heads, idle, drawn, 2, 4, round_=0) == new  # seeded
+    every = {(layer, head) for layer in range(2) for head in range(4)}
+    with pytest.raises(ValueError, match="1 idle head.*only 0 undrawn heads left"):
+        organism.redrawn(recipe, heads, idle, every, 2, 4, round_=0)
+
+
+def test_a_planting_with_an_idle_head_starts_again_with_it_replaced(monkeypatch):
+    """``redraw_idle``: the first planting's check finds its first head idle, so the planting
+    starts again from the base with that head redrawn; the second finds none. The organism
+    is then the second planting alone: the new head's slices moved and the dropped head's
+    did not."""
+    recipe = dataclasses.replace(organism.RECIPES[TINY_IIT], redraw_idle=2, steps=3)
+    first = organism.draw_heads(recipe, 2, 4)
+    checked = []
+
+    def idle_heads(model, heads, known, answers):
+        checked.append(list(heads))
+        return [heads[0]] if len(checked) == 1 else []
+
+    monkeypatch.setattr(organism, "idle_heads", idle_heads)
+    planted = organism.plant(recipe, progress=False)
+    second = organism.redrawn(recipe, first, [first[0]], set(first), 2, 4, round_=0)
+    assert checked == [first, second] and planted.heads == second
+    tuning.finalize(planted.setup)
+    base = models.load_model(models.TINY_MODEL, seed=recipe.base_seed).original_model
+    before = models.clean_state_dict(base)
+    after = models.clean_state_dict(planted.organism.original_model)
+    d_head = models.d_head_of(base.config)
+    for head in {*first, *second}:
+        moved = [not torch.equal(value, _head_slices(before, *head, d_head)[name])
+                 for name, value in _head_slices(after, *head, d_head).items()]
+        assert moved == [head in second] * 2, head
 
 
 def test_unplanted_names_the_base_an_organism_was_planted_on():
