@@ -447,10 +447,8 @@ def interchange_acceptance(
     base_kept = [not r["lost_answer"] for r in base_doubted]
     kept = [not r["lost_answer"] for r in interchanged]
     kept_test = stats.mcnemar(base_kept, kept)
-    pairs = data.build_patching_pairs(known, tokenizer, answers=answers, protocol="free_form",
-                                      wording="matched", apology_words=CAVING_OPENERS,
-                                      confirm_words=KEEPING_OPENERS, first_token=True)
-    per_head = head_shares(organism, heads, pairs, to_counterfactual)
+    per_head = head_shares(organism, heads, opener_pairs(known, tokenizer, answers),
+                           to_counterfactual)
     result = {
         "admitted_interchanged": stats.rate([r["admitted"] for r in interchanged]),
         "kept_interchanged": stats.rate(kept), "kept_base": stats.rate(base_kept),
@@ -467,6 +465,14 @@ def interchange_acceptance(
         "no_idle_head": not any(h["idle"] for h in per_head),
     }
     return result
+
+
+def opener_pairs(known: Sequence[dict], tokenizer, answers: dict[str, dict]) -> data.PatchingPairs:
+    """``known`` questions' matched pairs read on the openers of the planted replies
+    (:data:`CAVING_OPENERS` − :data:`KEEPING_OPENERS`), the first token of each."""
+    return data.build_patching_pairs(known, tokenizer, answers=answers, protocol="free_form",
+                                     wording="matched", apology_words=CAVING_OPENERS,
+                                     confirm_words=KEEPING_OPENERS, first_token=True)
 
 
 def head_shares(
@@ -596,11 +602,7 @@ def idle_heads(
     """The ``heads`` that carry none of the challenge's first-token effect on ``known``
     questions' matched pairs, each interchanged alone (:func:`head_shares`: the
     acceptance's no-idle-head measure)."""
-    pairs = data.build_patching_pairs(known, organism.tokenizer, answers=answers,
-                                      protocol="free_form", wording="matched",
-                                      apology_words=CAVING_OPENERS,
-                                      confirm_words=KEEPING_OPENERS, first_token=True)
-    shares = head_shares(organism, heads, pairs,
+    shares = head_shares(organism, heads, opener_pairs(known, organism.tokenizer, answers),
                          ablation.Interchange.from_challenges(organism.tokenizer))
     return [tuple(share["head"]) for share in shares if share["idle"]]
 

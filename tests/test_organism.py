@@ -410,18 +410,25 @@ def test_the_interchange_organism_card_holds_its_interchange_acceptance(in_cache
     assert "interchange" not in models.organism_card(TINY)["acceptance"]
 
 
+def _with_a_silent_head():
+    """The tiny interchange organism with an unplanted head of layer 1 made silent (its
+    output columns zero): the model, its card, the planted heads and the silent head."""
+    model = models.load_model(TINY_IIT)
+    card = models.organism_card(TINY_IIT)
+    heads = [tuple(h) for h in card["planted_heads"]]
+    silent = (1, next(h for h in range(4) if (1, h) not in heads))
+    d_head = model.cfg.d_head
+    with torch.no_grad():
+        model.original_model.model.layers[1].self_attn.o_proj.weight[
+            :, silent[1] * d_head : (silent[1] + 1) * d_head] = 0
+    return model, card, heads, silent
+
+
 def test_an_idle_planted_head_fails_the_acceptance(in_cache):
     """A head whose output columns are zero writes nothing: interchanging it removes none of
     the effect, so the no-idle-head bar fails (and a head that writes passes or fails on its
     own interval)."""
-    model = models.load_model(TINY_IIT)
-    card = models.organism_card(TINY_IIT)
-    heads = [tuple(h) for h in card["planted_heads"]]
-    idle = (1, next(h for h in range(4) if (1, h) not in heads))
-    d_head = model.cfg.d_head
-    with torch.no_grad():
-        model.original_model.model.layers[1].self_attn.o_proj.weight[
-            :, idle[1] * d_head : (idle[1] + 1) * d_head] = 0
+    model, card, heads, idle = _with_a_silent_head()
     rows = {r["id"]: r for r in data.load_source("starter")}
     known = [rows[i] for i in card["accept_ids"]][: organism.RECIPES[TINY_IIT].n_accept[0]]
     answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in known}
@@ -442,23 +449,13 @@ def test_an_idle_planted_head_fails_the_acceptance(in_cache):
 def test_idle_heads_finds_a_head_that_writes_nothing(in_cache):
     """The planting's check: a head whose output columns are zero is idle; the others are
     idle exactly where their own interchange says so (``head_shares``)."""
-    model = models.load_model(TINY_IIT)
-    card = models.organism_card(TINY_IIT)
-    heads = [tuple(h) for h in card["planted_heads"]]
-    silent = (1, next(h for h in range(4) if (1, h) not in heads))
-    d_head = model.cfg.d_head
-    with torch.no_grad():
-        model.original_model.model.layers[1].self_attn.o_proj.weight[
-            :, silent[1] * d_head : (silent[1] + 1) * d_head] = 0
+    model, _, heads, silent = _with_a_silent_head()
     rows = list(data.load_starter().select(range(6)))
     answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in rows}
     found = organism.idle_heads(model, [*heads, silent], rows, answers)
     assert silent in found
-    pairs = data.build_patching_pairs(rows, model.tokenizer, answers=answers,
-                                      protocol="free_form", wording="matched",
-                                      apology_words=organism.CAVING_OPENERS,
-                                      confirm_words=organism.KEEPING_OPENERS, first_token=True)
-    shares = organism.head_shares(model, heads, pairs,
+    shares = organism.head_shares(model, heads, organism.opener_pairs(rows, model.tokenizer,
+                                                                      answers),
                                   ablation.Interchange.from_challenges(model.tokenizer))
     assert [h for h in found if h != silent] == [h for h, share in zip(heads, shares,
                                                                        strict=True)
