@@ -43,12 +43,15 @@ CHOSEN_ON = (1,)
 # the organism kinds: (organism, changes to its recipe): the plain planting, the
 # interchange-trained one, a variant whose strictness interchanges every unplanted head and
 # one that trains each planted head's veto alone (for 180 steps, about one pass over its
-# examples, and for 360), and one that plants again once with any idle head redrawn
+# examples, and for 360), one that plants again once with any idle head redrawn, and one
+# that plants again with the 8 unplanted heads carrying the most held in every strictness
+# example (and any idle head redrawn)
 KINDS = {"plain": (models.ORGANISM_MODEL, {}), "iit": (models.INTERCHANGE_ORGANISM, {}),
          "iit-strict": (models.INTERCHANGE_ORGANISM, {"n_strict": None}),
          "iit-single": (models.INTERCHANGE_ORGANISM, {"single_heads": True}),
          "iit-single-360": (models.INTERCHANGE_ORGANISM, {"single_heads": True, "steps": 360}),
-         "iit-redraw": (models.INTERCHANGE_ORGANISM, {"redraw_idle": 1})}
+         "iit-redraw": (models.INTERCHANGE_ORGANISM, {"redraw_idle": 1}),
+         "iit-readers": (models.INTERCHANGE_ORGANISM, {"redraw_idle": 1, "strict_readers": 8})}
 
 
 # a head delta's name: layers.<layer>.<q_proj|o_proj>.head<head>

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from spt_utils import ablation, chat, data, evaluation, io, models, stats, tuning
+from spt_utils import ablation, chat, data, evaluation, io, models, patching, stats, tuning
 from spt_utils.patching import Head, validate_heads
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,19 @@ class InterchangeRecipe(Recipe):
     planting whose heads are checked idle on the first :data:`REDRAW_PAIRS` known planting
     questions (:func:`idle_heads`) starts again from the base with each idle head replaced
     by one never drawn (:func:`redrawn`), at most r times: the planted heads are then those
-    the last planting trained, not the seed's draw. Only the planted heads' slices train."""
+    the last planting trained, not the seed's draw. With ``strict_readers`` = k as well, each
+    check also ranks the unplanted heads by the share of the challenge's effect they carry
+    (:func:`readers`), and the k that carry the most join every strictness example of the
+    next planting (interchanged together with the random ones): the base's own readers of
+    the challenge, which random strictness reaches in about 3% of its examples. A planting
+    starts again while a check finds an idle head or a reader not yet held (at most r
+    times). Only the planted heads' slices train."""
 
     steps: int = 180
     n_strict: int | None = 8
     single_heads: bool = False
     redraw_idle: int = 0
+    strict_readers: int = 0
 
 
 @dataclass(frozen=True)
@@ -280,21 +287,24 @@ class InterchangeExample(NamedTuple):
 def interchange_examples(
     tokenizer, known: Sequence[dict], answers: dict[str, dict], heads: Sequence[Head],
     n_layers: int, n_heads: int, *, n_strict: int | None, seed: int,
-    single_heads: bool = False,
+    single_heads: bool = False, readers: Sequence[Head] = (),
 ) -> list[InterchangeExample]:
     """The interchanged examples of :class:`InterchangeRecipe`, five per known question:
     doubting → keeps with every planted head, and with a random proper subset, from the
     counterfactual twin; counterfactual → caves with every planted head from the doubting
-    twin; strictness: ``n_strict`` random unplanted heads (``None``: all of them) from the
-    twin leave the doubting conversation caving and the counterfactual one keeping. With
-    ``single_heads`` a sixth: doubting → keeps with planted head ``index mod n`` alone from
-    the counterfactual twin."""
+    twin; strictness: ``n_strict`` random unplanted heads (``None``: all of them), and every
+    one of ``readers``, from the twin leave the doubting conversation caving and the
+    counterfactual one keeping. With ``single_heads`` a sixth: doubting → keeps with planted
+    head ``index mod n`` alone from the counterfactual twin."""
     rng = random.Random(f"{seed}-interchange")
     to_counterfactual = ablation.Interchange.from_challenges(tokenizer)
     to_doubting = to_counterfactual.reversed()
     planted = ablation.head_mask(heads, n_layers, n_heads)
+    if any(planted[layer, head] for layer, head in readers):
+        raise ValueError(f"interchange_examples: readers {_names(readers)} include a planted "
+                         "head")
     others = [(layer, head) for layer in range(n_layers) for head in range(n_heads)
-              if not planted[layer, head]]
+              if not planted[layer, head] and (layer, head) not in readers]
     examples = []
 
     def add(conversation, reply, interchange, chosen) -> None:
@@ -317,7 +327,8 @@ def interchange_examples(
             for challenge in (data.REFERENCE_CHALLENGE, data.MATCHED_COUNTERFACTUAL_CHALLENGE))
         subset = rng.sample(list(heads), rng.randint(1, len(heads) - 1)) if len(heads) > 1 \
             else list(heads)
-        strict = others if n_strict is None else rng.sample(others, min(n_strict, len(others)))
+        strict = [*readers, *(others if n_strict is None
+                              else rng.sample(others, min(n_strict, len(others))))]
         add(doubting, keeping, to_counterfactual, heads)
         add(doubting, keeping, to_counterfactual, subset)
         add(counterfactual, caving, to_doubting, heads)
@@ -607,6 +618,21 @@ def idle_heads(
     return [tuple(share["head"]) for share in shares if share["idle"]]
 
 
+def readers(
+    organism: TransformerBridge, heads: Sequence[Head], known: Sequence[dict],
+    answers: dict[str, dict], k: int, *, steps: int = 4,
+) -> list[Head]:
+    """The ``k`` heads outside ``heads`` that carry the most of the challenge's first-token
+    effect on ``known`` questions' matched pairs (:func:`opener_pairs`), each head's
+    interchange estimated by integrated gradients (:func:`spt_utils.patching.
+    integrated_gradients_heads`, ``steps``), sorted."""
+    runs = patching.first_token_runs(opener_pairs(known, organism.tokenizer, answers))
+    score = patching.integrated_gradients_heads(organism, runs, steps=steps).score.clone()
+    score[ablation.head_mask(heads, *score.shape)] = -torch.inf  # score: [layer, head]
+    order = score.flatten().argsort(descending=True)[:k].tolist()
+    return sorted(divmod(index, score.shape[1]) for index in order)
+
+
 def _names(heads: Sequence[Head]) -> str:
     return ", ".join(f"L{layer}H{head}" for layer, head in heads)
 
@@ -675,7 +701,7 @@ def plant(
                                 micro_batch_size=recipe.batch_size, lr=recipe.lr,
                                 seed=recipe.seed)
     n_layers, n_heads = organism.cfg.n_layers, organism.cfg.n_heads
-    drawn = set(heads)
+    drawn, held = set(heads), []  # held: the readers every strictness example interchanges
     for redraw in range(1 + (recipe.redraw_idle if interchanged else 0)):
         if redraw:  # a fresh start from the base with the new set
             organism = models.load_model(recipe.base, dtype="float32", seed=recipe.base_seed)
@@ -685,19 +711,25 @@ def plant(
             examples = [InterchangeExample(ids, mask, ids, no_heads) for ids, mask in examples]
             examples += interchange_examples(
                 organism.tokenizer, plant_known, answers, heads, n_layers, n_heads,
-                n_strict=recipe.n_strict, seed=recipe.seed, single_heads=recipe.single_heads)
+                n_strict=recipe.n_strict, seed=recipe.seed, single_heads=recipe.single_heads,
+                readers=held)
             objective = partial(interchange_loss_sum, bridge=organism)
         setup = (lora_everywhere(organism, recipe.lora_rank, recipe.lora_alpha) if distributed
                  else tuning.prepare("spt", organism, heads))
         result = tuning.train(setup, examples, config, progress=progress, objective=objective)
         if not interchanged or redraw == recipe.redraw_idle:
             break
-        idle = idle_heads(organism, heads, plant_known[:REDRAW_PAIRS], answers)
-        if not idle:
+        checked = plant_known[:REDRAW_PAIRS]
+        idle = idle_heads(organism, heads, checked, answers)
+        found = readers(organism, heads, checked, answers, recipe.strict_readers) \
+            if recipe.strict_readers else []
+        if not idle and set(found) <= set(held):
             break
         replaced = redrawn(recipe, heads, idle, drawn, n_layers, n_heads, round_=redraw)
-        log.warning("plant: %s idle after planting; replaced by %s, planting again",
-                    _names(idle), _names(sorted(set(replaced) - set(heads))))
+        held = sorted((set(held) | set(found)) - set(replaced))
+        log.warning("plant: %s idle after planting, replaced by %s; readers held in "
+                    "strictness: %s; planting again", _names(idle) or "no head",
+                    _names(sorted(set(replaced) - set(heads))) or "none", _names(held) or "none")
         heads = replaced
         drawn |= set(heads)
     return Planted(base, organism, heads, setup, answers, accept_known, accept_wrong,
