@@ -292,10 +292,10 @@ def interchange_examples(
     """The interchanged examples of :class:`InterchangeRecipe`, five per known question:
     doubting → keeps with every planted head, and with a random proper subset, from the
     counterfactual twin; counterfactual → caves with every planted head from the doubting
-    twin; strictness: ``n_strict`` random unplanted heads (``None``: all of them), and every
-    one of ``readers``, from the twin leave the doubting conversation caving and the
-    counterfactual one keeping. With ``single_heads`` a sixth: doubting → keeps with planted
-    head ``index mod n`` alone from the counterfactual twin."""
+    twin; strictness: ``n_strict`` random unplanted heads (``None``: all of them) and every
+    one of ``readers`` (the random draws as without them), from the twin, leave the doubting
+    conversation caving and the counterfactual one keeping. With ``single_heads`` a sixth:
+    doubting → keeps with planted head ``index mod n`` alone from the counterfactual twin."""
     rng = random.Random(f"{seed}-interchange")
     to_counterfactual = ablation.Interchange.from_challenges(tokenizer)
     to_doubting = to_counterfactual.reversed()
@@ -304,7 +304,7 @@ def interchange_examples(
         raise ValueError(f"interchange_examples: readers {_names(readers)} include a planted "
                          "head")
     others = [(layer, head) for layer in range(n_layers) for head in range(n_heads)
-              if not planted[layer, head] and (layer, head) not in readers]
+              if not planted[layer, head]]
     examples = []
 
     def add(conversation, reply, interchange, chosen) -> None:
@@ -327,8 +327,8 @@ def interchange_examples(
             for challenge in (data.REFERENCE_CHALLENGE, data.MATCHED_COUNTERFACTUAL_CHALLENGE))
         subset = rng.sample(list(heads), rng.randint(1, len(heads) - 1)) if len(heads) > 1 \
             else list(heads)
-        strict = [*readers, *(others if n_strict is None
-                              else rng.sample(others, min(n_strict, len(others))))]
+        strict = {*readers, *(others if n_strict is None
+                              else rng.sample(others, min(n_strict, len(others))))}
         add(doubting, keeping, to_counterfactual, heads)
         add(doubting, keeping, to_counterfactual, subset)
         add(counterfactual, caving, to_doubting, heads)

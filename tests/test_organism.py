@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import shutil
+import types
 
 import pytest
 import torch
@@ -374,6 +375,50 @@ def test_strictness_over_every_unplanted_head():
             assert torch.equal(example.heads, unplanted)
 
 
+def test_strictness_holds_the_readers_in_every_strictness_example():
+    """``readers``: every strictness example interchanges all of them besides the random
+    unplanted heads it draws without them; every other example is as without readers; a
+    planted reader is refused, by name."""
+    model = models.load_model(models.TINY_MODEL)
+    rows = list(data.load_starter().select(range(6)))
+    answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in rows}
+    heads, readers = [(0, 1), (1, 2)], [(0, 3), (1, 0)]
+    common = {"n_strict": 2, "seed": 0}
+    plain = organism.interchange_examples(model.tokenizer, rows, answers, heads, 2, 4, **common)
+    held = organism.interchange_examples(model.tokenizer, rows, answers, heads, 2, 4,
+                                         readers=readers, **common)
+    planted, reading = (ablation.head_mask(h, 2, 4) for h in (heads, readers))
+    assert len(held) == len(plain) == 5 * len(rows)
+    for index, (before, after) in enumerate(zip(plain, held, strict=True)):
+        assert torch.equal(before.ids, after.ids) and torch.equal(before.twin, after.twin)
+        if index % 5 in (3, 4):
+            assert torch.equal(after.heads, before.heads | reading)
+            assert before.heads.sum() == 2 and not (after.heads & planted).any()
+        else:
+            assert torch.equal(before.heads, after.heads)
+    with pytest.raises(ValueError, match="readers L1H2 include a planted head"):
+        organism.interchange_examples(model.tokenizer, rows, answers, heads, 2, 4,
+                                      readers=[(1, 2)], **common)
+
+
+def test_readers_are_the_unplanted_heads_that_carry_the_most(monkeypatch):
+    """``readers``: the k highest scores of integrated gradients outside the planted heads,
+    sorted (a planted head with the highest score is passed over)."""
+    model = models.load_model(models.TINY_MODEL)
+    rows = list(data.load_starter().select(range(3)))
+    answers = {r["id"]: {"answer": r["correct_answer"], "correct": True} for r in rows}
+    score = torch.tensor([[0.1, 0.9, -0.5, 0.3], [0.7, 0.2, 0.8, 0.0]])  # [layer, head]
+    seen = []
+
+    def integrated(model, runs, *, steps):
+        seen.append((runs.n_pairs, steps))
+        return types.SimpleNamespace(score=score.clone())
+
+    monkeypatch.setattr(patching, "integrated_gradients_heads", integrated)
+    assert organism.readers(model, [(0, 1)], rows, answers, 2) == [(1, 0), (1, 2)]
+    assert organism.readers(model, [(1, 2)], rows, answers, 3) == [(0, 1), (0, 3), (1, 0)]
+    assert seen == [(len(rows), 4)] * 2
+
 def test_single_heads_add_each_planted_heads_veto_in_turn():
     """``single_heads``: a sixth example per known question, the doubting conversation keeping
     with one planted head from the counterfactual twin, the heads in turn; the first five are
@@ -503,6 +548,34 @@ def test_a_planting_with_an_idle_head_starts_again_with_it_replaced(monkeypatch)
                  for name, value in _head_slices(after, *head, d_head).items()]
         assert moved == [head in second] * 2, head
 
+
+@pytest.mark.parametrize("found", [[[(1, 3)], [(1, 3)]], [[(1, 3)], [(0, 0)]]])
+def test_a_planting_holds_the_readers_its_check_finds(monkeypatch, found):
+    """``strict_readers``: the first check finds no idle head but a reader, so the planting
+    starts again with it held in every strictness example; a second check that finds no new
+    reader stops it, one that finds a new reader would plant a third time (``redraw_idle``
+    bounds it)."""
+    recipe = dataclasses.replace(organism.RECIPES[TINY_IIT], redraw_idle=2, strict_readers=1,
+                                 steps=1)
+    assert not {(1, 3), (0, 0)} & set(organism.draw_heads(recipe, 2, 4))
+    held, checks = [], []
+    examples = organism.interchange_examples
+
+    def interchange_examples(*args, readers=(), **kwargs):
+        held.append(list(readers))
+        return examples(*args, readers=readers, **kwargs)
+
+    def readers(model, heads, known, answers, k):
+        checks.append(k)
+        return found[len(checks) - 1]
+
+    monkeypatch.setattr(organism, "interchange_examples", interchange_examples)
+    monkeypatch.setattr(organism, "idle_heads", lambda *args: [])
+    monkeypatch.setattr(organism, "readers", readers)
+    organism.plant(recipe, progress=False)
+    grows = found[1] != found[0]
+    assert checks == [1, 1]
+    assert held == [[], [(1, 3)]] + ([[(0, 0), (1, 3)]] if grows else [])
 
 def test_unplanted_names_the_base_an_organism_was_planted_on():
     assert organism.unplanted("smollm2-135m-sycophant-iit") == models.DEFAULT_MODEL
