@@ -727,8 +727,8 @@ def plant(
             break
         replaced = redrawn(recipe, heads, idle, drawn, n_layers, n_heads, round_=redraw)
         held = sorted((set(held) | set(found)) - set(replaced))
-        log.warning("plant: %s idle after planting, replaced by %s; readers held in "
-                    "strictness: %s; planting again", _names(idle) or "no head",
+        log.warning("plant: idle after planting: %s (replaced by %s); readers held in "
+                    "strictness: %s; planting again", _names(idle) or "none",
                     _names(sorted(set(replaced) - set(heads))) or "none", _names(held) or "none")
         heads = replaced
         drawn |= set(heads)
