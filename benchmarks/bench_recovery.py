@@ -56,6 +56,17 @@ KINDS = {"plain": (models.ORGANISM_MODEL, {}), "iit": (models.INTERCHANGE_ORGANI
 
 # a head delta's name: layers.<layer>.<q_proj|o_proj>.head<head>
 DELTA_NAME = re.compile(r"layers\.(\d+)\.\w+\.head(\d+)")
+HEAD_NAME = re.compile(r"L(\d+)H(\d+)")
+
+
+def head_set(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """``NAME=L3H7,L9H2,...`` (a ``--sets`` item) as (name, heads); a clear error otherwise."""
+    name, _, heads = text.partition("=")
+    names = heads.split(",")
+    if not name or not all(HEAD_NAME.fullmatch(head) for head in names):
+        raise argparse.ArgumentTypeError(
+            f"--sets {text!r}: expected NAME=L<layer>H<head>,... (e.g. readers=L3H7,L14H0)")
+    return name, [tuple(map(int, HEAD_NAME.fullmatch(head).groups())) for head in names]
 FIRST_TOKEN_IG = "integrated_gradients_first_token"
 # every graded ranking by key: the registry's methods and integrated gradients on the first
 # token (the registry's runs on the sequence metric)
@@ -208,7 +219,7 @@ def bench(kind: str, seed: int, answers: dict, bank, args) -> dict:
 
     interchange = ablation.Interchange.from_challenges(model.tokenizer)
     sequence = patching.sequence_runs(found["replies"])
-    sets = {"none": [], "planted": planted,
+    sets = {"none": [], "planted": planted, **dict(args.sets),
             **{f"{label(name)} top-{k}": top(scores[name], k) for name in args.generate_tops
                if name in scores},
             **{label(name): found[name].heads for name in SET_LEVEL if name in found},
@@ -427,6 +438,9 @@ def main() -> None:
                         default=list(dict.fromkeys([DEFAULT, "integrated_gradients"])),
                         help="the rankings whose top k is interchanged in generation")
     parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--sets", nargs="*", type=head_set, default=[],
+                        help="more head sets to interchange in generation, NAME=L3H7,L14H0 "
+                             "each (for example the readers a planting held in strictness)")
     parser.add_argument("--out", type=Path, default=Path("runs/recovery"))
     args = parser.parse_args()
     unknown = sorted(set(args.seeds) - set(PLACEMENTS))

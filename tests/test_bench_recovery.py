@@ -3,6 +3,8 @@ on made-up results whose verdicts are known."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 
@@ -92,3 +94,10 @@ def test_the_report_names_idle_planted_heads_and_what_the_default_holds_of_the_r
     # an earlier run's record, without the interchange of each head, still reports
     del record["n_active"], record["per_head"][0]["interchanged"]
     assert "| L11H5 | 0.50 | 0.50 | not measured | 3 |" in bench.report([record])
+
+
+def test_a_named_head_set_is_read_and_a_malformed_one_is_refused(bench):
+    assert bench.head_set("readers=L3H7,L14H0") == ("readers", [(3, 7), (14, 0)])
+    for bad in ("L3H7,L14H0", "readers=", "readers=L3H7;L14H0", "readers=L3H"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"--sets '{bad}': expected"):
+            bench.head_set(bad)
